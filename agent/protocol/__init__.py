@@ -1,0 +1,1 @@
+"""Wire formats shared by builder and agent: manifest, signing, artifact, device profiles."""

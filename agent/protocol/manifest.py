@@ -1,0 +1,155 @@
+"""The artifact manifest (manifest.json): what the model is, how it was made, what it measured.
+
+Format changes bump FORMAT_VERSION; a reader refuses a format it does not know. Unknown keys
+are refused too, so a typo or a tampered field never passes silently.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent.errors import IntegrityError
+from agent.protocol.canonical import canonical_json
+from agent.protocol.validation import format_validation_error
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+VERSION_RE = re.compile(r"^\d+(\.\d+){0,3}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64", "bool")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Quantization(_Strict):
+    scale: float
+    zero_point: int
+
+
+class TensorSpec(_Strict):
+    name: str
+    dtype: Literal["float32", "float16", "int8", "uint8", "int32", "int64", "bool"]
+    # Static dims are ints; dynamic dims are named (e.g. "batch").
+    shape: list[int | str]
+    quantization: Quantization | None = None
+
+
+class FileEntry(_Strict):
+    sha256: str
+    size: int = Field(ge=0)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if not SHA256_RE.match(v):
+            raise ValueError("must be 64 lowercase hex digits")
+        return v
+
+
+class ModelInfo(_Strict):
+    file: str
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+
+
+class Golden(_Strict):
+    """Golden vectors for the on-device self-test, stored in an npz named in ``files``."""
+
+    file: str
+    count: int = Field(ge=1)
+    atol: float = Field(ge=0)
+    rtol: float = Field(ge=0)
+    # For classifiers: fraction of golden samples whose argmax must match the fp32 reference.
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+
+
+class RecipeStep(_Strict):
+    name: str = Field(alias="pass")
+    config: dict[str, Any] = {}
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Recipe(_Strict):
+    name: str
+    steps: list[RecipeStep]
+
+
+class Manifest(_Strict):
+    format_version: int
+    name: str
+    version: str
+    profile: str
+    runtime: Literal["onnxruntime", "litert"]
+    precision: str
+    task: Literal["classification", "regression"]
+    created: str
+    builder_version: str
+    model: ModelInfo
+    files: dict[str, FileEntry]
+    metrics: dict[str, Any]
+    recipe: Recipe
+    golden: Golden
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not VERSION_RE.match(v):
+            raise ValueError("must be dotted integers such as 1.2.0")
+        return v
+
+    @field_validator("name", "profile")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        if not re.match(r"^[a-z0-9][a-z0-9._-]{0,62}$", v):
+            raise ValueError("must be lowercase letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, v: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for name in v:
+            if not FILE_RE.match(name) or name in (MANIFEST_NAME, SIGNATURE_NAME):
+                raise ValueError(f"invalid file name {name!r}")
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def canonical_bytes(self) -> bytes:
+        return canonical_json(self.to_dict())
+
+    @property
+    def artifact_name(self) -> str:
+        return f"{self.name}-{self.version}-{self.profile}.efa"
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """Comparable key for a dotted version; missing parts count as 0 ("1.2" == "1.2.0")."""
+    parts = [int(p) for p in version.split(".")]
+    while len(parts) < 4:
+        parts.append(0)
+    return tuple(parts)
+
+
+def parse_manifest(data: Any, source: str = "manifest.json") -> Manifest:
+    if isinstance(data, dict) and data.get("format_version") not in (None, FORMAT_VERSION):
+        raise IntegrityError(
+            f"{source}: format_version {data.get('format_version')!r} is not supported "
+            f"(this edgefleet reads {FORMAT_VERSION})"
+        )
+    try:
+        m = Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise IntegrityError(format_validation_error(source, exc)) from None
+    for ref in (m.model.file, m.golden.file):
+        if ref not in m.files:
+            raise IntegrityError(f"{source}: '{ref}' is referenced but not listed in files")
+    return m

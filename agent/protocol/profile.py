@@ -1,0 +1,121 @@
+"""Device profiles (device_profiles/NAME.toml): hardware, runtime, candidates and budgets.
+
+Shared by the builder (which candidates to try, which budgets to gate on) and the agent
+(which profile it serves, the on-device latency budget).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from agent.errors import ConfigError
+from agent.protocol.validation import load_toml, parse_model
+
+RUNTIMES = ("onnxruntime", "litert")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Hardware(_Strict):
+    arch: Literal["x86_64", "aarch64", "armv7l"]
+    cores: int = Field(ge=1, le=512)
+    ram_mb: int = Field(ge=64)
+    cpu: str = ""
+    accelerator: Literal["none", "cuda", "npu"] = "none"
+    cpu_features: tuple[str, ...] = ()
+
+
+class Runtime(_Strict):
+    name: Literal["onnxruntime", "litert"]
+    threads: int = Field(ge=1, le=512)
+    # onnxruntime execution providers in priority order; the first one available is used.
+    execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+
+class Build(_Strict):
+    # Recipe names (see builder.recipes); tried in order, gated on the budgets.
+    candidates: tuple[str, ...] = Field(min_length=1)
+    select: Literal["smallest", "fastest", "most_accurate"] = "smallest"
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    prune_ratio: float = Field(default=0.5, gt=0.0, lt=1.0)
+
+
+class Budgets(_Strict):
+    max_artifact_kb: float = Field(gt=0)
+    max_accuracy_drop_pt: float = Field(ge=0)
+    max_p95_ms: float = Field(gt=0)
+    max_ram_mb: float = Field(gt=0)
+    # On-device check: a new model's p95 may be at most this much worse than the current one.
+    max_p95_regression_pct: float = Field(default=20.0, ge=0)
+
+
+class DeviceProfile(_Strict):
+    name: str
+    description: str = ""
+    hardware: Hardware
+    runtime: Runtime
+    build: Build
+    budgets: Budgets
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("must be lowercase letters, digits, '.', '_' or '-'")
+        return v
+
+
+def load_profile(path: Path) -> DeviceProfile:
+    """Load and strictly validate one profile; the file stem must equal its name."""
+    data = load_toml(path)
+    profile = parse_model(DeviceProfile, data, str(path))
+    if profile.name != path.stem:
+        raise ConfigError(f"{path}: name: '{profile.name}' does not match the file name '{path.stem}'")
+    return profile
+
+
+def default_profiles_dir() -> Path:
+    """$EDGEFLEET_PROFILES, else ./device_profiles, else the one beside the source tree."""
+    env = os.environ.get("EDGEFLEET_PROFILES")
+    if env:
+        return Path(env)
+    cwd = Path.cwd() / "device_profiles"
+    if cwd.is_dir():
+        return cwd
+    return Path(__file__).resolve().parents[2] / "device_profiles"
+
+
+def load_profiles(directory: Path | None = None) -> dict[str, DeviceProfile]:
+    """All profiles in ``directory`` keyed by name; any invalid file is an error."""
+    directory = directory or default_profiles_dir()
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: profiles directory not found (set EDGEFLEET_PROFILES)")
+    profiles = {}
+    for path in sorted(directory.glob("*.toml")):
+        p = load_profile(path)
+        profiles[p.name] = p
+    if not profiles:
+        raise ConfigError(f"{directory}: no *.toml device profiles found")
+    return profiles
+
+
+def get_profile(name_or_path: str, directory: Path | None = None) -> DeviceProfile:
+    """Resolve a profile by name (in the profiles dir) or by path to a .toml file."""
+    if name_or_path.endswith(".toml") or os.sep in name_or_path:
+        return load_profile(Path(name_or_path))
+    directory = directory or default_profiles_dir()
+    path = directory / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in directory.glob("*.toml")) if directory.is_dir() else []
+        raise ConfigError(
+            f"unknown profile '{name_or_path}' (known: {', '.join(known) or 'none'}; dir {directory})"
+        )
+    return load_profile(path)

@@ -1,0 +1,81 @@
+"""onnxruntime adapter. Picks the first available execution provider the profile names."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.errors import DependencyError, ModelError
+from agent.runtime.base import InferenceSession, IOSpec
+
+log = logging.getLogger(__name__)
+
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+}
+
+
+def is_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _spec(arg: Any) -> IOSpec:
+    shape = tuple(d if isinstance(d, int) else str(d or "?") for d in arg.shape)
+    return IOSpec(arg.name, _ORT_DTYPES.get(arg.type, arg.type), shape)
+
+
+class OrtSession(InferenceSession):
+    def __init__(self, path: Path, threads: int, providers: tuple[str, ...]) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise DependencyError("onnxruntime is not installed: pip install onnxruntime") from None
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        have = set(ort.get_available_providers())
+        chosen = [p for p in providers if p in have] or ["CPUExecutionProvider"]
+        try:
+            self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ModelError(f"{path}: onnxruntime cannot load the model: {exc}") from None
+        self.providers: list[str] = list(self._sess.get_providers())
+        self._inputs = [_spec(a) for a in self._sess.get_inputs()]
+        self._outputs = [_spec(a) for a in self._sess.get_outputs()]
+        self._out_names = [o.name for o in self._outputs]
+
+    @property
+    def inputs(self) -> list[IOSpec]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> list[IOSpec]:
+        return self._outputs
+
+    def infer(self, feeds: dict[str, npt.NDArray[np.generic]]) -> dict[str, npt.NDArray[np.generic]]:
+        outs = self._sess.run(self._out_names, feeds)
+        return dict(zip(self._out_names, outs, strict=True))
+
+    def run_raw(self, feeds: dict[str, Any]) -> list[Any]:
+        """Direct session.run, for overhead comparisons."""
+        return list(self._sess.run(self._out_names, feeds))
+
+
+def load(path: Path, threads: int = 1, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> OrtSession:
+    return OrtSession(path, threads, providers)

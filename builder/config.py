@@ -1,0 +1,73 @@
+"""The build configuration (a TOML file beside the model): what to build and from what."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from agent.protocol.manifest import VERSION_RE
+from agent.protocol.validation import load_toml, parse_model
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSource(_Strict):
+    """Exactly one of: a factory (+ optional weights), a torch.export .pt2, or an .onnx file."""
+
+    factory: str | None = None
+    weights: str | None = None
+    pt2: str | None = None
+    onnx: str | None = None
+    input_shape: list[int] = Field(min_length=1)
+    input_name: str = "input"
+    output_name: str = "output"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        given = [k for k in ("factory", "pt2", "onnx") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of factory, pt2 or onnx")
+        if self.weights and not self.factory:
+            raise ValueError("weights only go with factory")
+        return self
+
+
+class DataFiles(_Strict):
+    eval: str
+    calibration: str | None = None  # defaults to the eval data
+    train: str | None = None  # enables fine-tuning after pruning
+
+
+class BuildConfig(_Strict):
+    name: str
+    version: str
+    task: Literal["classification", "regression"] = "classification"
+    model: ModelSource
+    data: DataFiles
+    signing_key: str | None = None
+    golden_count: int = Field(default=8, ge=1, le=256)
+    seed: int = 0
+    base_dir: Path = Path(".")
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not VERSION_RE.match(v):
+            raise ValueError("must be dotted integers such as 1.2.0")
+        return v
+
+    def resolve(self, rel: str) -> Path:
+        p = Path(rel).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+
+def load_build_config(path: Path) -> BuildConfig:
+    data = load_toml(path)
+    data.pop("base_dir", None)
+    cfg = parse_model(BuildConfig, data, str(path))
+    cfg.base_dir = path.resolve().parent
+    return cfg

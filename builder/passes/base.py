@@ -1,0 +1,114 @@
+"""One shape for every pass: a config schema, what it accepts, what it produces, and ``run``.
+
+Passes never import heavy dependencies at module level beyond what they need; the registry
+(builder.passes.__init__) imports a pass's module only when a recipe uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from builder.data import DataBundle
+
+
+class ModelKind(str, Enum):
+    TORCH = "torch"
+    ONNX = "onnx"
+    TFLITE = "tflite"
+
+
+@dataclass
+class ModelHandle:
+    """A model between passes: an in-memory torch module or a model file on disk."""
+
+    kind: ModelKind
+    # Digest of the model's content; the pipeline cache keys on it.
+    digest: str
+    module: Any = None  # torch.nn.Module when kind is TORCH
+    path: Path | None = None  # model file when kind is ONNX/TFLITE
+    input_name: str = "input"
+    output_names: tuple[str, ...] = ("output",)
+    # Sample shape without the batch dimension.
+    input_shape: tuple[int, ...] = ()
+    precision: str = "fp32"
+    # Facts passes record for the report (sparsity, params, per-layer ranks, ...).
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class PassConfig(BaseModel):
+    """Base for pass configs: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class PassContext:
+    workdir: Path
+    data: DataBundle
+    task: str = "classification"
+    threads: int = 1
+    seed: int = 0
+    # Called with a short line of progress; the CLI wires it to its progress display.
+    progress: Any = None
+
+    def say(self, msg: str) -> None:
+        if self.progress is not None:
+            self.progress(msg)
+
+
+class Pass(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    config_class: ClassVar[type[PassConfig]]
+    accepts: ClassVar[tuple[ModelKind, ...]]
+
+    @abstractmethod
+    def produces(self, config: PassConfig, input_kind: ModelKind | None) -> ModelKind:
+        """Kind of model this pass outputs, known before running (used to check a chain)."""
+
+    @abstractmethod
+    def run(self, model: ModelHandle | None, config: PassConfig, ctx: PassContext) -> ModelHandle: ...
+
+
+def digest_bytes(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def digest_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest_module(module: Any) -> str:
+    """Content digest of a torch module: architecture text plus every tensor's bytes."""
+    h = hashlib.sha256(repr(module).encode())
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(v.detach().cpu().numpy()).tobytes())
+    return h.hexdigest()
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start

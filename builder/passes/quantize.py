@@ -1,0 +1,111 @@
+"""quantize: static int8 QDQ (calibrated), dynamic int8, or fp16 weights, with onnxruntime tools.
+
+Static QDQ is the fast int8 path on onnxruntime; dynamic int8 is several times slower than
+fp32 for convolutions there, so profiles should not pick it for CNNs (the gate catches it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from typing import Any, Literal
+
+import numpy as np
+
+from agent.errors import DataError, ModelError
+from builder.passes.base import ModelHandle, ModelKind, Pass, PassConfig, PassContext, digest_file
+
+log = logging.getLogger(__name__)
+
+
+class QuantizeConfig(PassConfig):
+    mode: Literal["static", "dynamic", "fp16"] = "static"
+    per_channel: bool = True
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    calibration_samples: int = 256
+    # Node names kept in float (too sensitive to quantize).
+    nodes_to_exclude: tuple[str, ...] = ()
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over an array, a chunk at a time."""
+
+    def __init__(self, name: str, x: np.ndarray, chunk: int = 32) -> None:
+        self._it = iter([{name: x[i : i + chunk]} for i in range(0, len(x), chunk)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+class QuantizePass(Pass):
+    name = "quantize"
+    description = "Quantize an ONNX model: static int8 QDQ, dynamic int8, or fp16"
+    config_class = QuantizeConfig
+    accepts = (ModelKind.ONNX,)
+
+    def produces(self, config: PassConfig, input_kind: ModelKind | None) -> ModelKind:
+        return ModelKind.ONNX
+
+    def run(self, model: ModelHandle | None, config: PassConfig, ctx: PassContext) -> ModelHandle:
+        assert model is not None and model.path is not None and isinstance(config, QuantizeConfig)
+        out = ctx.workdir / "model.onnx"
+        sink = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                precision = self._quantize(model, config, ctx, out)
+        except (DataError, ModelError):
+            raise
+        except Exception as exc:
+            raise ModelError(f"quantize ({config.mode}) failed: {type(exc).__name__}: {exc}") from None
+        notes = dict(model.notes, quantize_mode=config.mode)
+        if config.mode == "static":
+            notes.update(calibration_method=config.method, per_channel=config.per_channel)
+        return ModelHandle(
+            kind=ModelKind.ONNX, digest=digest_file(out), path=out, input_name=model.input_name,
+            output_names=model.output_names, input_shape=model.input_shape, precision=precision,
+            notes=notes,
+        )
+
+    @staticmethod
+    def _quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext, out: Any) -> str:
+        from onnxruntime import quantization as q
+
+        assert model.path is not None
+        if config.mode == "fp16":
+            import onnx
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            m16 = convert_float_to_float16(onnx.load(str(model.path)), keep_io_types=True)
+            onnx.save(m16, str(out))
+            return "fp16"
+        if config.mode == "dynamic":
+            q.quantize_dynamic(
+                str(model.path), str(out), per_channel=config.per_channel, weight_type=q.QuantType.QInt8
+            )
+            return "int8_dynamic"
+        calib = ctx.data.calibration.x[: config.calibration_samples]
+        if len(calib) == 0:
+            raise DataError("static quantization needs calibration data")
+        pre = ctx.workdir / "preprocessed.onnx"
+        try:
+            q.quant_pre_process(str(model.path), str(pre), skip_symbolic_shape=True)
+            src = pre
+        except Exception as exc:  # pre-processing is an optimisation, not a requirement
+            log.info("quant_pre_process failed (%s); quantizing the model as is", exc)
+            src = model.path
+        method = {
+            "minmax": q.CalibrationMethod.MinMax,
+            "entropy": q.CalibrationMethod.Entropy,
+            "percentile": q.CalibrationMethod.Percentile,
+        }[config.method]
+        act = q.QuantType.QUInt8 if config.activation_type == "uint8" else q.QuantType.QInt8
+        q.quantize_static(
+            str(src), str(out), _Reader(model.input_name, calib), quant_format=q.QuantFormat.QDQ,
+            per_channel=config.per_channel, activation_type=act, weight_type=q.QuantType.QInt8,
+            calibrate_method=method, nodes_to_exclude=list(config.nodes_to_exclude),
+            extra_options={"CalibMaxIntermediateOutputs": 64} if config.method != "minmax" else None,
+        )
+        pre.unlink(missing_ok=True)
+        return "int8_static"

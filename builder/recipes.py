@@ -1,0 +1,45 @@
+"""Named recipes: the candidate pass chains a profile can ask for (after the shared load step)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.errors import ConfigError
+from agent.protocol.profile import DeviceProfile
+
+Step = tuple[str, dict[str, Any]]
+
+EXPORT: Step = ("export_onnx", {})
+SIMPLIFY: Step = ("simplify", {})
+
+
+def _static(profile: DeviceProfile) -> Step:
+    return ("quantize", {"mode": "static", "method": profile.build.calibration_method})
+
+
+def _pruned(profile: DeviceProfile) -> Step:
+    return ("prune", {"method": "structured", "ratio": profile.build.prune_ratio})
+
+
+RECIPES: dict[str, Any] = {
+    "fp32": lambda p: [EXPORT, SIMPLIFY],
+    "fp16": lambda p: [EXPORT, SIMPLIFY, ("quantize", {"mode": "fp16"})],
+    "int8_dynamic": lambda p: [EXPORT, SIMPLIFY, ("quantize", {"mode": "dynamic"})],
+    "int8_static": lambda p: [EXPORT, SIMPLIFY, _static(p)],
+    "pruned_fp32": lambda p: [_pruned(p), EXPORT, SIMPLIFY],
+    "pruned_int8_static": lambda p: [_pruned(p), EXPORT, SIMPLIFY, _static(p)],
+}
+
+# Recipes that need the model as a torch module (not available from an .onnx input).
+TORCH_ONLY = {"pruned_fp32", "pruned_int8_static"}
+
+
+def recipe_steps(name: str, profile: DeviceProfile, from_onnx: bool) -> list[Step]:
+    if name not in RECIPES:
+        raise ConfigError(
+            f"profile '{profile.name}': unknown candidate recipe '{name}' (known: {', '.join(RECIPES)})"
+        )
+    steps: list[Step] = RECIPES[name](profile)
+    if from_onnx:
+        steps = [s for s in steps if s[0] != "export_onnx"]
+    return steps
