@@ -81,6 +81,9 @@ class ExportOnnxPass(Pass):
     def _export(torch: Any, module: Any, example: Any, model: ModelHandle, config: ExportOnnxConfig, exporter: str, out: Any) -> None:
         out_names = list(model.output_names)
         sink = io.StringIO()
+        torch_onnx_log = logging.getLogger("torch.onnx")
+        level = torch_onnx_log.level
+        torch_onnx_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notes
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
@@ -97,6 +100,7 @@ class ExportOnnxPass(Pass):
                     input_names=[model.input_name], output_names=out_names,
                     dynamic_axes=axes, opset_version=min(config.opset, 17),
                 )
+        torch_onnx_log.setLevel(level)
 
 
 def _as_outputs(ref: Any, names: tuple[str, ...]) -> dict[str, np.ndarray]:

@@ -1,0 +1,195 @@
+"""Message schemas for every topic (JSON, UTF-8), strict: unknown fields are refused.
+
+``decode`` turns any payload into a model or a MessageError with a reason fit for an event;
+it never raises anything else, whatever the bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent.errors import IntegrityError
+from agent.protocol.manifest import SHA256_RE, VERSION_RE
+from agent.protocol.topics import SEGMENT_RE
+
+M = TypeVar("M", bound=BaseModel)
+
+MAX_CONTROL_BYTES = 64 * 1024          # deployments, commands, index entries
+MAX_ANNOUNCEMENT_BYTES = 4 * 1024 * 1024  # manifest + chunk table
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+
+DeployState = Literal[
+    "FETCHING", "VERIFIED", "UNPACKED", "SELF_TEST", "ACTIVE", "HEALTHY", "ROLLED_BACK", "REJECTED",
+]
+
+
+class MessageError(IntegrityError):
+    """A message that does not decode or validate; its text is the reason sent in an event."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _sha(v: str) -> str:
+    if not SHA256_RE.match(v):
+        raise ValueError("must be 64 lowercase hex digits")
+    return v
+
+
+def _segment(v: str) -> str:
+    if not SEGMENT_RE.match(v):
+        raise ValueError("must be letters, digits, '.', '_' or '-' (max 64)")
+    return v
+
+
+class ChunkRef(_Strict):
+    size: int = Field(ge=1, le=MAX_CHUNK_SIZE)
+    sha256: str
+
+    _v = field_validator("sha256")(_sha)
+
+
+class ArtifactAnnouncement(_Strict):
+    """Retained on artifacts/{sha256}/manifest: the signed manifest plus the chunk table."""
+
+    format_version: Literal[1] = 1
+    sha256: str
+    size: int = Field(ge=1)
+    chunk_size: int = Field(ge=1, le=MAX_CHUNK_SIZE)
+    chunks: list[ChunkRef] = Field(min_length=1)
+    name: str
+    version: str
+    profile: str
+    runtime: str
+    manifest: dict[str, Any]
+    signature: str
+    published: str = ""
+
+    _v = field_validator("sha256")(_sha)
+
+    def table_problem(self) -> str | None:
+        """Why the chunk table does not add up, or None when it does."""
+        expected = math.ceil(self.size / self.chunk_size)
+        if len(self.chunks) != expected:
+            return f"chunk table has {len(self.chunks)} chunks, size/chunk_size needs {expected}"
+        if sum(c.size for c in self.chunks) != self.size:
+            return "chunk sizes do not add up to the artifact size"
+        if any(c.size != self.chunk_size for c in self.chunks[:-1]):
+            return "every chunk but the last must be chunk_size bytes"
+        return None
+
+
+class IndexEntry(_Strict):
+    """Retained on artifacts/index/{name}/{version}/{profile}: lets `deploy NAME@VERSION` find the sha."""
+
+    name: str
+    version: str
+    profile: str
+    runtime: str
+    sha256: str
+    size: int = Field(ge=1)
+    published: str = ""
+
+    _v = field_validator("sha256")(_sha)
+
+
+class Deployment(_Strict):
+    """Retained desired state on devices/{id}/deployment or groups/{group}/deployment."""
+
+    name: str
+    version: str
+    sha256: str
+    profile: str | None = None
+    deployed_at: str = ""
+
+    _v = field_validator("sha256")(_sha)
+    _n = field_validator("name")(_segment)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not VERSION_RE.match(v):
+            raise ValueError("must be dotted integers such as 1.2.0")
+        return v
+
+
+class ActiveModel(_Strict):
+    name: str
+    version: str
+    sha256: str
+
+
+class StateMessage(_Strict):
+    """Retained birth on devices/{id}/state; the Last Will carries online=false."""
+
+    device: str
+    online: bool
+    agent_version: str
+    profile: str
+    groups: list[str] = []
+    active: ActiveModel | None = None
+    seq: int = Field(ge=0)
+    ts: float
+
+
+class Event(_Strict):
+    """devices/{id}/events: deployment progress, rollbacks and rejected messages, each with a reason."""
+
+    device: str
+    seq: int = Field(ge=0)
+    ts: float
+    kind: Literal["deployment", "bad_message", "command", "info"]
+    state: DeployState | None = None
+    name: str | None = None
+    version: str | None = None
+    sha256: str | None = None
+    reason: str = ""
+    detail: dict[str, Any] = {}
+
+
+class Command(_Strict):
+    """devices/{id}/cmd (not retained)."""
+
+    id: str = Field(min_length=1, max_length=128)
+    op: Literal["deploy", "rollback", "benchmark", "rebirth", "status"]
+    name: str | None = None
+    version: str | None = None
+    sha256: str | None = None
+
+
+class CommandResult(_Strict):
+    id: str
+    ok: bool
+    reason: str = ""
+    detail: dict[str, Any] = {}
+
+
+def decode(model: type[M], payload: bytes, max_bytes: int = MAX_CONTROL_BYTES) -> M:
+    """Parse ``payload`` as JSON into ``model``; any problem is a MessageError with a short reason."""
+    if len(payload) > max_bytes:
+        raise MessageError(f"payload of {len(payload)} bytes exceeds the {max_bytes} allowed")
+    try:
+        doc = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise MessageError("payload is not UTF-8 JSON") from None
+    if not isinstance(doc, dict):
+        raise MessageError(f"payload is a JSON {type(doc).__name__}, expected an object")
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise MessageError(f"{model.__name__}: {loc}: {msg}{more}") from None
+    except RecursionError:
+        raise MessageError("payload is nested too deeply") from None
+
+
+def encode(msg: BaseModel) -> bytes:
+    return json.dumps(msg.model_dump(mode="json"), separators=(",", ":"), allow_nan=False).encode()

@@ -1,0 +1,282 @@
+"""edgefleet: the workstation command line (build, inspect, keys, profiles, fleet)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agent import __version__
+from agent.errors import EdgefleetError, UsageError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _console(stderr: bool = True) -> Any:
+    """A rich console; when piped, wide enough that tables are not cut to 80 columns."""
+    from rich.console import Console
+
+    c = Console(stderr=stderr)
+    return c if c.is_terminal else Console(stderr=stderr, width=160)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="edgefleet")
+def cli() -> None:
+    """edgefleet: compress a trained model for each kind of edge device, measure it against
+    the fp32 original, and pack the candidate that meets the device's budgets into a signed
+    artifact.
+
+    \b
+    Typical first steps:
+      edgefleet profiles                      # the device kinds and their budgets
+      edgefleet keys generate --out keys/     # a signing key pair
+      edgefleet build edgefleet.toml --all-profiles --key keys/edgefleet.key
+      edgefleet inspect out/NAME-VERSION-PROFILE.efa --key keys/edgefleet.pub
+    """
+
+
+# ---------------------------------------------------------------- profiles / passes
+
+@cli.command("profiles")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), default=None,
+              help="Directory of profile .toml files (default: ./device_profiles or $EDGEFLEET_PROFILES).")
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+def profiles_cmd(directory: Path | None, as_json: bool) -> None:
+    """List device profiles with their runtime, candidates and budgets (validates every file)."""
+    from agent.protocol.profile import load_profiles
+
+    profiles = load_profiles(directory)
+    if as_json:
+        click.echo(json.dumps([p.model_dump(mode="json") for p in profiles.values()], indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title="device profiles")
+    for col in ("profile", "arch", "runtime", "threads", "candidates", "select", "max size", "max drop", "max p95", "max RAM"):
+        t.add_column(col)
+    for p in profiles.values():
+        b = p.budgets
+        t.add_row(p.name, p.hardware.arch, p.runtime.name, str(p.runtime.threads), ", ".join(p.build.candidates),
+                  p.build.select, f"{b.max_artifact_kb:g} KB", f"{b.max_accuracy_drop_pt:g} pt",
+                  f"{b.max_p95_ms:g} ms", f"{b.max_ram_mb:g} MB")
+    _console(stderr=False).print(t)
+
+
+@cli.command("passes")
+def passes_cmd() -> None:
+    """List the registered passes and what each accepts."""
+    from builder.passes import REGISTRY, get_pass
+
+    for name in REGISTRY:
+        try:
+            p = get_pass(name)
+            acc = "/".join(k.value for k in p.accepts) or "(source)"
+            click.echo(f"{name:12} {acc:12} {p.description}")
+        except EdgefleetError as exc:
+            click.echo(f"{name:12} unavailable: {exc}")
+
+
+# ---------------------------------------------------------------- keys
+
+@cli.group("keys")
+def keys_grp() -> None:
+    """Manage the ed25519 keys that sign artifacts."""
+
+
+@keys_grp.command("generate")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("keys"), show_default=True,
+              help="Directory to write NAME.key (private, mode 0600) and NAME.pub into.")
+@click.option("--name", default="edgefleet", show_default=True, help="Base name of the key files.")
+@click.option("--force", is_flag=True, help="Replace existing key files.")
+def keys_generate(out_dir: Path, name: str, force: bool) -> None:
+    """Create a signing key pair. Give the .pub file to every agent, keep the .key secret."""
+    from agent.protocol.signing import generate_keypair, key_id, load_public_key
+
+    try:
+        priv, pub = generate_keypair(out_dir, name, force)
+    except PermissionError as exc:
+        raise UsageError(f"{out_dir}: cannot write keys ({exc.strerror})") from None
+    click.echo(f"private key: {priv}\npublic key:  {pub}\nkey id:      {key_id(load_public_key(pub))}")
+
+
+# ---------------------------------------------------------------- build
+
+def _table(results: list[Any]) -> Any:
+    from rich.table import Table
+
+    t = Table(title="edgefleet build")
+    for col in ("profile", "runtime", "candidate", "precision", "size", "top-1", "vs fp32", "p95 (b1)", "peak RSS", "verdict"):
+        t.add_column(col, justify="right" if col in ("size", "top-1", "vs fp32", "p95 (b1)", "peak RSS") else "left")
+    for r in results:
+        for c in r.candidates:
+            m = c.metrics
+            chosen = r.chosen is c
+            if c.error:
+                verdict = f"[red]error: {c.error}[/red]"
+            elif c.violations:
+                verdict = "[yellow]over budget: " + "; ".join(c.violations) + "[/yellow]"
+            else:
+                verdict = "[bold green]CHOSEN[/bold green]" if chosen else "fits"
+            top1 = f"{m['top1'] * 100:.2f}%" if "top1" in m else "-"
+            drop = f"{0.0 - m["top1_drop_pt"] + 0.0:+.2f} pt" if "top1_drop_pt" in m else (f"cos {m['cosine_min']:.4f}" if m else "-")
+            t.add_row(
+                r.profile.name, r.profile.runtime.name, c.recipe, c.precision or "-",
+                f"{m['artifact_bytes'] / 1024:.1f} KB" if m else "-", top1, drop,
+                f"{m['latency_b1']['p95_ms']:.3f} ms" if m else "-",
+                f"{m['peak_rss_mb']:.0f} MB" if m else "-", verdict,
+            )
+    return t
+
+
+@cli.command("build")
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--profile", "-p", "profile_names", multiple=True,
+              help="Device profile name or .toml path; repeat for several.")
+@click.option("--all-profiles", is_flag=True, help="Build for every profile in the profiles directory.")
+@click.option("--profiles-dir", type=click.Path(path_type=Path), default=None,
+              help="Where profile names are looked up (default: ./device_profiles).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out"), show_default=True,
+              help="Directory for the artifacts (NAME-VERSION-PROFILE.efa).")
+@click.option("--key", type=click.Path(path_type=Path), default=None,
+              help="ed25519 private key (PEM) that signs the artifacts (default: signing_key in CONFIG).")
+@click.option("--version", "version", default=None, help="Override the version in CONFIG.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path(".edgefleet-cache"), show_default=True,
+              help="Where pass results are cached between candidates and builds.")
+@click.option("--check", is_flag=True, help="Only validate CONFIG, profiles, data and recipes; build nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document on stdout.")
+def build_cmd(config: Path, profile_names: tuple[str, ...], all_profiles: bool, profiles_dir: Path | None,
+              out_dir: Path, key: Path | None, version: str | None, cache_dir: Path, check: bool, as_json: bool) -> None:
+    """Build CONFIG (a TOML build configuration) for one or more device profiles.
+
+    For each profile every candidate recipe it lists is built, measured against the fp32
+    reference (accuracy, latency, peak RSS, size) and checked against the budgets; the best
+    candidate that fits is signed and written to OUT. Exits non-zero if a profile has none.
+    """
+    from agent.protocol.profile import get_profile, load_profiles
+    from agent.protocol.signing import load_private_key
+    from builder.config import load_build_config
+    from builder.search import Builder, no_fit_error
+
+    cfg = load_build_config(config)
+    if version:
+        from agent.protocol.manifest import VERSION_RE
+
+        if not VERSION_RE.match(version):
+            raise UsageError(f"--version {version!r}: must be dotted integers such as 1.2.0")
+        cfg = cfg.model_copy(update={"version": version})
+    if all_profiles == bool(profile_names):
+        raise UsageError("name profiles with --profile NAME (repeatable) or use --all-profiles")
+    profiles = list(load_profiles(profiles_dir).values()) if all_profiles else [get_profile(n, profiles_dir) for n in profile_names]
+    key_path = key or (cfg.resolve(cfg.signing_key) if cfg.signing_key else None)
+    if key_path is None:
+        raise UsageError("no signing key: pass --key PATH or set signing_key in the config")
+    signing_key = load_private_key(key_path)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{cache_dir}: cannot create cache directory ({exc.strerror})") from None
+    console = _console()
+    status: AbstractContextManager[Any] = nullcontext() if as_json or not console.is_terminal else console.status("building")
+
+    def progress(msg: str) -> None:
+        if hasattr(status, "update"):
+            status.update(msg)
+        elif not as_json:
+            console.print(f"[dim]{msg}[/dim]")
+
+    with status:
+        builder = Builder(cfg, signing_key, cache_dir, progress)
+        if check:
+            checked = builder.check(profiles)
+            if as_json:
+                click.echo(json.dumps({"ok": True, "checked": checked}))
+            else:
+                click.echo(f"OK: {config} is valid; {len(checked)} recipe chains checked ({', '.join(checked)})")
+            return
+        results = [builder.build_profile(p, out_dir) for p in profiles]
+    failed = [r for r in results if r.chosen is None]
+    if as_json:
+        click.echo(json.dumps({"ok": not failed, "name": cfg.name, "version": cfg.version,
+                               "profiles": [r.summary() for r in results]}, default=str))
+    else:
+        _console(stderr=False).print(_table(results))
+        for r in results:
+            if r.artifact:
+                click.echo(f"{r.profile.name}: {r.artifact}")
+    if failed:
+        raise no_fit_error(failed[0]) if len(failed) == 1 else EdgefleetError(
+            "; ".join(str(no_fit_error(r)) for r in failed))
+
+
+# ---------------------------------------------------------------- inspect
+
+@cli.command("inspect")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--key", "keys", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Trusted ed25519 public key (PEM); repeat for several.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verified manifest as JSON.")
+def inspect_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
+    """Verify ARTIFACT (signature and every file hash) and print its manifest."""
+    from agent.protocol.artifact import verify_artifact
+    from agent.protocol.signing import load_public_key
+
+    va = verify_artifact(artifact, [load_public_key(k) for k in keys])
+    m = va.manifest
+    if as_json:
+        click.echo(json.dumps({"verified": True, "sha256": va.sha256, "key_id": va.key_id, "manifest": m.to_dict()}, indent=2))
+        return
+    met = m.metrics
+    lines = [
+        f"artifact   {artifact}  (sha256 {va.sha256})",
+        f"verified   signature by key {va.key_id}; {len(m.files)} files match their sha256",
+        f"model      {m.name} {m.version} for profile {m.profile} ({m.runtime}, {m.precision}, {m.task})",
+        f"recipe     {m.recipe.name}: {' -> '.join(s.name for s in m.recipe.steps)}",
+        f"created    {m.created} by edgefleet {m.builder_version}",
+    ]
+    for io_kind, specs in (("input", m.model.inputs), ("output", m.model.outputs)):
+        for s in specs:
+            q = f" scale={s.quantization.scale:g} zp={s.quantization.zero_point}" if s.quantization else ""
+            lines.append(f"{io_kind:10} {s.name} {s.dtype} {s.shape}{q}")
+    if "top1" in met:
+        lines.append(f"accuracy   top-1 {met['top1'] * 100:.2f}% (fp32 {met['top1_ref'] * 100:.2f}%, drop {met['top1_drop_pt']:.2f} pt)")
+    if "latency_b1" in met:
+        lat = met["latency_b1"]
+        lines.append(f"latency    p50 {lat['p50_ms']:.3f} ms, p95 {lat['p95_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms (build host, batch 1)")
+    if "peak_rss_mb" in met:
+        lines.append(f"memory     peak RSS {met['peak_rss_mb']:.1f} MB")
+    lines.append(f"golden     {m.golden.count} vectors, atol {m.golden.atol:.3g}")
+    for name, e in sorted(m.files.items()):
+        lines.append(f"file       {name:14} {e.size:>10} bytes  {e.sha256[:16]}")
+    click.echo("\n".join(lines))
+
+
+# ---------------------------------------------------------------- entry point
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI: user errors print one line and exit with their code; bugs keep tracebacks."""
+    try:
+        cli.main(args=argv, prog_name="edgefleet", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except EdgefleetError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
