@@ -123,7 +123,7 @@ def _table(results: list[Any]) -> Any:
             else:
                 verdict = "[bold green]CHOSEN[/bold green]" if chosen else "fits"
             top1 = f"{m['top1'] * 100:.2f}%" if "top1" in m else "-"
-            drop = f"{0.0 - m["top1_drop_pt"] + 0.0:+.2f} pt" if "top1_drop_pt" in m else (f"cos {m['cosine_min']:.4f}" if m else "-")
+            drop = f"{0.0 - m['top1_drop_pt'] + 0.0:+.2f} pt" if "top1_drop_pt" in m else (f"cos {m['cosine_min']:.4f}" if m else "-")
             t.add_row(
                 r.profile.name, r.profile.runtime.name, c.recipe, c.precision or "-",
                 f"{m['artifact_bytes'] / 1024:.1f} KB" if m else "-", top1, drop,
