@@ -191,8 +191,8 @@ def build_cmd(config: Path, profile_names: tuple[str, ...], all_profiles: bool, 
 
     with status:
         builder = Builder(cfg, signing_key, cache_dir, progress)
+        checked = builder.check(profiles)  # every recipe chain is valid before anything runs
         if check:
-            checked = builder.check(profiles)
             if as_json:
                 click.echo(json.dumps({"ok": True, "checked": checked}))
             else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -42,6 +42,13 @@ class DataFiles(_Strict):
     train: str | None = None  # enables fine-tuning after pruning
 
 
+class StepSpec(_Strict):
+    name: str = Field(alias="pass")
+    config: dict[str, Any] = {}
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
 class BuildConfig(_Strict):
     name: str
     version: str
@@ -49,6 +56,8 @@ class BuildConfig(_Strict):
     model: ModelSource
     data: DataFiles
     signing_key: str | None = None
+    # Extra recipes a profile's candidates may name: {recipe: [{pass = "...", config = {...}}]}.
+    recipes: dict[str, list[StepSpec]] = {}
     golden_count: int = Field(default=8, ge=1, le=256)
     seed: int = 0
     base_dir: Path = Path(".")

@@ -1,7 +1,7 @@
 """Write a signed artifact (tar) atomically: nothing half-written is ever left at the target.
 
-The tar is deterministic for a given manifest and files (sorted members, fixed mtime/owner),
-so the same build publishes the same sha256.
+The tar layout is canonical (agent.protocol.artifact.write_canonical_tar): deterministic for a
+given manifest and files, and checked byte for byte by the verifier.
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ import contextlib
 import hashlib
 import io
 import os
-import tarfile
 import tempfile
 from pathlib import Path
+from typing import IO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.errors import UsageError
+from agent.protocol.artifact import member_order, write_canonical_tar
 from agent.protocol.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
 from agent.protocol.signing import sign
 
@@ -29,23 +30,6 @@ def file_entry(path: Path) -> FileEntry:
             h.update(block)
             size += len(block)
     return FileEntry(sha256=h.hexdigest(), size=size)
-
-
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
-    info.mtime = 0
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _add_file(tar: tarfile.TarFile, name: str, path: Path) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = path.stat().st_size
-    info.mode = 0o644
-    info.mtime = 0
-    with path.open("rb") as fh:
-        tar.addfile(info, fh)
 
 
 def ensure_writable_dir(out_dir: Path) -> None:
@@ -78,11 +62,15 @@ def write_artifact(
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w:", format=tarfile.PAX_FORMAT) as tar:
-                _add_bytes(tar, MANIFEST_NAME, message)
-                _add_bytes(tar, SIGNATURE_NAME, signature.to_bytes())
-                for name in sorted(files):
-                    _add_file(tar, name, files[name])
+            sig = signature.to_bytes()
+            with contextlib.ExitStack() as stack:
+                streams: dict[str, tuple[int, IO[bytes]]] = {
+                    MANIFEST_NAME: (len(message), io.BytesIO(message)),
+                    SIGNATURE_NAME: (len(sig), io.BytesIO(sig)),
+                }
+                for name, p in files.items():
+                    streams[name] = (p.stat().st_size, stack.enter_context(p.open("rb")))
+                write_canonical_tar(raw, [(n, *streams[n]) for n in member_order(list(files))])
             raw.flush()
             os.fsync(raw.fileno())
         os.chmod(tmp, 0o644)

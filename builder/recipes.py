@@ -34,10 +34,15 @@ RECIPES: dict[str, Any] = {
 TORCH_ONLY = {"pruned_fp32", "pruned_int8_static"}
 
 
-def recipe_steps(name: str, profile: DeviceProfile, from_onnx: bool) -> list[Step]:
+def recipe_steps(
+    name: str, profile: DeviceProfile, from_onnx: bool, custom: dict[str, list[Step]] | None = None
+) -> list[Step]:
+    """The steps of recipe ``name``: a recipe from the build config wins over a built-in one."""
+    if custom and name in custom:
+        return [s for s in custom[name] if not (from_onnx and s[0] == "export_onnx")]
     if name not in RECIPES:
         raise ConfigError(
-            f"profile '{profile.name}': unknown candidate recipe '{name}' (known: {', '.join(RECIPES)})"
+            f"profile '{profile.name}': unknown candidate recipe '{name}' (known: {', '.join([*RECIPES, *(custom or {})])})"
         )
     steps: list[Step] = RECIPES[name](profile)
     if from_onnx:

@@ -63,6 +63,7 @@ class Builder:
         tr = load_split(cfg.resolve(cfg.data.train), "train", shape, True) if cfg.data.train else None
         self.data = DataBundle(eval=ev, calibration=cal, train=tr)
         self.pipeline = Pipeline(cache_dir, self._ctx)
+        self.custom_recipes = {k: [(s.name, s.config) for s in v] for k, v in cfg.recipes.items()}
         self._source: ModelHandle | None = None
         self._reference: dict[str, np.ndarray] | None = None
 
@@ -106,9 +107,9 @@ class Builder:
         checked = []
         for p in profiles:
             for r in p.build.candidates:
-                if from_onnx and r in TORCH_ONLY:
+                if from_onnx and r in TORCH_ONLY and r not in self.custom_recipes:
                     continue
-                plan(recipe_steps(r, p, from_onnx), kind, f"profile {p.name}, recipe {r}")
+                plan(recipe_steps(r, p, from_onnx, self.custom_recipes), kind, f"profile {p.name}, recipe {r}")
                 checked.append(f"{p.name}/{r}")
         return checked
 
@@ -123,11 +124,11 @@ class Builder:
             for i, recipe in enumerate(profile.build.candidates):
                 cand = Candidate(recipe=recipe, profile=profile.name)
                 candidates.append(cand)
-                if from_onnx and recipe in TORCH_ONLY:
+                if from_onnx and recipe in TORCH_ONLY and recipe not in self.custom_recipes:
                     cand.error = "needs a PyTorch model (input is ONNX)"
                     continue
                 self.progress(f"{profile.name}: candidate {i + 1}/{len(profile.build.candidates)} {recipe}")
-                steps = recipe_steps(recipe, profile, from_onnx)
+                steps = recipe_steps(recipe, profile, from_onnx, self.custom_recipes)
                 try:
                     run = self.pipeline.run(src, plan(steps, src.kind, f"profile {profile.name}, recipe {recipe}"))
                     cand.steps = [{"pass": s.name, "seconds": s.seconds, "cached": s.cached} for s in run.steps]

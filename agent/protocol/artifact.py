@@ -3,6 +3,11 @@
 The tar holds exactly manifest.json, manifest.sig and the files the manifest lists, all as
 regular files at the top level. Verification checks the signature against trusted keys,
 then every file's size and sha256; anything extra, missing, linked or nested is refused.
+
+The layout is canonical (member order, header fields and padding are fixed by
+``write_canonical_tar``), and the verifier rebuilds those bytes and compares hashes: so a
+change to *any* byte of the file, header and padding included, is detected, not only a
+change inside a signed member.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator
+from typing import IO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +38,41 @@ class VerifiedArtifact:
     manifest: Manifest
     key_id: str
     sha256: str
+
+
+class _HashSink:
+    """A write-only file object that hashes what tarfile writes into it."""
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+        self.n = 0
+
+    def write(self, data: bytes) -> int:
+        self.h.update(data)
+        self.n += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.n
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    info.mtime = 0
+    return info
+
+
+def write_canonical_tar(out: IO[bytes] | _HashSink, members: list[tuple[str, int, IO[bytes]]]) -> None:
+    """Write (name, size, stream) members in the canonical layout: given order, fixed headers."""
+    with tarfile.open(fileobj=out, mode="w:", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[arg-type]
+        for name, size, stream in members:
+            tar.addfile(_tarinfo(name, size), stream)
+
+
+def member_order(files: list[str]) -> list[str]:
+    return [MANIFEST_NAME, SIGNATURE_NAME, *sorted(files)]
 
 
 def file_sha256(path: Path) -> str:
@@ -110,11 +151,24 @@ def verify_artifact(path: Path, trusted: list[Ed25519PublicKey]) -> VerifiedArti
                     raise IntegrityError(f"{path}: {name} is {m.size} bytes, manifest says {entry.size}")
                 if _hash_member(tar, m) != entry.sha256:
                     raise IntegrityError(f"{path}: {name} sha256 does not match the manifest (corrupted or tampered)")
+            order = member_order(list(manifest.files))
+            if list(members) != order:
+                raise IntegrityError(f"{path}: members are not in the canonical order")
+            sink = _HashSink()
+            streams = []
+            for name in order:
+                fh = tar.extractfile(members[name])
+                assert fh is not None
+                streams.append((name, members[name].size, fh))
+            write_canonical_tar(sink, streams)
     except tarfile.TarError as exc:
         raise IntegrityError(f"{path}: not a readable artifact tar ({exc})") from None
     except EOFError:
         raise IntegrityError(f"{path}: artifact is truncated") from None
-    return VerifiedArtifact(path=path, manifest=manifest, key_id=kid, sha256=file_sha256(path))
+    digest = file_sha256(path)
+    if digest != sink.h.hexdigest() or path.stat().st_size != sink.n:
+        raise IntegrityError(f"{path}: tar headers or padding were modified (not the canonical layout)")
+    return VerifiedArtifact(path=path, manifest=manifest, key_id=kid, sha256=digest)
 
 
 def extract_verified(artifact: VerifiedArtifact, dest: Path) -> None:

@@ -100,7 +100,8 @@ class LoadPass(Pass):
                 raise ModelError(f"factory '{config.factory}' returned {type(module).__name__}, not a torch.nn.Module")
             if config.weights:
                 self._load_weights(module, config.weights)
-        module.eval()
+        if not config.pt2:  # a torch.export module is already in inference form; eval() raises
+            module.eval()
         self._smoke_test(module, config)
         params = sum(p.numel() for p in module.parameters())
         return ModelHandle(

@@ -102,7 +102,8 @@ class QuantizePass(Pass):
         }[config.method]
         act = q.QuantType.QUInt8 if config.activation_type == "uint8" else q.QuantType.QInt8
         q.quantize_static(
-            str(src), str(out), _Reader(model.input_name, calib), quant_format=q.QuantFormat.QDQ,
+            # Histogram calibrators stack per-batch outputs, so they need equal batches: use 1.
+            str(src), str(out), _Reader(model.input_name, calib, 32 if config.method == "minmax" else 1), quant_format=q.QuantFormat.QDQ,
             per_channel=config.per_channel, activation_type=act, weight_type=q.QuantType.QInt8,
             calibrate_method=method, nodes_to_exclude=list(config.nodes_to_exclude),
             extra_options={"CalibMaxIntermediateOutputs": 64} if config.method != "minmax" else None,
