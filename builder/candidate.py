@@ -12,7 +12,15 @@ import numpy as np
 
 from agent import __version__
 from agent.protocol.golden import GoldenSet
-from agent.protocol.manifest import FORMAT_VERSION, Golden, Manifest, ModelInfo, Recipe, RecipeStep, TensorSpec
+from agent.protocol.manifest import (
+    FORMAT_VERSION,
+    Golden,
+    Manifest,
+    ModelInfo,
+    Recipe,
+    RecipeStep,
+    TensorSpec,
+)
 from agent.protocol.profile import DeviceProfile
 from agent.runtime import load_session
 from builder.evaluate.accuracy import compare, run_batched
@@ -126,7 +134,7 @@ def evaluate_and_pack(
         model=ModelInfo(file=model_file, inputs=inputs, outputs=outs),
         files={k: file_entry(p) for k, p in files.items()},
         metrics=metrics,
-        recipe=Recipe(name=cand.recipe, steps=[RecipeStep(name=s, config=c) for s, c in recipe_steps]),
+        recipe=Recipe(name=cand.recipe, steps=[RecipeStep.model_validate({"pass": s, "config": c}) for s, c in recipe_steps]),
         golden=Golden(file="golden.npz", count=len(g_in), atol=rel * scale + 1e-6, rtol=0.0, min_top1_agreement=min_agree),
     )
     out = workdir / manifest.artifact_name

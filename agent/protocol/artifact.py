@@ -17,9 +17,9 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator
-from typing import IO
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -66,7 +66,7 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 def write_canonical_tar(out: IO[bytes] | _HashSink, members: list[tuple[str, int, IO[bytes]]]) -> None:
     """Write (name, size, stream) members in the canonical layout: given order, fixed headers."""
-    with tarfile.open(fileobj=out, mode="w:", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[arg-type]
+    with tarfile.open(fileobj=out, mode="w:", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
         for name, size, stream in members:
             tar.addfile(_tarinfo(name, size), stream)
 

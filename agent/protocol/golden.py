@@ -34,13 +34,15 @@ class GoldenSet:
         doc.update({f"ref:{k}": v for k, v in self.reference.items()})
         doc.update({f"exp:{k}": v for k, v in self.expected.items()})
         buf = io.BytesIO()
-        np.savez(buf, **doc)  # uncompressed: deterministic bytes for a deterministic tar
+        np.savez(buf, **doc)  # type: ignore[arg-type]  # uncompressed: deterministic bytes for a deterministic tar
         path.write_bytes(buf.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> GoldenSet:
         with np.load(path, allow_pickle=False) as npz:
-            inputs, ref, exp = {}, {}, {}
+            inputs: Arrays = {}
+            ref: Arrays = {}
+            exp: Arrays = {}
             for key in npz.files:
                 kind, _, name = key.partition(":")
                 {"in": inputs, "ref": ref, "exp": exp}.get(kind, {})[name] = npz[key]

@@ -31,7 +31,8 @@ def load_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file, mapping every failure to a one-line ConfigError."""
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            data: dict[str, Any] = tomllib.load(fh)
+            return data
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except IsADirectoryError:

@@ -64,7 +64,7 @@ class ExportOnnxPass(Pass):
 
         with load_session("onnxruntime", out, threads=ctx.threads) as sess:
             got = sess.infer({model.input_name: x})
-        diffs = check_parity("export_onnx parity (torch vs onnxruntime)", ref_outs, got, config.atol, config.rtol)
+        diffs = check_parity("export_onnx parity (torch vs onnxruntime)", ref_outs, got, config.atol, config.rtol)  # type: ignore[arg-type]
         notes = dict(model.notes, exporter=used, export_max_abs_diff=max(diffs.values()))
         return ModelHandle(
             kind=ModelKind.ONNX,

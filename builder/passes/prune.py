@@ -78,7 +78,7 @@ class PrunePass(Pass):
 
             for m in module.modules():
                 if hasattr(m, "weight_orig"):
-                    tprune.remove(m, "weight")
+                    tprune.remove(m, "weight")  # type: ignore[no-untyped-call]
             notes["sparsity"] = _sparsity(module)
         module.eval()
         params_after = count_params(module)

@@ -49,7 +49,7 @@ def test_name_must_match_file(tmp_path: Path) -> None:
 
 
 def test_unknown_profile_lists_known(profiles_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown profile 'nope'.*rpi4"):
+    with pytest.raises(ConfigError, match=r"unknown profile 'nope'.*rpi4"):
         get_profile("nope", profiles_dir)
 
 

@@ -16,7 +16,15 @@ from agent.errors import IntegrityError
 from agent.protocol.artifact import extract_verified, verify_artifact
 from agent.protocol.canonical import canonical_json
 from agent.protocol.golden import GoldenSet
-from agent.protocol.manifest import Golden, Manifest, ModelInfo, Recipe, TensorSpec, parse_manifest, version_key
+from agent.protocol.manifest import (
+    Golden,
+    Manifest,
+    ModelInfo,
+    Recipe,
+    TensorSpec,
+    parse_manifest,
+    version_key,
+)
 from agent.protocol.signing import generate_keypair, load_private_key, load_public_key
 from builder.package import file_entry, write_artifact
 
