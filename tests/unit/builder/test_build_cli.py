@@ -213,3 +213,12 @@ def test_console_scripts_installed() -> None:
         exe = shutil.which(script) or str(Path(sys.executable).parent / script)
         proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0 and "Usage:" in proc.stdout
+
+
+def test_factory_that_raises_is_one_line(digits: DigitsProject, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _variant(digits, tmp_path, **{'factory = "model.py:build_cnn"': 'factory = "broken.py:build"'})
+    (cfg.parent / "broken.py").write_text("def build():\n    raise RuntimeError('no GPU found')\n")
+    code, _, err = run_cli(capsys, "build", str(cfg), "-p", "generic-cpu", "--out", str(tmp_path / "out"),
+                           "--cache-dir", str(tmp_path / "c"))
+    assert_one_line_error(code, err, "factory 'broken.py:build' failed: RuntimeError: no GPU found")
+    assert code == 4
