@@ -133,6 +133,10 @@ def _table(results: list[Any]) -> Any:
     return t
 
 
+def _step_times(steps: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{s['pass']} " + ("cached" if s["cached"] else f"{s['seconds']:.2f}s") for s in steps)
+
+
 @cli.command("build")
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--profile", "-p", "profile_names", multiple=True,
@@ -205,6 +209,10 @@ def build_cmd(config: Path, profile_names: tuple[str, ...], all_profiles: bool, 
                                "profiles": [r.summary() for r in results]}, default=str))
     else:
         _console(stderr=False).print(_table(results))
+        for r in results:
+            for c in r.candidates:
+                if c.steps:
+                    click.echo(f"  {r.profile.name}/{c.recipe}: {_step_times(c.steps)}")
         for r in results:
             if r.artifact:
                 click.echo(f"{r.profile.name}: {r.artifact}")

@@ -115,7 +115,8 @@ class Pipeline:
         return None
 
     def _store(self, key: str, model: ModelHandle, workdir: Path) -> ModelHandle:
-        if model.kind == ModelKind.TORCH or model.path is None:
+        # Torch modules, and files the pass did not write (load of a user's .onnx), stay in memory.
+        if model.kind == ModelKind.TORCH or model.path is None or model.path.parent != workdir:
             shutil.rmtree(workdir, ignore_errors=True)
             self._memory[key] = model
             return model

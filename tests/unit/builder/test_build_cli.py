@@ -222,3 +222,34 @@ def test_factory_that_raises_is_one_line(digits: DigitsProject, tmp_path: Path, 
                            "--cache-dir", str(tmp_path / "c"))
     assert_one_line_error(code, err, "factory 'broken.py:build' failed: RuntimeError: no GPU found")
     assert code == 4
+
+
+def test_onnx_input_builds_and_skips_torch_only_recipes(built: tuple[Path, dict], digits: DigitsProject,  # type: ignore[type-arg]
+                                                        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.protocol.artifact import extract_verified, verify_artifact
+    from agent.protocol.signing import load_public_key
+
+    va = verify_artifact(built[0] / "digits-1.0.0-generic-cpu.efa", [load_public_key(digits.public_key)])
+    extract_verified(va, tmp_path / "src")
+    cfg = _variant(digits, tmp_path, **{
+        'factory = "model.py:build_cnn"\nweights = "work/digits_cnn.pt"': f'onnx = "{tmp_path / "src" / "model.onnx"}"',
+    })
+    code, out, _ = run_cli(capsys, "build", str(cfg), "-p", "x86-ipc", "--out", str(tmp_path / "o"),
+                           "--cache-dir", str(tmp_path / "c"), "--json")
+    assert code == 0, _
+    cands = {c["recipe"]: c for c in json.loads(out)["profiles"][0]["candidates"]}
+    assert cands["pruned_int8_static"]["error"] == "needs a PyTorch model (input is ONNX)"
+    assert cands["int8_static"]["fits"] and cands["int8_static"]["metrics"]["top1_drop_pt"] <= 1.0
+    assert [s["pass"] for s in cands["int8_static"]["steps"]] == ["simplify", "quantize"]
+
+
+def test_regression_metrics_use_cosine_and_error() -> None:
+    from builder.evaluate.accuracy import compare
+
+    ref = {"y": np.array([[1.0, 0.0], [0.0, 2.0]], np.float32)}
+    out = {"y": np.array([[1.0, 0.1], [0.0, 2.0]], np.float32)}
+    m = compare(ref, out, None, "regression")
+    assert "top1" not in m and m["cosine_mean"] < 1.0 and m["cosine_min"] == pytest.approx(0.995037, abs=1e-5)
+    assert m["max_abs_err"] == pytest.approx(0.1, abs=1e-6)
+    c = compare(ref, out, np.array([0, 1]), "classification")
+    assert c["top1"] == 1.0 and c["top1_drop_pt"] == 0.0 and c["top1_agreement"] == 1.0

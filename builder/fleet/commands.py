@@ -1,0 +1,81 @@
+"""`edgefleet publish` and `edgefleet deploy` (registered in builder/cli.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def broker_options(f: F) -> F:
+    opts = [
+        click.option("--broker", required=True, help="Broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT."),
+        click.option("--ca-file", default=None, help="CA certificate (PEM) for mqtts://."),
+        click.option("--cert-file", default=None, help="Client certificate (PEM) for mqtts://."),
+        click.option("--key-file", default=None, help="Client key (PEM) for mqtts://."),
+        click.option("--username", default=None, help="Broker user name."),
+        click.option("--password", default=None, envvar="EDGEFLEET_BROKER_PASSWORD",
+                     help="Broker password (or $EDGEFLEET_BROKER_PASSWORD)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _broker(kw: dict[str, Any]) -> Any:
+    from builder.fleet.mqtt import broker_config
+
+    return broker_config(kw.pop("broker"), kw.pop("ca_file"), kw.pop("cert_file"), kw.pop("key_file"),
+                         kw.pop("username"), kw.pop("password"))
+
+
+@click.command("publish")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@broker_options
+@click.option("--chunk-size", default=1 << 20, show_default=True, type=int, help="Bytes per chunk message.")
+@click.option("--force", is_flag=True, help="Publish again even if the broker already holds this artifact.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def publish_cmd(artifact: Path, chunk_size: int, force: bool, as_json: bool, **kw: Any) -> None:
+    """Publish ARTIFACT (.efa) to the broker as retained chunks plus a manifest, so devices can
+    fetch it. Safe to repeat: an artifact already on the broker is left as it is.
+    """
+    from builder.fleet.publish import chunk_count, publish_artifact
+
+    broker = _broker(kw)
+    total = chunk_count(artifact, chunk_size) if artifact.is_file() else 0
+    with click.progressbar(length=total, label=f"publishing {artifact.name}", file=None) as bar:
+        res = publish_artifact(artifact, broker, chunk_size, force, progress=bar.update)
+    if as_json:
+        click.echo(json.dumps(res.__dict__))
+    elif res.skipped:
+        click.echo(f"already published: {res.name} {res.version} for {res.profile} (sha256 {res.sha256[:16]})")
+    else:
+        click.echo(f"published {res.name} {res.version} for {res.profile}: {res.chunks} chunks, "
+                   f"{res.size / 1e6:.1f} MB in {res.seconds:.1f}s (sha256 {res.sha256[:16]})")
+
+
+@click.command("deploy")
+@click.argument("spec", metavar="NAME@VERSION")
+@click.option("--device", default=None, help="Deploy to one device (wins over its groups).")
+@click.option("--group", default=None, help="Deploy to every device in a group.")
+@click.option("--profile", default=None, help="Which profile's artifact, when several are published.")
+@broker_options
+@click.option("--json", "as_json", is_flag=True, help="Print the deployment as JSON.")
+def deploy_cmd(spec: str, device: str | None, group: str | None, profile: str | None, as_json: bool,
+               **kw: Any) -> None:
+    """Set the desired model of a device (--device ID) or a group (--group G). Devices pick it up
+    now or when they next connect; follow progress on edgefleet/v1/devices/ID/events.
+    """
+    from builder.fleet.deploy import deploy
+
+    res = deploy(_broker(kw), spec, device=device, group=group, profile=profile)
+    if as_json:
+        click.echo(json.dumps({"topic": res.topic, "deployment": res.deployment.model_dump()}))
+    else:
+        d = res.deployment
+        click.echo(f"deployed {d.name} {d.version} ({d.profile}, sha256 {d.sha256[:16]}) on {res.topic}")

@@ -1,0 +1,93 @@
+"""Set the desired deployment of a device or a group (a retained message).
+
+NAME@VERSION is resolved to an artifact sha256 through the retained index the publisher keeps
+at edgefleet/v1/artifacts/index/NAME/VERSION/PROFILE. When several profiles exist, the one
+asked for (--profile), else the device's (from its retained state), else the group's name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+
+from agent.config import BrokerConfig
+from agent.errors import UsageError
+from agent.protocol import topics
+from agent.protocol.manifest import VERSION_RE
+from agent.protocol.messages import Deployment, IndexEntry, MessageError, decode, encode
+from builder.fleet.mqtt import SyncClient
+
+SPEC_RE = re.compile(r"^([a-z0-9][a-z0-9._-]{0,62})@(\S+)$")
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    topic: str
+    deployment: Deployment
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    m = SPEC_RE.match(spec)
+    if not m or not VERSION_RE.match(m.group(2)):
+        raise UsageError(f"'{spec}': expected NAME@VERSION such as digits@1.2.0")
+    return m.group(1), m.group(2)
+
+
+def _device_profile(c: SyncClient, device: str) -> str | None:
+    got = c.retained(topics.device_topic(device, "state"), quiet=0.3, limit=1.5)
+    for payload in got.values():
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            return None
+        if isinstance(doc, dict) and isinstance(doc.get("profile"), str):
+            return str(doc["profile"])
+    return None
+
+
+def resolve(c: SyncClient, name: str, version: str, profile: str | None, device: str | None,
+            group: str | None) -> IndexEntry:
+    found: dict[str, IndexEntry] = {}
+    for payload in c.retained(topics.artifact_index_versions(name, version)).values():
+        try:
+            e = decode(IndexEntry, payload)
+        except MessageError:
+            continue
+        found[e.profile] = e
+    if not found:
+        raise UsageError(f"{name}@{version} is not published on {c.cfg.url} (run `edgefleet publish` first)")
+    if profile is None and device is not None:
+        profile = _device_profile(c, device)
+    if profile is None and group is not None and group in found:
+        profile = group
+    if profile is None and len(found) == 1:
+        profile = next(iter(found))
+    if profile is None or profile not in found:
+        raise UsageError(f"{name}@{version} is published for profiles {', '.join(sorted(found))}; "
+                         f"choose one with --profile" + (f" ('{profile}' has none)" if profile else ""))
+    return found[profile]
+
+
+def deploy(broker: BrokerConfig, spec: str, device: str | None = None, group: str | None = None,
+           profile: str | None = None, client: SyncClient | None = None) -> DeployResult:
+    if (device is None) == (group is None):
+        raise UsageError("give exactly one of --device ID or --group G")
+    name, version = parse_spec(spec)
+    try:
+        topic = topics.device_topic(device, "deployment") if device else topics.group_deployment(group or "")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    own = client is None
+    c = client or SyncClient(broker).__enter__()
+    try:
+        entry = resolve(c, name, version, profile, device, group)
+        dep = Deployment(name=name, version=version, sha256=entry.sha256, profile=entry.profile,
+                         deployed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f".{time.time_ns() % 10**9:09d}")
+        c.publish(topic, encode(dep), retain=True)
+        c.flush()
+    finally:
+        if own:
+            c.close()
+    return DeployResult(topic, dep)

@@ -1,0 +1,135 @@
+"""A small synchronous paho wrapper for workstation commands (publish, deploy)."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.config import BrokerConfig
+from agent.errors import EdgefleetError, UsageError
+
+
+class BrokerError(EdgefleetError):
+    """The broker cannot be reached or refused us."""
+
+    exit_code = 8
+
+
+def broker_config(url: str, ca_file: str | None = None, cert_file: str | None = None,
+                  key_file: str | None = None, username: str | None = None,
+                  password: str | None = None) -> BrokerConfig:
+    try:
+        return BrokerConfig(url=url, ca_file=Path(ca_file) if ca_file else None,
+                            cert_file=Path(cert_file) if cert_file else None,
+                            key_file=Path(key_file) if key_file else None,
+                            username=username, password=password)
+    except ValueError as exc:
+        raise UsageError(f"--broker {url}: {str(exc).splitlines()[-1].strip()}") from None
+
+
+class SyncClient:
+    """Connects (blocking, with a timeout), publishes QoS 1 with a bounded window of unacked
+    messages, and reads retained messages."""
+
+    def __init__(self, cfg: BrokerConfig, client_id: str = "", timeout: float = 10.0) -> None:
+        self.cfg, self.timeout = cfg, timeout
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.c.max_inflight_messages_set(64)
+        user = cfg.username or cfg.url_username
+        if user:
+            self.c.username_pw_set(user, cfg.password)
+        if cfg.tls:
+            self.c.tls_set(ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
+                           certfile=str(cfg.cert_file) if cfg.cert_file else None,
+                           keyfile=str(cfg.key_file) if cfg.key_file else None)
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        self._lock = threading.Lock()
+        self.messages: dict[str, bytes] = {}
+        self._last_msg = 0.0
+        self.c.on_connect = self._on_connect
+        self.c.on_message = self._on_message
+        self._pending: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            self._refused = str(rc)
+        self._connected.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages[msg.topic] = bytes(msg.payload)
+            self._last_msg = time.monotonic()
+
+    def __enter__(self) -> SyncClient:
+        try:
+            self.c.connect(self.cfg.host, self.cfg.port, keepalive=30)
+        except OSError as exc:
+            raise BrokerError(f"cannot connect to {self.cfg.url}: {exc.strerror or exc}") from None
+        self.c.loop_start()
+        if not self._connected.wait(self.timeout):
+            self.close()
+            raise BrokerError(f"{self.cfg.url}: no answer within {self.timeout:g}s")
+        if self._refused:
+            self.close()
+            raise BrokerError(f"{self.cfg.url} refused the connection: {self._refused}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.c.disconnect()
+        self.c.loop_stop()
+
+    def publish(self, topic: str, payload: bytes, retain: bool = True, window: int = 32) -> None:
+        """QoS 1; waits for acks so that at most ``window`` messages are unacknowledged."""
+        info = self.c.publish(topic, payload, qos=1, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise BrokerError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        self._pending.append(info)
+        while len(self._pending) > window:
+            self._wait(self._pending.popleft())
+
+    def flush(self) -> None:
+        while self._pending:
+            self._wait(self._pending.popleft())
+
+    def _wait(self, info: mqtt.MQTTMessageInfo) -> None:
+        try:
+            info.wait_for_publish(self.timeout * 3)
+        except (RuntimeError, ValueError) as exc:
+            raise BrokerError(f"publish failed: {exc}") from None
+        if not info.is_published():
+            raise BrokerError(f"{self.cfg.url}: publish not acknowledged within {self.timeout * 3:g}s")
+
+    def retained(self, pattern: str, quiet: float = 0.5, limit: float = 3.0) -> dict[str, bytes]:
+        """Retained messages matching ``pattern``: wait until none arrived for ``quiet`` s."""
+        with self._lock:
+            self.messages.clear()
+            self._last_msg = time.monotonic()
+        self.c.subscribe(pattern, qos=1)
+        start = time.monotonic()
+        while time.monotonic() - start < limit:
+            time.sleep(0.05)
+            with self._lock:
+                if time.monotonic() - self._last_msg > quiet:
+                    break
+        self.c.unsubscribe(pattern)
+        with self._lock:
+            return {t: p for t, p in self.messages.items() if p}
+
+
+@contextlib.contextmanager
+def connected(cfg: BrokerConfig, client_id: str = "") -> Iterator[SyncClient]:
+    with SyncClient(cfg, client_id) as c:
+        yield c
