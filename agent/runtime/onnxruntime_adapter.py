@@ -54,8 +54,19 @@ class OrtSession(InferenceSession):
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ModelError(f"{path}: onnxruntime cannot load the model: {exc}") from None
+            # get_available_providers() lists EPs compiled in, not loadable ones (TensorRT
+            # without libnvinfer): if onnxruntime's own one-shot fallback did not catch it,
+            # retry on the CPU once.
+            if chosen == ["CPUExecutionProvider"]:
+                raise ModelError(f"{path}: onnxruntime cannot load the model: {exc}") from None
+            log.warning("%s: providers %s failed (%s); retrying on CPUExecutionProvider", path, chosen, exc)
+            try:
+                self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            except Exception as exc2:
+                raise ModelError(f"{path}: onnxruntime cannot load the model: {exc2}") from None
         self.providers: list[str] = list(self._sess.get_providers())
+        if self.providers[:1] != chosen[:1]:
+            log.warning("%s: asked for %s, running on %s", path, chosen, self.providers)
         self._inputs = [_spec(a) for a in self._sess.get_inputs()]
         self._outputs = [_spec(a) for a in self._sess.get_outputs()]
         self._out_names = [o.name for o in self._outputs]
