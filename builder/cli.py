@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from agent import __version__
+from agent.clikit import run_cli
 from agent.errors import EdgefleetError, UsageError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -267,23 +268,7 @@ def inspect_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI: user errors print one line and exit with their code; bugs keep tracebacks."""
-    try:
-        cli.main(args=argv, prog_name="edgefleet", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        return 130
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except EdgefleetError as exc:
-        click.echo(f"error: {exc}", err=True)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        return 130
-    return 0
+    return run_cli(cli, argv, "edgefleet")
 
 
 if __name__ == "__main__":
