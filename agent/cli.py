@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from agent import __version__
-from agent.errors import EdgefleetError
+from agent.clikit import run_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,22 +41,89 @@ def verify_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
                    f"signed by {va.key_id}, sha256 {va.sha256[:16]}")
 
 
+def _load(config: Path) -> tuple[object, object]:
+    from agent.config import load_config
+    from agent.deploy.policy import resolve_policy
+
+    cfg = load_config(config)
+    return cfg, resolve_policy(cfg, str(config))
+
+
+@cli.command("check-config")
+@click.argument("config", type=click.Path(path_type=Path))
+def check_config_cmd(config: Path) -> None:
+    """Validate CONFIG (TOML) without connecting anywhere; errors name the file and the key."""
+    from agent.config import AgentConfig
+    from agent.deploy.policy import Policy
+
+    cfg, policy = _load(config)
+    assert isinstance(cfg, AgentConfig) and isinstance(policy, Policy)
+    click.echo(f"OK {config}: device {cfg.device_id}, profile {cfg.profile}, broker {cfg.broker.url}, "
+               f"{len(policy.keys)} trusted key(s), runtimes {', '.join(policy.runtimes) or 'none'}, "
+               f"max p95 {policy.max_p95_ms:g} ms")
+
+
+@cli.command("run")
+@click.option("--config", "config", required=True, type=click.Path(path_type=Path),
+              help="Agent config (TOML); check it first with `edgefleet-agent check-config`.")
+def run_cmd(config: Path) -> None:
+    """Run the agent: connect to the broker, follow the desired deployment, keep the model healthy.
+
+    Stops cleanly on SIGTERM or Ctrl-C (the state message then says offline).
+    """
+    import logging
+    import signal
+    import threading
+
+    from agent.config import AgentConfig
+    from agent.deploy.agent import Agent
+    from agent.deploy.policy import Policy
+    from agent.transport.mqtt import MqttTransport
+
+    cfg, policy = _load(config)
+    assert isinstance(cfg, AgentConfig) and isinstance(policy, Policy)
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    Agent(cfg, policy, MqttTransport(cfg.broker, cfg.client_id)).run(stop)
+
+
+@cli.command("status")
+@click.option("--config", "config", type=click.Path(path_type=Path), default=None,
+              help="Agent config; its state_dir is read.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="State directory to read (instead of --config).")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+def status_cmd(config: Path | None, state_dir: Path | None, as_json: bool) -> None:
+    """Show the active model, installed versions, downloads and rejections (reads the state dir)."""
+    from agent.config import load_config
+    from agent.errors import UsageError
+    from agent.store.summary import state_summary
+
+    if state_dir is None:
+        if config is None:
+            raise UsageError("give --config PATH or --state-dir DIR")
+        state_dir = load_config(config).state_dir
+    if not state_dir.is_dir():
+        raise UsageError(f"{state_dir}: state directory not found (has the agent run yet?)")
+    s = state_summary(state_dir)
+    if as_json:
+        click.echo(json.dumps(s))
+        return
+    a = s["active"]
+    click.echo(f"active: {a['name']} {a['version']} ({a['sha256'][:16]})" if a else "active: none")
+    click.echo(f"installed: {', '.join(s['history']) or 'none'}")
+    if s["install"]:
+        click.echo(f"install in progress: {s['install']}")
+    for d in s["downloads"]:
+        click.echo(f"download {d['sha256'][:16]}: {'complete' if d['complete'] else str(d['chunks_done']) + ' chunks'}")
+    for sha, r in s["rejected"].items():
+        click.echo(f"rejected {sha[:16]}: {r.get('reason', '')}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cli.main(args=argv, prog_name="edgefleet-agent", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        return 130
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except EdgefleetError as exc:
-        click.echo(f"error: {exc}", err=True)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        return 130
-    return 0
+    return run_cli(cli, argv, "edgefleet-agent")
 
 
 if __name__ == "__main__":

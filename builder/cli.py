@@ -264,6 +264,14 @@ def inspect_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
+# ---------------------------------------------------------------- fleet
+
+from builder.fleet.commands import deploy_cmd, publish_cmd  # noqa: E402
+
+cli.add_command(publish_cmd)
+cli.add_command(deploy_cmd)
+
+
 # ---------------------------------------------------------------- entry point
 
 def main(argv: list[str] | None = None) -> int:

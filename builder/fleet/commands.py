@@ -44,11 +44,15 @@ def publish_cmd(artifact: Path, chunk_size: int, force: bool, as_json: bool, **k
     """Publish ARTIFACT (.efa) to the broker as retained chunks plus a manifest, so devices can
     fetch it. Safe to repeat: an artifact already on the broker is left as it is.
     """
+    from agent.errors import UsageError
     from builder.fleet.publish import chunk_count, publish_artifact
 
     broker = _broker(kw)
-    total = chunk_count(artifact, chunk_size) if artifact.is_file() else 0
-    with click.progressbar(length=total, label=f"publishing {artifact.name}", file=None) as bar:
+    if not artifact.is_file():
+        raise UsageError(f"{artifact}: no such artifact file")
+    total = chunk_count(artifact, chunk_size)
+    with click.progressbar(length=total, label=f"publishing {artifact.name}",
+                           file=click.get_text_stream("stderr")) as bar:
         res = publish_artifact(artifact, broker, chunk_size, force, progress=bar.update)
     if as_json:
         click.echo(json.dumps(res.__dict__))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from agent.config import BrokerConfig
 from agent.errors import UsageError
@@ -84,7 +84,7 @@ def deploy(broker: BrokerConfig, spec: str, device: str | None = None, group: st
     try:
         entry = resolve(c, name, version, profile, device, group)
         dep = Deployment(name=name, version=version, sha256=entry.sha256, profile=entry.profile,
-                         deployed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f".{time.time_ns() % 10**9:09d}")
+                         deployed_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"))
         c.publish(topic, encode(dep), retain=True)
         c.flush()
     finally:

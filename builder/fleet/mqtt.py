@@ -12,6 +12,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import ValidationError
 
 from agent.config import BrokerConfig
 from agent.errors import EdgefleetError, UsageError
@@ -31,8 +32,10 @@ def broker_config(url: str, ca_file: str | None = None, cert_file: str | None = 
                             cert_file=Path(cert_file) if cert_file else None,
                             key_file=Path(key_file) if key_file else None,
                             username=username, password=password)
-    except ValueError as exc:
-        raise UsageError(f"--broker {url}: {str(exc).splitlines()[-1].strip()}") from None
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        where = ".".join(str(p) for p in e["loc"])
+        raise UsageError(f"--broker {url}: {where}: {e['msg']}") from None
 
 
 class SyncClient:

@@ -1,0 +1,154 @@
+"""The agent's TOML config: validated strictly, every error names the file and the key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from agent.errors import ConfigError
+from agent.protocol.topics import SEGMENT_RE
+from agent.protocol.validation import load_toml, parse_model
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerConfig(_Strict):
+    url: str = "mqtt://localhost:1883"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password: str | None = None
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    reconnect_min_s: int = Field(default=1, ge=1, le=60)
+    reconnect_max_s: int = Field(default=30, ge=1, le=3600)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        u = urlparse(v)
+        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+            raise ValueError("must look like mqtt://HOST:PORT or mqtts://HOST:PORT")
+        try:
+            _ = u.port
+        except ValueError:
+            raise ValueError("port is not a number") from None
+        return v
+
+    @model_validator(mode="after")
+    def _tls(self) -> BrokerConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.url).hostname or "localhost"
+
+    @property
+    def tls(self) -> bool:
+        return urlparse(self.url).scheme == "mqtts"
+
+    @property
+    def port(self) -> int:
+        return urlparse(self.url).port or (8883 if self.tls else 1883)
+
+    @property
+    def url_username(self) -> str | None:
+        u = urlparse(self.url).username
+        return unquote(u) if u else None
+
+
+class TransferConfig(_Strict):
+    # Chunk topics subscribed at once: bounds memory to about window x chunk size.
+    window: int = Field(default=8, ge=1, le=256)
+    # No chunk for this long while fetching: subscribe the window again.
+    stall_s: float = Field(default=20.0, gt=0)
+
+
+class InstallConfig(_Strict):
+    bench_runs: int = Field(default=50, ge=5, le=100_000)
+    # Budgets: taken from the device profile when it is found, these override it.
+    max_p95_ms: float | None = Field(default=None, gt=0)
+    max_p95_regression_pct: float | None = Field(default=None, ge=0)
+    # Absolute slack on the regression check, so sub-millisecond models do not fail on jitter.
+    p95_slack_ms: float = Field(default=0.5, ge=0)
+    probation_s: float = Field(default=60.0, ge=0)
+    probation_interval_s: float = Field(default=5.0, gt=0)
+
+
+class AgentConfig(_Strict):
+    device_id: str
+    profile: str
+    groups: list[str] = []
+    state_dir: Path
+    trusted_keys: list[Path] = Field(min_length=1)
+    keep_versions: int = Field(default=2, ge=0, le=100)
+    threads: int = Field(default=1, ge=1, le=512)
+    # Runtimes this device accepts; empty: the profile's runtime, else every runtime installed.
+    runtimes: list[Literal["onnxruntime", "litert"]] = []
+    profiles_dir: Path | None = None
+    broker: BrokerConfig = BrokerConfig()
+    transfer: TransferConfig = TransferConfig()
+    install: InstallConfig = InstallConfig()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("device_id", "profile")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        if not SEGMENT_RE.match(v):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (max 64)")
+        return v
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v: list[str]) -> list[str]:
+        for g in v:
+            if not SEGMENT_RE.match(g):
+                raise ValueError(f"group {g!r} must be letters, digits, '.', '_' or '-'")
+        return v
+
+    @property
+    def client_id(self) -> str:
+        return f"edgefleet-agent-{self.device_id}"
+
+
+def _resolve(base: Path, p: Path | None) -> Path | None:
+    if p is None:
+        return None
+    p = Path(os.path.expanduser(str(p)))
+    return p if p.is_absolute() else (base / p)
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate; relative paths are relative to the config file's directory."""
+    cfg = parse_model(AgentConfig, load_toml(path), str(path))
+    base = path.resolve().parent
+    broker = cfg.broker.model_copy(update={
+        "ca_file": _resolve(base, cfg.broker.ca_file),
+        "cert_file": _resolve(base, cfg.broker.cert_file),
+        "key_file": _resolve(base, cfg.broker.key_file),
+    })
+    cfg = cfg.model_copy(update={
+        "state_dir": _resolve(base, cfg.state_dir),
+        "trusted_keys": [_resolve(base, k) for k in cfg.trusted_keys],
+        "profiles_dir": _resolve(base, cfg.profiles_dir),
+        "broker": broker,
+    })
+    for i, key in enumerate(cfg.trusted_keys):
+        if not key.is_file():
+            raise ConfigError(f"{path}: trusted_keys.{i}: file not found ({key})")
+    for name in ("ca_file", "cert_file", "key_file"):
+        f = getattr(cfg.broker, name)
+        if f is not None and not f.is_file():
+            raise ConfigError(f"{path}: broker.{name}: file not found ({f})")
+    if cfg.broker.tls is False and any(getattr(cfg.broker, n) for n in ("ca_file", "cert_file")):
+        raise ConfigError(f"{path}: broker.url: certificates need an mqtts:// URL")
+    return cfg

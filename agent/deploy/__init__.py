@@ -1,0 +1,1 @@
+"""The deployment state machine: fetch, verify, unpack, self-test, activate, probation, rollback."""

@@ -1,0 +1,96 @@
+"""On-device checks before activation: golden self-test and a short latency benchmark."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agent.errors import EdgefleetError
+from agent.protocol.golden import GoldenSet, self_test
+from agent.runtime import InferenceSession, load_session
+from agent.store.versions import Installed
+
+
+@dataclass
+class Latency:
+    p50_ms: float
+    p95_ms: float
+    runs: int
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    reason: str = ""
+    latency: Latency | None = None
+    detail: dict[str, object] = field(default_factory=dict)
+
+
+def load(inst: Installed, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> InferenceSession:
+    return load_session(inst.manifest.runtime, inst.dir / inst.manifest.model.file, threads=threads, providers=providers)
+
+
+def golden_of(inst: Installed) -> GoldenSet:
+    return GoldenSet.load(inst.dir / inst.manifest.golden.file)
+
+
+def benchmark(session: InferenceSession, golden: GoldenSet, runs: int) -> Latency:
+    """Batch-1 latency over ``runs`` calls after a short warm-up."""
+    feeds = {k: v[:1] for k, v in golden.inputs.items()}
+    for _ in range(3):
+        session.infer(feeds)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.infer(feeds)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    arr = np.asarray(times)
+    return Latency(float(np.percentile(arr, 50)), float(np.percentile(arr, 95)), runs)
+
+
+def golden_check(session: InferenceSession, inst: Installed, golden: GoldenSet) -> str | None:
+    """None when the golden self-test passes, else the reason."""
+    res = self_test(session, golden, inst.manifest.golden, inst.manifest.task == "classification")
+    return None if res.ok else (res.reason or "golden self-test failed")
+
+
+def check_candidate(
+    session: InferenceSession,
+    inst: Installed,
+    runs: int,
+    max_p95_ms: float | None,
+    max_regression_pct: float | None,
+    slack_ms: float,
+    current: tuple[InferenceSession, GoldenSet] | None,
+) -> CheckResult:
+    try:
+        golden = golden_of(inst)
+    except (OSError, ValueError) as exc:
+        return CheckResult(False, f"golden vectors unreadable: {exc}")
+    problem = golden_check(session, inst, golden)
+    if problem is not None:
+        return CheckResult(False, f"self-test failed: {problem}")
+    try:
+        lat = benchmark(session, golden, runs)
+    except Exception as exc:  # a runtime's own error types
+        return CheckResult(False, f"benchmark failed: {type(exc).__name__}: {exc}")
+    detail: dict[str, object] = {"p50_ms": round(lat.p50_ms, 4), "p95_ms": round(lat.p95_ms, 4)}
+    if max_p95_ms is not None and lat.p95_ms > max_p95_ms:
+        return CheckResult(False, f"p95 {lat.p95_ms:.3f} ms exceeds the budget {max_p95_ms:g} ms", lat, detail)
+    if current is not None and max_regression_pct is not None:
+        try:
+            cur = benchmark(current[0], current[1], runs)
+        except (EdgefleetError, Exception) as exc:
+            cur = None
+            detail["current_error"] = str(exc)
+        if cur is not None:
+            detail["current_p95_ms"] = round(cur.p95_ms, 4)
+            limit = cur.p95_ms * (1 + max_regression_pct / 100.0) + slack_ms
+            if lat.p95_ms > limit:
+                return CheckResult(
+                    False,
+                    f"p95 {lat.p95_ms:.3f} ms is more than {max_regression_pct:g}% (+{slack_ms:g} ms) "
+                    f"worse than the current model's {cur.p95_ms:.3f} ms", lat, detail)
+    return CheckResult(True, "", lat, detail)

@@ -1,0 +1,1 @@
+"""Agent state on disk: chunked downloads, installed versions, the active pointer."""

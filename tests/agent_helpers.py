@@ -1,0 +1,386 @@
+"""Shared helpers for agent tests: tiny ONNX artifacts, a real mosquitto broker, agent processes,
+and an MQTT listener that waits (bounded) for events."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.protocol.golden import GoldenSet
+from agent.protocol.manifest import FORMAT_VERSION, Golden, Manifest, ModelInfo, Recipe, TensorSpec
+from agent.protocol.signing import generate_keypair, load_private_key
+
+REPO = Path(__file__).resolve().parents[1]
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+# ------------------------------------------------------------------------------ artifacts
+
+def make_onnx(path: Path, seed: int, n_in: int = 64, n_out: int = 10, extra_params: int = 0) -> None:
+    """MatMul + Add (n_in -> n_out); ``extra_params`` float32 zeros added to the bias path make it big."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n_in, n_out)).astype(np.float32) / 8
+    b = rng.standard_normal(n_out).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "B"], ["y"])]
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]
+    if extra_params:
+        # A large initializer that only feeds a ReduceSum multiplied by 0: the model grows, outputs do not.
+        pad = rng.standard_normal(extra_params).astype(np.float32)
+        inits += [numpy_helper.from_array(pad, "P"), numpy_helper.from_array(np.zeros(1, np.float32), "Z")]
+        nodes = [
+            helper.make_node("MatMul", ["x", "W"], ["h0"]),
+            helper.make_node("ReduceSum", ["P"], ["s"], keepdims=1),
+            helper.make_node("Mul", ["s", "Z"], ["sz"]),
+            helper.make_node("Add", ["h0", "sz"], ["h"]),
+            helper.make_node("Add", ["h", "B"], ["y"]),
+        ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n_out])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.asarray(sess.run(["y"], {"x": x})[0])
+
+
+@dataclass
+class Keys:
+    private: Path
+    public: Path
+
+
+def make_keys(directory: Path, name: str = "test") -> Keys:
+    priv, pub = generate_keypair(directory, name, force=True)
+    return Keys(priv, pub)
+
+
+def make_artifact(
+    out_dir: Path, keys: Keys, name: str = "tiny", version: str = "1.0.0", profile: str = "test-cpu",
+    runtime: str = "onnxruntime", seed: int = 0, bad_golden: bool = False, extra_params: int = 0,
+) -> Path:
+    """A signed artifact built with the real manifest/golden/package code."""
+    from builder.package import file_entry, write_artifact
+
+    work = out_dir / f"work-{name}-{version}-{profile}-{seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "model.onnx"
+    make_onnx(model, seed, extra_params=extra_params)
+    x = np.random.default_rng(seed + 100).standard_normal((8, 64)).astype(np.float32)
+    y = _run_onnx(model, x)
+    exp = y + 5.0 if bad_golden else y
+    golden = work / "golden.npz"
+    GoldenSet({"x": x}, {"y": y}, {"y": exp}).save(golden)
+    manifest = Manifest(
+        format_version=FORMAT_VERSION, name=name, version=version, profile=profile, runtime=runtime,  # type: ignore[arg-type]
+        precision="fp32", task="classification", created="2026-01-01T00:00:00Z", builder_version="test",
+        model=ModelInfo(file="model.onnx",
+                        inputs=[TensorSpec(name="x", dtype="float32", shape=["batch", 64])],
+                        outputs=[TensorSpec(name="y", dtype="float32", shape=["batch", 10])]),
+        files={"model.onnx": file_entry(model), "golden.npz": file_entry(golden)},
+        metrics={}, recipe=Recipe(name="test", steps=[]),
+        golden=Golden(file="golden.npz", count=8, atol=1e-4, rtol=1e-4, min_top1_agreement=0.9),
+    )
+    out = out_dir / f"{name}-{version}-{profile}-{seed}{'-bad' if bad_golden else ''}.efa"
+    return write_artifact(out, manifest, {"model.onnx": model, "golden.npz": golden},
+                          load_private_key(keys.private))
+
+
+# ------------------------------------------------------------------------------ broker
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Broker:
+    """A real mosquitto on a loopback port, with persistence so retained messages survive restarts."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conf = self.dir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"persistence true\npersistence_location {self.dir}/\nautosave_interval 1\n"
+            "max_queued_messages 10000\n"
+            # as root, mosquitto drops to user 'mosquitto', which cannot write its db here
+            + ("user root\n" if os.geteuid() == 0 else "")
+        )
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        log = (self.dir / "mosquitto.log").open("ab")
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mosquitto exited: {(self.dir / 'mosquitto.log').read_text()[-500:]}") from None
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # SIGTERM: mosquitto saves its persistence db
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+# ------------------------------------------------------------------------------ listener
+
+class Listener:
+    """Collects every message under edgefleet/v1/devices/# (and extra topics) for assertions."""
+
+    def __init__(self, url: str, patterns: tuple[str, ...] = ("edgefleet/v1/devices/#",)) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        host, port = url.removeprefix("mqtt://").split(":")
+        self.messages: list[tuple[str, bytes]] = []
+        self._cv = threading.Condition()
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2)
+        self.c.reconnect_delay_set(1, 2)
+
+        def on_connect(client: Any, u: Any, f: Any, rc: Any, p: Any) -> None:
+            if not rc.is_failure:
+                client.subscribe([(t, 1) for t in patterns])
+
+        def on_message(client: Any, u: Any, msg: Any) -> None:
+            with self._cv:
+                self.messages.append((msg.topic, bytes(msg.payload)))
+                self._cv.notify_all()
+
+        self.c.on_connect = on_connect
+        self.c.on_message = on_message
+        self.c.connect_async(host, int(port))
+        self.c.loop_start()
+
+    def events(self, device: str) -> list[dict[str, Any]]:
+        with self._cv:
+            msgs = list(self.messages)
+        out = []
+        for t, p in msgs:
+            if t == f"edgefleet/v1/devices/{device}/events":
+                out.append(json.loads(p))
+        return out
+
+    def wait_event(self, device: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for ev in self.events(device):
+                if pred(ev):
+                    return ev
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no matching event for {device} within {timeout}s; got: "
+                                     + json.dumps([(e['kind'], e.get('state'), e.get('reason')) for e in self.events(device)])[-3000:])
+            with self._cv:
+                self._cv.wait(min(left, 0.2))
+
+    def wait_state(self, device: str, state: str, sha: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+        return self.wait_event(device, lambda e: e.get("state") == state and (sha is None or e.get("sha256") == sha),
+                               timeout)
+
+    def wait_message(self, topic: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cv:
+                for t, p in self.messages:
+                    if t == topic:
+                        doc = json.loads(p)
+                        if pred(doc):
+                            return dict(doc)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no matching message on {topic} within {timeout}s")
+                self._cv.wait(min(left, 0.2))
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+# ------------------------------------------------------------------------------ agent process
+
+def write_config(path: Path, device: str, broker_url: str, keys: list[Path], state_dir: Path,
+                 profile: str = "test-cpu", groups: tuple[str, ...] = (), protocol: str = "3.1.1",
+                 **install: Any) -> Path:
+    inst = {"bench_runs": 10, "max_p95_ms": 1000.0, "max_p95_regression_pct": 500.0,
+            "probation_s": 1.0, "probation_interval_s": 0.3, **install}
+    lines = [
+        f'device_id = "{device}"', f'profile = "{profile}"',
+        f"groups = {json.dumps(list(groups))}", f'state_dir = "{state_dir}"',
+        f"trusted_keys = {json.dumps([str(k) for k in keys])}", "keep_versions = 1",
+        'runtimes = ["onnxruntime"]', 'log_level = "debug"',
+        "[broker]", f'url = "{broker_url}"', "reconnect_min_s = 1", "reconnect_max_s = 2",
+        f'protocol = "{protocol}"',
+        "[transfer]", "window = 8", "stall_s = 5.0",
+        "[install]", *[f"{k} = {json.dumps(v)}" for k, v in inst.items()],
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class AgentProcess:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        self.config, self.log = config, log
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        fh = self.log.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(self.config)],
+                                     cwd=REPO, env=self.env, stdout=fh, stderr=fh)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def publish(broker_url: str, artifact: Path, chunk_size: int = 1024) -> str:
+    from builder.fleet.mqtt import broker_config
+    from builder.fleet.publish import publish_artifact
+
+    return publish_artifact(artifact, broker_config(broker_url), chunk_size=chunk_size, force=True).sha256
+
+
+def deploy(broker_url: str, spec: str, device: str | None = None, group: str | None = None) -> str:
+    from builder.fleet.deploy import deploy as _deploy
+    from builder.fleet.mqtt import broker_config
+
+    return _deploy(broker_config(broker_url), spec, device=device, group=group).deployment.sha256
+
+
+def active_sha(state_dir: Path) -> str | None:
+    from agent.store.summary import state_summary
+
+    a = state_summary(state_dir)["active"]
+    return None if a is None else str(a["sha256"])
+
+
+def set_deployment(broker_url: str, device: str, name: str, version: str, sha: str) -> None:
+    """Publish a raw retained device deployment (bypassing the index lookup)."""
+    from agent.protocol import topics
+    from agent.protocol.messages import Deployment, encode
+    from builder.fleet.mqtt import SyncClient, broker_config
+
+    dep = Deployment(name=name, version=version, sha256=sha, deployed_at=str(time.time_ns()))
+    with SyncClient(broker_config(broker_url)) as c:
+        c.publish(topics.device_topic(device, "deployment"), encode(dep), retain=True)
+        c.flush()
+
+
+def send(broker_url: str, topic: str, payload: bytes, retain: bool = False) -> None:
+    from builder.fleet.mqtt import SyncClient, broker_config
+
+    with SyncClient(broker_config(broker_url)) as c:
+        c.publish(topic, payload, retain=retain)
+        c.flush()
+
+
+def rewrite_tar(src: Path, dst: Path, change: Callable[[str, bytes], bytes | None],
+                extra: dict[str, bytes] | None = None) -> Path:
+    """Copy an artifact tar member by member; ``change`` may alter a member's bytes (None drops it)."""
+    import io
+    import tarfile
+
+    with tarfile.open(src, "r:") as tin, tarfile.open(dst, "w:", format=tarfile.PAX_FORMAT) as tout:
+        for m in tin:
+            fh = tin.extractfile(m)
+            assert fh is not None
+            data = change(m.name, fh.read())
+            if data is None:
+                continue
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+        for name, data in (extra or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+    return dst
+
+
+def publish_partial(broker_url: str, artifact: Path, chunk_size: int, indices: list[int]) -> str:
+    """Announce ``artifact`` but publish only the chunks in ``indices`` (a transfer that stalls)."""
+    from agent.protocol import topics
+    from agent.protocol.messages import encode
+    from builder.fleet.mqtt import SyncClient, broker_config
+    from builder.fleet.publish import announcement
+
+    ann = announcement(artifact, chunk_size)
+    data = artifact.read_bytes()
+    with SyncClient(broker_config(broker_url)) as c:
+        for i in indices:
+            c.publish(topics.artifact_chunk(ann.sha256, i), data[i * chunk_size:(i + 1) * chunk_size])
+        c.publish(topics.artifact_manifest(ann.sha256), encode(ann))
+        c.flush()
+    return ann.sha256
+
+
+def check_loadable(state_dir: Path) -> str | None:
+    """The active version's sha after checking it loads and passes its golden test (None: no active)."""
+    from agent.deploy import selftest
+    from agent.store.versions import VersionStore
+
+    inst = VersionStore(state_dir, keep=1).active()
+    if inst is None:
+        return None
+    with selftest.load(inst, 1) as sess:
+        assert selftest.golden_check(sess, inst, selftest.golden_of(inst)) is None
+    return inst.sha256
