@@ -246,14 +246,14 @@ class Listener:
 
 def write_config(path: Path, device: str, broker_url: str, keys: list[Path], state_dir: Path,
                  profile: str = "test-cpu", groups: tuple[str, ...] = (), protocol: str = "3.1.1",
-                 **install: Any) -> Path:
+                 runtimes: tuple[str, ...] = ("onnxruntime",), **install: Any) -> Path:
     inst = {"bench_runs": 10, "max_p95_ms": 1000.0, "max_p95_regression_pct": 500.0,
             "probation_s": 1.0, "probation_interval_s": 0.3, **install}
     lines = [
         f'device_id = "{device}"', f'profile = "{profile}"',
         f"groups = {json.dumps(list(groups))}", f'state_dir = "{state_dir}"',
         f"trusted_keys = {json.dumps([str(k) for k in keys])}", "keep_versions = 1",
-        'runtimes = ["onnxruntime"]', 'log_level = "debug"',
+        f"runtimes = {json.dumps(list(runtimes))}", 'log_level = "debug"',
         "[broker]", f'url = "{broker_url}"', "reconnect_min_s = 1", "reconnect_max_s = 2",
         f'protocol = "{protocol}"',
         "[transfer]", "window = 8", "stall_s = 5.0",
