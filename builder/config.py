@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from agent.protocol.manifest import VERSION_RE
+from agent.protocol.manifest import Version
 from agent.protocol.validation import load_toml, parse_model
 
 
@@ -51,7 +51,7 @@ class StepSpec(_Strict):
 
 class BuildConfig(_Strict):
     name: str
-    version: str
+    version: Version
     task: Literal["classification", "regression"] = "classification"
     model: ModelSource
     data: DataFiles
@@ -61,13 +61,6 @@ class BuildConfig(_Strict):
     golden_count: int = Field(default=8, ge=1, le=256)
     seed: int = 0
     base_dir: Path = Path(".")
-
-    @field_validator("version")
-    @classmethod
-    def _version(cls, v: str) -> str:
-        if not VERSION_RE.match(v):
-            raise ValueError("must be dotted integers such as 1.2.0")
-        return v
 
     def resolve(self, rel: str) -> Path:
         p = Path(rel).expanduser()

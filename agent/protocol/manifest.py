@@ -7,9 +7,9 @@ are refused too, so a typo or a tampered field never passes silently.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.errors import IntegrityError
 from agent.protocol.canonical import canonical_json
@@ -22,6 +22,23 @@ VERSION_RE = re.compile(r"^\d+(\.\d+){0,3}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64", "bool")
+
+
+def check_version(v: str) -> str:
+    if not VERSION_RE.match(v):
+        raise ValueError("must be dotted integers such as 1.2.0")
+    return v
+
+
+def check_sha256(v: str) -> str:
+    if not SHA256_RE.match(v):
+        raise ValueError("must be 64 lowercase hex digits")
+    return v
+
+
+# Field types that validate themselves; used by the manifest, the MQTT messages and configs.
+Version = Annotated[str, AfterValidator(check_version)]
+Sha256 = Annotated[str, AfterValidator(check_sha256)]
 
 
 class _Strict(BaseModel):
@@ -42,15 +59,8 @@ class TensorSpec(_Strict):
 
 
 class FileEntry(_Strict):
-    sha256: str
+    sha256: Sha256
     size: int = Field(ge=0)
-
-    @field_validator("sha256")
-    @classmethod
-    def _hex(cls, v: str) -> str:
-        if not SHA256_RE.match(v):
-            raise ValueError("must be 64 lowercase hex digits")
-        return v
 
 
 class ModelInfo(_Strict):
@@ -85,7 +95,7 @@ class Recipe(_Strict):
 class Manifest(_Strict):
     format_version: int
     name: str
-    version: str
+    version: Version
     profile: str
     runtime: Literal["onnxruntime", "litert"]
     precision: str
@@ -97,13 +107,6 @@ class Manifest(_Strict):
     metrics: dict[str, Any]
     recipe: Recipe
     golden: Golden
-
-    @field_validator("version")
-    @classmethod
-    def _version(cls, v: str) -> str:
-        if not VERSION_RE.match(v):
-            raise ValueError("must be dotted integers such as 1.2.0")
-        return v
 
     @field_validator("name", "profile")
     @classmethod

@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.errors import IntegrityError
-from agent.protocol.manifest import SHA256_RE, VERSION_RE
+from agent.protocol.manifest import Sha256, Version
 from agent.protocol.topics import SEGMENT_RE
 
 M = TypeVar("M", bound=BaseModel)
@@ -35,12 +35,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _sha(v: str) -> str:
-    if not SHA256_RE.match(v):
-        raise ValueError("must be 64 lowercase hex digits")
-    return v
-
-
 def _segment(v: str) -> str:
     if not SEGMENT_RE.match(v):
         raise ValueError("must be letters, digits, '.', '_' or '-' (max 64)")
@@ -49,16 +43,14 @@ def _segment(v: str) -> str:
 
 class ChunkRef(_Strict):
     size: int = Field(ge=1, le=MAX_CHUNK_SIZE)
-    sha256: str
-
-    _v = field_validator("sha256")(_sha)
+    sha256: Sha256
 
 
 class ArtifactAnnouncement(_Strict):
     """Retained on artifacts/{sha256}/manifest: the signed manifest plus the chunk table."""
 
     format_version: Literal[1] = 1
-    sha256: str
+    sha256: Sha256
     size: int = Field(ge=1)
     chunk_size: int = Field(ge=1, le=MAX_CHUNK_SIZE)
     chunks: list[ChunkRef] = Field(min_length=1)
@@ -70,7 +62,6 @@ class ArtifactAnnouncement(_Strict):
     signature: str
     published: str = ""
 
-    _v = field_validator("sha256")(_sha)
 
     def table_problem(self) -> str | None:
         """Why the chunk table does not add up, or None when it does."""
@@ -91,31 +82,23 @@ class IndexEntry(_Strict):
     version: str
     profile: str
     runtime: str
-    sha256: str
+    sha256: Sha256
     size: int = Field(ge=1)
     published: str = ""
 
-    _v = field_validator("sha256")(_sha)
 
 
 class Deployment(_Strict):
     """Retained desired state on devices/{id}/deployment or groups/{group}/deployment."""
 
     name: str
-    version: str
-    sha256: str
+    version: Version
+    sha256: Sha256
     profile: str | None = None
     deployed_at: str = ""
 
-    _v = field_validator("sha256")(_sha)
     _n = field_validator("name")(_segment)
 
-    @field_validator("version")
-    @classmethod
-    def _version(cls, v: str) -> str:
-        if not VERSION_RE.match(v):
-            raise ValueError("must be dotted integers such as 1.2.0")
-        return v
 
 
 class ActiveModel(_Strict):
