@@ -11,6 +11,7 @@ Step = tuple[str, dict[str, Any]]
 
 EXPORT: Step = ("export_onnx", {})
 SIMPLIFY: Step = ("simplify", {})
+LOWRANK: Step = ("lowrank", {"method": "energy", "energy": 0.9})
 
 
 def _static(profile: DeviceProfile) -> Step:
@@ -28,10 +29,12 @@ RECIPES: dict[str, Any] = {
     "int8_static": lambda p: [EXPORT, SIMPLIFY, _static(p)],
     "pruned_fp32": lambda p: [_pruned(p), EXPORT, SIMPLIFY],
     "pruned_int8_static": lambda p: [_pruned(p), EXPORT, SIMPLIFY, _static(p)],
+    "lowrank_fp32": lambda p: [LOWRANK, EXPORT, SIMPLIFY],
+    "lowrank_int8_static": lambda p: [LOWRANK, EXPORT, SIMPLIFY, _static(p)],
 }
 
 # Recipes that need the model as a torch module (not available from an .onnx input).
-TORCH_ONLY = {"pruned_fp32", "pruned_int8_static"}
+TORCH_ONLY = {"pruned_fp32", "pruned_int8_static", "lowrank_fp32", "lowrank_int8_static"}
 
 
 def recipe_steps(

@@ -18,6 +18,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "simplify": ("builder.passes.simplify:SimplifyPass", "builder"),
     "quantize": ("builder.passes.quantize:QuantizePass", "builder"),
     "prune": ("builder.passes.prune:PrunePass", "builder"),
+    "lowrank": ("builder.passes.lowrank:LowRankPass", "builder"),
 }
 
 

@@ -173,3 +173,36 @@ def test_pipeline_caches_by_input_and_config(loaded: ModelHandle, data: DataBund
     assert second.model.digest == first.model.digest
     other = pipe.run(loaded, plan([("export_onnx", {"opset": 17})], ModelKind.TORCH, "t"))
     assert other.steps[0].cached is False
+
+
+def test_lowrank_factors_linear_layers_and_recovers(loaded: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
+    p = run("lowrank", loaded, {"method": "energy", "energy": 0.8}, ctx(tmp_path, data))
+    layers = {e["layer"]: e for e in p.notes["lowrank_layers"]}
+    fc = layers["head.1"]  # Linear(512, 128)
+    assert fc["replaced"] and fc["rank"] < fc["full_rank"] == 128
+    assert fc["params_after"] == fc["rank"] * (512 + 128)
+    assert p.notes["params_after"] < p.notes["params_before"]
+    assert loaded.module is not p.module
+    ex = run("export_onnx", p, {}, ctx(tmp_path / "e", data))
+    assert accuracy(ex, data) > 0.96
+
+
+def test_lowrank_without_finetune_is_the_svd_truncation(loaded: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
+    p = run("lowrank", loaded, {"method": "ratio", "ratio": 0.5, "finetune_epochs": 0}, ContextNoTrain(tmp_path, data))
+    first, second = p.module.get_submodule("head.1")  # Linear(512, 64) then Linear(64, 128)
+    assert (first.out_features, second.in_features) == (64, 64)
+    w = loaded.module.get_submodule("head.1").weight.detach().numpy().astype(np.float64)
+    u, sv, vh = np.linalg.svd(w, full_matrices=False)
+    best = (u[:, :64] * sv[:64]) @ vh[:64]  # Eckart-Young: the best rank-64 approximation
+    composed = second.weight.detach().numpy() @ first.weight.detach().numpy()
+    np.testing.assert_allclose(composed, best, atol=1e-5)
+    assert p.notes.get("finetune") is None
+
+
+def ContextNoTrain(tmp: Path, data: DataBundle) -> PassContext:  # noqa: N802 - reads like a type
+    return ctx(tmp, DataBundle(eval=data.eval, calibration=data.calibration, train=None))
+
+
+def test_lowrank_rank_larger_than_layer_is_a_clear_error(loaded: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"rank 200 is larger than layer 'head.1' allows \(at most 128\)"):
+        run("lowrank", loaded, {"method": "rank", "rank": 200}, ctx(tmp_path, data))
