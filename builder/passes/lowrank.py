@@ -81,14 +81,11 @@ def _replacement(layer: Any, r: int) -> Any:
 def _candidates(module: Any) -> list[tuple[str, Any]]:
     from torch import nn
 
-    out = []
-    for name, m in module.named_modules():
-        if isinstance(m, nn.Linear):
-            out.append((name, m))
-        elif (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
-              and m.padding in ((0, 0), 0) and m.dilation == (1, 1)):
-            out.append((name, m))
-    return out
+    def pointwise(m: Any) -> bool:
+        return (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
+                and m.padding in ((0, 0), 0) and m.dilation == (1, 1))
+
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear) or pointwise(m)]
 
 
 def _set(module: Any, name: str, new: Any) -> None:

@@ -188,7 +188,7 @@ def test_lowrank_factors_linear_layers_and_recovers(loaded: ModelHandle, data: D
 
 
 def test_lowrank_without_finetune_is_the_svd_truncation(loaded: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
-    p = run("lowrank", loaded, {"method": "ratio", "ratio": 0.5, "finetune_epochs": 0}, ContextNoTrain(tmp_path, data))
+    p = run("lowrank", loaded, {"method": "ratio", "ratio": 0.5, "finetune_epochs": 0}, ctx_no_train(tmp_path, data))
     first, second = p.module.get_submodule("head.1")  # Linear(512, 64) then Linear(64, 128)
     assert (first.out_features, second.in_features) == (64, 64)
     w = loaded.module.get_submodule("head.1").weight.detach().numpy().astype(np.float64)
@@ -199,7 +199,7 @@ def test_lowrank_without_finetune_is_the_svd_truncation(loaded: ModelHandle, dat
     assert p.notes.get("finetune") is None
 
 
-def ContextNoTrain(tmp: Path, data: DataBundle) -> PassContext:  # noqa: N802 - reads like a type
+def ctx_no_train(tmp: Path, data: DataBundle) -> PassContext:
     return ctx(tmp, DataBundle(eval=data.eval, calibration=data.calibration, train=None))
 
 
