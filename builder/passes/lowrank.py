@@ -59,6 +59,8 @@ def _replacement(layer: Any, r: int) -> Any:
     import torch
     from torch import nn
 
+    first: nn.Module
+    second: nn.Module
     if isinstance(layer, nn.Linear):
         w = layer.weight.detach().numpy()
         first_w, second_w = _factor(w, r)
@@ -74,7 +76,7 @@ def _replacement(layer: Any, r: int) -> Any:
         first.weight.copy_(torch.from_numpy(first_w))
         second.weight.copy_(torch.from_numpy(second_w))
         if layer.bias is not None:
-            second.bias.copy_(layer.bias)
+            second.bias.copy_(layer.bias)  # type: ignore[union-attr]
     return nn.Sequential(first, second)
 
 
