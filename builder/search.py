@@ -63,7 +63,11 @@ class Builder:
         tr = load_split(cfg.resolve(cfg.data.train), "train", shape, True) if cfg.data.train else None
         self.data = DataBundle(eval=ev, calibration=cal, train=tr)
         self.pipeline = Pipeline(cache_dir, self._ctx)
-        self.custom_recipes = {k: [(s.name, s.config) for s in v] for k, v in cfg.recipes.items()}
+        # A distill step's student_factory file resolves against the build config's directory.
+        self.custom_recipes = {
+            k: [(s.name, {"base_dir": str(cfg.base_dir), **s.config} if s.name == "distill" else s.config) for s in v]
+            for k, v in cfg.recipes.items()
+        }
         self._source: ModelHandle | None = None
         self._reference: dict[str, np.ndarray] | None = None
 

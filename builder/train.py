@@ -26,8 +26,15 @@ def accuracy(module: Any, x: np.ndarray, y: np.ndarray, batch: int = 256) -> flo
     return correct / len(x)
 
 
-def finetune(module: Any, train: Split, epochs: int, lr: float, seed: int, batch: int = 64) -> dict[str, Any]:
-    """Adam + cross-entropy on 90% of ``train``; keeps the weights that score best on the other 10%."""
+def finetune(
+    module: Any, train: Split, epochs: int, lr: float, seed: int, batch: int = 64, loss: Any = None,
+    patience: int = 5,
+) -> dict[str, Any]:
+    """Adam on 90% of ``train``; keeps the weights that score best on the other 10%.
+
+    ``loss(logits, x, y)`` defaults to cross-entropy; distillation passes its own. Early
+    stopping looks at a split of the training data, never at the eval set the gate measures on.
+    """
     import torch
 
     assert train.y is not None, "fine-tuning needs labels"
@@ -39,7 +46,8 @@ def finetune(module: Any, train: Split, epochs: int, lr: float, seed: int, batch
     xt, yt = torch.from_numpy(train.x[tr_idx]), torch.from_numpy(train.y[tr_idx])
     torch.manual_seed(seed)
     opt = torch.optim.Adam(module.parameters(), lr=lr)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    ce = torch.nn.CrossEntropyLoss()
+    loss_fn = loss or (lambda logits, xb, yb: ce(logits, yb))
     best_acc, best_state, best_epoch = accuracy(module, xv, yv), copy.deepcopy(module.state_dict()), 0
     stale = 0
     for epoch in range(1, epochs + 1):
@@ -48,15 +56,15 @@ def finetune(module: Any, train: Split, epochs: int, lr: float, seed: int, batch
         for i in range(0, len(xt), batch):
             idx = perm[i : i + batch]
             opt.zero_grad()
-            loss = loss_fn(module(xt[idx]), yt[idx])
-            loss.backward()
+            value = loss_fn(module(xt[idx]), xt[idx], yt[idx])
+            value.backward()
             opt.step()
         acc = accuracy(module, xv, yv)
         if acc > best_acc:
             best_acc, best_state, best_epoch, stale = acc, copy.deepcopy(module.state_dict()), epoch, 0
         else:
             stale += 1
-            if stale >= 5:
+            if stale >= patience:
                 break
     module.load_state_dict(best_state)
     module.eval()

@@ -19,6 +19,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "quantize": ("builder.passes.quantize:QuantizePass", "builder"),
     "prune": ("builder.passes.prune:PrunePass", "builder"),
     "lowrank": ("builder.passes.lowrank:LowRankPass", "builder"),
+    "distill": ("builder.passes.distill:DistillPass", "builder"),
 }
 
 

@@ -206,3 +206,22 @@ def ctx_no_train(tmp: Path, data: DataBundle) -> PassContext:
 def test_lowrank_rank_larger_than_layer_is_a_clear_error(loaded: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"rank 200 is larger than layer 'head.1' allows \(at most 128\)"):
         run("lowrank", loaded, {"method": "rank", "rank": 200}, ctx(tmp_path, data))
+
+
+def test_distill_trains_a_smaller_student(loaded: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
+    p = run("distill", loaded, {"student_kwargs": {"width": 12}, "epochs": 25}, ctx(tmp_path, data))
+    r = p.notes["distill"]
+    assert r["param_ratio"] <= 0.5 and r["student_params"] == p.notes["params"]
+    assert r["teacher_top1"] - r["student_top1"] <= 0.03
+    assert type(p.module) is type(loaded.module) and p.module is not loaded.module
+    ex = run("export_onnx", p, {}, ctx(tmp_path / "e", data))
+    assert accuracy(ex, data) == pytest.approx(r["student_top1"], abs=0.005)
+
+
+def test_distill_bad_inputs_are_clear(loaded: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="distill needs training data"):
+        run("distill", loaded, {"student_kwargs": {"width": 8}}, ctx_no_train(tmp_path, data))
+    with pytest.raises(ModelError, match="name a student_factory"):
+        run("distill", loaded, {}, ctx(tmp_path, data))
+    with pytest.raises(ModelError, match=r"DigitsCNN\(\*\*\{'depth': 3\}\) failed: TypeError"):
+        run("distill", loaded, {"student_kwargs": {"depth": 3}}, ctx(tmp_path, data))
