@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -43,6 +43,17 @@ class ModelHandle:
     precision: str = "fp32"
     # Facts passes record for the report (sparsity, params, per-layer ranks, ...).
     notes: dict[str, Any] = field(default_factory=dict)
+
+    def with_module(self, module: Any, notes: dict[str, Any]) -> ModelHandle:
+        """The same interface as this model, now as torch ``module``; ``notes`` are added."""
+        return replace(self, kind=ModelKind.TORCH, module=module, path=None, digest=digest_module(module),
+                       notes={**self.notes, **notes})
+
+    def with_file(self, path: Path, notes: dict[str, Any], precision: str | None = None) -> ModelHandle:
+        """The same interface as this model, now as the model file ``path``; ``notes`` are added."""
+        kind = ModelKind.TFLITE if path.suffix == ".tflite" else ModelKind.ONNX
+        return replace(self, kind=kind, module=None, path=path, digest=digest_file(path),
+                       precision=precision or self.precision, notes={**self.notes, **notes})
 
 
 class PassConfig(BaseModel):

@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import Field
 
 from agent.errors import ModelError
-from builder.passes.base import ModelHandle, ModelKind, Pass, PassConfig, PassContext, digest_module
+from builder.passes.base import ModelHandle, ModelKind, Pass, PassConfig, PassContext
 from builder.passes.load import resolve_factory
 from builder.train import accuracy, count_params, finetune
 
@@ -123,9 +123,4 @@ class DistillPass(Pass):
             report["teacher_top1"] = round(accuracy(teacher, ev.x, ev.y), 6)
             report["student_top1"] = round(accuracy(student, ev.x, ev.y), 6)
         report["param_ratio"] = round(report["student_params"] / report["teacher_params"], 4)
-        notes = dict(model.notes, distill=report, params=report["student_params"])
-        return ModelHandle(
-            kind=ModelKind.TORCH, digest=digest_module(student), module=student,
-            input_name=model.input_name, output_names=model.output_names,
-            input_shape=model.input_shape, precision=model.precision, notes=notes,
-        )
+        return model.with_module(student, {"distill": report, "params": report["student_params"]})

@@ -12,7 +12,7 @@ import numpy as np
 
 from agent.errors import ModelError
 from builder.parity import check_parity
-from builder.passes.base import ModelHandle, ModelKind, Pass, PassConfig, PassContext, digest_file
+from builder.passes.base import ModelHandle, ModelKind, Pass, PassConfig, PassContext
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +65,8 @@ class ExportOnnxPass(Pass):
         with load_session("onnxruntime", out, threads=ctx.threads) as sess:
             got = sess.infer({model.input_name: x})
         diffs = check_parity("export_onnx parity (torch vs onnxruntime)", ref_outs, got, config.atol, config.rtol)  # type: ignore[arg-type]
-        notes = dict(model.notes, exporter=used, export_max_abs_diff=max(diffs.values()))
-        return ModelHandle(
-            kind=ModelKind.ONNX,
-            digest=digest_file(out),
-            path=out,
-            input_name=model.input_name,
-            output_names=model.output_names,
-            input_shape=model.input_shape,
-            precision=model.precision,
-            notes=notes,
-        )
+        notes = {"exporter": used, "export_max_abs_diff": max(diffs.values())}
+        return model.with_file(out, notes)
 
     @staticmethod
     def _export(torch: Any, module: Any, example: Any, model: ModelHandle, config: ExportOnnxConfig, exporter: str, out: Any) -> None:

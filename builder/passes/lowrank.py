@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from agent.errors import ModelError
-from builder.passes.base import ModelHandle, ModelKind, Pass, PassConfig, PassContext, digest_module
+from builder.passes.base import ModelHandle, ModelKind, Pass, PassConfig, PassContext
 from builder.train import count_params, finetune
 
 
@@ -133,8 +133,4 @@ class LowRankPass(Pass):
         module.eval()
         params_after = count_params(module)
         notes.update(params_before=params_before, params_after=params_after, params=params_after)
-        return ModelHandle(
-            kind=ModelKind.TORCH, digest=digest_module(module), module=module,
-            input_name=model.input_name, output_names=model.output_names,
-            input_shape=model.input_shape, precision=model.precision, notes=dict(model.notes, **notes),
-        )
+        return model.with_module(module, notes)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 from agent.errors import DataError, ModelError
-from builder.passes.base import ModelHandle, ModelKind, Pass, PassConfig, PassContext, digest_file
+from builder.passes.base import ModelHandle, ModelKind, Pass, PassConfig, PassContext
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,10 @@ class QuantizePass(Pass):
             raise
         except Exception as exc:
             raise ModelError(f"quantize ({config.mode}) failed: {type(exc).__name__}: {exc}") from None
-        notes = dict(model.notes, quantize_mode=config.mode)
+        notes: dict[str, Any] = {"quantize_mode": config.mode}
         if config.mode == "static":
             notes.update(calibration_method=config.method, per_channel=config.per_channel)
-        return ModelHandle(
-            kind=ModelKind.ONNX, digest=digest_file(out), path=out, input_name=model.input_name,
-            output_names=model.output_names, input_shape=model.input_shape, precision=precision,
-            notes=notes,
-        )
+        return model.with_file(out, notes, precision)
 
     @staticmethod
     def _quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext, out: Any) -> str:

@@ -6,7 +6,7 @@ import logging
 from typing import Literal
 
 from agent.errors import ModelError
-from builder.passes.base import ModelHandle, ModelKind, Pass, PassConfig, PassContext, digest_file
+from builder.passes.base import ModelHandle, ModelKind, Pass, PassConfig, PassContext
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,5 @@ class SimplifyPass(Pass):
             opts.optimized_model_filepath = str(out)
             ort.InferenceSession(str(model.path), opts, providers=["CPUExecutionProvider"])
             n_after = len(onnx.load(str(out)).graph.node)
-        notes = dict(model.notes, simplify_nodes_before=n_before, simplify_nodes_after=n_after)
-        return ModelHandle(
-            kind=ModelKind.ONNX, digest=digest_file(out), path=out, input_name=model.input_name,
-            output_names=model.output_names, input_shape=model.input_shape,
-            precision=model.precision, notes=notes,
-        )
+        notes = {"simplify_nodes_before": n_before, "simplify_nodes_after": n_after}
+        return model.with_file(out, notes)
