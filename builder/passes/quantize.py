@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -27,9 +28,12 @@ class QuantizeConfig(PassConfig):
     calibration_samples: int = 256
     # Node names kept in float (too sensitive to quantize).
     nodes_to_exclude: tuple[str, ...] = ()
+    # Static only: measure each layer's sensitivity (SQNR when it alone is quantized) and keep
+    # in float every layer below this many dB. None: no analysis.
+    auto_float_below_sqnr_db: float | None = None
 
 
-class _Reader:
+class CalibrationReader:
     """onnxruntime CalibrationDataReader over an array, a chunk at a time."""
 
     def __init__(self, name: str, x: np.ndarray, chunk: int = 32) -> None:
@@ -54,33 +58,35 @@ class QuantizePass(Pass):
         sink = io.StringIO()
         try:
             with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-                precision = self._quantize(model, config, ctx, out)
+                precision, extra = self._quantize(model, config, ctx, out)
         except (DataError, ModelError):
             raise
         except Exception as exc:
             raise ModelError(f"quantize ({config.mode}) failed: {type(exc).__name__}: {exc}") from None
-        notes: dict[str, Any] = {"quantize_mode": config.mode}
+        notes: dict[str, Any] = {"quantize_mode": config.mode, **extra}
         if config.mode == "static":
             notes.update(calibration_method=config.method, per_channel=config.per_channel)
         return model.with_file(out, notes, precision)
 
     @staticmethod
-    def _quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext, out: Any) -> str:
+    def _quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext, out: Any) -> tuple[str, dict[str, Any]]:
+        """Write the quantized model to ``out``; return its precision and notes for the report."""
         from onnxruntime import quantization as q
 
         assert model.path is not None
+        extra: dict[str, Any] = {}
         if config.mode == "fp16":
             import onnx
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
             m16 = convert_float_to_float16(onnx.load(str(model.path)), keep_io_types=True)
             onnx.save(m16, str(out))
-            return "fp16"
+            return "fp16", extra
         if config.mode == "dynamic":
             q.quantize_dynamic(
                 str(model.path), str(out), per_channel=config.per_channel, weight_type=q.QuantType.QInt8
             )
-            return "int8_dynamic"
+            return "int8_dynamic", extra
         calib = ctx.data.calibration.x[: config.calibration_samples]
         if len(calib) == 0:
             raise DataError("static quantization needs calibration data")
@@ -97,12 +103,21 @@ class QuantizePass(Pass):
             "percentile": q.CalibrationMethod.Percentile,
         }[config.method]
         act = q.QuantType.QUInt8 if config.activation_type == "uint8" else q.QuantType.QInt8
+        exclude = list(config.nodes_to_exclude)
+        if config.auto_float_below_sqnr_db is not None:
+            from builder.evaluate.sensitivity import layer_sensitivity
+
+            sens = layer_sensitivity(Path(src), model.input_name, calib, ctx.data.eval.x[:64],
+                                     per_channel=config.per_channel, activation_uint8=config.activation_type == "uint8")
+            kept = [e["node"] for e in sens if e["sqnr_db"] < config.auto_float_below_sqnr_db]
+            exclude += [n for n in kept if n not in exclude]
+            extra = {"sensitivity": sens, "kept_float": kept}
         q.quantize_static(
             # Histogram calibrators stack per-batch outputs, so they need equal batches: use 1.
-            str(src), str(out), _Reader(model.input_name, calib, 32 if config.method == "minmax" else 1), quant_format=q.QuantFormat.QDQ,
+            str(src), str(out), CalibrationReader(model.input_name, calib, 32 if config.method == "minmax" else 1), quant_format=q.QuantFormat.QDQ,
             per_channel=config.per_channel, activation_type=act, weight_type=q.QuantType.QInt8,
-            calibrate_method=method, nodes_to_exclude=list(config.nodes_to_exclude),
+            calibrate_method=method, nodes_to_exclude=exclude,
             extra_options={"CalibMaxIntermediateOutputs": 64} if config.method != "minmax" else None,
         )
         pre.unlink(missing_ok=True)
-        return "int8_static"
+        return "int8_static", extra

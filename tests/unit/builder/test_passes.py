@@ -225,3 +225,25 @@ def test_distill_bad_inputs_are_clear(loaded: ModelHandle, data: DataBundle, tmp
         run("distill", loaded, {}, ctx(tmp_path, data))
     with pytest.raises(ModelError, match=r"DigitsCNN\(\*\*\{'depth': 3\}\) failed: TypeError"):
         run("distill", loaded, {"student_kwargs": {"depth": 3}}, ctx(tmp_path, data))
+
+
+def test_sensitivity_keeps_sensitive_layers_in_float(exported: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
+    import onnx
+
+    plain = run("quantize", exported, {"mode": "static"}, ctx(tmp_path / "p", data))
+    q = run("quantize", exported, {"mode": "static", "auto_float_below_sqnr_db": 45.0}, ctx(tmp_path / "q", data))
+    sens = q.notes["sensitivity"]
+    assert [e["sqnr_db"] for e in sens] == sorted(e["sqnr_db"] for e in sens)  # most sensitive first
+    assert {e["op"] for e in sens} >= {"Conv", "Gemm"} and len(sens) == 5
+    kept = q.notes["kept_float"]
+    assert kept == [e["node"] for e in sens if e["sqnr_db"] < 45.0] and kept  # the digits head is below 45 dB
+    assert q.path is not None and plain.path is not None
+
+    def float_gemms(path: Path) -> int:
+        """Conv/Gemm nodes whose weights are plain float initializers, not dequantized int8."""
+        g = onnx.load(str(path)).graph
+        deq = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear"}
+        return sum(1 for n in g.node if n.op_type in ("Gemm", "Conv") and n.input[1] not in deq)
+
+    assert float_gemms(q.path) == len(kept) and float_gemms(plain.path) == 0
+    assert accuracy(q, data) >= accuracy(plain, data) - 0.005
