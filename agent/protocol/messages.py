@@ -135,14 +135,25 @@ class Event(_Strict):
     detail: dict[str, Any] = {}
 
 
+CommandOp = Literal["deploy", "rollback", "benchmark", "rebirth", "status"]
+COMMAND_OPS: tuple[str, ...] = ("deploy", "rollback", "benchmark", "rebirth", "status")
+
+
 class Command(_Strict):
-    """devices/{id}/cmd (not retained)."""
+    """devices/{id}/cmd (not retained).
+
+    ``op`` is kept a plain string here so an unknown op still decodes and is answered on
+    cmd/result with ``ok: false`` and a reason (the agent checks it against COMMAND_OPS).
+    Arguments: deploy takes name, version, sha256; rollback takes an optional ``version``
+    (a kept version to go back to; default the previous one); benchmark takes ``runs``.
+    """
 
     id: str = Field(min_length=1, max_length=128)
-    op: Literal["deploy", "rollback", "benchmark", "rebirth", "status"]
+    op: str = Field(min_length=1, max_length=64)
     name: str | None = None
     version: str | None = None
     sha256: str | None = None
+    runs: int | None = Field(default=None, ge=1, le=100_000)
 
 
 class CommandResult(_Strict):
@@ -150,6 +161,48 @@ class CommandResult(_Strict):
     ok: bool
     reason: str = ""
     detail: dict[str, Any] = {}
+
+
+class LatencyWindow(_Strict):
+    """Inference latency since the previous telemetry message (a bounded reservoir, not a list).
+
+    Percentiles are absent when ``count`` is 0. ``thermal`` is the thermal state the window was
+    measured in (hottest zone, throttled or not), so a slow-down can be told from a hot device.
+    """
+
+    count: int = Field(ge=0)
+    errors: int = Field(default=0, ge=0)
+    throughput_per_s: float = Field(ge=0)
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    max_ms: float | None = None
+    thermal: dict[str, Any] = {}
+
+
+class Telemetry(_Strict):
+    """devices/{id}/telemetry, one per interval (QoS 1). A sensor the device lacks is absent.
+
+    ``temperatures_c`` maps a thermal zone's type (or name) to degrees Celsius;
+    ``buffer`` reports the on-disk backlog: {"pending": n, "dropped": n} (dropped: oldest
+    messages discarded while the broker was unreachable and the buffer was full).
+    """
+
+    device: str
+    seq: int = Field(ge=0)
+    ts: float
+    interval_s: float = Field(ge=0)
+    uptime_s: float = Field(ge=0)
+    active: ActiveModel | None = None
+    latency: LatencyWindow
+    rss_mb: float | None = None
+    cpu_percent: float | None = None
+    mem_available_mb: float | None = None
+    temperatures_c: dict[str, float] = {}
+    throttled: bool | None = None
+    throttle_detail: dict[str, Any] = {}
+    cpu_freq_mhz: float | None = None
+    buffer: dict[str, int] = {}
 
 
 def decode(model: type[M], payload: bytes, max_bytes: int = MAX_CONTROL_BYTES) -> M:

@@ -1,0 +1,1 @@
+"""Device telemetry: inference latency, process and system metrics, thermal state, reporting."""
