@@ -42,6 +42,7 @@ from agent.runtime import InferenceSession
 from agent.store.chunks import ChunkStore, discard_download
 from agent.store.fsutil import read_json, remove, write_json
 from agent.store.versions import Installed, VersionStore
+from agent.telemetry.latency import LatencyRecorder
 from agent.transport.base import Transport, Will
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class Agent:
         self.golden: GoldenSet | None = None
         self.probation: Probation | None = None
         self.dropped = 0
+        # Every inference (serving, commands) records here; the telemetry reporter reads windows.
+        self.latency = LatencyRecorder()
         self._queued_bytes = 0
         self._qlock = threading.Lock()
 
