@@ -84,6 +84,19 @@ class InstallConfig(_Strict):
     probation_interval_s: float = Field(default=5.0, gt=0)
 
 
+class TelemetryConfig(_Strict):
+    """[telemetry]: one message per interval; buffered on disk while the broker is unreachable."""
+
+    enabled: bool = True
+    interval_s: float = Field(default=10.0, ge=0.05, le=86_400)
+    # Root under which sys/class/thermal and sys/devices/system/cpu are read ("/" on a device).
+    sysfs_root: Path = Path("/")
+    # Where undelivered messages wait (SQLite); default STATE_DIR/telemetry.
+    buffer_dir: Path | None = None
+    # At most this many undelivered messages are kept; beyond it the oldest are dropped (and counted).
+    buffer_max_messages: int = Field(default=10_000, ge=1, le=10_000_000)
+
+
 class AgentConfig(_Strict):
     device_id: str
     profile: str
@@ -98,6 +111,7 @@ class AgentConfig(_Strict):
     broker: BrokerConfig = BrokerConfig()
     transfer: TransferConfig = TransferConfig()
     install: InstallConfig = InstallConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("device_id", "profile")
@@ -141,6 +155,10 @@ def load_config(path: Path) -> AgentConfig:
         "trusted_keys": [_resolve(base, k) for k in cfg.trusted_keys],
         "profiles_dir": _resolve(base, cfg.profiles_dir),
         "broker": broker,
+        "telemetry": cfg.telemetry.model_copy(update={
+            "sysfs_root": _resolve(base, cfg.telemetry.sysfs_root),
+            "buffer_dir": _resolve(base, cfg.telemetry.buffer_dir),
+        }),
     })
     for i, key in enumerate(cfg.trusted_keys):
         if not key.is_file():
