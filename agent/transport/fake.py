@@ -18,6 +18,19 @@ def topic_matches(pattern: str, topic: str) -> bool:
     return len(p) == len(t)
 
 
+class FakeDelivery:
+    """Acknowledged when the fake is connected at publish time, or by ``FakeTransport.connect``."""
+
+    def __init__(self, acked: bool) -> None:
+        self._acked = acked
+
+    def acked(self) -> bool:
+        return self._acked
+
+    def wait(self, timeout: float) -> bool:
+        return self._acked
+
+
 class FakeTransport:
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes, bool]] = []
@@ -27,12 +40,17 @@ class FakeTransport:
         self._on_message: MessageCallback | None = None
         self._on_connect: ConnectCallback | None = None
         self._lock = threading.Lock()
+        self.connected = True
+        self._connects = 0
+        # tracked publishes made while disconnected: delivered (in order) by connect()
+        self._held: list[tuple[str, bytes, FakeDelivery]] = []
 
     def set_will(self, will: Will) -> None:
         self.will = will
 
     def start(self, on_message: MessageCallback, on_connect: ConnectCallback) -> None:
         self._on_message, self._on_connect = on_message, on_connect
+        self._connects += 1
         on_connect()
 
     def subscribe(self, topics: list[str]) -> None:
@@ -51,6 +69,36 @@ class FakeTransport:
             self.published.append((topic, payload, retain))
         if retain:
             self.retained[topic] = payload
+
+    def publish_tracked(self, topic: str, payload: bytes) -> FakeDelivery:
+        d = FakeDelivery(self.connected)
+        if self.connected:
+            self.publish(topic, payload)
+        else:
+            self._held.append((topic, payload, d))
+        return d
+
+    def is_connected(self) -> bool:
+        return self.connected
+
+    @property
+    def connects(self) -> int:
+        return self._connects
+
+    def disconnect(self) -> None:
+        """A broker outage: tracked publishes wait, unacknowledged, until ``connect``."""
+        self.connected = False
+
+    def connect(self) -> None:
+        """The broker is back: held tracked publishes go out in order and are acknowledged."""
+        self.connected = True
+        self._connects += 1
+        held, self._held = self._held, []
+        for topic, payload, d in held:
+            self.publish(topic, payload)
+            d._acked = True
+        if self._on_connect is not None:
+            self._on_connect()
 
     def inject(self, topic: str, payload: bytes, retain: bool = False) -> None:
         """A message from 'the broker': delivered if subscribed, stored if retained."""

@@ -29,6 +29,26 @@ def _no_delay(client: mqtt.Client) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class _PahoDelivery:
+    """Delivery over paho's MQTTMessageInfo (is_published is set by the PUBACK)."""
+
+    def __init__(self, info: mqtt.MQTTMessageInfo) -> None:
+        self._info = info
+
+    def acked(self) -> bool:
+        try:
+            return bool(self._info.is_published())
+        except (RuntimeError, ValueError):
+            return False
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self._info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):
+            return False
+        return self.acked()
+
+
 class MqttTransport:
     def __init__(self, broker: BrokerConfig, client_id: str) -> None:
         self._cfg = broker
@@ -44,6 +64,7 @@ class MqttTransport:
         self._on_message: MessageCallback | None = None
         self._on_connect: ConnectCallback | None = None
         self.connected = threading.Event()
+        self._connects = 0
         c = self._client
         c.max_inflight_messages_set(32)
         c.max_queued_messages_set(0)
@@ -74,6 +95,7 @@ class MqttTransport:
             subs = sorted(self._subs)
         if subs:
             client.subscribe([(t, 1) for t in subs])
+        self._connects += 1
         self.connected.set()
         if self._on_connect is not None:
             self._on_connect()
@@ -112,6 +134,17 @@ class MqttTransport:
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         self._client.publish(topic, payload, qos=1, retain=retain)
+
+    def publish_tracked(self, topic: str, payload: bytes) -> _PahoDelivery:
+        # paho keeps an unacknowledged QoS 1 message and resends it, in order, after a reconnect
+        return _PahoDelivery(self._client.publish(topic, payload, qos=1, retain=False))
+
+    def is_connected(self) -> bool:
+        return self.connected.is_set()
+
+    @property
+    def connects(self) -> int:
+        return self._connects
 
     def stop(self) -> None:
         self._client.disconnect()
