@@ -97,6 +97,18 @@ class TelemetryConfig(_Strict):
     buffer_max_messages: int = Field(default=10_000, ge=1, le=10_000_000)
 
 
+class ServeConfig(_Strict):
+    """[serve]: the local inference endpoint (Open Inference Protocol v2 REST). No authentication: keep it on loopback."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)  # 8000: Triton's and tritonclient's default
+    unix_socket: Path | None = None  # listen on this unix socket instead of host:port
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=2**31)
+    request_timeout_s: float = Field(default=10.0, gt=0, le=3600)  # per socket read and per body
+    max_connections: int = Field(default=64, ge=1, le=10_000)
+
+
 class AgentConfig(_Strict):
     device_id: str
     profile: str
@@ -112,6 +124,7 @@ class AgentConfig(_Strict):
     transfer: TransferConfig = TransferConfig()
     install: InstallConfig = InstallConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    serve: ServeConfig = ServeConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("device_id", "profile")
@@ -155,6 +168,7 @@ def load_config(path: Path) -> AgentConfig:
         "trusted_keys": [_resolve(base, k) for k in cfg.trusted_keys],
         "profiles_dir": _resolve(base, cfg.profiles_dir),
         "broker": broker,
+        "serve": cfg.serve.model_copy(update={"unix_socket": _resolve(base, cfg.serve.unix_socket)}),
         "telemetry": cfg.telemetry.model_copy(update={
             "sysfs_root": _resolve(base, cfg.telemetry.sysfs_root),
             "buffer_dir": _resolve(base, cfg.telemetry.buffer_dir),
