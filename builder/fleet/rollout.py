@@ -1,0 +1,259 @@
+"""Staged (canary) rollout: the decision logic, free of MQTT so it can be fed fake messages.
+
+A rollout deploys one artifact to a few *canary* devices of a group first (per-device
+deployments), judges them from their events (and telemetry when devices send it), and only
+then sets the group's deployment. ``Rollout.feed`` takes every message the watcher sees;
+``canary_verdict`` / ``device_health`` say whether to wait, go on or halt, and why.
+The MQTT side (publishing, rollback, the clock) lives in builder/fleet/deploy.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from agent.errors import EdgefleetError, UsageError
+from agent.protocol import topics
+from agent.protocol.messages import Event, MessageError, StateMessage, Telemetry, decode
+
+Verdict = Literal["wait", "ok", "fail"]
+CANARY_RE = re.compile(r"^(\d{1,6})(%?)$")
+FAILED_STATES = ("ROLLED_BACK", "REJECTED")
+# Terminal device states shown in the table; anything else is in progress.
+DONE_STATES = ("HEALTHY", "ROLLED_BACK", "REJECTED", "FAILED")
+
+
+class RolloutHalted(EdgefleetError):
+    """The canaries did not prove the artifact healthy: the rollout stopped (and rolled back)."""
+
+    exit_code = 9
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What a canary must show: p95 no worse than before by more than pct (+ slack), no errors.
+
+    ``observe_s``: a canary ACTIVE that long without a rollback or error counts as healthy
+    without waiting for the agent's probation to end (None: wait for HEALTHY).
+    """
+
+    max_p95_regression_pct: float = 20.0
+    p95_slack_ms: float = 0.5
+    observe_s: float | None = None
+
+    def p95_problem(self, new: float | None, old: float | None, source: str) -> str | None:
+        if new is None or old is None:
+            return None
+        limit = old * (1 + self.max_p95_regression_pct / 100.0) + self.p95_slack_ms
+        if new <= limit:
+            return None
+        pct = (new / old - 1) * 100 if old > 0 else math.inf
+        return (f"{source} p95 {new:.3f} ms vs {old:.3f} ms before (+{pct:.0f}%; allowed "
+                f"{self.max_p95_regression_pct:g}% + {self.p95_slack_ms:g} ms)")
+
+
+@dataclass
+class DeviceView:
+    """What the watcher knows about one device of the group."""
+
+    device: str
+    role: Literal["canary", "rest"] = "rest"
+    online: bool = False
+    profile: str = ""
+    active_sha: str | None = None
+    state: str = "pending"
+    progress: float | None = None
+    reason: str = ""
+    p95_ms: float | None = None
+    current_p95_ms: float | None = None
+    tele_before_p95: float | None = None
+    tele_after_p95: float | None = None
+    tele_errors: int = 0
+    active_at: float | None = None
+    rolled_back: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("active_at")
+        return d
+
+
+def parse_canary(spec: str) -> tuple[int, bool]:
+    """'2' -> (2, False); '25%' -> (25, True)."""
+    m = CANARY_RE.match(spec.strip())
+    if not m:
+        raise UsageError(f"--canary {spec!r}: expected a count such as 1 or a share such as 25%")
+    n, pct = int(m.group(1)), bool(m.group(2))
+    if pct and not 0 < n <= 100:
+        raise UsageError(f"--canary {spec!r}: a share must be between 1% and 100%")
+    return n, pct
+
+
+def select_canaries(devices: dict[str, DeviceView], spec: str) -> list[str]:
+    """The first N (or N% of the group, at least one) online devices by id: a deterministic choice."""
+    n, pct = parse_canary(spec)
+    count = max(1, math.ceil(len(devices) * n / 100)) if pct else n
+    online = sorted(d for d, v in devices.items() if v.online)
+    return online[:count]
+
+
+def group_members(states: dict[str, bytes], group: str, profile: str | None = None) -> dict[str, DeviceView]:
+    """Devices whose retained state lists ``group`` (and, when given, serve ``profile``)."""
+    out: dict[str, DeviceView] = {}
+    for topic, payload in states.items():
+        t = topics.parse(topic)
+        if t is None or t.kind != "state" or not payload:
+            continue
+        try:
+            s = decode(StateMessage, payload)
+        except MessageError:
+            continue
+        if group in s.groups and (profile is None or s.profile == profile):
+            out[s.device] = DeviceView(s.device, online=s.online, profile=s.profile,
+                                       active_sha=s.active.sha256 if s.active else None)
+    return out
+
+
+@dataclass
+class Rollout:
+    """The state of one rollout of ``sha`` to a group; feed it messages, ask it what to do."""
+
+    name: str
+    version: str
+    sha: str
+    devices: dict[str, DeviceView]
+    canaries: list[str]
+    gate: Gate = field(default_factory=Gate)
+    phase: str = "canary"          # canary -> promoted -> done | halted
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        for d in self.canaries:
+            self.devices[d].role = "canary"
+        for v in self.devices.values():
+            if v.active_sha == self.sha:
+                v.state, v.reason = "HEALTHY", "already active before the rollout"
+
+    # -- input ------------------------------------------------------------------------------------
+    def feed(self, topic: str, payload: bytes, now: float) -> bool:
+        """Take one message; True when it changed what we know (worth redrawing)."""
+        t = topics.parse(topic)
+        if t is None or t.device is None or t.device not in self.devices or not payload:
+            return False
+        v = self.devices[t.device]
+        try:
+            if t.kind == "state":
+                return self._state(v, decode(StateMessage, payload))
+            if t.kind == "events":
+                return self._event(v, decode(Event, payload), now)
+            if t.kind == "telemetry":
+                return self._telemetry(v, decode(Telemetry, payload))
+        except MessageError:
+            return False
+        return False
+
+    def _state(self, v: DeviceView, s: StateMessage) -> bool:
+        before = (v.online, v.active_sha)
+        v.online, v.active_sha = s.online, (s.active.sha256 if s.active else None)
+        return before != (v.online, v.active_sha)
+
+    def _event(self, v: DeviceView, ev: Event, now: float) -> bool:
+        if ev.kind != "deployment" or ev.sha256 != self.sha or ev.state is None:
+            return False
+        if ev.state == "FETCHING":
+            p = ev.detail.get("progress")
+            v.progress = float(p) if isinstance(p, (int, float)) else v.progress or 0.0
+        if ev.state == "ACTIVE":
+            v.active_at, v.active_sha = now, self.sha
+            v.p95_ms = _num(ev.detail.get("p95_ms"))
+            v.current_p95_ms = _num(ev.detail.get("current_p95_ms"))
+        if ev.state in FAILED_STATES:
+            v.reason = ev.reason
+            if v.active_sha == self.sha:
+                v.active_sha = None  # the state message that follows says which one is active now
+        if ev.state == "HEALTHY":
+            v.progress = 1.0
+        v.state = ev.state
+        return True
+
+    def _telemetry(self, v: DeviceView, tm: Telemetry) -> bool:
+        lat = tm.latency
+        if tm.active is None or lat.count == 0:
+            return False
+        if tm.active.sha256 == self.sha:
+            v.tele_after_p95 = lat.p95_ms if lat.p95_ms is not None else v.tele_after_p95
+            v.tele_errors += lat.errors
+        elif v.state in ("pending", "FETCHING", "VERIFIED", "UNPACKED", "SELF_TEST"):
+            v.tele_before_p95 = lat.p95_ms if lat.p95_ms is not None else v.tele_before_p95
+        return True
+
+    # -- decisions ----------------------------------------------------------------------------------
+    def device_health(self, dev: str, now: float) -> tuple[Verdict, str]:
+        v = self.devices[dev]
+        if v.state in FAILED_STATES:
+            return "fail", f"{dev}: {v.state}: {v.reason or 'no reason given'}"
+        if v.state not in ("ACTIVE", "HEALTHY"):
+            return "wait", ""
+        if v.reason == "already active before the rollout":
+            return "ok", ""
+        for problem in (self.gate.p95_problem(v.p95_ms, v.current_p95_ms, "on-device"),
+                        self.gate.p95_problem(v.tele_after_p95, v.tele_before_p95, "telemetry")):
+            if problem:
+                return "fail", f"{dev}: {problem}"
+        if v.tele_errors:
+            return "fail", f"{dev}: {v.tele_errors} inference errors reported in telemetry"
+        if v.state == "HEALTHY":
+            return "ok", ""
+        if self.gate.observe_s is not None and v.active_at is not None and now - v.active_at >= self.gate.observe_s:
+            return "ok", ""
+        return "wait", ""
+
+    def canary_verdict(self, now: float) -> tuple[Verdict, str]:
+        """fail as soon as one canary fails; ok when every canary is healthy."""
+        verdicts = [self.device_health(d, now) for d in self.canaries]
+        fails = [r for v, r in verdicts if v == "fail"]
+        if fails:
+            return "fail", "; ".join(fails)
+        if all(v == "ok" for v, _ in verdicts):
+            return "ok", ""
+        return "wait", ""
+
+    def rest_verdict(self, now: float) -> tuple[Verdict, list[str], list[str]]:
+        """After promotion: (ok|wait|fail, failures, pending offline devices). Offline ones don't block."""
+        fails: list[str] = []
+        waiting: list[str] = []
+        pending: list[str] = []
+        for d, v in sorted(self.devices.items()):
+            if v.role == "canary":
+                continue
+            verdict, reason = self.device_health(d, now)
+            if verdict == "fail":
+                fails.append(reason)
+            elif verdict == "wait":
+                (waiting if v.online else pending).append(d)
+        if waiting:
+            return "wait", fails, pending
+        return ("fail" if fails else "ok"), fails, pending
+
+    def needs_rollback(self, dev: str) -> bool:
+        """A canary running the new artifact (the agent rolls itself back only on its own failures)."""
+        v = self.devices[dev]
+        return v.active_sha == self.sha and v.state not in FAILED_STATES and not v.rolled_back \
+            and v.reason != "already active before the rollout"
+
+    def summary(self) -> dict[str, Any]:
+        return {"ok": self.phase == "done", "name": self.name, "version": self.version, "sha256": self.sha,
+                "phase": self.phase, "reason": self.reason, "canaries": self.canaries,
+                "pending": sorted(d for d, v in self.devices.items()
+                                  if not v.online and v.state not in DONE_STATES),
+                "devices": {d: v.summary() for d, v in sorted(self.devices.items())}}
+
+    def json(self) -> str:
+        return json.dumps(self.summary())
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
