@@ -18,7 +18,7 @@ from typing import Any
 from agent import __version__
 from agent.config import AgentConfig
 from agent.deploy import selftest
-from agent.deploy.commands import handle_command
+from agent.deploy.commands import command_id, handle_command
 from agent.deploy.fetch import FetchJob
 from agent.deploy.policy import Policy
 from agent.errors import EdgefleetError, IntegrityError
@@ -30,6 +30,7 @@ from agent.protocol.messages import (
     ActiveModel,
     ArtifactAnnouncement,
     Command,
+    CommandResult,
     Deployment,
     DeployState,
     Event,
@@ -43,6 +44,8 @@ from agent.store.chunks import ChunkStore, discard_download
 from agent.store.fsutil import read_json, remove, write_json
 from agent.store.versions import Installed, VersionStore
 from agent.telemetry.latency import LatencyRecorder
+from agent.telemetry.reporter import TelemetryReporter
+from agent.telemetry.thermal import ThermalReader
 from agent.transport.base import Transport, Will
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,7 @@ class Agent:
         self.dropped = 0
         # Every inference (serving, commands) records here; the telemetry reporter reads windows.
         self.latency = LatencyRecorder()
+        self.thermal = ThermalReader(cfg.telemetry.sysfs_root)  # for the benchmark command
         self._queued_bytes = 0
         self._qlock = threading.Lock()
 
@@ -106,11 +110,22 @@ class Agent:
 
     def run(self, stop: threading.Event) -> None:
         self.start()
+        reporter = self.start_telemetry()
         while not stop.is_set():
             self.step(0.2)
+        if reporter is not None:
+            reporter.stop()
         self._publish_state(online=False)
         time.sleep(0.2)
         self.t.stop()
+
+    def start_telemetry(self) -> TelemetryReporter | None:
+        """The reporter thread ([telemetry]); it reads only ``latency`` and the active model."""
+        if not self.cfg.telemetry.enabled:
+            return None
+        reporter = TelemetryReporter(self.cfg, self.t, self.latency, self._active_model)
+        reporter.start()
+        return reporter
 
     def step(self, timeout: float = 0.0) -> bool:
         """Handle one queued item (waiting up to ``timeout``), then timers. True if one was handled."""
@@ -483,10 +498,10 @@ class Agent:
             return "no model loaded"
         return selftest.golden_check(self.session, self.active, self.golden)
 
-    def _rollback(self, reason: str, by_command: bool = False) -> bool:
-        """Switch back to the previous version (or to none); mark the failed one rejected."""
+    def _rollback(self, reason: str, by_command: bool = False, target: Installed | None = None) -> bool:
+        """Switch back to ``target`` or the previous version (or to none); mark the failed one rejected."""
         failed = self.active
-        prev = self.versions.previous()
+        prev = target or self.versions.previous()
         session = golden = None
         while prev is not None:
             try:
@@ -495,7 +510,7 @@ class Agent:
             except (EdgefleetError, OSError, ValueError) as exc:
                 log.warning("previous version %s does not load: %s", prev.label, exc)
                 self.versions.forget(prev)
-                prev = self.versions.previous()
+                prev = None if target is not None else self.versions.previous()
         if by_command and prev is None:
             return False
         if prev is not None:
@@ -524,16 +539,38 @@ class Agent:
 
     # -- commands ---------------------------------------------------------------------------------
     def _on_command(self, topic: str, payload: bytes) -> None:
+        result_topic = topics.device_topic(self.dev, "cmd/result")
         try:
             cmd = decode(Command, payload)
         except MessageError as exc:
             self._bad(topic, str(exc))
+            cmd_id = command_id(payload)
+            if cmd_id is not None:  # the sender waits for this id: tell it why
+                self.t.publish(result_topic, encode(CommandResult(id=cmd_id, ok=False, reason=str(exc))))
             return
-        res = handle_command(self, cmd)
-        self.t.publish(topics.device_topic(self.dev, "cmd/result"), encode(res))
+        try:
+            res = handle_command(self, cmd)
+        except Exception as exc:  # a bug: answer, keep serving
+            log.exception("command %s failed", cmd.op)
+            res = CommandResult(id=cmd.id, ok=False, reason=f"internal error: {type(exc).__name__}: {exc}")
+        self.t.publish(result_topic, encode(res))
 
-    def rollback_command(self, cmd_id: str) -> bool:
-        return self._rollback(f"rollback requested by command {cmd_id}", by_command=True)
+    def rollback_command(self, cmd_id: str, version: str | None = None) -> tuple[bool, str]:
+        """Roll back to the kept ``version`` (default: the previous one); (ok, reason)."""
+        target = None
+        a = self.active
+        if version is not None:
+            if a is not None and version in (a.manifest.version, a.label, a.dir.name):
+                return False, f"{a.label} is already the active version"
+            target = self.versions.find(version)
+            if target is None:
+                kept = ", ".join(i.label for i in self.versions.kept()) or "none"
+                return False, f"version {version} is not kept on this device (kept: {kept})"
+        if self._rollback(f"rollback requested by command {cmd_id}", by_command=True, target=target):
+            return True, ""
+        if target is not None:
+            return False, f"{target.label} does not load; it was removed"
+        return False, "no previous version to roll back to"
 
     def deploy_command(self, dep: Deployment) -> None:
         self.rejected.pop(dep.sha256, None)
@@ -552,5 +589,6 @@ class Agent:
             "fetching": None if job is None or job.store is None else
             {"sha256": job.sha, "done": job.store.count_done, "chunks": len(job.store.done)},
             "dropped_messages": self.dropped,
+            "kept": [i.label for i in self.versions.kept()],
         }
 

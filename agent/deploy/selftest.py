@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,8 @@ class Latency:
     p50_ms: float
     p95_ms: float
     runs: int
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
 
 
 @dataclass
@@ -36,18 +39,27 @@ def golden_of(inst: Installed) -> GoldenSet:
     return GoldenSet.load(inst.dir / inst.manifest.golden.file)
 
 
-def benchmark(session: InferenceSession, golden: GoldenSet, runs: int) -> Latency:
-    """Batch-1 latency over ``runs`` calls after a short warm-up."""
+def benchmark(session: InferenceSession, golden: GoldenSet, runs: int,
+              record: Callable[[float], None] | None = None, max_s: float | None = None) -> Latency:
+    """Batch-1 latency over ``runs`` calls after a short warm-up (fewer if ``max_s`` runs out);
+    each measured call's milliseconds also go to ``record`` when given."""
     feeds = {k: v[:1] for k, v in golden.inputs.items()}
     for _ in range(3):
         session.infer(feeds)
     times = []
+    deadline = None if max_s is None else time.monotonic() + max_s
     for _ in range(runs):
         t0 = time.perf_counter()
         session.infer(feeds)
-        times.append((time.perf_counter() - t0) * 1000.0)
+        ms = (time.perf_counter() - t0) * 1000.0
+        times.append(ms)
+        if record is not None:
+            record(ms)
+        if deadline is not None and time.monotonic() > deadline:
+            break
     arr = np.asarray(times)
-    return Latency(float(np.percentile(arr, 50)), float(np.percentile(arr, 95)), runs)
+    p50, p95, p99 = (float(v) for v in np.percentile(arr, [50, 95, 99]))
+    return Latency(p50, p95, len(times), p99, float(arr.max()))
 
 
 def golden_check(session: InferenceSession, inst: Installed, golden: GoldenSet) -> str | None:

@@ -84,6 +84,25 @@ class VersionStore:
                 return inst
         return None
 
+    def kept(self) -> list[Installed]:
+        """Installed versions other than the active one, newest activation first."""
+        active = self.active()
+        out: list[Installed] = []
+        for name in reversed(self.history()):
+            if active is not None and name == active.dir.name:
+                continue
+            inst = self.load(name)
+            if inst is not None:
+                out.append(inst)
+        return out
+
+    def find(self, version: str) -> Installed | None:
+        """The kept (not active) version named ``version``, ``NAME@VERSION`` or by its directory."""
+        for inst in self.kept():
+            if version in (inst.manifest.version, inst.label, inst.dir.name):
+                return inst
+        return None
+
     # -- changes --------------------------------------------------------------------------------
     def clean_partial(self) -> None:
         for p in self.versions.glob(".tmp-*"):

@@ -9,6 +9,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -38,14 +39,22 @@ class _PahoDelivery:
     def acked(self) -> bool:
         try:
             return bool(self._info.is_published())
-        except (RuntimeError, ValueError):
+        except ValueError:
             return False
+        except RuntimeError:
+            # publish() raced a disconnect: paho reports NO_CONN yet keeps the message and sends it
+            # after the reconnect; is_published() then raises forever, so read the flag it guards.
+            return bool(getattr(self._info, "_published", False))
 
     def wait(self, timeout: float) -> bool:
         try:
             self._info.wait_for_publish(timeout)
-        except (RuntimeError, ValueError):
+        except ValueError:
             return False
+        except RuntimeError:
+            deadline = time.monotonic() + timeout
+            while not self.acked() and time.monotonic() < deadline:
+                time.sleep(0.01)
         return self.acked()
 
 

@@ -1,0 +1,104 @@
+"""Undelivered telemetry on disk (SQLite, WAL): written first, deleted once the broker acked it.
+
+SQLite's journal makes every append and delete atomic, so a crash (SIGKILL, power loss) leaves
+the buffer as of some recent commit, never torn. Beyond ``max_messages`` the oldest messages are
+dropped first; how many is kept (in the same database) so the next message can report it. The
+sequence number of telemetry messages lives here too, so it keeps increasing across restarts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What the next message reports: its seq, drops since the last report and in all, backlog."""
+
+    seq: int
+    dropped: int
+    dropped_total: int
+    pending: int
+
+
+class TelemetryBuffer:
+    def __init__(self, directory: Path, max_messages: int) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "telemetry.sqlite"
+        self.max_messages = max_messages
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _counter(self, name: str) -> int:
+        row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _set(self, name: str, value: int) -> None:
+        self._db.execute("INSERT INTO counters(name, value) VALUES(?, ?) "
+                         "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (name, value))
+
+    def reserve(self) -> Reservation:
+        """Take the next seq and the drop count to report (which then starts again from 0)."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            seq = self._counter("seq") + 1
+            dropped = self._counter("dropped")
+            self._set("seq", seq)
+            self._set("dropped", 0)
+            total = self._counter("dropped_total")
+            pending = self._pending()
+        return Reservation(seq, dropped, total, pending)
+
+    def append(self, payload: bytes, keep: Collection[int] = ()) -> int:
+        """Store ``payload``; drop the oldest messages (except ``keep``: in flight) beyond the bound."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            cur = self._db.execute("INSERT INTO messages(payload) VALUES(?)", (payload,))
+            new_id = int(cur.lastrowid or 0)
+            excess = self._pending() - self.max_messages
+            if excess > 0:
+                marks = ",".join("?" * len(keep))
+                where = f"WHERE id NOT IN ({marks}) AND id != ?" if keep else "WHERE id != ?"
+                ids = [r[0] for r in self._db.execute(
+                    f"SELECT id FROM messages {where} ORDER BY id LIMIT ?", (*keep, new_id, excess))]
+                self._db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in ids])
+                self._set("dropped", self._counter("dropped") + len(ids))
+                self._set("dropped_total", self._counter("dropped_total") + len(ids))
+        return new_id
+
+    def after(self, last_id: int, limit: int) -> list[tuple[int, bytes]]:
+        """Messages with an id above ``last_id``, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, payload FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+                                    (last_id, limit)).fetchall()
+        return [(int(i), bytes(p)) for i, p in rows]
+
+    def delete(self, ids: Collection[int]) -> None:
+        if not ids:
+            return
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in ids])
+
+    def _pending(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._pending()

@@ -1,0 +1,186 @@
+"""The telemetry reporter: its own thread, so sampling and a backlog never hold up deployments.
+
+Each interval it builds one ``Telemetry`` message and writes it to the on-disk buffer first; it
+then sends buffered messages in order while the transport is connected (a bounded number in
+flight) and deletes each once the broker acknowledged it. Messages handed to the transport
+before a disconnect are resent by the transport after the reconnect, so new ones wait until
+those are acknowledged: delivery stays in order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.protocol import topics
+from agent.protocol.messages import ActiveModel, LatencyWindow, Telemetry
+from agent.telemetry.buffer import TelemetryBuffer
+from agent.telemetry.latency import LatencyRecorder
+from agent.telemetry.thermal import ThermalReader, WindowThermal
+from agent.transport.base import Delivery, Transport
+
+log = logging.getLogger(__name__)
+
+INFLIGHT = 16
+# Thermal state is sampled this often within a window (at least 4 samples per window).
+MAX_SAMPLE_S = 1.0
+
+
+def sparse(doc: Any) -> Any:
+    """Drop None values and empty dicts (a sensor the device lacks is absent, not null)."""
+    if isinstance(doc, dict):
+        out = {k: sparse(v) for k, v in doc.items() if v is not None}
+        return {k: v for k, v in out.items() if v != {}}
+    if isinstance(doc, list):
+        return [sparse(v) for v in doc]
+    return doc
+
+
+def encode_telemetry(msg: Telemetry) -> bytes:
+    return json.dumps(sparse(msg.model_dump(mode="json")), separators=(",", ":"), allow_nan=False).encode()
+
+
+def _round(v: float | None, nd: int = 4) -> float | None:
+    return None if v is None else round(v, nd)
+
+
+@dataclass
+class _Inflight:
+    id: int
+    delivery: Delivery
+    connection: int
+
+
+class ProcessStats:
+    """This process's RSS and CPU %, and the system's available memory (psutil, when installed)."""
+
+    def __init__(self) -> None:
+        try:
+            import psutil
+        except ImportError:  # pragma: no cover - psutil is in the agent extra
+            self._ps: Any = None
+            self._proc: Any = None
+            return
+        self._ps, self._proc = psutil, psutil.Process(os.getpid())
+        self._proc.cpu_percent(None)  # the first call only starts the measurement
+
+    def read(self) -> dict[str, float]:
+        if self._proc is None:
+            return {}
+        out: dict[str, float] = {}
+        try:
+            out["rss_mb"] = round(self._proc.memory_info().rss / 2**20, 2)
+            out["cpu_percent"] = round(float(self._proc.cpu_percent(None)), 2)
+            out["mem_available_mb"] = round(self._ps.virtual_memory().available / 2**20, 1)
+        except (OSError, self._ps.Error):
+            pass
+        return out
+
+
+class TelemetryReporter:
+    def __init__(self, cfg: AgentConfig, transport: Transport, recorder: LatencyRecorder,
+                 active: Callable[[], ActiveModel | None], thermal: ThermalReader | None = None) -> None:
+        tc = cfg.telemetry
+        self.device, self.t, self.recorder, self.active = cfg.device_id, transport, recorder, active
+        self.interval = tc.interval_s
+        self.topic = topics.device_topic(cfg.device_id, "telemetry")
+        self.buffer = TelemetryBuffer(tc.buffer_dir or cfg.state_dir / "telemetry", tc.buffer_max_messages)
+        self.thermal = thermal or ThermalReader(tc.sysfs_root)
+        self.proc = ProcessStats()
+        self.started = time.monotonic()
+        self.window = WindowThermal()
+        self.inflight: list[_Inflight] = []
+        self.sent_upto = 0  # highest buffered id handed to the transport
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- one interval -------------------------------------------------------------------------
+    def sample(self) -> None:
+        """A thermal reading within the current window."""
+        self.window.add(self.thermal.read())
+
+    def report(self) -> Telemetry:
+        """Build this interval's message and store it in the buffer (sent by ``pump``)."""
+        now = self.thermal.read()
+        self.window.add(now)
+        w = self.recorder.window()
+        res = self.buffer.reserve()
+        lat = LatencyWindow(count=w.count, errors=w.errors, throughput_per_s=round(w.throughput_per_s, 3),
+                            p50_ms=_round(w.p50_ms), p95_ms=_round(w.p95_ms), p99_ms=_round(w.p99_ms),
+                            max_ms=_round(w.max_ms), thermal=self.window.summary())
+        self.window = WindowThermal()
+        msg = Telemetry(
+            device=self.device, seq=res.seq, ts=time.time(), interval_s=round(w.seconds, 3),
+            uptime_s=round(time.monotonic() - self.started, 3), active=self.active(), latency=lat,
+            temperatures_c=now.temperatures_c, throttled=now.throttled, throttle_detail=now.detail,
+            cpu_freq_mhz=now.cpu_freq_mhz,
+            buffer={"pending": res.pending, "dropped": res.dropped, "dropped_total": res.dropped_total},
+            **self.proc.read(),
+        )
+        self.buffer.append(encode_telemetry(msg), keep=[f.id for f in self.inflight])
+        return msg
+
+    # -- delivery -----------------------------------------------------------------------------
+    def pump(self, wait: float = 0.0) -> int:
+        """Forget acknowledged messages, send more while connected; returns how many are in flight."""
+        done = [f.id for f in self.inflight if f.delivery.acked()]
+        if not done and self.inflight and wait > 0 and self.inflight[0].delivery.wait(wait):
+            done = [f.id for f in self.inflight if f.delivery.acked()]
+        if done:
+            self.buffer.delete(done)
+            self.inflight = [f for f in self.inflight if f.id not in set(done)]
+        if not self.t.is_connected():
+            return len(self.inflight)
+        conn = self.t.connects
+        if any(f.connection != conn for f in self.inflight):
+            return len(self.inflight)  # resent by the transport first; keeps the order
+        room = INFLIGHT - len(self.inflight)
+        if room > 0:
+            for mid, payload in self.buffer.after(self.sent_upto, room):
+                self.inflight.append(_Inflight(mid, self.t.publish_tracked(self.topic, payload), conn))
+                self.sent_upto = mid
+        return len(self.inflight)
+
+    # -- thread ---------------------------------------------------------------------------------
+    def run(self) -> None:
+        tick = min(MAX_SAMPLE_S, self.interval / 4)
+        next_report = time.monotonic() + self.interval
+        next_sample = time.monotonic()
+        while not self._stop.is_set():
+            sending = False
+            try:
+                now = time.monotonic()
+                if now >= next_report:
+                    self.report()
+                    next_report += self.interval
+                    if next_report < now:  # fell behind (suspended): skip, do not burst
+                        next_report = now + self.interval
+                elif now >= next_sample:
+                    self.sample()
+                    next_sample = now + tick
+                sending = self.pump() > 0 and self.t.is_connected()
+                wait = max(0.0, min(next_sample, next_report) - time.monotonic())
+                if sending:  # a backlog drains at the broker's pace, not the tick's
+                    self.pump(min(wait, 0.05))
+                    continue
+            except Exception:  # never take the agent down; try again next tick
+                log.exception("telemetry error")
+                wait = tick
+            self._stop.wait(wait)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="telemetry", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.buffer.close()
