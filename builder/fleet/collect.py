@@ -1,0 +1,293 @@
+"""The collector: subscribes to every device's state, events, telemetry and command results and
+stores them in the fleet database.
+
+Delivery: QoS 1, a persistent session (clean_session=False, a stable client id) and manual
+acks: paho's network thread only enqueues; a worker decodes a batch, commits it in one
+transaction and only then acknowledges each message. A crash before the commit leaves the
+messages unacknowledged, so the broker sends them again; inserts are idempotent (unique
+(device, seq)), so a redelivered message is not stored twice. Collectors scale out with an
+MQTT shared subscription ($share/GROUP/...): each message goes to one member of the group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import BaseModel, ValidationError
+
+from agent.config import BrokerConfig
+from agent.protocol import topics
+from agent.protocol.messages import (
+    CommandResult,
+    Event,
+    MessageError,
+    StateMessage,
+    Telemetry,
+    decode,
+)
+from builder.fleet.db import Batch, DatabaseError, FleetDB
+from builder.fleet.mqtt import BrokerError
+
+log = logging.getLogger("edgefleet.collect")
+
+MAX_PAYLOAD = 64 * 1024   # larger messages on these topics are rejected, not parsed
+PREFIX_CHARS = 200        # how much of a rejected payload is kept
+LEAVES = ("state", "events", "telemetry", "cmd/result")
+_MODELS: dict[str, type[BaseModel]] = {"state": StateMessage, "events": Event, "telemetry": Telemetry,
+                                       "cmd_result": CommandResult}
+
+
+def subscriptions(share_group: str | None) -> list[str]:
+    """Topic filters: state is always subscribed directly (it is retained, and brokers do not send
+    retained messages to shared subscriptions); the streams go through the share group."""
+    out = []
+    for leaf in LEAVES:
+        f = f"{topics.PREFIX}/devices/+/{leaf}"
+        out.append(f"$share/{share_group}/{f}" if share_group and leaf != "state" else f)
+    return out
+
+
+def default_client_id(db_label: str, share_group: str | None) -> str:
+    """Stable across restarts of the same collector, so the broker keeps its session."""
+    h = hashlib.sha256(f"{db_label}|{share_group or ''}".encode()).hexdigest()[:8]
+    return f"edgefleet-collector-{socket.gethostname()[:24]}-{h}"
+
+
+def _dumps(v: Any) -> str:
+    return json.dumps(v, separators=(",", ":"), sort_keys=True)
+
+
+def add_message(batch: Batch, topic: str, payload: bytes, received: float) -> bool:
+    """Decode one message into ``batch``; a bad one becomes a ``rejected`` row. True if accepted."""
+    t = topics.parse(topic)
+    if t is None or t.kind not in _MODELS or t.device is None:
+        return _reject(batch, topic, "not an edgefleet device state/events/telemetry/cmd/result topic",
+                       payload, received)
+    model = _MODELS[t.kind]
+    msg: Any
+    try:
+        if len(payload) > MAX_PAYLOAD:
+            raise MessageError(f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD} allowed")
+        try:
+            msg = model.model_validate_json(payload)  # fast path; decode() words the reason
+        except ValidationError:
+            msg = decode(model, payload, MAX_PAYLOAD)
+    except MessageError as exc:
+        return _reject(batch, topic, str(exc), payload, received)
+    dev = t.device
+    if t.kind != "cmd_result" and msg.device != dev:
+        return _reject(batch, topic, f"device '{msg.device}' in the payload does not match the topic",
+                       payload, received)
+    r = batch.rows
+    if isinstance(msg, Telemetry):
+        a, lat = msg.active, msg.latency
+        temps = msg.temperatures_c
+        r["telemetry"].append((
+            dev, msg.seq, msg.ts, received, msg.interval_s, msg.uptime_s,
+            a.name if a else None, a.version if a else None, a.sha256 if a else None,
+            lat.count, lat.errors, lat.throughput_per_s, lat.p50_ms, lat.p95_ms, lat.p99_ms, lat.max_ms,
+            msg.rss_mb, msg.cpu_percent, msg.mem_available_mb, max(temps.values()) if temps else None,
+            _dumps(temps) if temps else None, msg.throttled, msg.cpu_freq_mhz,
+            msg.buffer.get("pending"), msg.buffer.get("dropped"),
+        ))
+    elif isinstance(msg, StateMessage):
+        a = msg.active
+        model_cols = (a.name, a.version, a.sha256) if a else (None, None, None)
+        groups = _dumps(msg.groups)
+        r["states"].append((dev, msg.seq, msg.ts, received, msg.online, msg.profile, msg.agent_version,
+                            groups, *model_cols))
+        # arrival order decides the current state: a Last Will carries an older seq than later births
+        batch.device_states.append((dev, msg.online, msg.profile, msg.agent_version, groups, *model_cols,
+                                    msg.seq, msg.ts, received))
+    elif isinstance(msg, Event):
+        r["events"].append((dev, msg.seq, msg.ts, received, msg.kind, msg.state, msg.name, msg.version,
+                            msg.sha256, msg.reason, _dumps(msg.detail)))
+    else:
+        r["cmd_results"].append((dev, msg.id, received, msg.ok, msg.reason, _dumps(msg.detail)))
+    if received > batch.seen.get(dev, 0.0):
+        batch.seen[dev] = received
+    return True
+
+
+def _reject(batch: Batch, topic: str, reason: str, payload: bytes, received: float) -> bool:
+    prefix = payload[:PREFIX_CHARS * 4].decode("utf-8", errors="replace")[:PREFIX_CHARS]
+    batch.rows["rejected"].append((received, topic[:512], reason[:1000], len(payload), prefix))
+    return False
+
+
+@dataclass
+class Stats:
+    received: int = 0
+    stored: int = 0        # new rows committed (duplicates excluded)
+    duplicates: int = 0    # redelivered or already stored by another collector
+    rejected: int = 0
+    batches: int = 0
+    connects: int = 0
+    first_received: float | None = None
+    last_commit: float | None = None
+    error: str | None = None
+    by_table: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Collector:
+    """Broker -> database. ``start()`` connects (bounded retries), ``stop()`` flushes and disconnects."""
+
+    def __init__(self, broker: BrokerConfig, db: FleetDB | str, share_group: str | None = None,
+                 client_id: str | None = None, batch_max: int = 5000, connect_attempts: int = 4,
+                 keepalive: int = 30) -> None:
+        self.broker = broker
+        self.db = db if isinstance(db, FleetDB) else FleetDB(db)
+        if share_group is not None and not topics.SEGMENT_RE.match(share_group):
+            from agent.errors import UsageError
+
+            raise UsageError(f"--share-group {share_group!r}: letters, digits, '.', '_' or '-'")
+        self.share_group = share_group
+        self.client_id = client_id or default_client_id(self.db.label, share_group)
+        self.batch_max, self.connect_attempts, self.keepalive = batch_max, connect_attempts, keepalive
+        self.stats = Stats()
+        self.q: queue.SimpleQueue[tuple[str, bytes, int, int, float]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        self._worker: threading.Thread | None = None
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
+                             manual_ack=True)
+        self.c.max_inflight_messages_set(1000)
+        self.c.reconnect_delay_set(1, 10)
+        user = broker.username or broker.url_username
+        if user:
+            self.c.username_pw_set(user, broker.password)
+        if broker.tls:
+            self.c.tls_set(ca_certs=str(broker.ca_file) if broker.ca_file else None,
+                           certfile=str(broker.cert_file) if broker.cert_file else None,
+                           keyfile=str(broker.key_file) if broker.key_file else None)
+        self.c.on_connect = self._on_connect
+        self.c.on_message = self._on_message
+
+    # -- paho callbacks: enqueue only ------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            self._refused = str(rc)
+            self._connected.set()
+            return
+        self.stats.connects += 1
+        client.subscribe([(f, 1) for f in subscriptions(self.share_group)])
+        self._connected.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.q.put((msg.topic, bytes(msg.payload), msg.mid, msg.qos, time.time()))
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> Collector:
+        last = ""
+        for attempt in range(self.connect_attempts):
+            if attempt:
+                time.sleep(min(0.5 * 2 ** (attempt - 1), 4.0))
+            try:
+                self.c.connect(self.broker.host, self.broker.port, keepalive=self.keepalive)
+                break
+            except OSError as exc:
+                last = exc.strerror or str(exc)
+        else:
+            raise BrokerError(f"cannot connect to {self.broker.url} after {self.connect_attempts} "
+                              f"attempts: {last}")
+        with contextlib.suppress(OSError):
+            sock: Any = self.c.socket()
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.c.loop_start()
+        if not self._connected.wait(15):
+            self.c.loop_stop()
+            raise BrokerError(f"{self.broker.url}: no answer within 15s")
+        if self._refused:
+            self.c.loop_stop()
+            raise BrokerError(f"{self.broker.url} refused the connection: {self._refused}")
+        self._worker = threading.Thread(target=self._run, name="collector-db", daemon=True)
+        self._worker.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Store and acknowledge what was received, then disconnect (the session stays on the broker)."""
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout)
+        with contextlib.suppress(Exception):
+            self.c.disconnect()
+        self.c.loop_stop()
+        # Anything that arrived during the disconnect is stored but cannot be acked any more: the
+        # broker sends it again next time and the unique keys drop the copy.
+        if self.stats.error is None:
+            with contextlib.suppress(DatabaseError):
+                self._flush(ack=False)
+        self.db.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the worker ends (stop() or a database error). True if it ended."""
+        return self._done.wait(timeout)
+
+    @property
+    def failed(self) -> str | None:
+        return self.stats.error
+
+    # -- worker -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                stopping = self._stop.is_set()
+                n = self._flush(ack=True, wait=0.0 if stopping else 0.2)
+                if stopping and n == 0:
+                    break
+        except DatabaseError as exc:
+            self.stats.error = str(exc)
+            log.error("%s", exc)
+        finally:
+            self._done.set()
+
+    def _flush(self, ack: bool, wait: float = 0.0) -> int:
+        items: list[tuple[str, bytes, int, int, float]] = []
+        try:
+            items.append(self.q.get(timeout=wait) if wait > 0 else self.q.get_nowait())
+            while len(items) < self.batch_max:
+                items.append(self.q.get_nowait())
+        except queue.Empty:
+            pass
+        if not items:
+            return 0
+        batch = Batch.empty()
+        rejected = 0
+        for topic, payload, _mid, _qos, received in items:
+            if not add_message(batch, topic, payload, received):
+                rejected += 1
+        new = self.db.store(batch)
+        s = self.stats
+        s.received += len(items)
+        s.rejected += rejected
+        s.stored += new
+        s.duplicates += len(items) - rejected - new
+        s.batches += 1
+        s.last_commit = time.time()
+        if s.first_received is None:
+            s.first_received = items[0][4]
+        for table, rows in batch.rows.items():
+            if rows:
+                s.by_table[table] = s.by_table.get(table, 0) + len(rows)
+        if ack:
+            for _t, _p, mid, qos, _r in items:
+                if qos > 0:
+                    self.c.ack(mid, qos)
+        return len(items)

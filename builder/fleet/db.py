@@ -1,0 +1,275 @@
+"""The fleet database: one schema definition, two dialects (SQLite by default, PostgreSQL for
+large fleets). Every message table has a unique key (device, seq) and inserts are
+``ON CONFLICT DO NOTHING``, so a QoS 1 redelivery or a second collector never stores a row twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.errors import DependencyError, EdgefleetError, UsageError
+
+SCHEMA_VERSION = 1
+
+
+class DatabaseError(EdgefleetError):
+    """The database cannot be opened, written or read."""
+
+    exit_code = 9
+
+
+# Column kinds map to one SQL type per dialect.
+_TYPES = {
+    "sqlite": {"text": "TEXT", "int": "INTEGER", "float": "REAL", "bool": "INTEGER", "json": "TEXT",
+               "serial": "INTEGER PRIMARY KEY"},
+    "postgres": {"text": "TEXT", "int": "BIGINT", "float": "DOUBLE PRECISION", "bool": "BOOLEAN",
+                 "json": "TEXT", "serial": "BIGSERIAL PRIMARY KEY"},
+}
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    columns: tuple[tuple[str, str], ...]  # (name, kind)
+    key: tuple[str, ...]                  # unique key: the conflict target
+    indexes: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        return [c for c, kind in self.columns if kind != "serial"]
+
+
+_MSG = (("device", "text"), ("seq", "int"), ("ts", "float"), ("received", "float"))
+_MODEL = (("model", "text"), ("version", "text"), ("sha256", "text"))
+
+TABLES: dict[str, Table] = {t.name: t for t in (
+    Table("devices", (("device", "text"), ("online", "bool"), ("profile", "text"), ("agent_version", "text"),
+                      ("groups", "json"), *_MODEL, ("state_seq", "int"), ("state_ts", "float"),
+                      ("last_seen", "float")), ("device",)),
+    Table("states", (*_MSG, ("online", "bool"), ("profile", "text"), ("agent_version", "text"),
+                     ("groups", "json"), *_MODEL), ("device", "seq")),
+    Table("events", (*_MSG, ("kind", "text"), ("state", "text"), ("name", "text"), ("version", "text"),
+                     ("sha256", "text"), ("reason", "text"), ("detail", "json")), ("device", "seq"),
+          (("ts",),)),
+    Table("telemetry", (*_MSG, ("interval_s", "float"), ("uptime_s", "float"), *_MODEL,
+                        ("count", "int"), ("errors", "int"), ("throughput_per_s", "float"),
+                        ("p50_ms", "float"), ("p95_ms", "float"), ("p99_ms", "float"), ("max_ms", "float"),
+                        ("rss_mb", "float"), ("cpu_percent", "float"), ("mem_available_mb", "float"),
+                        ("temp_max_c", "float"), ("temperatures", "json"), ("throttled", "bool"),
+                        ("cpu_freq_mhz", "float"), ("buffer_pending", "int"), ("buffer_dropped", "int")),
+          ("device", "seq"), (("ts",),)),
+    Table("cmd_results", (("device", "text"), ("cmd_id", "text"), ("received", "float"), ("ok", "bool"),
+                          ("reason", "text"), ("detail", "json")), ("device", "cmd_id")),
+    Table("rejected", (("id", "serial"), ("received", "float"), ("topic", "text"), ("reason", "text"),
+                       ("size", "int"), ("payload_prefix", "text")), ()),
+)}
+MESSAGE_TABLES = ("states", "events", "telemetry", "cmd_results")
+
+
+def ddl(dialect: str) -> list[str]:
+    """CREATE statements for every table and index in ``dialect`` ('sqlite' or 'postgres')."""
+    types = _TYPES[dialect]
+    out = ["CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)"]
+    for t in TABLES.values():
+        cols = [f"{name} {types[kind]}" for name, kind in t.columns]
+        if t.key:
+            cols.append(f"PRIMARY KEY ({', '.join(t.key)})")
+        out.append(f"CREATE TABLE IF NOT EXISTS {t.name} ({', '.join(cols)})")
+        for idx in t.indexes:
+            out.append(f"CREATE INDEX IF NOT EXISTS {t.name}_{'_'.join(idx)} ON {t.name} ({', '.join(idx)})")
+    return out
+
+
+def insert_sql(table: str, ph: str) -> str:
+    """INSERT that skips a row whose unique key is already there (idempotent under redelivery)."""
+    t = TABLES[table]
+    cols = t.names
+    conflict = " ON CONFLICT DO NOTHING" if t.key else ""
+    return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join([ph] * len(cols))}){conflict}"
+
+
+def _device_state_sql(ph: str) -> str:
+    cols = [c for c in TABLES["devices"].names]
+    sets = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in ("device", "last_seen"))
+    return (f"INSERT INTO devices ({', '.join(cols)}) VALUES ({', '.join([ph] * len(cols))}) "
+            f"ON CONFLICT (device) DO UPDATE SET {sets}, last_seen = {_later('last_seen')}")
+
+
+def _later(col: str) -> str:
+    return (f"CASE WHEN devices.{col} IS NULL OR excluded.{col} > devices.{col} "
+            f"THEN excluded.{col} ELSE devices.{col} END")
+
+
+def _seen_sql(ph: str) -> str:
+    return (f"INSERT INTO devices (device, last_seen) VALUES ({ph}, {ph}) "
+            f"ON CONFLICT (device) DO UPDATE SET last_seen = {_later('last_seen')}")
+
+
+@dataclass
+class Batch:
+    """Rows decoded from a batch of messages, written in one transaction."""
+
+    rows: dict[str, list[tuple[Any, ...]]]
+    device_states: list[tuple[Any, ...]]
+    seen: dict[str, float]
+
+    @classmethod
+    def empty(cls) -> Batch:
+        return cls({t: [] for t in (*MESSAGE_TABLES, "rejected")}, [], {})
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.rows.values())
+
+
+def is_postgres(target: str) -> bool:
+    return target.startswith(("postgresql://", "postgres://"))
+
+
+class FleetDB:
+    """A connection to the fleet database in either dialect; ``?`` placeholders in queries."""
+
+    def __init__(self, target: str, readonly: bool = False) -> None:
+        self.target = target
+        self._lock = threading.Lock()
+        if is_postgres(target):
+            self.dialect, self.ph = "postgres", "%s"
+            self.conn: Any = self._open_pg(target)
+        elif "://" in target and not target.startswith("sqlite:///"):
+            scheme = target.split("://", 1)[0]
+            raise UsageError(f"--db {target}: unknown database scheme '{scheme}://' "
+                             "(use a file path, sqlite:///PATH or postgresql://...)")
+        else:
+            self.dialect, self.ph = "sqlite", "?"
+            self.conn = self._open_sqlite(Path(target.removeprefix("sqlite://")), readonly)
+        if not readonly:
+            self.init_schema()
+
+    @property
+    def label(self) -> str:
+        """The target without a password, for messages."""
+        if self.dialect == "postgres" and "@" in self.target:
+            scheme, rest = self.target.split("://", 1)
+            return f"{scheme}://…@{rest.rsplit('@', 1)[1]}"
+        return self.target
+
+    @staticmethod
+    def _open_sqlite(path: Path, readonly: bool) -> sqlite3.Connection:
+        if readonly and not path.is_file():
+            raise UsageError(f"--db {path}: no such database (start `edgefleet collect --db {path}` first)")
+        if not path.parent.is_dir():
+            raise DatabaseError(f"--db {path}: directory {path.parent} does not exist")
+        try:
+            uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+            conn = sqlite3.connect(uri, uri=True, timeout=30.0, check_same_thread=False)
+            if not readonly:
+                conn.execute("PRAGMA journal_mode=WAL")  # readers never block the collector
+                conn.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; no fsync per batch
+            conn.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.Error as exc:
+            raise DatabaseError(f"--db {path}: cannot open database ({exc})") from None
+        return conn
+
+    @staticmethod
+    def _open_pg(target: str) -> Any:
+        try:
+            import psycopg
+        except ImportError:
+            raise DependencyError("PostgreSQL needs the Python package 'psycopg': "
+                                  "pip install 'edgefleet[postgres]'") from None
+        try:
+            return psycopg.connect(target, connect_timeout=10)
+        except psycopg.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DatabaseError(f"cannot connect to PostgreSQL: {first}") from None
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        if self.dialect == "postgres":
+            import psycopg
+
+            return (psycopg.Error,)
+        return (sqlite3.Error,)
+
+    def init_schema(self) -> None:
+        try:
+            with self._lock:
+                cur = self.conn.cursor()
+                for stmt in ddl(self.dialect):
+                    cur.execute(stmt)
+                cur.execute(f"INSERT INTO meta (key, value) VALUES ({self.ph}, {self.ph}) ON CONFLICT DO NOTHING",
+                            ("schema_version", str(SCHEMA_VERSION)))
+                self.conn.commit()
+        except self._errors() as exc:
+            self._rollback()
+            raise DatabaseError(f"--db {self.label}: cannot write the schema ({_first_line(exc)})") from None
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(Exception):  # the connection may be gone; the first error is reported
+            self.conn.rollback()
+
+    def store(self, batch: Batch) -> int:
+        """Write a batch in one transaction; returns how many rows were new (duplicates skipped)."""
+        new = 0
+        try:
+            with self._lock:
+                cur = self.conn.cursor()
+                for table, rows in batch.rows.items():
+                    if rows:
+                        cur.executemany(insert_sql(table, self.ph), rows)
+                        new += max(cur.rowcount, 0) if table != "rejected" else 0
+                if batch.device_states:
+                    cur.executemany(_device_state_sql(self.ph), batch.device_states)
+                if batch.seen:
+                    cur.executemany(_seen_sql(self.ph), sorted(batch.seen.items()))
+                self.conn.commit()
+        except self._errors() as exc:
+            self._rollback()
+            raise DatabaseError(f"--db {self.label}: write failed ({_first_line(exc)})") from None
+        return new
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Rows as dicts; ``sql`` uses ``?`` placeholders in both dialects."""
+        if self.dialect == "postgres":
+            sql = sql.replace("?", "%s")
+        try:
+            with self._lock:
+                cur = self.conn.cursor()
+                cur.execute(sql, tuple(params))
+                names = [d[0] for d in cur.description or ()]
+                rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+                if self.dialect == "postgres":
+                    self.conn.commit()  # end the read transaction so later reads see new rows
+                return rows
+        except self._errors() as exc:
+            self._rollback()
+            raise DatabaseError(f"--db {self.label}: query failed ({_first_line(exc)})") from None
+
+    def count(self, table: str) -> int:
+        return int(self.query(f"SELECT COUNT(*) AS n FROM {TABLES[table].name}")[0]["n"])
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def open_db(target: str, readonly: bool = False) -> FleetDB:
+    return FleetDB(target, readonly)
+
+
+def columns(table: str) -> list[str]:
+    return TABLES[table].names
+
+
+def as_rows(table: str, docs: Iterable[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    cols = columns(table)
+    return [tuple(d.get(c) for c in cols) for d in docs]

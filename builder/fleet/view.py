@@ -1,0 +1,185 @@
+"""One row per device (online, model, latest latency, memory, CPU, temperature, throttling,
+last seen), read from the fleet database or live from the broker, rendered as a rich table or
+JSON. `fleet status`, `fleet watch` and the demo share this code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from agent.config import BrokerConfig
+from agent.protocol import topics
+from agent.protocol.messages import MessageError, StateMessage, Telemetry, decode
+from builder.fleet.db import FleetDB
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    device: str
+    online: bool | None = None
+    profile: str | None = None
+    model: str | None = None
+    version: str | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    rss_mb: float | None = None
+    cpu_percent: float | None = None
+    temp_max_c: float | None = None
+    throttled: bool | None = None
+    last_seen: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_LATEST_TELEMETRY = """
+SELECT t.device, t.p50_ms, t.p95_ms, t.rss_mb, t.cpu_percent, t.temp_max_c, t.throttled,
+       t.model, t.version
+FROM telemetry t JOIN (SELECT device, MAX(seq) AS seq FROM telemetry GROUP BY device) m
+  ON t.device = m.device AND t.seq = m.seq
+"""
+
+
+def _bool(v: Any) -> bool | None:
+    return None if v is None else bool(v)
+
+
+def rows_from_db(db: FleetDB) -> list[DeviceRow]:
+    """Every device the database knows, with its current state and latest telemetry."""
+    tel = {r["device"]: r for r in db.query(_LATEST_TELEMETRY)}
+    out = []
+    for d in db.query("SELECT * FROM devices ORDER BY device"):
+        t = tel.get(d["device"], {})
+        out.append(DeviceRow(
+            device=d["device"], online=_bool(d["online"]), profile=d["profile"],
+            model=d["model"] or t.get("model"), version=d["version"] or t.get("version"),
+            p50_ms=t.get("p50_ms"), p95_ms=t.get("p95_ms"), rss_mb=t.get("rss_mb"),
+            cpu_percent=t.get("cpu_percent"), temp_max_c=t.get("temp_max_c"),
+            throttled=_bool(t.get("throttled")), last_seen=d["last_seen"],
+        ))
+    return out
+
+
+class LiveFleet:
+    """Keeps a DeviceRow per device from retained state and telemetry seen on the broker."""
+
+    def __init__(self, broker: BrokerConfig, timeout: float = 10.0) -> None:
+        from builder.fleet.mqtt import SyncClient
+
+        self._lock = threading.Lock()
+        self.rows: dict[str, DeviceRow] = {}
+        self.client = SyncClient(broker, timeout=timeout)
+        self.client.c.on_message = self._on_message
+        first: Any = self.client.c.on_connect
+
+        def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+            first(client, userdata, flags, rc, props)
+            if not rc.is_failure:  # (re)subscribe on every connect: the session is not kept
+                prefix = f"{topics.PREFIX}/devices/+"
+                client.subscribe([(f"{prefix}/state", 1), (f"{prefix}/telemetry", 0)])
+
+        self.client.c.on_connect = on_connect
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        self.apply(msg.topic, bytes(msg.payload), time.time())
+
+    def apply(self, topic: str, payload: bytes, received: float) -> None:
+        """Fold one message into the rows; anything that does not decode is ignored here."""
+        t = topics.parse(topic)
+        if t is None or t.device is None or t.kind not in ("state", "telemetry"):
+            return
+        msg: StateMessage | Telemetry
+        try:
+            msg = decode(StateMessage, payload) if t.kind == "state" else decode(Telemetry, payload)
+        except MessageError:
+            return
+        with self._lock:
+            row = self.rows.get(t.device, DeviceRow(t.device))
+            if isinstance(msg, StateMessage):
+                a = msg.active
+                row = replace(row, online=msg.online, profile=msg.profile, model=a.name if a else None,
+                              version=a.version if a else None)
+                # a retained state may be old: it says nothing about when the device was last heard
+                if msg.online:
+                    row = replace(row, last_seen=max(row.last_seen or 0.0, min(msg.ts, received)))
+            else:
+                temps = msg.temperatures_c
+                row = replace(row, p50_ms=msg.latency.p50_ms, p95_ms=msg.latency.p95_ms, rss_mb=msg.rss_mb,
+                              cpu_percent=msg.cpu_percent, temp_max_c=max(temps.values()) if temps else None,
+                              throttled=msg.throttled, last_seen=received)
+                if row.model is None and msg.active is not None:
+                    row = replace(row, model=msg.active.name, version=msg.active.version)
+            self.rows[t.device] = row
+
+    def start(self) -> LiveFleet:
+        self.client.__enter__()
+        return self
+
+    def snapshot(self) -> list[DeviceRow]:
+        with self._lock:
+            return [self.rows[k] for k in sorted(self.rows)]
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+
+# ---------------------------------------------------------------- rendering
+
+COLUMNS = ("device", "status", "profile", "model", "p50", "p95", "RSS", "CPU", "max temp", "throttled",
+           "last seen")
+
+
+def _num(v: float | None, unit: str, fmt: str = ".1f") -> str:
+    return "-" if v is None else f"{v:{fmt}}{unit}"
+
+
+def ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "-"
+    s = max(0.0, now - ts)
+    if s < 60:
+        return f"{s:.0f}s ago"
+    if s < 3600:
+        return f"{s / 60:.0f}m ago"
+    return f"{s / 3600:.1f}h ago"
+
+
+def cells(r: DeviceRow, now: float) -> list[str]:
+    """Plain-text cells in COLUMNS order (shared by the terminal table and the HTML report)."""
+    status = "online" if r.online else ("offline" if r.online is False else "unknown")
+    model = f"{r.model} {r.version}" if r.model else "-"
+    throttled = "-" if r.throttled is None else ("yes" if r.throttled else "no")
+    return [r.device, status, r.profile or "-", model, _num(r.p50_ms, " ms", ".2f"), _num(r.p95_ms, " ms", ".2f"),
+            _num(r.rss_mb, " MB"), _num(r.cpu_percent, "%"), _num(r.temp_max_c, " °C"), throttled,
+            ago(r.last_seen, now)]
+
+
+def render_table(rows: list[DeviceRow], now: float | None = None, title: str = "edgefleet fleet") -> Any:
+    """A rich Table of the rows, online green, offline red, throttled yellow."""
+    from rich.table import Table
+
+    now = time.time() if now is None else now
+    online = sum(1 for r in rows if r.online)
+    t = Table(title=f"{title} — {online}/{len(rows)} online", title_justify="left")
+    for col in COLUMNS:
+        t.add_column(col, justify="right" if col in ("p50", "p95", "RSS", "CPU", "max temp") else "left",
+                     no_wrap=True)
+    for r in rows:
+        c = cells(r, now)
+        c[1] = {"online": "[green]● online[/green]", "offline": "[red]○ offline[/red]"}.get(c[1], c[1])
+        if r.throttled:
+            c[9] = "[bold yellow]yes[/bold yellow]"
+        t.add_row(*c)
+    if not rows:
+        t.caption = "no devices yet"
+    return t
+
+
+def rows_json(rows: list[DeviceRow]) -> str:
+    return json.dumps([r.as_dict() for r in rows], indent=2)
