@@ -246,7 +246,9 @@ class Listener:
 
 def write_config(path: Path, device: str, broker_url: str, keys: list[Path], state_dir: Path,
                  profile: str = "test-cpu", groups: tuple[str, ...] = (), protocol: str = "3.1.1",
-                 runtimes: tuple[str, ...] = ("onnxruntime",), **install: Any) -> Path:
+                 runtimes: tuple[str, ...] = ("onnxruntime",), serve: dict[str, Any] | None = None,
+                 **install: Any) -> Path:
+    """``serve``: the [serve] section; default disabled, so agents in one test do not share a port."""
     inst = {"bench_runs": 10, "max_p95_ms": 1000.0, "max_p95_regression_pct": 500.0,
             "probation_s": 1.0, "probation_interval_s": 0.3, **install}
     lines = [
@@ -258,6 +260,7 @@ def write_config(path: Path, device: str, broker_url: str, keys: list[Path], sta
         f'protocol = "{protocol}"',
         "[transfer]", "window = 8", "stall_s = 5.0",
         "[install]", *[f"{k} = {json.dumps(v)}" for k, v in inst.items()],
+        "[serve]", *[f"{k} = {json.dumps(v)}" for k, v in (serve or {"enabled": False}).items()],
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
