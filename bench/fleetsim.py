@@ -66,8 +66,8 @@ def stub_runtime() -> None:
         return selftest.CheckResult(True, "", selftest.Latency(0.0, 0.0, 0), {"p50_ms": 0.0, "p95_ms": 0.0,
                                                                              "simulated": True})
 
-    selftest.load = load  # type: ignore[assignment]
-    selftest.check_candidate = check  # type: ignore[assignment]
+    selftest.load = load
+    selftest.check_candidate = check
     selftest.golden_check = lambda *a, **k: None  # type: ignore[assignment]
 
 
