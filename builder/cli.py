@@ -271,6 +271,10 @@ from builder.fleet.commands import deploy_cmd, publish_cmd  # noqa: E402
 cli.add_command(publish_cmd)
 cli.add_command(deploy_cmd)
 
+from builder.fleet.device import device_grp  # noqa: E402
+
+cli.add_command(device_grp)
+
 from builder.fleet.fleetcli import collect_cmd, fleet_grp  # noqa: E402
 
 cli.add_command(collect_cmd)

@@ -247,20 +247,22 @@ class Listener:
 def write_config(path: Path, device: str, broker_url: str, keys: list[Path], state_dir: Path,
                  profile: str = "test-cpu", groups: tuple[str, ...] = (), protocol: str = "3.1.1",
                  runtimes: tuple[str, ...] = ("onnxruntime",), serve: dict[str, Any] | None = None,
-                 **install: Any) -> Path:
-    """``serve``: the [serve] section; default disabled, so agents in one test do not share a port."""
+                 telemetry: dict[str, Any] | None = None, keep_versions: int = 1, **install: Any) -> Path:
+    """``serve``: the [serve] section; default disabled, so agents in one test do not share a port.
+    ``telemetry``: the [telemetry] section (default: the agent's defaults)."""
     inst = {"bench_runs": 10, "max_p95_ms": 1000.0, "max_p95_regression_pct": 500.0,
             "probation_s": 1.0, "probation_interval_s": 0.3, **install}
     lines = [
         f'device_id = "{device}"', f'profile = "{profile}"',
         f"groups = {json.dumps(list(groups))}", f'state_dir = "{state_dir}"',
-        f"trusted_keys = {json.dumps([str(k) for k in keys])}", "keep_versions = 1",
+        f"trusted_keys = {json.dumps([str(k) for k in keys])}", f"keep_versions = {keep_versions}",
         f"runtimes = {json.dumps(list(runtimes))}", 'log_level = "debug"',
         "[broker]", f'url = "{broker_url}"', "reconnect_min_s = 1", "reconnect_max_s = 2",
         f'protocol = "{protocol}"',
         "[transfer]", "window = 8", "stall_s = 5.0",
         "[install]", *[f"{k} = {json.dumps(v)}" for k, v in inst.items()],
         "[serve]", *[f"{k} = {json.dumps(v)}" for k, v in (serve or {"enabled": False}).items()],
+        "[telemetry]", *[f"{k} = {json.dumps(v)}" for k, v in (telemetry or {}).items()],
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
