@@ -67,9 +67,12 @@ def check_config_cmd(config: Path) -> None:
 @click.option("--config", "config", required=True, type=click.Path(path_type=Path),
               help="Agent config (TOML); check it first with `edgefleet-agent check-config`.")
 def run_cmd(config: Path) -> None:
-    """Run the agent: connect to the broker, follow the desired deployment, keep the model healthy.
+    """Run the agent: connect to the broker, follow the desired deployment, keep the model healthy,
+    and serve the active model on the local inference endpoint ([serve] in the config).
 
-    Stops cleanly on SIGTERM or Ctrl-C (the state message then says offline).
+    Under systemd (Type=notify) it reports READY once the active model is loaded, pings the
+    watchdog and keeps STATUS current. Stops cleanly on SIGTERM or Ctrl-C (the state message
+    then says offline).
     """
     import logging
     import signal
@@ -78,6 +81,7 @@ def run_cmd(config: Path) -> None:
     from agent.config import AgentConfig
     from agent.deploy.agent import Agent
     from agent.deploy.policy import Policy
+    from agent.service import Notifier
     from agent.transport.mqtt import MqttTransport
 
     cfg, policy = _load(config)
@@ -86,7 +90,47 @@ def run_cmd(config: Path) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    Agent(cfg, policy, MqttTransport(cfg.broker, cfg.client_id)).run(stop)
+    agent = Agent(cfg, policy, MqttTransport(cfg.broker, cfg.client_id))
+    agent.notifier = Notifier.from_environ()
+    endpoint = None
+    if cfg.serve.enabled:
+        from agent.serve.http import Endpoint
+
+        endpoint = Endpoint(cfg.serve, agent.holder, agent.latency)
+        endpoint.start()  # a port in use is a one-line error before anything else starts
+    try:
+        agent.run(stop)
+    finally:
+        if endpoint is not None:
+            endpoint.stop()
+
+
+@cli.command("install-service")
+@click.option("--root", type=click.Path(path_type=Path), default=Path("/"), show_default=True,
+              help="Install under this root (a staging or image directory); files go to ROOT/etc/...")
+@click.option("--user", default=None,
+              help="Run as this existing user (User=/Group=) instead of a transient DynamicUser.")
+@click.option("--exec", "executable", default=None,
+              help="Path of the edgefleet-agent executable for ExecStart (default: this one).")
+@click.option("--force", is_flag=True, help="Replace an existing config with the skeleton.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as one JSON object.")
+def install_service_cmd(root: Path, user: str | None, executable: str | None, force: bool, as_json: bool) -> None:
+    """Write the systemd unit (ROOT/etc/systemd/system/edgefleet-agent.service) and a config
+    skeleton (ROOT/etc/edgefleet/agent.toml; an existing one is kept unless --force).
+
+    Then: edit the config, `edgefleet-agent check-config /etc/edgefleet/agent.toml`,
+    `systemctl daemon-reload && systemctl enable --now edgefleet-agent`.
+    """
+    from agent.service import install_service
+
+    res = install_service(root, user, executable, force)
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    click.echo(f"wrote {res['unit']}")
+    click.echo(f"wrote {res['config']}" if res["config_written"] else
+               f"kept {res['config']} (exists; --force replaces it with the skeleton)")
+    click.echo("next: edit the config, then `systemctl daemon-reload && systemctl enable --now edgefleet-agent`")
 
 
 @cli.command("status")

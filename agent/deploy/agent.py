@@ -40,6 +40,9 @@ from agent.protocol.messages import (
     encode,
 )
 from agent.runtime import InferenceSession
+from agent.serve.holder import Loaded, SessionHolder
+from agent.serve.local import Arrays, LocalModel
+from agent.service import Notifier
 from agent.store.chunks import ChunkStore, discard_download
 from agent.store.fsutil import read_json, remove, write_json
 from agent.store.versions import Installed, VersionStore
@@ -95,6 +98,12 @@ class Agent:
         self.dropped = 0
         # Every inference (serving, commands) records here; the telemetry reporter reads windows.
         self.latency = LatencyRecorder()
+        # Requests (HTTP endpoint, LocalModel) use the model through the holder, never self.session:
+        # a swap goes through it, so a request finishes on the model it started with.
+        self.holder = SessionHolder()
+        self.local = LocalModel(self.holder, self.latency)
+        # systemd sd_notify (READY, WATCHDOG, STATUS); sends nothing outside systemd
+        self.notifier = Notifier(None)
         self.thermal = ThermalReader(cfg.telemetry.sysfs_root)  # for the benchmark command
         self._queued_bytes = 0
         self._qlock = threading.Lock()
@@ -110,9 +119,12 @@ class Agent:
 
     def run(self, stop: threading.Event) -> None:
         self.start()
+        self.notifier.ready(self.status_line())
         reporter = self.start_telemetry()
         while not stop.is_set():
+            self.notifier.watchdog()
             self.step(0.2)
+        self.notifier.stopping()
         if reporter is not None:
             reporter.stop()
         self._publish_state(online=False)
@@ -208,6 +220,14 @@ class Agent:
                    detail=detail or {})
         log.log(logging.WARNING if reason else logging.INFO, "event %s %s %s@%s %s", kind,
                 state or "", name, version, reason)
+        if kind == "deployment" and state in ("FETCHING", "VERIFIED", "UNPACKED", "SELF_TEST"):
+            pct = (detail or {}).get("progress")
+            what = {"FETCHING": "fetching", "VERIFIED": "verified", "UNPACKED": "unpacked",
+                    "SELF_TEST": "self-test"}[state]
+            self.notifier.status(f"{what} {name} {version}" + (f" {pct:.0%}" if isinstance(pct, float) else "")
+                                 + f" ({self.status_line()})")
+        elif kind == "deployment":
+            self.notifier.status(self.status_line())
         self.t.publish(topics.device_topic(self.dev, "events"), encode(ev))
 
     def _bad(self, topic: str, reason: str) -> None:
@@ -240,9 +260,30 @@ class Agent:
     def _load_active(self, inst: Installed) -> None:
         session = selftest.load(inst, self.cfg.threads, self.policy.providers)
         golden = selftest.golden_of(inst)
-        if self.session is not None:
-            self.session.close()
+        try:
+            session.infer({k: v[:1] for k, v in golden.inputs.items()})  # warm-up before serving
+        except Exception as exc:  # a runtime's own error types
+            session.close()
+            raise ValueError(f"warm-up inference failed: {type(exc).__name__}: {exc}") from None
+        self._set_active(inst, session, golden)
+
+    def _set_active(self, inst: Installed | None, session: InferenceSession | None,
+                    golden: GoldenSet | None) -> None:
+        """Swap the served model through the holder: the old session closes after its last request."""
         self.active, self.session, self.golden = inst, session, golden
+        m = None if inst is None else inst.manifest
+        self.holder.swap(None if m is None or inst is None or session is None else
+                         Loaded(m.name, m.version, inst.sha256, m.runtime, session))
+        self.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        """What the agent serves, for systemd's STATUS=."""
+        a = self.active
+        return f"serving {a.manifest.name} {a.manifest.version}" if a else "no model active"
+
+    def infer(self, feeds: Arrays) -> Arrays:
+        """In-process inference on the active model (timed into ``self.latency``)."""
+        return self.local.infer(feeds)
 
     # -- messages -------------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -435,9 +476,7 @@ class Agent:
         write_json(self.install_path, {"sha256": dep.sha256, "dir": inst.dir.name, "state": "ACTIVATING",
                                        "previous": previous.dir.name if previous else None})
         self.versions.activate(inst)
-        if self.session is not None:
-            self.session.close()
-        self.active, self.session, self.golden = inst, session, selftest.golden_of(inst)
+        self._set_active(inst, session, selftest.golden_of(inst))
         write_json(self.install_path, {"sha256": dep.sha256, "dir": inst.dir.name, "state": "PROBATION",
                                        "previous": previous.dir.name if previous else None})
         discard_download(self.downloads, dep.sha256)
@@ -517,9 +556,7 @@ class Agent:
             self.versions.activate(prev)
         else:
             self.versions.deactivate()
-        if self.session is not None:
-            self.session.close()
-        self.active, self.session, self.golden = prev, session, golden
+        self._set_active(prev, session, golden)
         self.probation = None
         remove(self.install_path)
         if failed is not None:

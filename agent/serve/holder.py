@@ -1,0 +1,99 @@
+"""The active model behind a refcount, so a swap never breaks a request that is running.
+
+Requests ``acquire`` the current model and ``release`` it when they finish; ``swap`` makes a
+new model current at once, and the old session is closed only when its last request released
+it. The worker thread swaps; any number of request threads acquire.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from agent.runtime import InferenceSession, IOSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Loaded:
+    """One loaded model version: its session and what the endpoint reports about it."""
+
+    name: str
+    version: str
+    sha256: str
+    runtime: str
+    session: InferenceSession
+    inputs: list[IOSpec] = field(default_factory=list)
+    outputs: list[IOSpec] = field(default_factory=list)
+    refs: int = 0
+    retired: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            self.inputs = list(self.session.inputs)
+        if not self.outputs:
+            self.outputs = list(self.session.outputs)
+
+
+class SessionHolder:
+    """Thread-safe: holds the current ``Loaded`` (or None) and counts who is using each one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: Loaded | None = None
+
+    @property
+    def current(self) -> Loaded | None:
+        """The current model, without taking a reference (for metadata only)."""
+        return self._current
+
+    def acquire(self) -> Loaded | None:
+        """Take a reference on the current model; None when no model is loaded."""
+        with self._lock:
+            cur = self._current
+            if cur is not None:
+                cur.refs += 1
+            return cur
+
+    def release(self, loaded: Loaded) -> None:
+        with self._lock:
+            loaded.refs -= 1
+            close = loaded.retired and loaded.refs == 0
+        if close:
+            _close(loaded)
+
+    @contextmanager
+    def lease(self) -> Iterator[Loaded | None]:
+        cur = self.acquire()
+        try:
+            yield cur
+        finally:
+            if cur is not None:
+                self.release(cur)
+
+    def swap(self, new: Loaded | None) -> Loaded | None:
+        """Make ``new`` current; the previous one is closed once no request uses it. Returns it."""
+        with self._lock:
+            old, self._current = self._current, new
+            close = False
+            if old is not None and old is not new:
+                old.retired = True
+                close = old.refs == 0
+        if close and old is not None:
+            _close(old)
+        return old
+
+    def close(self) -> None:
+        """Shut down: no current model; the last one closes when its requests finish."""
+        self.swap(None)
+
+
+def _close(loaded: Loaded) -> None:
+    try:
+        loaded.session.close()
+    except Exception:  # a runtime's own error must not take a request thread down
+        log.exception("closing %s %s", loaded.name, loaded.version)

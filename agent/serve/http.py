@@ -1,0 +1,300 @@
+"""The local inference endpoint: Open Inference Protocol v2 REST (KServe / Triton) on stdlib http.server.
+
+One thread per connection (keep-alive), at most ``max_connections`` at once; every socket has
+a timeout and a request body a deadline, so a slow or silent client only holds its own thread
+for a bounded time. Responses are written in one send (no Nagle/delayed-ACK stall).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import socketserver
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from agent import __version__
+from agent.config import ServeConfig
+from agent.errors import ConfigError
+from agent.serve.holder import Loaded, SessionHolder
+from agent.serve.tensors import RequestError, encode_response, parse_infer, spec_json
+from agent.telemetry.latency import LatencyRecorder
+
+log = logging.getLogger(__name__)
+
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "litert": "tensorflow_lite"}
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+           408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
+           500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "edgefleet-agent"
+    endpoint: Endpoint  # set on the subclass made per server
+
+    def setup(self) -> None:
+        super().setup()
+        if self.connection.family in (socket.AF_INET, socket.AF_INET6):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def address_string(self) -> str:
+        return str(self.client_address[0]) if isinstance(self.client_address, tuple) else "unix"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    # -- responses --------------------------------------------------------------------------
+    def _send(self, status: int, body: bytes, ctype: str = "application/json",
+              header_len: int | None = None) -> None:
+        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}", f"Content-Type: {ctype}",
+                f"Content-Length: {len(body)}"]
+        if header_len is not None:
+            head.append(f"Inference-Header-Content-Length: {header_len}")
+        if self.close_connection:
+            head.append("Connection: close")
+        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+
+    def _json(self, status: int, doc: dict[str, Any]) -> None:
+        self._send(status, json.dumps(doc, separators=(",", ":")).encode())
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": message})
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, headers too long) as protocol error JSON."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self._error(code if code in REASONS else 400, message or REASONS.get(code, "bad request"))
+
+    # -- methods ------------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def do_PUT(self) -> None:
+        self._route("PUT")
+
+    def do_DELETE(self) -> None:
+        self._route("DELETE")
+
+    def _route(self, method: str) -> None:
+        self._infer_route = False
+        parts = [p for p in urlsplit(self.path).path.split("/") if p]
+        if method != "POST" and self.headers.get("Content-Length", "0") not in ("", "0"):
+            self.close_connection = True  # a GET with a body: do not read it, do not reuse
+        try:
+            self._dispatch(method, parts)
+        except RequestError as exc:
+            if self._infer_route:
+                self.endpoint.recorder.error()
+            self._error(exc.status, exc.message)
+
+    _infer_route = False
+
+    def _dispatch(self, method: str, parts: list[str]) -> None:
+        ep = self.endpoint
+        if parts[:1] != ["v2"]:
+            raise RequestError(404, f"no such endpoint: {self.path[:200]}")
+        rest = parts[1:]
+        want = "POST" if rest[-1:] == ["infer"] else "GET"
+        if method != want:
+            self.close_connection = True
+            raise RequestError(405, f"{method} is not allowed here (use {want})")
+        if not rest:
+            self._json(200, {"name": "edgefleet-agent", "version": __version__,
+                             "extensions": ["binary_tensor_data"]})
+            return
+        if rest == ["health", "live"]:
+            self._json(200, {"live": True})
+            return
+        if rest == ["health", "ready"]:
+            ready = ep.holder.current is not None
+            self._json(200 if ready else 503, {"ready": ready})
+            return
+        if rest[0] != "models" or len(rest) < 2:
+            raise RequestError(404, f"no such endpoint: {self.path[:200]}")
+        name, version, tail = rest[1], None, rest[2:]
+        if tail[:1] == ["versions"]:
+            if len(tail) < 2:
+                raise RequestError(404, f"no such endpoint: {self.path[:200]}")
+            version, tail = tail[1], tail[2:]
+        if tail == ["infer"]:
+            self._infer_route = True
+            self._infer(name, version)
+        elif tail == []:
+            m = ep.find(name, version)
+            self._json(200, {"name": m.name, "versions": [m.version], "platform": PLATFORMS.get(m.runtime, m.runtime),
+                             "inputs": [spec_json(s) for s in m.inputs],
+                             "outputs": [spec_json(s) for s in m.outputs]})
+        elif tail == ["ready"]:
+            m = ep.find(name, version)
+            self._json(200, {"name": m.name, "ready": True})
+        else:
+            raise RequestError(404, f"no such endpoint: {self.path[:200]}")
+
+    def _read_body(self) -> bytes:
+        cl = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise RequestError(411, "chunked bodies are not supported: send Content-Length")
+        if cl is None:
+            self.close_connection = True
+            raise RequestError(411, "Content-Length is required")
+        try:
+            n = int(cl)
+            if n < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise RequestError(400, "Content-Length is not a number") from None
+        limit = self.endpoint.cfg.max_body_bytes
+        if n > limit:
+            self.close_connection = True  # the body is not read: the connection cannot be reused
+            raise RequestError(413, f"body of {n} bytes exceeds the {limit} allowed (serve.max_body_bytes)")
+        if n == 0:
+            return b""
+        deadline = time.monotonic() + self.endpoint.cfg.request_timeout_s
+        buf = bytearray()
+        while len(buf) < n:
+            if time.monotonic() > deadline:
+                self.close_connection = True
+                raise RequestError(408, "request body took too long")
+            try:
+                chunk = self.rfile.read1(min(n - len(buf), 1 << 20))
+            except TimeoutError:
+                self.close_connection = True
+                raise RequestError(408, "request body took too long") from None
+            if not chunk:
+                self.close_connection = True
+                raise RequestError(400, "body shorter than Content-Length")
+            buf += chunk
+        return bytes(buf)
+
+    def _infer(self, name: str, version: str | None) -> None:
+        ep = self.endpoint
+        body = self._read_body()
+        hl = self.headers.get("Inference-Header-Content-Length")
+        try:
+            header_len = None if hl is None else int(hl)
+        except ValueError:
+            raise RequestError(400, "Inference-Header-Content-Length is not a number") from None
+        holder = ep.holder
+        loaded = holder.acquire()
+        if loaded is None:
+            raise RequestError(503, "no model is active on this device")
+        try:
+            ep.check(loaded, name, version)
+            req = parse_infer(body, header_len, loaded.inputs, loaded.outputs)
+            t0 = time.perf_counter()
+            try:
+                result = loaded.session.infer(req.feeds)
+            except Exception as exc:  # a runtime's own error types
+                raise RequestError(500, f"inference failed: {type(exc).__name__}: {exc}") from None
+            ms = (time.perf_counter() - t0) * 1000.0
+            out, header_len = encode_response(loaded.name, loaded.version, req, result)
+        finally:
+            holder.release(loaded)
+        ep.recorder.record(ms)
+        self._send(200, out, "application/json" if header_len is None else "application/octet-stream",
+                   header_len)
+
+
+_BUSY_BODY = b'{"error":"too many connections open"}'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+         b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
+class _TcpServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 64
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    block_on_close = False
+
+
+class Endpoint:
+    """Owns the listening socket and its thread; ``start``/``stop`` from the agent's main thread."""
+
+    def __init__(self, cfg: ServeConfig, holder: SessionHolder, recorder: LatencyRecorder) -> None:
+        self.cfg, self.holder, self.recorder = cfg, holder, recorder
+        self._slots = threading.BoundedSemaphore(cfg.max_connections)
+        self._server: socketserver.BaseServer | None = None
+        self._thread: threading.Thread | None = None
+        self.address = ""
+
+    def find(self, name: str, version: str | None) -> Loaded:
+        m = self.holder.current
+        if m is None:
+            raise RequestError(503, "no model is active on this device")
+        self.check(m, name, version)
+        return m
+
+    @staticmethod
+    def check(m: Loaded, name: str, version: str | None) -> None:
+        if name != m.name:
+            raise RequestError(404, f"unknown model '{name[:100]}' (this device serves '{m.name}')")
+        if version is not None and version != m.version:
+            raise RequestError(404, f"version '{version[:100]}' of '{name}' is not active (active: {m.version})")
+
+    def start(self) -> None:
+        handler = type("Handler", (_Handler,), {"endpoint": self, "timeout": self.cfg.request_timeout_s})
+        cfg = self.cfg
+        try:
+            if cfg.unix_socket is not None:
+                path = Path(cfg.unix_socket)
+                if path.is_socket():
+                    path.unlink()  # a stale socket from a previous run
+                server: socketserver.BaseServer = _UnixServer(str(path), handler)
+                os.chmod(path, 0o660)
+                self.address = f"unix:{path}"
+            else:
+                server = _TcpServer((cfg.host, cfg.port), handler)
+                host, port = server.server_address[:2]
+                self.address = f"http://{host!s}:{port}"
+        except OSError as exc:
+            where = cfg.unix_socket or f"{cfg.host}:{cfg.port}"
+            raise ConfigError(f"serve: cannot listen on {where}: {exc.strerror or exc}") from None
+        slots = self._slots
+
+        def process_request(request: Any, client_address: Any) -> None:
+            if not slots.acquire(blocking=False):  # over max_connections: answer and hang up
+                with contextlib.suppress(OSError):
+                    request.sendall(_BUSY)
+                server.shutdown_request(request)
+                return
+            socketserver.ThreadingMixIn.process_request(server, request, client_address)  # type: ignore[arg-type]
+
+        def process_request_thread(request: Any, client_address: Any) -> None:
+            try:
+                socketserver.ThreadingMixIn.process_request_thread(server, request, client_address)  # type: ignore[arg-type]
+            finally:
+                slots.release()
+
+        server.process_request = process_request  # type: ignore[method-assign]
+        server.process_request_thread = process_request_thread  # type: ignore[attr-defined]
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 1.0},
+                                        name="serve", daemon=True)
+        self._thread.start()
+        log.info("serving the Open Inference Protocol v2 on %s", self.address)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            if self.cfg.unix_socket is not None:
+                Path(self.cfg.unix_socket).unlink(missing_ok=True)
+            self._server = None

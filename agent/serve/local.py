@@ -1,0 +1,57 @@
+"""In-process inference on the active model, through the same holder and recorder as the endpoint."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.errors import EdgefleetError, ModelError
+from agent.serve.holder import Loaded, SessionHolder
+from agent.telemetry.latency import LatencyRecorder
+
+Arrays = dict[str, npt.NDArray[np.generic]]
+
+
+class NoModelError(EdgefleetError):
+    """No model is active on this device yet (the endpoint answers 503)."""
+
+    exit_code = 4
+
+
+class InferenceError(ModelError):
+    """The runtime failed on inputs that passed validation."""
+
+
+class LocalModel:
+    """``infer({name: array}) -> {name: array}`` on whatever model is active when it is called.
+
+    A swap during a call does not affect it: the call keeps a reference on the model it began with.
+    """
+
+    def __init__(self, holder: SessionHolder, recorder: LatencyRecorder) -> None:
+        self.holder, self.recorder = holder, recorder
+
+    @property
+    def active(self) -> Loaded | None:
+        return self.holder.current
+
+    def infer(self, feeds: Arrays) -> Arrays:
+        holder = self.holder
+        loaded = holder.acquire()
+        if loaded is None:
+            self.recorder.error()
+            raise NoModelError("no model is active")
+        try:
+            t0 = time.perf_counter()
+            out = loaded.session.infer(feeds)
+            ms = (time.perf_counter() - t0) * 1000.0
+        except Exception as exc:  # a runtime's own error types
+            self.recorder.error()
+            raise InferenceError(f"{loaded.name} {loaded.version}: inference failed: "
+                                 f"{type(exc).__name__}: {exc}") from None
+        finally:
+            holder.release(loaded)
+        self.recorder.record(ms)
+        return out

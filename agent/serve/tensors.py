@@ -1,0 +1,174 @@
+"""Open Inference Protocol v2 tensors: JSON (and binary extension) request/response encoding.
+
+Every problem with a request is a ``RequestError`` carrying the HTTP status to answer with,
+so the server never turns a bad request into a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.runtime import IOSpec
+
+# numpy dtype name -> v2 datatype (BYTES is not supported: the runtimes here take numbers)
+V2_DTYPES = {
+    "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
+    "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
+    "float16": "FP16", "float32": "FP32", "float64": "FP64",
+}
+NP_DTYPES = {v: k for k, v in V2_DTYPES.items()}
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    feeds: dict[str, npt.NDArray[np.generic]]
+    outputs: list[tuple[str, bool]] | None  # (name, binary); None: every output
+    binary_default: bool
+
+
+def v2_shape(spec: IOSpec) -> list[int]:
+    return [d if isinstance(d, int) and d >= 0 else -1 for d in spec.shape]
+
+
+def spec_json(spec: IOSpec) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": V2_DTYPES.get(spec.dtype, spec.dtype.upper()),
+            "shape": v2_shape(spec)}
+
+
+def _obj(doc: Any, what: str) -> dict[str, Any]:
+    if not isinstance(doc, dict):
+        raise RequestError(400, f"{what} must be a JSON object")
+    return doc
+
+
+def _params(doc: dict[str, Any], what: str) -> dict[str, Any]:
+    return _obj(doc.get("parameters", {}), f"{what}.parameters")
+
+
+def parse_infer(body: bytes, header_len: int | None, inputs: list[IOSpec],
+                outputs: list[IOSpec]) -> InferRequest:
+    """Decode and check an infer request against the model's inputs and outputs."""
+    if header_len is not None:
+        if header_len < 0 or header_len > len(body):
+            raise RequestError(400, "Inference-Header-Content-Length is larger than the body")
+        head, binary = body[:header_len], memoryview(body)[header_len:]
+    else:
+        head, binary = body, memoryview(b"")
+    try:
+        doc = _obj(json.loads(head), "request")
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise RequestError(400, "request body is not valid JSON") from None
+    rid = doc.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise RequestError(400, "id must be a string")
+    reqs = doc.get("inputs")
+    if not isinstance(reqs, list) or not reqs:
+        raise RequestError(400, "inputs must be a non-empty list")
+    specs = {s.name: s for s in inputs}
+    feeds: dict[str, npt.NDArray[np.generic]] = {}
+    offset = 0
+    for i, raw in enumerate(reqs):
+        t = _obj(raw, f"inputs[{i}]")
+        name = t.get("name")
+        if not isinstance(name, str) or name not in specs:
+            raise RequestError(400, f"inputs[{i}]: unknown input {name!r} (the model takes "
+                                    f"{', '.join(specs)})")
+        if name in feeds:
+            raise RequestError(400, f"input '{name}' given twice")
+        spec = specs[name]
+        want = V2_DTYPES.get(spec.dtype)
+        if t.get("datatype") != want or want is None:
+            raise RequestError(400, f"input '{name}': datatype {t.get('datatype')!r}, the model expects {want}")
+        shape = t.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                   for d in shape):
+            raise RequestError(400, f"input '{name}': shape must be a list of non-negative integers")
+        expect = v2_shape(spec)
+        if len(shape) != len(expect) or any(e != -1 and e != d for e, d in zip(expect, shape, strict=True)):
+            raise RequestError(400, f"input '{name}': shape {shape}, the model expects {expect} (-1: any)")
+        dtype = np.dtype(spec.dtype)
+        count = math.prod(shape)
+        size = _params(t, f"input '{name}'").get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise RequestError(400, f"input '{name}': binary_data_size must be a non-negative integer")
+            if size != count * dtype.itemsize:
+                raise RequestError(400, f"input '{name}': binary_data_size {size}, shape {shape} of "
+                                        f"{want} needs {count * dtype.itemsize}")
+            if offset + size > len(binary):
+                raise RequestError(400, f"input '{name}': binary data is shorter than binary_data_size")
+            arr = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
+            offset += size
+        else:
+            if "data" not in t:
+                raise RequestError(400, f"input '{name}': no data (JSON 'data' or binary_data_size)")
+            try:
+                arr = np.asarray(t["data"], dtype=dtype)
+            except (ValueError, TypeError, OverflowError):
+                raise RequestError(400, f"input '{name}': data is not a list of {want} numbers") from None
+            if arr.size != count:
+                raise RequestError(400, f"input '{name}': {arr.size} values for shape {shape} ({count})")
+            arr = arr.reshape(shape)
+        feeds[name] = arr
+    if offset != len(binary):
+        raise RequestError(400, f"{len(binary) - offset} bytes of binary data that no input claims")
+    missing = [n for n in specs if n not in feeds]
+    if missing:
+        raise RequestError(400, f"missing input(s): {', '.join(missing)}")
+    binary_default = bool(_params(doc, "request").get("binary_data_output", False))
+    out_req = doc.get("outputs")
+    wanted: list[tuple[str, bool]] | None = None
+    if out_req is not None:
+        if not isinstance(out_req, list):
+            raise RequestError(400, "outputs must be a list")
+        names = {s.name for s in outputs}
+        wanted = []
+        for i, raw in enumerate(out_req):
+            o = _obj(raw, f"outputs[{i}]")
+            oname = o.get("name")
+            if not isinstance(oname, str) or oname not in names:
+                raise RequestError(400, f"outputs[{i}]: unknown output {oname!r} (the model gives "
+                                        f"{', '.join(sorted(names))})")
+            wanted.append((oname, bool(_params(o, f"outputs[{i}]").get("binary_data", binary_default))))
+    return InferRequest(rid if isinstance(rid, str) else None, feeds, wanted, binary_default)
+
+
+def encode_response(name: str, version: str, req: InferRequest,
+                    result: dict[str, npt.NDArray[np.generic]]) -> tuple[bytes, int | None]:
+    """The response body and, when some output is binary, the JSON header's length."""
+    chosen = req.outputs if req.outputs is not None else [(n, req.binary_default) for n in result]
+    outs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for oname, binary in chosen:
+        arr = np.asarray(result[oname])
+        dt = V2_DTYPES.get(arr.dtype.name)
+        if dt is None:  # e.g. a string output: give it back as FP32 is wrong, so say so
+            raise RequestError(500, f"output '{oname}' has dtype {arr.dtype.name}, not a v2 datatype")
+        o: dict[str, Any] = {"name": oname, "datatype": dt, "shape": list(arr.shape)}
+        if binary:
+            blob = np.ascontiguousarray(arr).tobytes()
+            o["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            o["data"] = arr.ravel().tolist()
+        outs.append(o)
+    doc: dict[str, Any] = {"model_name": name, "model_version": version, "outputs": outs}
+    if req.id is not None:
+        doc["id"] = req.id
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    if not blobs:
+        return head, None
+    return b"".join([head, *blobs]), len(head)
