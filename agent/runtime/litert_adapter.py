@@ -6,6 +6,7 @@ so callers always exchange float32.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ class LiteRtSession(InferenceSession):
         self._in = self._interp.get_input_details()
         self._out = self._interp.get_output_details()
         self._batch: int | None = None
+        # An interpreter is not thread-safe; the endpoint's threads and the agent's probation share it.
+        self._lock = threading.Lock()
 
     @property
     def inputs(self) -> list[IOSpec]:
@@ -64,6 +67,10 @@ class LiteRtSession(InferenceSession):
         return [_spec(d) for d in self._out]
 
     def infer(self, feeds: dict[str, npt.NDArray[np.generic]]) -> dict[str, npt.NDArray[np.generic]]:
+        with self._lock:
+            return self._infer(feeds)
+
+    def _infer(self, feeds: dict[str, npt.NDArray[np.generic]]) -> dict[str, npt.NDArray[np.generic]]:
         first = next(iter(feeds.values()))
         if first.shape[0] != self._batch:
             for d in self._in:
