@@ -76,7 +76,7 @@ def line_chart(title: str, unit: str, series: list[Series], x_range: tuple[float
     left, right, top, bottom = 46, 10, 26, 26
     pw, ph = width - left - right, height - top - bottom
     pts = [p for s in series for p in s.points]
-    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" preserveAspectRatio="xMidYMid meet" '
              f'role="img" aria-label="{esc(title)}">',
              f'<text x="{left}" y="15" class="ct">{esc(title)}</text>']
     if not pts:
@@ -189,7 +189,8 @@ th{background:#eef1f6;font-weight:600}td.num{text-align:right;font-variant-numer
 .ok{color:#137333}.bad{color:#b3261e}.warn{color:#a15c00}.muted{color:#7a8394}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600}
 .badge.ok{background:#e3f4e8}.badge.bad{background:#fbe4e2}.badge.run{background:#e8eefc;color:#2a4fb0}
-.charts{display:flex;flex-wrap:wrap;gap:8px}.chart{background:#fbfcfe;border:1px solid #e6e9ef;border-radius:6px}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:10px}
+.chart{width:100%;height:auto;background:#fbfcfe;border:1px solid #e6e9ef;border-radius:6px}
 .chart .ct{font-size:12px;font-weight:600;fill:#1d2433}.chart .tick{font-size:10px;fill:#5b6577}
 .chart .grid{stroke:#e6e9ef}.chart .empty{fill:#9aa3b2;font-size:12px}
 .chart .mark{stroke-width:1.2;stroke-dasharray:3 3}.chart .mark.ok{stroke:#34a853}.chart .mark.bad{stroke:#d93025}
