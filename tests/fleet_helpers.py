@@ -3,6 +3,7 @@ messages, and a bounded wait."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -68,10 +69,8 @@ class Postgres:
         return self.url(name)
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
-        except (RuntimeError, subprocess.TimeoutExpired):
-            pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
