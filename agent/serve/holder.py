@@ -34,9 +34,16 @@ class Loaded:
 
     def __post_init__(self) -> None:
         if not self.inputs:
-            self.inputs = list(self.session.inputs)
+            self.inputs = [_served(self.runtime, s) for s in self.session.inputs]
         if not self.outputs:
-            self.outputs = list(self.session.outputs)
+            self.outputs = [_served(self.runtime, s) for s in self.session.outputs]
+
+
+def _served(runtime: str, spec: IOSpec) -> IOSpec:
+    """The dtype callers exchange: the LiteRT adapter (de)quantizes int8 tensors from/to float32."""
+    if runtime == "litert" and spec.dtype in ("int8", "uint8"):
+        return IOSpec(spec.name, "float32", spec.shape)
+    return spec
 
 
 class SessionHolder:

@@ -1,0 +1,116 @@
+"""sd_notify over a real AF_UNIX datagram socket, the systemd unit (systemd-analyze verify and
+security), and `edgefleet-agent install-service`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.service import Notifier, render_unit
+
+REPO = Path(__file__).resolve().parents[3]
+ANALYZE = shutil.which("systemd-analyze")
+needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
+
+
+@pytest.fixture
+def abstract_socket() -> Iterator[tuple[str, socket.socket]]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"edgefleet-test-{os.getpid()}-{time.monotonic_ns()}"
+    s.bind("\0" + name)
+    s.settimeout(2)
+    yield "@" + name, s
+    s.close()
+
+
+def test_notifier_abstract_socket_and_watchdog_rate(abstract_socket: tuple[str, socket.socket]) -> None:
+    addr, s = abstract_socket
+    n = Notifier({"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getpid())})
+    assert n.interval_s == pytest.approx(0.1)
+    n.ready("serving tiny 1.0.0")
+    assert s.recv(4096).decode().split("\n")[:2] == ["READY=1", "STATUS=serving tiny 1.0.0"]
+    n.status("serving tiny 1.0.0")  # unchanged: not sent again
+    n.status("fetching tiny 1.1.0 40%")
+    assert s.recv(4096) == b"STATUS=fetching tiny 1.1.0 40%"
+    pings = 0
+    end = time.monotonic() + 0.55
+    while time.monotonic() < end:  # a busy main loop: pings only every half interval
+        n.watchdog()
+    s.setblocking(False)
+    try:
+        while True:
+            assert s.recv(4096) == b"WATCHDOG=1"
+            pings += 1
+    except BlockingIOError:
+        pass
+    assert 4 <= pings <= 7
+    n.close()
+
+
+def test_notifier_is_a_no_op_outside_systemd_and_for_another_pid() -> None:
+    assert not Notifier({}).send("READY=1")
+    assert Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}).interval_s is None
+
+
+def _analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    assert ANALYZE is not None
+    return subprocess.run([ANALYZE, *args], capture_output=True, text=True, timeout=60)
+
+
+@needs_analyze
+@pytest.mark.parametrize("user", [None, "edgefleet"])
+def test_unit_verifies_clean_and_rates_ok(tmp_path: Path, user: str | None) -> None:
+    shipped = REPO / "systemd" / "edgefleet-agent.service"
+    assert shipped.read_text() == render_unit("/usr/bin/env edgefleet-agent"), "regenerate systemd/ from agent/service.py"
+    unit = tmp_path / "edgefleet-agent.service"
+    unit.write_text(render_unit("/usr/bin/env edgefleet-agent", user=user))
+    for path in (shipped, unit):
+        v = _analyze("verify", str(path))
+        assert v.returncode == 0 and v.stdout.strip() == "" and v.stderr.strip() == "", v.stdout + v.stderr
+        sec = _analyze("security", "--offline=true", str(path))
+        m = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", sec.stdout)
+        assert m is not None, sec.stdout[-500:] + sec.stderr
+        assert float(m.group(1)) <= 4.9 and m.group(2) in ("OK", "SAFE"), m.group(0)
+    text = shipped.read_text()
+    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "DynamicUser=yes", "StateDirectory=edgefleet"):
+        assert line in text
+
+
+@needs_analyze
+def test_a_bad_key_is_reported_by_verify(tmp_path: Path) -> None:
+    """The check above can fail: verify prints (but exits 0 on) an unknown key."""
+    unit = tmp_path / "edgefleet-agent.service"
+    unit.write_text(render_unit("/usr/bin/env edgefleet-agent").replace("Type=notify", "Type=notify\nWatchDogSecs=3"))
+    v = _analyze("verify", str(unit))
+    assert "WatchDogSecs" in v.stdout + v.stderr
+
+
+def test_install_service_writes_unit_and_keeps_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exe = shutil.which("edgefleet-agent") or "/usr/bin/env edgefleet-agent"
+    assert main(["install-service", "--root", str(tmp_path), "--exec", exe, "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    unit, config = Path(res["unit"]), Path(res["config"])
+    assert unit == tmp_path / "etc/systemd/system/edgefleet-agent.service" and res["config_written"]
+    assert f"ExecStart={exe} run --config /etc/edgefleet/agent.toml" in unit.read_text()
+    assert 'state_dir = "/var/lib/edgefleet"' in config.read_text()
+    config.write_text("# mine\n")
+    assert main(["install-service", "--root", str(tmp_path), "--exec", exe, "--user", "edgefleet"]) == 0
+    assert "kept" in capsys.readouterr().out and config.read_text() == "# mine\n"
+    assert "User=edgefleet" in unit.read_text() and "DynamicUser" not in unit.read_text()
+    assert main(["install-service", "--root", str(tmp_path), "--exec", exe, "--force"]) == 0
+    assert config.read_text() != "# mine\n"
+    if ANALYZE is not None and Path(exe).is_absolute() and os.access(exe, os.X_OK):
+        v = _analyze("verify", str(unit))
+        assert v.stdout.strip() == "" and v.stderr.strip() == "", v.stdout + v.stderr
+    assert main(["install-service", "--root", str(tmp_path), "--exec", "relative/agent"]) == 2
+    assert "absolute path" in capsys.readouterr().err
