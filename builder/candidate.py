@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from agent.protocol.manifest import (
     Golden,
     Manifest,
     ModelInfo,
+    Quantization,
     Recipe,
     RecipeStep,
     TensorSpec,
@@ -28,6 +30,7 @@ from builder.evaluate.latency import measure_latency
 from builder.evaluate.memory import measure_peak_rss
 from builder.package import file_entry, write_artifact
 from builder.passes import ModelHandle
+from builder.report import build_report
 
 # Tolerance of the on-device self-test against this candidate's host outputs, relative to
 # the largest output magnitude: runtimes on other CPUs round differently, int8 most of all.
@@ -46,6 +49,9 @@ class Candidate:
     artifact: Path | None = None
     steps: list[dict[str, Any]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
+    runtime: str = ""  # runtime that serves its model file (onnxruntime for .onnx, litert for .tflite)
+    skipped: bool = False  # not built at all (error says why); not a failure of the recipe
+    report: dict[str, Any] = field(default_factory=dict)  # report.json as packed into its artifact
 
     @property
     def fits(self) -> bool:
@@ -53,7 +59,8 @@ class Candidate:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "recipe": self.recipe, "precision": self.precision, "fits": self.fits, "error": self.error,
+            "recipe": self.recipe, "runtime": self.runtime, "precision": self.precision, "fits": self.fits,
+            "skipped": self.skipped, "error": self.error,
             "violations": self.violations, "metrics": self.metrics, "steps": self.steps,
         }
 
@@ -77,11 +84,28 @@ def gate(metrics: dict[str, Any], profile: DeviceProfile) -> list[str]:
     return v
 
 
-def _specs(session: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def _specs(session: Any, model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    quant = _tflite_io_quantization(model_path) if model_path.suffix == ".tflite" else {}
+
     def conv(s: Any) -> TensorSpec:
-        return TensorSpec(name=s.name, dtype=s.dtype, shape=list(s.shape))
+        q = quant.get(s.name)
+        return TensorSpec(name=s.name, dtype=s.dtype, shape=list(s.shape),
+                          quantization=Quantization(scale=q[0], zero_point=q[1]) if q else None)
 
     return [conv(s) for s in session.inputs], [conv(s) for s in session.outputs]
+
+
+def _tflite_io_quantization(path: Path) -> dict[str, tuple[float, int]]:
+    """Scale and zero point of each int8/uint8 input and output tensor of a .tflite model."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    out = {}
+    for d in [*it.get_input_details(), *it.get_output_details()]:
+        scale, zp = d["quantization"]
+        if np.dtype(d["dtype"]) in (np.int8, np.uint8) and scale:
+            out[d["name"]] = (float(scale), int(zp))
+    return out
 
 
 def evaluate_and_pack(
@@ -92,16 +116,18 @@ def evaluate_and_pack(
     """Fill ``cand`` with metrics and a signed artifact in ``workdir`` (not yet published)."""
     assert model.path is not None
     threads = profile.runtime.threads
-    providers = profile.runtime.execution_providers
-    with load_session(profile.runtime.name, model.path, threads=threads, providers=providers) as sess:
+    runtime = cand.runtime or profile.runtime.name
+    # A fallback runtime (ONNX on a LiteRT device) runs on the CPU provider.
+    providers = profile.runtime.execution_providers if runtime == profile.runtime.name else ("CPUExecutionProvider",)
+    with load_session(runtime, model.path, threads=threads, providers=providers) as sess:
         outputs = run_batched(sess, model.input_name, eval_x)
         metrics = compare(reference, outputs, eval_y, task)
         metrics["latency_b1"] = measure_latency(sess, model.input_name, eval_x[:1])
-        inputs, outs = _specs(sess)
+        inputs, outs = _specs(sess, model.path)
         g_in = eval_x[:golden_count]
         expected = sess.infer({model.input_name: g_in})
         metrics["execution_providers"] = list(getattr(sess, "providers", []))
-    metrics.update(measure_peak_rss(profile.runtime.name, model.path, threads, model.input_shape))
+    metrics.update(measure_peak_rss(runtime, model.path, threads, model.input_shape))
     metrics["model_bytes"] = model.path.stat().st_size
     if "params" in model.notes:
         metrics["params"] = model.notes["params"]
@@ -118,17 +144,17 @@ def evaluate_and_pack(
     workdir.mkdir(parents=True, exist_ok=True)
     golden_path = workdir / "golden.npz"
     GoldenSet({model.input_name: g_in}, golden_ref, expected).save(golden_path)
-    model_file = "model.onnx" if profile.runtime.name == "onnxruntime" else "model.tflite"
+    model_file = "model.onnx" if runtime == "onnxruntime" else "model.tflite"
     model_copy = workdir / model_file
     shutil.copyfile(model.path, model_copy)
     report_path = workdir / "report.json"
-    import json
-
-    report_path.write_text(json.dumps({"recipe": cand.recipe, "notes": model.notes, "steps": cand.steps}, indent=2, default=str))
+    cand.report = build_report(cand.recipe, runtime, model.precision, model.path, model.input_name, eval_x[:1],
+                               metrics, model.notes, cand.steps, threads)
+    report_path.write_text(json.dumps(cand.report, indent=2, default=str))
     files = {model_file: model_copy, "golden.npz": golden_path, "report.json": report_path}
     manifest = Manifest(
         format_version=FORMAT_VERSION, name=name, version=version, profile=profile.name,
-        runtime=profile.runtime.name, precision=model.precision, task=task,  # type: ignore[arg-type]
+        runtime=runtime, precision=model.precision, task=task,  # type: ignore[arg-type]
         created=dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         builder_version=__version__,
         model=ModelInfo(file=model_file, inputs=inputs, outputs=outs),

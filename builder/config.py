@@ -58,6 +58,9 @@ class BuildConfig(_Strict):
     signing_key: str | None = None
     # Extra recipes a profile's candidates may name: {recipe: [{pass = "...", config = {...}}]}.
     recipes: dict[str, list[StepSpec]] = {}
+    # Config of the distill step in the built-in distilled_* recipes (student_kwargs or
+    # student_factory, epochs, ...); without it those recipes are skipped.
+    distill: dict[str, Any] = {}
     golden_count: int = Field(default=8, ge=1, le=256)
     seed: int = 0
     base_dir: Path = Path(".")

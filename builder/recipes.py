@@ -12,6 +12,11 @@ Step = tuple[str, dict[str, Any]]
 EXPORT: Step = ("export_onnx", {})
 SIMPLIFY: Step = ("simplify", {})
 LOWRANK: Step = ("lowrank", {"method": "energy", "energy": 0.9})
+# The student comes from the build config's [distill] table (merged in by the search).
+DISTILL: Step = ("distill", {})
+TFLITE_FP32: Step = ("export_tflite", {})
+TFLITE_DYNAMIC: Step = ("export_tflite", {"quantization": "dynamic"})
+TFLITE_INT8: Step = ("export_tflite", {"quantization": "int8"})
 
 
 def _static(profile: DeviceProfile) -> Step:
@@ -31,10 +36,25 @@ RECIPES: dict[str, Any] = {
     "pruned_int8_static": lambda p: [_pruned(p), EXPORT, SIMPLIFY, _static(p)],
     "lowrank_fp32": lambda p: [LOWRANK, EXPORT, SIMPLIFY],
     "lowrank_int8_static": lambda p: [LOWRANK, EXPORT, SIMPLIFY, _static(p)],
+    "distilled_fp32": lambda p: [DISTILL, EXPORT, SIMPLIFY],
+    "distilled_int8_static": lambda p: [DISTILL, EXPORT, SIMPLIFY, _static(p)],
+    # LiteRT (.tflite) through litert-torch; quantized by ai-edge-quantizer on the converted model.
+    "tflite_fp32": lambda p: [TFLITE_FP32],
+    "tflite_int8_dynamic": lambda p: [TFLITE_DYNAMIC],
+    "tflite_int8": lambda p: [TFLITE_INT8],
+    "pruned_tflite_int8": lambda p: [_pruned(p), TFLITE_INT8],
+    "distilled_tflite_int8": lambda p: [DISTILL, TFLITE_INT8],
+    "lowrank_tflite_int8": lambda p: [LOWRANK, TFLITE_INT8],
 }
 
 # Recipes that need the model as a torch module (not available from an .onnx input).
-TORCH_ONLY = {"pruned_fp32", "pruned_int8_static", "lowrank_fp32", "lowrank_int8_static"}
+TORCH_ONLY = {
+    "pruned_fp32", "pruned_int8_static", "lowrank_fp32", "lowrank_int8_static", "distilled_fp32",
+    "distilled_int8_static", "tflite_fp32", "tflite_int8_dynamic", "tflite_int8", "pruned_tflite_int8",
+    "distilled_tflite_int8", "lowrank_tflite_int8",
+}
+# Recipes with a distill step: built-in ones need a [distill] table in the build config.
+NEEDS_STUDENT = {r for r in RECIPES if r.startswith("distilled_")}
 
 
 def recipe_steps(

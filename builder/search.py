@@ -21,7 +21,11 @@ from builder.evaluate.accuracy import run_batched, torch_outputs
 from builder.package import ensure_writable_dir
 from builder.passes import ModelHandle, ModelKind, PassContext
 from builder.pipeline import Pipeline, plan
-from builder.recipes import TORCH_ONLY, recipe_steps
+from builder.recipes import NEEDS_STUDENT, TORCH_ONLY, recipe_steps
+from builder.report_html import write_html_report
+
+# Runtime that serves each kind of model file.
+RUNTIME_OF = {ModelKind.ONNX: "onnxruntime", ModelKind.TFLITE: "litert"}
 
 SELECT_KEYS: dict[str, Callable[[Candidate], Any]] = {
     "smallest": lambda c: (c.metrics["artifact_bytes"], c.metrics["latency_b1"]["p95_ms"]),
@@ -36,6 +40,7 @@ class ProfileResult:
     candidates: list[Candidate]
     chosen: Candidate | None
     artifact: Path | None
+    report: Path | None = None  # the HTML compression report beside the artifact
 
     def summary(self) -> dict[str, Any]:
         c = self.chosen
@@ -43,6 +48,7 @@ class ProfileResult:
             "profile": self.profile.name, "runtime": self.profile.runtime.name,
             "chosen": c.recipe if c else None, "precision": c.precision if c else None,
             "artifact": str(self.artifact) if self.artifact else None,
+            "report": str(self.report) if self.report else None,
             "metrics": c.metrics if c else None,
             "candidates": [x.summary() for x in self.candidates],
         }
@@ -111,11 +117,29 @@ class Builder:
         checked = []
         for p in profiles:
             for r in p.build.candidates:
-                if from_onnx and r in TORCH_ONLY and r not in self.custom_recipes:
+                if self._skip_reason(r, from_onnx):
                     continue
-                plan(recipe_steps(r, p, from_onnx, self.custom_recipes), kind, f"profile {p.name}, recipe {r}")
+                plan(self._steps(r, p, from_onnx), kind, f"profile {p.name}, recipe {r}")
                 checked.append(f"{p.name}/{r}")
         return checked
+
+    def _skip_reason(self, recipe: str, from_onnx: bool) -> str | None:
+        """Why a built-in recipe cannot apply to this model at all (None: it can)."""
+        if recipe in self.custom_recipes:
+            return None
+        if from_onnx and recipe in TORCH_ONLY:
+            return "needs a PyTorch model (input is ONNX)"
+        if recipe in NEEDS_STUDENT and not self.cfg.distill:
+            return "no [distill] table in the build config (which student to train)"
+        return None
+
+    def _steps(self, recipe: str, profile: DeviceProfile, from_onnx: bool) -> list[tuple[str, dict[str, Any]]]:
+        steps = recipe_steps(recipe, profile, from_onnx, self.custom_recipes)
+        if recipe in self.custom_recipes:
+            return steps
+        # Built-in distill steps take the student from the build config's [distill] table.
+        base = {"base_dir": str(self.cfg.base_dir), **self.cfg.distill}
+        return [(n, {**base, **c} if n == "distill" else c) for n, c in steps]
 
     def build_profile(self, profile: DeviceProfile, out_dir: Path) -> ProfileResult:
         ensure_writable_dir(out_dir)
@@ -125,28 +149,36 @@ class Builder:
         candidates: list[Candidate] = []
         stage = Path(tempfile.mkdtemp(prefix=f".stage-{profile.name}-", dir=self.cache_dir))
         try:
-            for i, recipe in enumerate(profile.build.candidates):
+            planned = []
+            for recipe in profile.build.candidates:
                 cand = Candidate(recipe=recipe, profile=profile.name)
                 candidates.append(cand)
-                if from_onnx and recipe in TORCH_ONLY and recipe not in self.custom_recipes:
-                    cand.error = "needs a PyTorch model (input is ONNX)"
+                cand.error = self._skip_reason(recipe, from_onnx)
+                cand.skipped = cand.error is not None
+                if cand.error:
                     continue
-                self.progress(f"{profile.name}: candidate {i + 1}/{len(profile.build.candidates)} {recipe}")
-                steps = recipe_steps(recipe, profile, from_onnx, self.custom_recipes)
-                try:
-                    run = self.pipeline.run(src, plan(steps, src.kind, f"profile {profile.name}, recipe {recipe}"))
-                    cand.steps = [{"pass": s.name, "seconds": s.seconds, "cached": s.cached} for s in run.steps]
-                    self.progress(f"{profile.name}: measuring {recipe}")
-                    evaluate_and_pack(
-                        cand, run.model, profile, name=self.cfg.name, version=self.cfg.version,
-                        task=self.cfg.task, eval_x=self.data.eval.x, eval_y=self.data.eval.y,
-                        reference=self._reference, golden_count=self.cfg.golden_count,
-                        recipe_steps=steps, key=self.key, workdir=stage / recipe,
-                    )
-                except EdgefleetError as exc:
-                    # One failing recipe does not stop the others; the table says why.
-                    cand.error = str(exc)
-            fitting = [c for c in candidates if c.fits]
+                steps = self._steps(recipe, profile, from_onnx)
+                chain = plan(steps, src.kind, f"profile {profile.name}, recipe {recipe}")
+                kind = src.kind
+                for st in chain:
+                    kind = st.impl.produces(st.config, kind)
+                cand.runtime = RUNTIME_OF.get(kind, profile.runtime.name)
+                planned.append((cand, steps, chain))
+            # Candidates for the profile's own runtime come first; the others (e.g. ONNX on a
+            # LiteRT device) are a fallback, built only when none of the first ones fits.
+            primary = [x for x in planned if x[0].runtime == profile.runtime.name]
+            fallback = [x for x in planned if x[0].runtime != profile.runtime.name]
+            n = len(planned)
+            for i, (cand, steps, chain) in enumerate(primary + fallback):
+                if i == len(primary) and any(c.fits for c, _, _ in primary):
+                    for c, _, _ in fallback:
+                        c.skipped = True
+                        c.error = f"not built: a {profile.runtime.name} candidate fits ({c.runtime} is the fallback)"
+                    break
+                self.progress(f"{profile.name}: candidate {i + 1}/{n} {cand.recipe}")
+                self._build_one(cand, profile, steps, chain, src, stage)
+            fitting = [c for c in candidates if c.fits and c.runtime == profile.runtime.name]
+            fitting = fitting or [c for c in candidates if c.fits]
             if not fitting:
                 return ProfileResult(profile, candidates, None, None)
             chosen = min(fitting, key=SELECT_KEYS[profile.build.select])
@@ -155,9 +187,28 @@ class Builder:
             tmp = out_dir / f".{chosen.artifact.name}.part"
             shutil.copyfile(chosen.artifact, tmp)
             os.replace(tmp, final)
-            return ProfileResult(profile, candidates, chosen, final)
+            result = ProfileResult(profile, candidates, chosen, final)
+            result.report = write_html_report(result, final)
+            return result
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+
+    def _build_one(self, cand: Candidate, profile: DeviceProfile, steps: list[tuple[str, dict[str, Any]]],
+                   chain: list[Any], src: ModelHandle, stage: Path) -> None:
+        assert self._reference is not None
+        try:
+            run = self.pipeline.run(src, chain)
+            cand.steps = [{"pass": s.name, "seconds": s.seconds, "cached": s.cached} for s in run.steps]
+            self.progress(f"{profile.name}: measuring {cand.recipe}")
+            evaluate_and_pack(
+                cand, run.model, profile, name=self.cfg.name, version=self.cfg.version,
+                task=self.cfg.task, eval_x=self.data.eval.x, eval_y=self.data.eval.y,
+                reference=self._reference, golden_count=self.cfg.golden_count,
+                recipe_steps=steps, key=self.key, workdir=stage / cand.recipe,
+            )
+        except EdgefleetError as exc:
+            # One failing recipe does not stop the others; the table says why.
+            cand.error = str(exc)
 
 
 def no_fit_error(result: ProfileResult) -> BudgetError:

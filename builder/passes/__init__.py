@@ -20,6 +20,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "prune": ("builder.passes.prune:PrunePass", "builder"),
     "lowrank": ("builder.passes.lowrank:LowRankPass", "builder"),
     "distill": ("builder.passes.distill:DistillPass", "builder"),
+    "export_tflite": ("builder.passes.export_tflite:ExportTflitePass", "builder"),
 }
 
 

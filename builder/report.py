@@ -1,0 +1,167 @@
+"""The compression report packed into every artifact as report.json.
+
+What the candidate is (recipe, runtime, precision), what it measured, and where its weight and
+time go: parameters, bytes and latency by layer (operator) type. ONNX latency comes from
+onnxruntime's profiler at batch 1; LiteRT's Python API has no per-operator profiler, so a
+.tflite report gives counts, parameters and bytes by operator type only. The passes' own
+findings (per-layer quantization sensitivity, layers kept in float, distillation, low-rank,
+pruning, TFLite conversion) are carried over from the model's notes.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPORT_VERSION = 1
+_PROFILE_RUNS = 50
+
+
+def _add(table: dict[str, dict[str, Any]], op: str, params: int = 0, nbytes: int = 0, count: int = 0) -> None:
+    row = table.setdefault(op, {"op": op, "count": 0, "params": 0, "bytes": 0, "latency_ms": None})
+    row["count"] += count
+    row["params"] += params
+    row["bytes"] += nbytes
+
+
+def onnx_layers(path: Path) -> dict[str, dict[str, Any]]:
+    """Op type -> node count, and the parameters/bytes of the initializers it consumes.
+
+    A weight behind a DequantizeLinear (QDQ int8) counts for the layer that uses it.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    table: dict[str, dict[str, Any]] = {}
+    for n in g.node:
+        _add(table, n.op_type, count=1)
+    for name, arr in inits.items():
+        users = consumers.get(name, [])
+        if not users:
+            continue
+        user = users[0]
+        if user.op_type == "DequantizeLinear" and consumers.get(user.output[0]):
+            if name != user.input[0]:
+                continue  # scale / zero point: bookkeeping, not a parameter
+            user = consumers[user.output[0]][0]
+        elif user.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        _add(table, user.op_type, int(arr.size), int(arr.nbytes))
+    return table
+
+
+def onnx_op_latency(path: Path, input_name: str, sample: np.ndarray, threads: int) -> dict[str, float]:
+    """Mean ms per run spent in each op type, from onnxruntime's profiler at batch 1."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "prof")
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        feeds = {input_name: np.ascontiguousarray(sample)}
+        for _ in range(5):
+            sess.run(None, feeds)
+        for _ in range(_PROFILE_RUNS):
+            sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    totals: dict[str, float] = {}
+    runs: dict[str, int] = {}
+    for e in events:
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + float(e.get("dur", 0)) / 1000.0
+            runs[op] = runs.get(op, 0) + 1
+    n = 5 + _PROFILE_RUNS
+    return {op: round(t / n, 5) for op, t in totals.items()}
+
+
+def tflite_layers(path: Path) -> dict[str, dict[str, Any]]:
+    """Op type -> operator count, and the parameters/bytes of the constant tensors it reads."""
+    from ai_edge_litert import schema_py_generated as s
+
+    from builder.tflite_edit import _builtin, _load
+
+    names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
+    model = _load(path.read_bytes())
+    table: dict[str, dict[str, Any]] = {}
+    seen: set[int] = set()
+    for sub in model.subgraphs:
+        for op in sub.operators:
+            name = names.get(_builtin(model, op), "CUSTOM")
+            _add(table, name, count=1)
+            for i in op.inputs:
+                if i < 0:
+                    continue
+                t = sub.tensors[i]
+                data = model.buffers[t.buffer].data if t.buffer else None
+                if data is None or t.buffer in seen or name == "RESHAPE":
+                    continue
+                seen.add(t.buffer)
+                _add(table, name, int(np.prod(t.shape)) if t.shape is not None else 0, len(data))
+    return table
+
+
+def build_report(
+    recipe: str, runtime: str, precision: str, model_path: Path, input_name: str, sample: np.ndarray,
+    metrics: dict[str, Any], notes: dict[str, Any], steps: list[dict[str, Any]], threads: int,
+) -> dict[str, Any]:
+    """The report.json document of one candidate."""
+    if model_path.suffix == ".tflite":
+        table = tflite_layers(model_path)
+        latency_source = "not measured per operator: LiteRT's Python API has no per-op profiler"
+    else:
+        table = onnx_layers(model_path)
+        lat = onnx_op_latency(model_path, input_name, sample, threads)
+        for op, ms in lat.items():
+            _add(table, op)
+            table[op]["latency_ms"] = ms
+        latency_source = f"onnxruntime profiler, batch 1, mean of {5 + _PROFILE_RUNS} runs (op types after graph optimisation)"
+    layers = sorted(table.values(), key=lambda r: (-r["params"], -(r["latency_ms"] or 0.0), r["op"]))
+    summary = {
+        "model_bytes": metrics.get("model_bytes"), "params": notes.get("params"),
+        "top1": metrics.get("top1"), "top1_ref": metrics.get("top1_ref"), "top1_drop_pt": metrics.get("top1_drop_pt"),
+        "cosine_min": metrics.get("cosine_min"), "p95_ms": metrics.get("latency_b1", {}).get("p95_ms"),
+        "peak_rss_mb": metrics.get("peak_rss_mb"),
+    }
+    return {
+        "report_version": REPORT_VERSION, "recipe": recipe, "runtime": runtime, "precision": precision,
+        "summary": summary, "layers": layers, "latency_source": latency_source,
+        "sensitivity": notes.get("sensitivity"), "kept_float": notes.get("kept_float"),
+        "distill": notes.get("distill"), "lowrank_layers": notes.get("lowrank_layers"),
+        "tflite": notes.get("tflite"), "notes": notes, "steps": steps,
+    }
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """A few lines for `edgefleet inspect`: the biggest layer types, sensitivity, distillation."""
+    lines = []
+    total_p = sum(r["params"] for r in report.get("layers", [])) or 1
+    for r in report.get("layers", [])[:6]:
+        lat = f", {r['latency_ms']:.4f} ms" if r.get("latency_ms") is not None else ""
+        lines.append(f"layers     {r['op']:<18} x{r['count']:<3} {r['params']:>9} params ({100 * r['params'] / total_p:4.1f}%), "
+                     f"{r['bytes']:>9} bytes{lat}")
+    sens = report.get("sensitivity") or []
+    if sens:
+        worst = ", ".join(f"{e['node']} {e['sqnr_db']:.1f} dB" for e in sens[:3])
+        lines.append(f"sensitive  {worst} (SQNR with only that layer int8)")
+    if report.get("kept_float") is not None:
+        lines.append(f"kept float {', '.join(report['kept_float']) or 'none'}")
+    d = report.get("distill")
+    if d:
+        acc = (f"top-1 {d['student_top1'] * 100:.2f}% vs teacher {d['teacher_top1'] * 100:.2f}%, "
+               if "student_top1" in d else "")
+        lines.append(f"distilled  {acc}params {d['student_params']} vs {d['teacher_params']} "
+                     f"(x{d['param_ratio']:.2f}), torch p50 {d['student_p50_ms_torch']:.3f} vs {d['teacher_p50_ms_torch']:.3f} ms")
+    return lines
