@@ -301,6 +301,8 @@ class RolloutDisplay:
         from rich.console import Console
 
         self.console = Console(stderr=True)
+        if not self.console.is_terminal:
+            self.console = Console(stderr=True, width=160)
         self.title = title
         self.live_on = self.console.is_terminal if live is None else live
         self._live: Any = None
@@ -341,6 +343,9 @@ class RolloutDisplay:
             key = (v.state, v.online, v.rolled_back, ro.phase)
             if self._seen.get(d) != key:
                 self._seen[d] = key
-                extra = f" p95 {v.p95_ms:.3f} ms (before {v.current_p95_ms})" if v.state == "ACTIVE" and v.p95_ms is not None else ""
+                extra = ""
+                if v.state == "ACTIVE" and v.p95_ms is not None:
+                    extra = f" p95 {v.p95_ms:.3f} ms" + (f" (replaced model: {v.current_p95_ms:.3f} ms)"
+                                                         if v.current_p95_ms is not None else "")
                 self.console.print(f"[{ro.phase}] {d} ({v.role}{'' if v.online else ', offline'}): {v.state}{extra}"
                                    + (f" - {v.reason}" if v.reason else ""), highlight=False, markup=False)

@@ -1,0 +1,427 @@
+"""`edgefleet demo`: the whole loop on one machine, with real processes, in a few minutes.
+
+A broker (mosquitto, else an embedded amqtt), N agent processes with their own state dirs, the
+collector; the digits example built for two profiles, published, rolled out with a canary; then
+a deliberately broken artifact (corrupted golden vectors, signed) that the canary rejects and
+the rollout halts on; an HTML report at the end. Every process it starts runs in its own process
+group and is stopped on exit, Ctrl-C or SIGTERM (and, on Linux, if the demo itself dies).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agent.errors import DependencyError, EdgefleetError, UsageError
+
+REPO = Path(__file__).resolve().parents[2]
+MARKER = ".edgefleet-demo"
+PROFILES = ("x86-ipc", "generic-cpu")
+# Only the fast candidates: the demo shows the fleet loop, `python3 -m examples.digits` the full search.
+DEMO_CANDIDATES = {"x86-ipc": ["int8_static"], "generic-cpu": ["fp32"]}
+
+
+def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGTERM if the demo dies without cleaning up (even SIGKILL)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Procs:
+    """Processes started by the demo, each in its own process group; stop_all ends every one."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        p = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=REPO, env=env,
+                             start_new_session=True, preexec_fn=_pdeathsig if sys.platform == "linux" else None)
+        self.procs.append((name, p))
+        return p
+
+    def stop(self, p: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(grace)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)  # anything left in the group (it leads its own group)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(5)
+
+    def stop_all(self) -> None:
+        for _, p in reversed(self.procs):  # agents and collector first, the broker last
+            self.stop(p)
+        self.procs.clear()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, p: subprocess.Popen[bytes], what: str, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        if p.poll() is not None:
+            raise EdgefleetError(f"{what} exited at start (exit code {p.returncode}); see its log")
+        time.sleep(0.05)
+    raise EdgefleetError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:g}s")
+
+
+def mosquitto_path() -> str | None:
+    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if os.access(p, os.X_OK)), None)
+
+
+def start_broker(procs: Procs, run: Path, impl: str) -> tuple[str, str]:
+    """(url, implementation): mosquitto when installed (or asked for), else the embedded amqtt."""
+    port = free_port()
+    mosq = mosquitto_path()
+    if impl == "mosquitto" and mosq is None:
+        raise UsageError("--broker-impl mosquitto: mosquitto is not installed (apt-get install mosquitto)")
+    if impl in ("auto", "mosquitto") and mosq is not None:
+        conf = run / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                        "max_queued_messages 10000\n" + ("user root\n" if os.geteuid() == 0 else ""))
+        p = procs.start("broker", [mosq, "-c", str(conf)])
+        chosen = "mosquitto"
+    else:
+        try:
+            import amqtt  # noqa: F401
+        except ImportError:
+            raise DependencyError("no mosquitto on PATH and the embedded broker needs 'amqtt': "
+                                  "pip install -e '.[builder]' (or apt-get install mosquitto)") from None
+        p = procs.start("broker", [sys.executable, "-m", "builder.fleet.demo", "amqtt", str(port)])
+        chosen = "amqtt (embedded, MQTT 3.1.1)"
+    _wait_port(port, p, chosen)
+    return f"mqtt://127.0.0.1:{port}", chosen
+
+
+def run_amqtt(port: int) -> None:
+    """The embedded broker's process: amqtt on loopback until SIGTERM."""
+    import asyncio
+
+    from amqtt.broker import Broker
+
+    async def main() -> None:
+        cfg = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+               "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
+        broker = Broker(cfg)
+        await broker.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await broker.shutdown()
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------------------ artifacts
+
+def build_artifacts(out: Path, cache: Path, say: Callable[[str], None]) -> tuple[dict[str, Path], Path, Path]:
+    """The digits example for both demo profiles; (artifacts by profile, private key, public key)."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from examples.digits.prepare import WORK, prepare
+    except ImportError:
+        raise UsageError(f"the demo builds examples/digits from the source tree, not found under {REPO} "
+                         "(install with pip install -e from a checkout)") from None
+    from agent.protocol.profile import get_profile
+    from agent.protocol.signing import load_private_key
+    from builder.config import load_build_config
+    from builder.search import Builder
+
+    prepare(quiet=True)
+    cfg = load_build_config(REPO / "examples" / "digits" / "edgefleet.toml")
+    key = WORK / "keys" / "edgefleet.key"
+    builder = Builder(cfg, load_private_key(key), cache)
+    arts: dict[str, Path] = {}
+    for name in PROFILES:
+        prof = get_profile(name, REPO / "device_profiles")
+        prof = prof.model_copy(update={"build": prof.build.model_copy(update={"candidates": DEMO_CANDIDATES[name]})})
+        t0 = time.monotonic()
+        res = builder.build_profile(prof, out)
+        if res.artifact is None:
+            from builder.search import no_fit_error
+
+            raise no_fit_error(res)
+        say(f"  built {res.artifact.name} ({res.artifact.stat().st_size / 1024:.0f} KB, "
+            f"{DEMO_CANDIDATES[name][0]}) in {time.monotonic() - t0:.1f}s")
+        arts[name] = res.artifact
+    return arts, key, WORK / "keys" / "edgefleet.pub"
+
+
+def make_broken(good: Path, out: Path, key: Path, version: str) -> Path:
+    """``good`` repackaged as ``version`` with golden vectors that do not match the model, signed
+    through the builder's own packaging: every signature and hash is valid, the self-test is not."""
+    import tarfile
+
+    import numpy as np
+
+    from agent.protocol.golden import GoldenSet
+    from agent.protocol.manifest import MANIFEST_NAME, parse_manifest
+    from agent.protocol.signing import load_private_key
+    from builder.package import file_entry, write_artifact
+
+    work = Path(tempfile.mkdtemp(prefix=".broken-", dir=out))
+    try:
+        with tarfile.open(good, "r:") as tar:
+            fh = tar.extractfile(MANIFEST_NAME)
+            assert fh is not None
+            m = parse_manifest(json.loads(fh.read()), good.name)
+            files: dict[str, Path] = {}
+            for name in m.files:
+                src = tar.extractfile(name)
+                assert src is not None
+                files[name] = work / name
+                files[name].write_bytes(src.read())
+        g = GoldenSet.load(files[m.golden.file])
+        GoldenSet(g.inputs, g.reference, {k: np.asarray(v, np.float32) + np.float32(5.0) for k, v in g.expected.items()}).save(files[m.golden.file])
+        entries = {n: file_entry(p) for n, p in files.items()}
+        broken = m.model_copy(update={"version": version, "files": entries,
+                                      "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+        dest = out / f"{m.name}-{version}-{m.profile}-broken.efa"
+        return write_artifact(dest, broken, files, load_private_key(key))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def agent_config(run: Path, device: str, profile: str, url: str, pub: Path) -> Path:
+    d = run / "devices" / device
+    d.mkdir(parents=True, exist_ok=True)
+    text = f"""device_id = "{device}"
+profile = "{profile}"
+groups = ["{profile}"]
+state_dir = "{d / 'state'}"
+trusted_keys = ["{pub}"]
+keep_versions = 2
+threads = 1
+profiles_dir = "{REPO / 'device_profiles'}"
+log_level = "info"
+
+[broker]
+url = "{url}"
+reconnect_min_s = 1
+reconnect_max_s = 2
+
+[install]
+bench_runs = 20
+# demo margins: a busy laptop must not fail a tiny model on latency jitter
+max_p95_ms = 50.0
+max_p95_regression_pct = 200.0
+probation_s = 3.0
+probation_interval_s = 1.0
+
+[telemetry]
+interval_s = 1.0
+
+[serve]
+enabled = false
+"""
+    path = d / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "builder.cli", *args]
+
+
+def _agent_argv(config: Path) -> list[str]:
+    exe = shutil.which("edgefleet-agent")
+    return [exe, "run", "--config", str(config)] if exe else [sys.executable, "-m", "agent.cli", "run",
+                                                              "--config", str(config)]
+
+
+# ------------------------------------------------------------------------------ the run
+
+def _prepare_out(out: Path) -> Path:
+    """OUT/run is recreated on every demo (a fresh fleet); OUT/cache keeps build results."""
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise UsageError(f"{out}: exists and was not made by `edgefleet demo`; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by edgefleet demo\n")
+    run = out / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    for sub in ("logs", "artifacts", "devices"):
+        (run / sub).mkdir(parents=True)
+    return run
+
+
+def _states(url: str) -> dict[str, dict[str, Any]]:
+    from builder.fleet.deploy import connect
+    from builder.fleet.mqtt import broker_config
+
+    c = connect(broker_config(url))
+    try:
+        got = c.retained("edgefleet/v1/devices/+/state", quiet=0.5, limit=5.0)
+    finally:
+        c.close()
+    out = {}
+    for topic, payload in got.items():
+        with contextlib.suppress(ValueError):
+            doc = json.loads(payload)
+            # amqtt's wildcard matching is looser than mosquitto's: keep real state messages only
+            if topic.endswith("/state") and isinstance(doc, dict) and isinstance(doc.get("device"), str):
+                out[doc["device"]] = doc
+    return out
+
+
+def _wait_births(url: str, devices: list[str], timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        st = _states(url)
+        if all(st.get(d, {}).get("online") for d in devices):
+            return
+        time.sleep(0.5)
+    raise EdgefleetError(f"agents did not come online within {timeout:g}s (see their logs)")
+
+
+def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], None],
+             live: bool | None = None) -> dict[str, Any]:
+    from builder.fleet.deploy import RolloutDisplay, staged_rollout
+    from builder.fleet.mqtt import broker_config
+    from builder.fleet.publish import publish_artifact
+    from builder.fleet.rollout import Gate
+
+    t_start = time.monotonic()
+    run = _prepare_out(out)
+    procs = Procs(run / "logs")
+    atexit.register(procs.stop_all)
+    try:
+        url, impl = start_broker(procs, run, broker_impl)
+        say(f"[1/6] broker: {impl} on {url}")
+        devices = {f"dev-{i + 1}": (PROFILES[1] if i == n_devices - 1 else PROFILES[0]) for i in range(n_devices)}
+        db = run / "fleet.db"
+        procs.start("collector", _cli("collect", "--broker", url, "--db", str(db), "--stats-every", "5"))
+        sys.path.insert(0, str(REPO))
+        from examples.digits.prepare import WORK, prepare
+
+        prepare(quiet=True)  # the signing key the agents must trust
+        pub = WORK / "keys" / "edgefleet.pub"
+        for dev, prof in devices.items():
+            procs.start(dev, _agent_argv(agent_config(run, dev, prof, url, pub)))
+        say(f"[2/6] started {n_devices} agents ({', '.join(f'{d}: {p}' for d, p in devices.items())}) "
+            f"and the collector")
+        t0 = time.monotonic()
+        arts, key, pub = build_artifacts(run / "artifacts", out / "cache", say)
+        say(f"[3/6] built digits 1.0.0 for {', '.join(PROFILES)} in {time.monotonic() - t0:.1f}s")
+        _wait_births(url, list(devices), 60)
+        cfg = broker_config(url)
+        for art in arts.values():
+            publish_artifact(art, cfg, chunk_size=64 * 1024, force=True)
+        say("[4/6] published both artifacts; canary rollout of digits@1.0.0:")
+        gate = Gate(max_p95_regression_pct=50.0, p95_slack_ms=1.0)
+        results: dict[str, Any] = {}
+        for prof in PROFILES:
+            members = [d for d, p in devices.items() if p == prof]
+            canary = "1" if len(members) > 1 else None
+            with RolloutDisplay(f"group {prof}", live=live) as show:
+                ro = staged_rollout(cfg, "digits@1.0.0", prof, canary, gate=gate, wait=True, timeout=90,
+                                    on_change=show)
+            results[f"good_{prof}"] = ro.summary()
+            if ro.phase != "done":
+                raise EdgefleetError(f"rollout of digits@1.0.0 to {prof} {ro.phase}: {ro.reason}")
+            say(f"  group {prof}: {ro.phase}" + (f" (canary {', '.join(ro.canaries)} first)" if ro.canaries else ""))
+        broken = make_broken(arts[PROFILES[0]], run / "artifacts", key, "1.1.0")
+        publish_artifact(broken, cfg, chunk_size=64 * 1024, force=True)
+        say(f"[5/6] broken artifact {broken.name} (golden vectors off by 5.0, validly signed): canary rollout")
+        with RolloutDisplay(f"group {PROFILES[0]}", live=live) as show:
+            bad = staged_rollout(cfg, "digits@1.1.0", PROFILES[0], "1", gate=gate, timeout=90, on_change=show)
+        results["broken"] = bad.summary()
+        if bad.phase != "halted":
+            raise EdgefleetError(f"the broken artifact was not stopped: rollout {bad.phase}")
+        say(f"  halted as it should: {bad.reason}")
+        time.sleep(2.0)  # a last telemetry interval reaches the collector
+        states = _states(url)
+        collector = next(p for n, p in procs.procs if n == "collector")
+        procs.stop(collector)  # SIGTERM: it writes what it holds, then the report reads the db
+        report = run / "report.html"
+        rep = subprocess.run(_cli("fleet", "report", "--db", str(db), "--html", str(report)), cwd=REPO,
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+        if rep.returncode != 0:
+            raise EdgefleetError(f"fleet report failed: {rep.stderr.strip().splitlines()[-1:] or rep.returncode}")
+        say(f"[6/6] report written: {report}")
+        summary = {
+            "ok": True, "broker": impl, "seconds": round(time.monotonic() - t_start, 1), "report": str(report),
+            "logs": str(run / "logs"),
+            "devices": {d: {"profile": devices[d], "online": s.get("online"),
+                            "active": (s.get("active") or {}).get("version")} for d, s in sorted(states.items())},
+            "rollouts": {k: {"phase": v["phase"], "canaries": v["canaries"], "reason": v["reason"]}
+                         for k, v in results.items()},
+        }
+        return summary
+    finally:
+        procs.stop_all()
+
+
+@click.command("demo")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=Path("edgefleet-demo"), show_default=True,
+              help="Working directory (artifacts, device state, logs, database, report).")
+@click.option("--devices", "n_devices", default=3, show_default=True, type=click.IntRange(2, 20),
+              help="Agent processes to start (the last one serves the second profile).")
+@click.option("--broker-impl", type=click.Choice(["auto", "mosquitto", "amqtt"]), default="auto", show_default=True,
+              help="auto: mosquitto when installed, else the embedded amqtt broker.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON on stdout.")
+def demo_cmd(out: Path, n_devices: int, broker_impl: str, as_json: bool) -> None:
+    """Run a whole fleet on this machine: a broker, agent processes, the collector; build the
+    digits example for two profiles, publish it, roll it out with a canary, then watch a
+    deliberately broken artifact be rejected and the rollout halt. Ends with an HTML report.
+
+    Every process it starts is stopped at the end or on Ctrl-C. About a minute or two.
+    """
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console = Console(stderr=True, width=160)  # piped: don't wrap lines at 80 columns
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # unwinds through run_demo's cleanup
+
+    signal.signal(signal.SIGTERM, on_term)
+    summary = run_demo(out, n_devices, broker_impl, lambda m: console.print(m, highlight=False, markup=False))
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"edgefleet demo: done in {summary['seconds']}s ({summary['broker']})")
+    for col in ("device", "profile", "online", "active model"):
+        t.add_column(col)
+    for d, s in summary["devices"].items():
+        t.add_row(d, s["profile"], "yes" if s["online"] else "no", f"digits {s['active']}" if s["active"] else "-")
+    Console().print(t)
+    for name, r in summary["rollouts"].items():
+        click.echo(f"rollout {name}: {r['phase']}" + (f" - {r['reason']}" if r["reason"] else ""))
+    click.echo(f"report: {summary['report']}")
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "amqtt":
+    run_amqtt(int(sys.argv[2]))
