@@ -280,6 +280,10 @@ from builder.fleet.fleetcli import collect_cmd, fleet_grp  # noqa: E402
 cli.add_command(collect_cmd)
 cli.add_command(fleet_grp)
 
+from builder.fleet.demo import demo_cmd  # noqa: E402
+
+cli.add_command(demo_cmd)
+
 
 # ---------------------------------------------------------------- entry point
 
