@@ -117,7 +117,9 @@ def _table(results: list[Any]) -> Any:
         for c in r.candidates:
             m = c.metrics
             chosen = r.chosen is c
-            if c.error:
+            if c.skipped:
+                verdict = f"[dim]skipped: {c.error}[/dim]"
+            elif c.error:
                 verdict = f"[red]error: {c.error}[/red]"
             elif c.violations:
                 verdict = "[yellow]over budget: " + "; ".join(c.violations) + "[/yellow]"
@@ -126,7 +128,7 @@ def _table(results: list[Any]) -> Any:
             top1 = f"{m['top1'] * 100:.2f}%" if "top1" in m else "-"
             drop = f"{0.0 - m['top1_drop_pt'] + 0.0:+.2f} pt" if "top1_drop_pt" in m else (f"cos {m['cosine_min']:.4f}" if m else "-")
             t.add_row(
-                r.profile.name, r.profile.runtime.name, c.recipe, c.precision or "-",
+                r.profile.name, c.runtime or r.profile.runtime.name, c.recipe, c.precision or "-",
                 f"{m['artifact_bytes'] / 1024:.1f} KB" if m else "-", top1, drop,
                 f"{m['latency_b1']['p95_ms']:.3f} ms" if m else "-",
                 f"{m['peak_rss_mb']:.0f} MB" if m else "-", verdict,
@@ -216,7 +218,7 @@ def build_cmd(config: Path, profile_names: tuple[str, ...], all_profiles: bool, 
                     click.echo(f"  {r.profile.name}/{c.recipe}: {_step_times(c.steps)}")
         for r in results:
             if r.artifact:
-                click.echo(f"{r.profile.name}: {r.artifact}")
+                click.echo(f"{r.profile.name}: {r.artifact}" + (f"  (report: {r.report})" if r.report else ""))
     if failed:
         raise no_fit_error(failed[0]) if len(failed) == 1 else EdgefleetError(
             "; ".join(str(no_fit_error(r)) for r in failed))
@@ -236,8 +238,12 @@ def inspect_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
 
     va = verify_artifact(artifact, [load_public_key(k) for k in keys])
     m = va.manifest
+    from builder.report import read_report, summary_lines
+
+    report = read_report(artifact, m)
     if as_json:
-        click.echo(json.dumps({"verified": True, "sha256": va.sha256, "key_id": va.key_id, "manifest": m.to_dict()}, indent=2))
+        click.echo(json.dumps({"verified": True, "sha256": va.sha256, "key_id": va.key_id, "manifest": m.to_dict(),
+                               "report": report}, indent=2))
         return
     met = m.metrics
     lines = [
@@ -261,6 +267,7 @@ def inspect_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
     lines.append(f"golden     {m.golden.count} vectors, atol {m.golden.atol:.3g}")
     for name, e in sorted(m.files.items()):
         lines.append(f"file       {name:14} {e.size:>10} bytes  {e.sha256[:16]}")
+    lines += summary_lines(report) if report else []
     click.echo("\n".join(lines))
 
 

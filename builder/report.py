@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 
 REPORT_VERSION = 1
+# TFLite ops whose constant inputs are shapes, permutations or axes, not parameters.
+_SHAPE_OPS = {"RESHAPE", "TRANSPOSE", "PAD", "PADV2", "MEAN", "SUM", "SLICE", "STRIDED_SLICE", "GATHER",
+              "CONCATENATION", "BROADCAST_TO", "TILE", "SQUEEZE", "EXPAND_DIMS", "REDUCE_MAX"}
 _PROFILE_RUNS = 50
 
 
@@ -106,7 +109,7 @@ def tflite_layers(path: Path) -> dict[str, dict[str, Any]]:
                     continue
                 t = sub.tensors[i]
                 data = model.buffers[t.buffer].data if t.buffer else None
-                if data is None or t.buffer in seen or name == "RESHAPE":
+                if data is None or t.buffer in seen or name in _SHAPE_OPS:
                     continue
                 seen.add(t.buffer)
                 _add(table, name, int(np.prod(t.shape)) if t.shape is not None else 0, len(data))
@@ -165,3 +168,20 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"distilled  {acc}params {d['student_params']} vs {d['teacher_params']} "
                      f"(x{d['param_ratio']:.2f}), torch p50 {d['student_p50_ms_torch']:.3f} vs {d['teacher_p50_ms_torch']:.3f} ms")
     return lines
+
+
+def read_report(artifact: Path, manifest: Any) -> dict[str, Any] | None:
+    """report.json of a (verified) artifact, checked against the manifest's sha256; None if absent."""
+    import hashlib
+    import tarfile
+
+    entry = manifest.files.get("report.json")
+    if entry is None:
+        return None
+    with tarfile.open(artifact, "r:") as tar:
+        member = tar.extractfile("report.json")
+        data = member.read() if member is not None else b""
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        return None
+    doc: dict[str, Any] = json.loads(data)
+    return doc

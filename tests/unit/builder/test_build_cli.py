@@ -50,8 +50,10 @@ def test_build_writes_one_verified_artifact_per_profile(built: tuple[Path, dict]
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     out, _ = built
     capsys.readouterr()
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.glob("*.efa"))
     assert names == ["digits-1.0.0-generic-cpu.efa", "digits-1.0.0-x86-ipc.efa"]
+    # The HTML compression report lies beside each artifact.
+    assert sorted(p.name for p in out.glob("*.report.html")) == [n.replace(".efa", ".report.html") for n in names]
     code, stdout, _ = run_cli(capsys, "inspect", str(out / names[1]), "--key", str(digits.public_key), "--json")
     assert code == 0
     doc = json.loads(stdout)
@@ -62,6 +64,8 @@ def test_build_writes_one_verified_artifact_per_profile(built: tuple[Path, dict]
     assert m["golden"]["count"] == 8 and set(m["files"]) == {"model.onnx", "golden.npz", "report.json"}
     code, text, _ = run_cli(capsys, "inspect", str(out / names[1]), "--key", str(digits.public_key))
     assert code == 0 and "verified   signature by key" in text and "accuracy   top-1" in text
+    assert "layers     Conv" in text or "layers     QLinearConv" in text  # the report's summary
+    assert set(doc["report"]["summary"]) >= {"model_bytes", "top1", "p95_ms"} and doc["report"]["recipe"] == m["recipe"]["name"]
 
 
 def test_golden_vectors_pass_the_self_test(built: tuple[Path, dict], digits: DigitsProject, tmp_path: Path) -> None:  # type: ignore[type-arg]
@@ -84,7 +88,8 @@ def test_json_summary(digits: DigitsProject, tmp_path: Path, capsys: pytest.Capt
     assert code == 0
     doc = json.loads(out)
     prof = doc["profiles"][0]
-    assert doc["ok"] and prof["profile"] == "generic-cpu" and len(prof["candidates"]) == 2
+    assert doc["ok"] and prof["profile"] == "generic-cpu" and [c["recipe"] for c in prof["candidates"]] == [
+        "fp32", "fp16", "int8_dynamic", "int8_static"]
     assert all(c["metrics"]["artifact_bytes"] > 0 for c in prof["candidates"])
 
 
