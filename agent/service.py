@@ -194,3 +194,14 @@ def install_service(root: Path, user: str | None, executable: str | None, force:
     except OSError as exc:
         raise UsageError(f"cannot write under {root}: {exc.strerror or exc}") from None
     return {"unit": str(unit), "config": str(config), "config_written": written, "exec": exe, "user": user}
+
+
+def trim_memory() -> None:
+    """Give freed heap back to the OS (glibc malloc_trim): after start-up and after a model swap,
+    a small device should not keep the peak. A no-op where glibc is absent."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

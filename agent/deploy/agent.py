@@ -42,7 +42,7 @@ from agent.protocol.messages import (
 from agent.runtime import InferenceSession
 from agent.serve.holder import Loaded, SessionHolder
 from agent.serve.local import Arrays, LocalModel
-from agent.service import Notifier
+from agent.service import Notifier, trim_memory
 from agent.store.chunks import ChunkStore, discard_download
 from agent.store.fsutil import read_json, remove, write_json
 from agent.store.versions import Installed, VersionStore
@@ -119,6 +119,7 @@ class Agent:
 
     def run(self, stop: threading.Event) -> None:
         self.start()
+        trim_memory()
         self.notifier.ready(self.status_line())
         reporter = self.start_telemetry()
         while not stop.is_set():

@@ -58,18 +58,23 @@ class SessionHolder:
         """The current model, without taking a reference (for metadata only)."""
         return self._current
 
+    # acquire/release sit on every inference's path: bare lock calls, no context managers.
     def acquire(self) -> Loaded | None:
         """Take a reference on the current model; None when no model is loaded."""
-        with self._lock:
-            cur = self._current
-            if cur is not None:
-                cur.refs += 1
-            return cur
+        lock = self._lock
+        lock.acquire()
+        cur = self._current
+        if cur is not None:
+            cur.refs += 1
+        lock.release()
+        return cur
 
     def release(self, loaded: Loaded) -> None:
-        with self._lock:
-            loaded.refs -= 1
-            close = loaded.retired and loaded.refs == 0
+        lock = self._lock
+        lock.acquire()
+        loaded.refs -= 1
+        close = loaded.retired and loaded.refs == 0
+        lock.release()
         if close:
             _close(loaded)
 
