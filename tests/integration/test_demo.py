@@ -1,0 +1,103 @@
+"""`edgefleet demo` end to end (real broker, agent processes, collector, build), and that no process
+it started survives its end or a Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from builder.fleet.demo import mosquitto_path
+from tests.agent_helpers import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+class Watched:
+    """The demo as a child process; remembers every descendant it ever saw, and its stderr."""
+
+    def __init__(self, *args: str) -> None:
+        self.p = subprocess.Popen([sys.executable, "-m", "builder.cli", "demo", *args], cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.seen: dict[int, str] = {}
+        self.err: list[str] = []
+        self.out = ""
+        threading.Thread(target=self._read_err, daemon=True).start()
+
+    def _read_err(self) -> None:
+        assert self.p.stderr is not None
+        for line in self.p.stderr:
+            self.err.append(line)
+
+    def snapshot(self) -> None:
+        try:
+            for c in psutil.Process(self.p.pid).children(recursive=True):
+                self.seen.setdefault(c.pid, " ".join(c.cmdline())[:200])
+        except psutil.Error:
+            pass
+
+    def wait(self, timeout: float, until: str | None = None) -> int | None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self.p.poll() is None:
+            self.snapshot()
+            if until is not None and any(until in line for line in self.err):
+                return None
+            time.sleep(0.3)
+        if self.p.poll() is None:
+            self.p.kill()
+            raise AssertionError(f"demo still running after {timeout}s:\n{''.join(self.err)[-3000:]}")
+        assert self.p.stdout is not None
+        self.out = self.p.stdout.read()
+        return self.p.returncode
+
+    def survivors(self) -> list[str]:
+        time.sleep(0.5)
+        alive = []
+        for pid, cmd in self.seen.items():
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(f"{pid} {cmd}")
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+
+IMPLS = ["amqtt"] + (["mosquitto"] if mosquitto_path() else [])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_demo_runs_the_whole_loop_and_leaves_nothing(tmp_path: Path, impl: str) -> None:
+    w = Watched("--out", str(tmp_path / "demo"), "--broker-impl", impl, "--json")
+    rc = w.wait(180)
+    assert rc == 0, "".join(w.err)[-4000:]
+    s = json.loads(w.out.strip().splitlines()[-1])
+    assert s["ok"] and s["broker"].startswith(impl)
+    assert s["rollouts"]["good_x86-ipc"]["phase"] == "done" and s["rollouts"]["good_x86-ipc"]["canaries"] == ["dev-1"]
+    assert s["rollouts"]["good_generic-cpu"]["phase"] == "done"
+    broken = s["rollouts"]["broken"]
+    assert broken["phase"] == "halted" and "self-test failed" in broken["reason"]
+    assert {d: v["active"] for d, v in s["devices"].items()} == {"dev-1": "1.0.0", "dev-2": "1.0.0", "dev-3": "1.0.0"}
+    report = Path(s["report"]).read_text()
+    assert all(d in report for d in ("dev-1", "dev-2", "dev-3"))
+    # broker, collector and three agents ran as children, and none outlived the demo
+    assert len(w.seen) >= 5, w.seen
+    assert w.survivors() == []
+
+
+def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    w = Watched("--out", str(tmp_path / "demo"), "--broker-impl", "amqtt")
+    assert w.wait(120, until="[2/6]") is None, "".join(w.err)
+    w.snapshot()
+    agents = [c for c in w.seen.values() if "agent" in c and "run" in c]
+    assert len(agents) == 3, w.seen
+    w.p.send_signal(signal.SIGINT)
+    rc = w.wait(60)
+    assert rc == 130, "".join(w.err)[-2000:]
+    assert w.survivors() == []
