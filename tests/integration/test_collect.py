@@ -151,3 +151,26 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err.strip()
     assert "cannot open database" in err and "\n" not in err
     assert main(["collect", "--broker", "ftp://x", "--db", str(tmp_path / "g.db")]) == 2
+
+
+def test_fleet_watch_refreshes_from_the_broker_and_stops_on_ctrl_c(broker: Broker, tmp_path: Path) -> None:
+    with SyncClient(broker_config(broker.url)) as c:
+        c.publish(T.format("w1", "state"), dumps(state("w1", 1, profile="rpi4")), retain=True)
+        c.flush()
+    log = tmp_path / "watch.log"
+    p = subprocess.Popen([sys.executable, "-m", "builder.cli", "fleet", "watch", "--broker", broker.url,
+                          "--refresh", "0.3"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "180"},
+                         stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        time.sleep(1.5)
+        with SyncClient(broker_config(broker.url)) as c:
+            c.publish(T.format("w1", "telemetry"), dumps(telemetry("w1", 5, p95=6.75, temp=77.0, throttled=True)),
+                      retain=False)
+            c.flush()
+        time.sleep(1.0)
+    finally:
+        p.send_signal(signal.SIGINT)
+        rc = p.wait(20)
+    out = log.read_text()
+    assert rc == 0 and "Traceback" not in out
+    assert "w1" in out and "rpi4" in out and "6.75 ms" in out and "77.0 °C" in out and "1/1 online" in out
