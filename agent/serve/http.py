@@ -88,18 +88,20 @@ class _Handler(BaseHTTPRequestHandler):
         self._route("DELETE")
 
     def _route(self, method: str) -> None:
-        self._infer_route = False
+        self._infer_route = self._body_read = False
         parts = [p for p in urlsplit(self.path).path.split("/") if p]
         if method != "POST" and self.headers.get("Content-Length", "0") not in ("", "0"):
-            self.close_connection = True  # a GET with a body: do not read it, do not reuse
+            self.close_connection = True  # a GET with a body: it is not read, so no reuse
         try:
             self._dispatch(method, parts)
         except RequestError as exc:
+            if not self._body_read and self.headers.get("Content-Length", "0") not in ("", "0"):
+                self.close_connection = True  # a body left unread: the connection cannot be reused
             if self._infer_route:
                 self.endpoint.recorder.error()
             self._error(exc.status, exc.message)
 
-    _infer_route = False
+    _infer_route = _body_read = False
 
     def _dispatch(self, method: str, parts: list[str]) -> None:
         ep = self.endpoint
@@ -162,6 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the body is not read: the connection cannot be reused
             raise RequestError(413, f"body of {n} bytes exceeds the {limit} allowed (serve.max_body_bytes)")
         if n == 0:
+            self._body_read = True
             return b""
         deadline = time.monotonic() + self.endpoint.cfg.request_timeout_s
         buf = bytearray()
@@ -178,6 +181,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise RequestError(400, "body shorter than Content-Length")
             buf += chunk
+        self._body_read = True
         return bytes(buf)
 
     def _infer(self, name: str, version: str | None) -> None:

@@ -141,6 +141,15 @@ def test_v2_protocol_clients_and_bad_requests(broker: Broker, listener: Listener
         assert status == want, (path, body[:80] if body else None, status, doc)
         assert isinstance(doc.get("error"), str) and doc["error"], doc
 
+    # a body the server does not read is never parsed as the next request on the connection
+    hidden = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    for head in (b"POST /v2/models/tiny/nope/infer", b"GET /v2/health/live", b"POST /v2/health/live"):
+        out = _raw_exchange(port, head + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(hidden) + hidden)
+        assert out.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in out, out
+    # keep-alive still works for well-formed requests
+    two = _raw_exchange(port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+                              b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert two.count(b"HTTP/1.1 200 OK") == 2, two
     # no Content-Length, and a client that sends half a request and goes silent (slowloris)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -232,3 +241,20 @@ def _ort(path: Path) -> Any:
     from agent.runtime import load_session
 
     return load_session("onnxruntime", path)
+
+
+def _raw_exchange(port: int, requests: bytes) -> bytes:
+    """Send raw bytes on one connection; read until the server closes it (bounded)."""
+    out = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(requests)
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out
