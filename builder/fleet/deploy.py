@@ -260,8 +260,9 @@ def staged_rollout(broker: BrokerConfig, spec: str, group: str, canary: str | No
             verdict, reason = ro.canary_verdict(time.monotonic())
         if verdict != "ok":
             ro.phase = "halted"
+            now = time.monotonic()
             ro.reason = reason or (f"canaries not healthy within {timeout:g}s: " + ", ".join(
-                f"{d} {ro.devices[d].state}" for d in canaries if ro.canary_verdict(0)[0] != "ok"))
+                f"{d} {ro.devices[d].state}" for d in canaries if ro.device_health(d, now)[0] != "ok"))
             _rollback_canaries(c, feed, ro, published, on_change)
             return ro
         dep = Deployment(name=name, version=version, sha256=entry.sha256, profile=entry.profile,
