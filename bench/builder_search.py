@@ -129,8 +129,10 @@ def main() -> int:
         paths = {r: model_of(builder, rpi.profile, r).path for r in ("tflite_fp32", "tflite_int8")}
         x1 = builder.data.eval.x[:1]
         sessions = {r: load_session("litert", p, threads=threads) for r, p in paths.items()}
+        if threads != 1:  # one thread too, in the same rounds: a tiny model gains nothing from more
+            sessions.update({f"{r}_1t": load_session("litert", p, threads=1) for r, p in paths.items()})
         lat = interleaved_p95(sessions, {"input": x1}, rounds=args.rounds, iters=args.iters)
-        lat_table(f"TFLite at batch 1, ai-edge-litert, {threads} thread(s), interleaved", lat, "tflite_fp32")
+        lat_table(f"TFLite at batch 1, ai-edge-litert, {threads} thread(s) (_1t: 1 thread), interleaved", lat, "tflite_fp32")
         size_ratio = i8.metrics["artifact_bytes"] / f32.metrics["artifact_bytes"]
         top1_drop = (f32.metrics["top1"] - i8.metrics["top1"]) * 100
         say(f"  size: fp32 {f32.metrics['artifact_bytes'] / 1024:.1f} KB, int8 {i8.metrics['artifact_bytes'] / 1024:.1f} KB "
@@ -155,6 +157,8 @@ def main() -> int:
             "tflite_int8_top1_drop_pt": round(top1_drop, 3),
             "tflite_int8_p95_ratio": round(lat["tflite_int8"]["p95_ms"] / lat["tflite_fp32"]["p95_ms"], 4),
             "tflite_int8_p50_ratio": round(lat["tflite_int8"]["p50_ms"] / lat["tflite_fp32"]["p50_ms"], 4),
+            **({"tflite_int8_p95_ratio_1t": round(lat["tflite_int8_1t"]["p95_ms"] / lat["tflite_fp32_1t"]["p95_ms"], 4)}
+               if "tflite_int8_1t" in lat else {}),
             "student_param_ratio": round(d["param_ratio"], 4),
             "student_top1_drop_pt": round((d["teacher_top1"] - d["student_top1"]) * 100, 3),
             "student_p95_ratio": round(tlat["student"]["p95_ms"] / tlat["teacher"]["p95_ms"], 4),
