@@ -194,7 +194,8 @@ th{background:#eef1f6;font-weight:600}td.num{text-align:right;font-variant-numer
 .chart .ct{font-size:12px;font-weight:600;fill:#1d2433}.chart .tick{font-size:10px;fill:#5b6577}
 .chart .grid{stroke:#e6e9ef}.chart .empty{fill:#9aa3b2;font-size:12px}
 .chart .mark{stroke-width:1.2;stroke-dasharray:3 3}.chart .mark.ok{stroke:#34a853}.chart .mark.bad{stroke:#d93025}
-.chart .mark.run{stroke:#8ab4f8}td.reason{max-width:560px;word-break:break-word}
+.chart .mark.run{stroke:#8ab4f8}td.reason{max-width:560px;word-break:break-word}td.t{white-space:nowrap}
+code{font-size:12px;color:#5b6577}
 """
 
 
@@ -226,13 +227,25 @@ def _history_table(history: list[dict[str, Any]]) -> str:
            "<th>path</th><th>reason</th></tr>"]
     for a in reversed(history):
         cls = _OUTCOME_CLASS.get(a["state"], "run")
-        out.append(f'<tr><td>{_fmt_time(a["started"])}</td><td>{esc(a["device"])}</td>'
-                   f'<td>{esc(a["name"])} {esc(a["version"])}</td>'
+        out.append(f'<tr><td class="t">{_fmt_time(a["started"])}</td><td class="t">{esc(a["device"])}</td>'
+                   f'<td class="t">{esc(a["name"])} {esc(a["version"])}</td>'
                    f'<td><span class="badge {cls}">{esc(a["state"])}</span></td>'
                    f'<td class="muted">{esc(" → ".join(a["states"]))}</td>'
                    f'<td class="reason">{esc(a["reason"] or "")}</td></tr>')
     out.append("</table>")
     return "".join(out)
+
+
+def _rejected_table(db: FleetDB, limit: int = 20) -> str:
+    rows = db.query(f"SELECT received, topic, reason, size, payload_prefix FROM rejected ORDER BY received DESC "
+                    f"LIMIT {int(limit)}")
+    if not rows:
+        return '<p class="muted">None.</p>'
+    body = "".join(f'<tr><td class="t">{_fmt_time(r["received"])}</td><td>{esc(r["topic"])}</td>'
+                   f'<td class="reason">{esc(r["reason"])}</td><td class="num">{r["size"]}</td>'
+                   f'<td><code>{esc(r["payload_prefix"][:80])}</code></td></tr>' for r in rows)
+    return (f'<table id="rejected"><tr><th>received</th><th>topic</th><th>reason</th><th>bytes</th>'
+            f'<th>payload (start)</th></tr>{body}</table>')
 
 
 def _device_section(db: FleetDB, r: DeviceRow, now: float, history: list[dict[str, Any]]) -> str:
@@ -290,6 +303,7 @@ def render(db: FleetDB, now: float | None = None, title: str = "edgefleet fleet 
             f'<p class="muted">Models running: {models}</p>'
             f'<h2>Devices</h2>{_fleet_table(rows, now)}'
             f'<h2>Deployment history</h2>{_history_table(history)}'
+            f'<h2>Bad messages (latest {min(20, s["rejected"])} of {s["rejected"]})</h2>{_rejected_table(db)}'
             f'<h2>Per device</h2><p class="muted">Dashed lines mark deployment outcomes '
             f'(green: healthy/active, red: rolled back/rejected).</p>{sections}'
             f'</main></body></html>')
