@@ -174,3 +174,18 @@ def test_fleet_watch_refreshes_from_the_broker_and_stops_on_ctrl_c(broker: Broke
     out = log.read_text()
     assert rc == 0 and "Traceback" not in out
     assert "w1" in out and "rpi4" in out and "6.75 ms" in out and "77.0 °C" in out and "1/1 online" in out
+
+
+def test_collector_reconnects_after_a_broker_restart(broker: Broker, tmp_path: Path) -> None:
+    db_path = str(tmp_path / "fleet.db")
+    col = Collector(broker_config(broker.url), db_path, client_id="reconnect").start()
+    try:
+        n1 = publish_telemetry(broker.url, ["r1", "r2"], 10)
+        wait_for(lambda: col.stats.stored >= n1, what="first messages")
+        broker.restart()
+        wait_for(lambda: col.stats.connects >= 2, timeout=30, what="reconnect")
+        n2 = publish_telemetry(broker.url, ["r1", "r2"], 10, start_seq=50)
+        wait_for(lambda: col.stats.stored >= n1 + n2, what="messages after the restart")
+    finally:
+        col.stop()
+    assert col.stats.error is None and FleetDB(db_path).count("telemetry") == n1 + n2
