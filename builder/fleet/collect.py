@@ -43,6 +43,7 @@ log = logging.getLogger("edgefleet.collect")
 
 MAX_PAYLOAD = 64 * 1024   # larger messages on these topics are rejected, not parsed
 PREFIX_CHARS = 200        # how much of a rejected payload is kept
+MAX_QUEUED = 50_000       # received but not yet committed; beyond it the network thread waits
 LEAVES = ("state", "events", "telemetry", "cmd/result")
 _MODELS: dict[str, type[BaseModel]] = {"state": StateMessage, "events": Event, "telemetry": Telemetry,
                                        "cmd_result": CommandResult}
@@ -190,6 +191,10 @@ class Collector:
         self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # Backpressure: while the database is behind, stop reading the socket (TCP then holds the
+        # broker back) instead of letting a backlog fill memory.
+        while self.q.qsize() >= MAX_QUEUED and not self._done.is_set():
+            time.sleep(0.005)
         self.q.put((msg.topic, bytes(msg.payload), msg.mid, msg.qos, time.time()))
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -233,7 +238,8 @@ class Collector:
         # broker sends it again next time and the unique keys drop the copy.
         if self.stats.error is None:
             with contextlib.suppress(DatabaseError):
-                self._flush(ack=False)
+                while self._flush(ack=False):
+                    pass
         self.db.close()
 
     def wait(self, timeout: float | None = None) -> bool:
