@@ -106,6 +106,17 @@ def send_command(cfg: BrokerConfig, device: str, cmd: Command, timeout: float) -
         c.close()
 
 
+def _resolve_sha(cfg: BrokerConfig, device: str, name: str, version: str) -> str:
+    """deploy without --sha256: the published artifact of NAME@VERSION for the device's profile."""
+    from builder.fleet.deploy import resolve
+
+    c = _connect(cfg)
+    try:
+        return resolve(c, name, version, None, device, None).sha256
+    finally:
+        c.close()
+
+
 def build_command(op: str, version: str | None, runs: int | None, name: str | None,
                   sha256: str | None) -> Command:
     try:
@@ -150,7 +161,8 @@ def device_grp() -> None:
               help="rollback: the kept version to go back to (default: the previous one); deploy: the version.")
 @click.option("--runs", type=int, default=None, help="benchmark: how many inferences (the device caps it).")
 @click.option("--name", default=None, help="deploy: model name.")
-@click.option("--sha256", default=None, help="deploy: artifact sha256 (see `edgefleet publish --json`).")
+@click.option("--sha256", default=None,
+              help="deploy: artifact sha256 (default: looked up among the published NAME@VERSION).")
 @broker_options
 @click.option("--timeout", type=float, default=30.0, show_default=True,
               help="Seconds to wait for the device's answer.")
@@ -173,8 +185,11 @@ def cmd_cmd(device_id: str, op: str, version: str | None, runs: int | None, name
     if op not in COMMAND_OPS:
         # still sent: a newer agent may know it; an older one answers ok:false with a reason
         click.echo(f"warning: '{op}' is not one of {', '.join(COMMAND_OPS)}", err=True)
+    broker = _broker(kw)
+    if op == "deploy" and name and version and not sha256:
+        sha256 = _resolve_sha(broker, device_id, name, version)
     cmd = build_command(op, version, runs, name, sha256)
-    res = send_command(_broker(kw), device_id, cmd, timeout)
+    res = send_command(broker, device_id, cmd, timeout)
     if as_json:
         click.echo(json.dumps(res.model_dump(mode="json")))
     elif res.ok:
