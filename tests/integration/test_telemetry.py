@@ -127,3 +127,27 @@ def test_telemetry_through_broker_outages(tmp_path: Path, broker: Broker, agents
             assert col.msgs[-1]["buffer"]["pending"] <= 1
     finally:
         col.close()
+
+
+def test_buffer_survives_a_crash_during_an_outage(tmp_path: Path, broker: Broker, agents: Any) -> None:
+    """SIGKILL while the broker is down: the buffered messages go out, in order, from the next run."""
+    col = Collector(broker, topics.device_topic("dev2", "telemetry"))
+    try:
+        proc = agents.start("dev2", telemetry={"interval_s": 0.2, "sysfs_root": str(tmp_path / "none")})
+        col.wait_for(2)
+        broker.stop()
+        time.sleep(0.3)
+        before = max(col.seqs())
+        time.sleep(1.0)  # about 5 messages wait on disk
+        proc.kill()
+        broker.start()
+        agents.start("dev2")  # same config and state dir
+        col.wait_for(len(col.seqs()) + 8)
+        seqs = col.seqs()
+        assert seqs == sorted(set(seqs)), f"out of order or duplicated: {seqs}"
+        assert seqs == list(range(seqs[0], seqs[-1] + 1)), f"lost in the crash: {seqs}"
+        assert seqs[-1] > before + 5  # the buffered ones, then the new run's, seq carried on
+        with col.lock:
+            assert all("temperatures_c" not in m and "throttled" not in m for m in col.msgs)  # no sensors
+    finally:
+        col.close()
