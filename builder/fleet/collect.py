@@ -253,10 +253,11 @@ class Collector:
     # -- worker -----------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while True:
-                stopping = self._stop.is_set()
-                n = self._flush(ack=True, wait=0.0 if stopping else 0.2)
-                if stopping and n == 0:
+            while not self._stop.is_set():
+                self._flush(ack=True, wait=0.2)
+            # stopping: what was received until now, even if more keeps arriving
+            for _ in range(self.q.qsize() // self.batch_max + 1):
+                if not self._flush(ack=True):
                     break
         except DatabaseError as exc:
             self.stats.error = str(exc)
