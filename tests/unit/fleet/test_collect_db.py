@@ -114,6 +114,9 @@ def test_bad_db_targets_are_one_line_errors(tmp_path: Path) -> None:
         FleetDB(str(tmp_path / "missing" / "f.db"))
     with pytest.raises(DatabaseError, match="cannot open database"):
         FleetDB(str(tmp_path))  # a directory
+    if Path("/proc/self").is_dir():  # a location nobody can create files in, root included
+        with pytest.raises(DatabaseError, match="cannot open database"):
+            FleetDB("/proc/edgefleet-fleet.db")
     (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(DatabaseError, match="file is not a database"):
         FleetDB(str(tmp_path / "junk.db"))
