@@ -184,8 +184,9 @@ class Telemetry(_Strict):
     """devices/{id}/telemetry, one per interval (QoS 1). A sensor the device lacks is absent.
 
     ``temperatures_c`` maps a thermal zone's type (or name) to degrees Celsius;
-    ``buffer`` reports the on-disk backlog: {"pending": n, "dropped": n} (dropped: oldest
-    messages discarded while the broker was unreachable and the buffer was full).
+    ``buffer`` reports the on-disk backlog: {"pending": n, "dropped": n, "dropped_total": n}
+    (dropped: oldest messages discarded, since the previous message, while the broker was
+    unreachable and the buffer was full; dropped_total: since the buffer was created).
     """
 
     device: str
