@@ -24,8 +24,13 @@ _SHAPE_OPS = {"RESHAPE", "TRANSPOSE", "PAD", "PADV2", "MEAN", "SUM", "SLICE", "S
 _PROFILE_RUNS = 50
 
 
+# ONNX ops whose initializer inputs are shapes, axes or indices, not parameters.
+_ONNX_SHAPE_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Slice", "Pad", "Concat", "Expand", "Tile",
+                   "ReduceMean", "ReduceSum", "Gather", "Resize", "ConstantOfShape", "Split"}
+
+
 def _add(table: dict[str, dict[str, Any]], op: str, params: int = 0, nbytes: int = 0, count: int = 0) -> None:
-    row = table.setdefault(op, {"op": op, "count": 0, "params": 0, "bytes": 0, "latency_ms": None})
+    row = table.setdefault(op, {"op": op, "count": 0, "params": 0, "bytes": 0})
     row["count"] += count
     row["params"] += params
     row["bytes"] += nbytes
@@ -59,12 +64,15 @@ def onnx_layers(path: Path) -> dict[str, dict[str, Any]]:
             user = consumers[user.output[0]][0]
         elif user.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
+        if user.op_type in _ONNX_SHAPE_OPS:
+            continue
         _add(table, user.op_type, int(arr.size), int(arr.nbytes))
     return table
 
 
 def onnx_op_latency(path: Path, input_name: str, sample: np.ndarray, threads: int) -> dict[str, float]:
-    """Mean ms per run spent in each op type, from onnxruntime's profiler at batch 1."""
+    """Mean ms per run spent in each executed op type (after onnxruntime's fusions, so QDQ
+    Conv shows as QLinearConv), from its profiler at batch 1."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,12 +88,10 @@ def onnx_op_latency(path: Path, input_name: str, sample: np.ndarray, threads: in
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
     totals: dict[str, float] = {}
-    runs: dict[str, int] = {}
     for e in events:
         if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
             op = e.get("args", {}).get("op_name", "?")
             totals[op] = totals.get(op, 0.0) + float(e.get("dur", 0)) / 1000.0
-            runs[op] = runs.get(op, 0) + 1
     n = 5 + _PROFILE_RUNS
     return {op: round(t / n, 5) for op, t in totals.items()}
 
@@ -121,17 +127,18 @@ def build_report(
     metrics: dict[str, Any], notes: dict[str, Any], steps: list[dict[str, Any]], threads: int,
 ) -> dict[str, Any]:
     """The report.json document of one candidate."""
+    latency: list[dict[str, Any]] | None = None
     if model_path.suffix == ".tflite":
         table = tflite_layers(model_path)
         latency_source = "not measured per operator: LiteRT's Python API has no per-op profiler"
     else:
         table = onnx_layers(model_path)
         lat = onnx_op_latency(model_path, input_name, sample, threads)
-        for op, ms in lat.items():
-            _add(table, op)
-            table[op]["latency_ms"] = ms
-        latency_source = f"onnxruntime profiler, batch 1, mean of {5 + _PROFILE_RUNS} runs (op types after graph optimisation)"
-    layers = sorted(table.values(), key=lambda r: (-r["params"], -(r["latency_ms"] or 0.0), r["op"]))
+        total = sum(lat.values()) or 1.0
+        latency = [{"op": op, "ms": ms, "share": round(ms / total, 4)} for op, ms in sorted(lat.items(), key=lambda t: -t[1])]
+        latency_source = (f"onnxruntime profiler, batch 1, mean of {5 + _PROFILE_RUNS} runs; op types as executed "
+                          "after graph fusions; profiling adds overhead, so compare shares")
+    layers = sorted(table.values(), key=lambda r: (-r["params"], -r["count"], r["op"]))
     summary = {
         "model_bytes": metrics.get("model_bytes"), "params": notes.get("params"),
         "top1": metrics.get("top1"), "top1_ref": metrics.get("top1_ref"), "top1_drop_pt": metrics.get("top1_drop_pt"),
@@ -140,7 +147,7 @@ def build_report(
     }
     return {
         "report_version": REPORT_VERSION, "recipe": recipe, "runtime": runtime, "precision": precision,
-        "summary": summary, "layers": layers, "latency_source": latency_source,
+        "summary": summary, "layers": layers, "latency_by_op": latency, "latency_source": latency_source,
         "sensitivity": notes.get("sensitivity"), "kept_float": notes.get("kept_float"),
         "distill": notes.get("distill"), "lowrank_layers": notes.get("lowrank_layers"),
         "tflite": notes.get("tflite"), "notes": notes, "steps": steps,
@@ -151,10 +158,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     """A few lines for `edgefleet inspect`: the biggest layer types, sensitivity, distillation."""
     lines = []
     total_p = sum(r["params"] for r in report.get("layers", [])) or 1
-    for r in report.get("layers", [])[:6]:
-        lat = f", {r['latency_ms']:.4f} ms" if r.get("latency_ms") is not None else ""
+    for r in [x for x in report.get("layers", []) if x["params"]][:6]:
         lines.append(f"layers     {r['op']:<18} x{r['count']:<3} {r['params']:>9} params ({100 * r['params'] / total_p:4.1f}%), "
-                     f"{r['bytes']:>9} bytes{lat}")
+                     f"{r['bytes']:>9} bytes")
+    lat = report.get("latency_by_op")
+    if lat:
+        lines.append("time       " + ", ".join(f"{e['op']} {100 * e['share']:.0f}%" for e in lat[:5])
+                     + " (share of host time at batch 1, by executed op)")
     sens = report.get("sensitivity") or []
     if sens:
         worst = ", ".join(f"{e['node']} {e['sqnr_db']:.1f} dB" for e in sens[:3])

@@ -21,6 +21,10 @@ def _e(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _num(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+
 def bar_chart(title: str, rows: list[tuple[str, float]], unit: str, limit: float | None = None, width: int = 640) -> str:
     """Horizontal bars, one per (label, value); an optional dashed line marks a budget."""
     if not rows:
@@ -34,7 +38,7 @@ def bar_chart(title: str, rows: list[tuple[str, float]], unit: str, limit: float
         w = max(1.0, bar_w * v / top)
         parts.append(f'<text x="{left - 6}" y="{y + 14}" text-anchor="end">{_e(label)}</text>'
                      f'<rect x="{left}" y="{y + 3}" width="{w:.1f}" height="{h - 7}" fill="#4a7fb5"/>'
-                     f'<text x="{left + w + 5:.1f}" y="{y + 14}">{v:.4g} {_e(unit)}</text>')
+                     f'<text x="{left + w + 5:.1f}" y="{y + 14}">{_num(v)} {_e(unit)}</text>')
     if limit:
         x = left + bar_w * limit / top
         parts.append(f'<line x1="{x:.1f}" y1="22" x2="{x:.1f}" y2="{26 + h * len(rows)}" stroke="#a00" stroke-dasharray="4 3"/>'
@@ -74,7 +78,7 @@ def render(result: Any) -> str:
         rows.append([c.recipe, c.runtime or "-", c.precision or "-",
                      f"{m['artifact_bytes'] / 1024:.1f} KB" if m else "-",
                      f"{m['top1'] * 100:.2f}%" if "top1" in m else "-",
-                     f"{m['top1_drop_pt']:+.2f} pt" if "top1_drop_pt" in m else "-",
+                     f"{-m['top1_drop_pt'] + 0.0:+.2f} pt" if "top1_drop_pt" in m else "-",
                      f"{m['latency_b1']['p95_ms']:.3f} ms" if m else "-", verdict])
         classes.append(cls)
     built = [c for c in result.candidates if c.metrics]
@@ -105,13 +109,13 @@ def chosen_section(r: dict[str, Any]) -> str:
                     f"{s['peak_rss_mb']:.1f} MB" if s.get("peak_rss_mb") is not None else "-"]]),
            "<h2>By layer type</h2>"]
     layers = r.get("layers", [])
-    out.append(_table(["op type", "count", "params", "bytes", "latency (ms/run)"],
-                      [[x["op"], x["count"], x["params"], x["bytes"], "-" if x["latency_ms"] is None else f"{x['latency_ms']:.4f}"]
-                       for x in layers]))
-    out.append(f"<p>Latency by op type: {_e(r.get('latency_source', ''))}.</p>")
+    out.append(_table(["op type", "count", "params", "bytes"], [[x["op"], x["count"], x["params"], x["bytes"]] for x in layers]))
     out.append(bar_chart("parameters by layer type", [(x["op"], x["params"]) for x in layers if x["params"]], "params"))
-    timed = [(x["op"], x["latency_ms"]) for x in layers if x.get("latency_ms")]
-    out.append(bar_chart("latency by op type", sorted(timed, key=lambda t: -t[1]), "ms"))
+    lat = r.get("latency_by_op")
+    out.append(f"<h2>Latency by op type</h2><p>{_e(r.get('latency_source', ''))}.</p>")
+    if lat:
+        out.append(_table(["executed op", "ms / run", "share"], [[e["op"], f"{e['ms']:.4f}", f"{100 * e['share']:.1f}%"] for e in lat]))
+        out.append(bar_chart("share of host time by executed op (batch 1)", [(e["op"], 100 * e["share"]) for e in lat], "%"))
     sens = r.get("sensitivity")
     if sens:
         out.append("<h2>Quantization sensitivity (SQNR with only that layer in int8; lower is more sensitive)</h2>")

@@ -64,8 +64,10 @@ def test_build_writes_one_verified_artifact_per_profile(built: tuple[Path, dict]
     assert m["golden"]["count"] == 8 and set(m["files"]) == {"model.onnx", "golden.npz", "report.json"}
     code, text, _ = run_cli(capsys, "inspect", str(out / names[1]), "--key", str(digits.public_key))
     assert code == 0 and "verified   signature by key" in text and "accuracy   top-1" in text
-    assert "layers     Conv" in text or "layers     QLinearConv" in text  # the report's summary
+    assert "layers     Conv " in text and "time       " in text  # the report's summary
     assert set(doc["report"]["summary"]) >= {"model_bytes", "top1", "p95_ms"} and doc["report"]["recipe"] == m["recipe"]["name"]
+    lat = doc["report"]["latency_by_op"]
+    assert lat and all(e["ms"] > 0 for e in lat) and sum(e["share"] for e in lat) == pytest.approx(1.0, abs=0.01)
 
 
 def test_golden_vectors_pass_the_self_test(built: tuple[Path, dict], digits: DigitsProject, tmp_path: Path) -> None:  # type: ignore[type-arg]
