@@ -162,6 +162,7 @@ class TelemetryReporter:
                     next_report += self.interval
                     if next_report < now:  # fell behind (suspended): skip, do not burst
                         next_report = now + self.interval
+                    next_sample = now + tick
                 elif now >= next_sample:
                     self.sample()
                     next_sample = now + tick
