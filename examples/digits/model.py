@@ -36,7 +36,8 @@ class DigitsCNN(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 4, 128), nn.ReLU(), nn.Linear(128, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        out: torch.Tensor = self.head(self.features(x))
+        return out
 
 
 def build_cnn() -> nn.Module:
@@ -55,7 +56,8 @@ class InvertedResidual(nn.Module):
         self.block = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.block(x) if self.use_res else self.block(x)
+        y: torch.Tensor = self.block(x)
+        return x + y if self.use_res else y
 
 
 class MobileNetV2(nn.Module):
@@ -76,7 +78,8 @@ class MobileNetV2(nn.Module):
         self.classifier = nn.Linear(1280, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).mean((2, 3)))
+        out: torch.Tensor = self.classifier(self.features(x).mean((2, 3)))
+        return out
 
 
 def build_mobilenetv2() -> nn.Module:

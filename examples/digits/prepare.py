@@ -46,12 +46,17 @@ def train(work: Path, epochs: int = 30, seed: int = 0) -> float:
     ev = load_split(work / "eval.npz", "eval", (1, 8, 8), True)
     finetune(model, tr, epochs=epochs, lr=2e-3, seed=seed)
     torch.save(model.state_dict(), work / "digits_cnn.pt")
+    assert ev.y is not None
     return accuracy(model, ev.x, ev.y)
 
 
 def prepare(work: Path = WORK, force: bool = False, quiet: bool = False) -> None:
     work.mkdir(parents=True, exist_ok=True)
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr)
+
     if force or not (work / "eval.npz").exists():
         make_data(work)
         say(f"digits data written to {work}")

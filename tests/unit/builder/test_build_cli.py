@@ -186,6 +186,22 @@ def test_invalid_profile_and_unwritable_output(digits: DigitsProject, tmp_path: 
     assert_one_line_error(code, err, "cannot create output directory")
 
 
+def test_distilled_recipes_need_a_distill_table(digits: DigitsProject, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "nodistill.toml"
+    text = digits.config.read_text()
+    start = text.index("[distill]")
+    cfg.write_text(text[:start] + text[text.index("[data]"):])
+    for name in ("model.py",):
+        shutil.copy(digits.dir / name, tmp_path / name)
+    (tmp_path / "work").symlink_to(digits.work)
+    code, out, _ = run_cli(capsys, "build", str(cfg), "-p", "x86-ipc", "--check", "--json")
+    assert code == 0
+    checked = json.loads(out)["checked"]
+    assert "x86-ipc/int8_static" in checked and "x86-ipc/distilled_int8_static" not in checked
+    assert "x86-ipc/distilled_int8_static" in json.loads(run_cli(capsys, "build", str(digits.config), "-p", "x86-ipc",
+                                                                  "--check", "--json")[1])["checked"]
+
+
 def test_check_validates_without_building(digits: DigitsProject, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "build", str(digits.config), "--all-profiles", "--check", "--out", str(tmp_path / "o"))
     assert code == 0 and "recipe chains checked" in out and not (tmp_path / "o").exists()

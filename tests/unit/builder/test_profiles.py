@@ -20,6 +20,23 @@ def test_shipped_profiles_load(profiles_dir: Path) -> None:
     assert "fp16" in profiles["jetson-orin-nano"].build.candidates
 
 
+def test_profiles_cover_every_kind_of_candidate(profiles_dir: Path) -> None:
+    """Between them the shipped profiles try every compression the builder has; rpi4 runs LiteRT."""
+    from builder.recipes import RECIPES
+
+    profiles = load_profiles(profiles_dir)
+    every = {c for p in profiles.values() for c in p.build.candidates}
+    assert every <= set(RECIPES)
+    assert {"fp32", "fp16", "int8_dynamic", "int8_static", "pruned_int8_static", "distilled_int8_static",
+            "lowrank_int8_static", "tflite_fp32", "tflite_int8_dynamic", "tflite_int8"} <= every
+    rpi = profiles["rpi4"]
+    assert rpi.runtime.name == "litert" and rpi.build.candidates[0] == "tflite_int8"
+    # ONNX recipes on rpi4 are the fallback: after every TFLite one.
+    tfl = [i for i, c in enumerate(rpi.build.candidates) if "tflite" in c]
+    onnx = [i for i, c in enumerate(rpi.build.candidates) if "tflite" not in c]
+    assert onnx and max(tfl) < min(onnx)
+
+
 def _write(tmp_path: Path, text: str, name: str = "dev") -> Path:
     src = (Path(__file__).resolve().parents[3] / "device_profiles" / "generic-cpu.toml").read_text()
     p = tmp_path / f"{name}.toml"

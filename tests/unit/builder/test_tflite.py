@@ -105,7 +105,7 @@ def test_fp32_matches_torch_at_any_batch(tflite_models: dict[str, ModelHandle], 
     with load_session("litert", m.path) as s:
         assert s.inputs[0].dtype == "float32" and s.inputs[0].shape[0] == "batch"
         for n in (1, 5, 200):
-            got = s.infer({"input": builder.data.eval.x[:n]})["logits"]
+            got = np.asarray(s.infer({"input": builder.data.eval.x[:n]})["logits"], np.float32)
             np.testing.assert_allclose(got, ref["logits"][:n], atol=1e-4, rtol=1e-3)
 
 
