@@ -77,9 +77,9 @@ def passes_cmd() -> None:
         try:
             p = get_pass(name)
             acc = "/".join(k.value for k in p.accepts) or "(source)"
-            click.echo(f"{name:12} {acc:12} {p.description}")
+            click.echo(f"{name:14} {acc:12} {p.description}")
         except EdgefleetError as exc:
-            click.echo(f"{name:12} unavailable: {exc}")
+            click.echo(f"{name:14} unavailable: {exc}")
 
 
 # ---------------------------------------------------------------- keys
