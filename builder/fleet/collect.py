@@ -17,6 +17,7 @@ import json
 import logging
 import queue
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ log = logging.getLogger("edgefleet.collect")
 
 MAX_PAYLOAD = 64 * 1024   # larger messages on these topics are rejected, not parsed
 PREFIX_CHARS = 200        # how much of a rejected payload is kept
+_PUBACK = struct.Struct("!BBH")  # PUBACK: fixed header, remaining length 2, packet id
 MAX_QUEUED = 50_000       # received but not yet committed; beyond it the network thread waits
 LEAVES = ("state", "events", "telemetry", "cmd/result")
 _MODELS: dict[str, type[BaseModel]] = {"state": StateMessage, "events": Event, "telemetry": Telemetry,
@@ -294,7 +296,21 @@ class Collector:
             if rows:
                 s.by_table[table] = s.by_table.get(table, 0) + len(rows)
         if ack:
-            for _t, _p, mid, qos, _r in items:
-                if qos > 0:
-                    self.c.ack(mid, qos)
+            self._ack([(mid, qos) for _t, _p, mid, qos, _r in items if qos > 0])
         return len(items)
+
+    def _ack(self, mids: list[tuple[int, int]]) -> None:
+        """PUBACK every QoS 1 message of a committed batch.
+
+        paho's ``ack()`` queues one packet per message, and its network thread then makes one
+        send() per packet; here the batch's PUBACKs (4 bytes each in MQTT 3.1.1) go to paho's
+        output queue as one buffer: one send() per batch. Falls back to ``ack()`` if that private
+        method is missing (paho is pinned <3) or for QoS 2.
+        """
+        queue_packet = getattr(self.c, "_packet_queue", None)
+        if queue_packet is None or any(q != 1 for _m, q in mids):
+            for mid, qos in mids:
+                self.c.ack(mid, qos)
+            return
+        if mids:
+            queue_packet(mqtt.PUBACK, b"".join(_PUBACK.pack(mqtt.PUBACK, 2, m) for m, _q in mids), 0, 1)
