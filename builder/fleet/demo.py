@@ -143,23 +143,29 @@ def run_amqtt(port: int) -> None:
 
 # ------------------------------------------------------------------------------ artifacts
 
-def build_artifacts(out: Path, cache: Path, say: Callable[[str], None]) -> tuple[dict[str, Path], Path, Path]:
-    """The digits example for both demo profiles; (artifacts by profile, private key, public key)."""
+def digits_work(say: Callable[[str], None]) -> Path:
+    """examples/digits prepared (data, trained CNN, signing key); its work directory."""
     sys.path.insert(0, str(REPO))
     try:
         from examples.digits.prepare import WORK, prepare
     except ImportError:
         raise UsageError(f"the demo builds examples/digits from the source tree, not found under {REPO} "
                          "(install with pip install -e from a checkout)") from None
+    if not (WORK / "digits_cnn.pt").exists():
+        say("  first run: training the digits CNN (scikit-learn's bundled data, fixed seed)...")
+    prepare(quiet=True)
+    return WORK
+
+
+def build_artifacts(out: Path, cache: Path, work: Path, say: Callable[[str], None]) -> dict[str, Path]:
+    """The digits example for both demo profiles, signed with the example's key."""
     from agent.protocol.profile import get_profile
     from agent.protocol.signing import load_private_key
     from builder.config import load_build_config
     from builder.search import Builder
 
-    prepare(quiet=True)
     cfg = load_build_config(REPO / "examples" / "digits" / "edgefleet.toml")
-    key = WORK / "keys" / "edgefleet.key"
-    builder = Builder(cfg, load_private_key(key), cache)
+    builder = Builder(cfg, load_private_key(work / "keys" / "edgefleet.key"), cache)
     arts: dict[str, Path] = {}
     for name in PROFILES:
         prof = get_profile(name, REPO / "device_profiles")
@@ -173,7 +179,7 @@ def build_artifacts(out: Path, cache: Path, say: Callable[[str], None]) -> tuple
         say(f"  built {res.artifact.name} ({res.artifact.stat().st_size / 1024:.0f} KB, "
             f"{DEMO_CANDIDATES[name][0]}) in {time.monotonic() - t0:.1f}s")
         arts[name] = res.artifact
-    return arts, key, WORK / "keys" / "edgefleet.pub"
+    return arts
 
 
 def make_broken(good: Path, out: Path, key: Path, version: str) -> Path:
@@ -319,17 +325,14 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
         devices = {f"dev-{i + 1}": (PROFILES[1] if i == n_devices - 1 else PROFILES[0]) for i in range(n_devices)}
         db = run / "fleet.db"
         procs.start("collector", _cli("collect", "--broker", url, "--db", str(db), "--stats-every", "5"))
-        sys.path.insert(0, str(REPO))
-        from examples.digits.prepare import WORK, prepare
-
-        prepare(quiet=True)  # the signing key the agents must trust
-        pub = WORK / "keys" / "edgefleet.pub"
+        work = digits_work(say)
+        key, pub = work / "keys" / "edgefleet.key", work / "keys" / "edgefleet.pub"
         for dev, prof in devices.items():
             procs.start(dev, _agent_argv(agent_config(run, dev, prof, url, pub)))
         say(f"[2/6] started {n_devices} agents ({', '.join(f'{d}: {p}' for d, p in devices.items())}) "
             f"and the collector")
         t0 = time.monotonic()
-        arts, key, pub = build_artifacts(run / "artifacts", out / "cache", say)
+        arts = build_artifacts(run / "artifacts", out / "cache", work, say)
         say(f"[3/6] built digits 1.0.0 for {', '.join(PROFILES)} in {time.monotonic() - t0:.1f}s")
         _wait_births(url, list(devices), 60)
         cfg = broker_config(url)

@@ -33,6 +33,7 @@ from builder.fleet.rollout import (
     select_canaries,
 )
 
+LOOKUP_TRIES = 3
 SPEC_RE = re.compile(r"^([a-z0-9][a-z0-9._-]{0,62})@(\S+)$")
 
 
@@ -64,12 +65,18 @@ def _device_profile(c: SyncClient, device: str) -> str | None:
 def resolve(c: SyncClient, name: str, version: str, profile: str | None, device: str | None,
             group: str | None) -> IndexEntry:
     found: dict[str, IndexEntry] = {}
-    for payload in c.retained(topics.artifact_index_versions(name, version)).values():
-        try:
-            e = decode(IndexEntry, payload)
-        except MessageError:
-            continue
-        found[e.profile] = e
+    # bounded retries: a broker may answer a publish before its retained copy is visible (amqtt)
+    for attempt in range(LOOKUP_TRIES):
+        for payload in c.retained(topics.artifact_index_versions(name, version)).values():
+            try:
+                e = decode(IndexEntry, payload)
+            except MessageError:
+                continue
+            found[e.profile] = e
+        if found:
+            break
+        if attempt < LOOKUP_TRIES - 1:
+            time.sleep(0.5)
     if not found:
         raise UsageError(f"{name}@{version} is not published on {c.cfg.url} (run `edgefleet publish` first)")
     if profile is None and device is not None:
