@@ -69,6 +69,12 @@ class ExportTflitePass(Pass):
 
     def run(self, model: ModelHandle | None, config: PassConfig, ctx: PassContext) -> ModelHandle:
         assert model is not None and isinstance(config, ExportTfliteConfig)
+        try:
+            # Checked with ai-edge-litert only: tflite-runtime 2.14 (the adapter's fallback on
+            # devices) gave wrong outputs for a dynamic-range model.
+            import ai_edge_litert  # noqa: F401
+        except ImportError:
+            raise DependencyError("pass 'export_tflite' checks models with ai-edge-litert: pip install 'edgefleet[builder]'") from None
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         ctx.say(f"export_tflite: converting with litert-torch ({config.quantization})")
         float_path = ctx.workdir / "float.tflite"
