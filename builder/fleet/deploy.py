@@ -72,7 +72,8 @@ def resolve(c: SyncClient, name: str, version: str, profile: str | None, device:
                 e = decode(IndexEntry, payload)
             except MessageError:
                 continue
-            found[e.profile] = e
+            if (e.name, e.version) == (name, version):  # a loose broker may send other topics too
+                found[e.profile] = e
         if found:
             break
         if attempt < LOOKUP_TRIES - 1:
