@@ -20,6 +20,7 @@ Usage: python3 bench/fleet_ingest.py [--devices 200] [--per-device 50 | --second
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import multiprocessing as mp
 import shutil
@@ -32,6 +33,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# spawned publisher processes import this module by name, also when it was loaded from its path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from builder.fleet.collect import Collector  # noqa: E402
 from builder.fleet.db import FleetDB  # noqa: E402
@@ -97,7 +100,9 @@ def _publish(url: str, names: list[str], per_device: int, seconds: float | None,
     """Publish from ``procs`` worker processes; returns (messages acknowledged by the broker, seconds)."""
     ctx = mp.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
-    workers = [ctx.Process(target=publisher, args=(url, names[w::procs], per_device, seconds, start, out))
+    # the target by its importable name, whether this file runs as a script or was loaded by path
+    target = importlib.import_module("fleet_ingest").publisher
+    workers = [ctx.Process(target=target, args=(url, names[w::procs], per_device, seconds, start, out))
                for w in range(procs)]
     try:
         for w in workers:
