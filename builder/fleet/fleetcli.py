@@ -184,7 +184,9 @@ def watch_cmd(db_target: str | None, refresh: float, duration: float, **kw: Any)
     _stop_on_sigterm(stop)
     t0 = time.monotonic()
     try:
-        with Live(render_table(rows()), console=Console(), refresh_per_second=4, transient=False) as live:
+        console = Console()
+        console = console if console.is_terminal else Console(width=160)  # piped: do not cut to 80
+        with Live(render_table(rows()), console=console, refresh_per_second=4, transient=False) as live:
             while not stop.wait(refresh):
                 live.update(render_table(rows()))
                 if duration and time.monotonic() - t0 >= duration:

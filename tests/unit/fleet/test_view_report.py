@@ -149,3 +149,15 @@ def test_report_renders_in_headless_chromium(db: FleetDB, tmp_path: Path) -> Non
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     keep = Path("/tmp/edgefleet-report-screenshot.png")
     shutil.copy(shot, keep)  # for a person to look at after the run
+
+
+def test_watch_from_the_db_is_bounded_and_exits_cleanly(db: FleetDB, capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    t0 = time.monotonic()
+    assert main(["fleet", "watch", "--db", db.target, "--refresh", "0.2", "--for", "0.6"]) == 0
+    assert time.monotonic() - t0 < 10
+    out = capsys.readouterr().out
+    assert "2/3 online" in out and "gate-03" in out and "offline" in out
+    assert main(["fleet", "watch", "--db", db.target, "--refresh", "0.05"]) == 2  # below the bound
+    assert "0.05" in capsys.readouterr().err
