@@ -46,14 +46,25 @@ class Notifier:
     def enabled(self) -> bool:
         return bool(self._addr)
 
-    def send(self, *fields: str) -> bool:
-        """Send 'KEY=value' lines in one datagram; False (logged once per failure) if it did not go."""
+    def send(self, *fields: str, wait_s: float = 0.0) -> bool:
+        """Send 'KEY=value' lines in one datagram; False if it did not go (logged)."""
         if not self._addr:
             return False
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.sendto("\n".join(fields).encode(), self._addr)
+                # non-blocking: a reader that falls behind must never stall the agent's main loop
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                                           | socket.SOCK_NONBLOCK)
+            data, deadline = "\n".join(fields).encode(), time.monotonic() + wait_s
+            while True:
+                try:
+                    self._sock.sendto(data, self._addr)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        log.debug("sd_notify queue full; dropped %s", fields[0])
+                        return False
+                    time.sleep(0.01)
         except OSError as exc:
             log.warning("sd_notify to %s failed: %s", self._addr.replace("\0", "@"), exc)
             return False
@@ -61,7 +72,7 @@ class Notifier:
 
     def ready(self, status: str) -> None:
         self._last_status = status
-        self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+        self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}", wait_s=2.0)
         if self.interval_s is not None:
             self._next_ping = time.monotonic() + self.interval_s
 
@@ -80,7 +91,7 @@ class Notifier:
             self.send("WATCHDOG=1")
 
     def stopping(self) -> None:
-        self.send("STOPPING=1", "STATUS=stopping")
+        self.send("STOPPING=1", "STATUS=stopping", wait_s=1.0)
 
     def close(self) -> None:
         if self._sock is not None:

@@ -468,7 +468,8 @@ class Agent:
         current = None if self.session is None or self.golden is None else (self.session, self.golden)
         result = selftest.check_candidate(
             session, inst, self.cfg.install.bench_runs, self.policy.max_p95_ms,
-            self.policy.max_regression_pct, self.cfg.install.p95_slack_ms, current)
+            self.policy.max_regression_pct, self.cfg.install.p95_slack_ms, current,
+            tick=self.notifier.watchdog)
         if not result.ok:
             session.close()
             self._failed_candidate(dep, inst, result.reason, result.detail)

@@ -3,12 +3,14 @@ security), and `edgefleet-agent install-service`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,3 +116,61 @@ def test_install_service_writes_unit_and_keeps_config(tmp_path: Path, capsys: py
         assert v.stdout.strip() == "" and v.stderr.strip() == "", v.stdout + v.stderr
     assert main(["install-service", "--root", str(tmp_path), "--exec", "relative/agent"]) == 2
     assert "absolute path" in capsys.readouterr().err
+
+
+def test_agent_pings_watchdog_during_self_test_and_swaps_through_holder(
+        tmp_path: Path, abstract_socket: tuple[str, socket.socket]) -> None:
+    """The worker loop is not running here (drain): every WATCHDOG=1 comes from the self-test's tick."""
+    import numpy as np
+
+    from agent.config import load_config
+    from agent.deploy.agent import Agent
+    from agent.deploy.policy import resolve_policy
+    from agent.protocol import topics
+    from agent.protocol.messages import Deployment, encode
+    from agent.transport.fake import FakeTransport
+    from builder.fleet.publish import announcement
+    from tests.agent_helpers import make_artifact, make_keys, write_config
+
+    addr, s = abstract_socket
+    keys = make_keys(tmp_path / "keys")
+    cfg = load_config(write_config(tmp_path / "agent.toml", "dev", "mqtt://127.0.0.1:1", [keys.public],
+                                   tmp_path / "state", probation_s=0.0, bench_runs=400))
+    fake = FakeTransport()
+    agent = Agent(cfg, resolve_policy(cfg), fake)
+    agent.notifier = Notifier({"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "2000"})  # ping every 1 ms
+    agent.start()
+    assert agent.holder.current is None
+    art = make_artifact(tmp_path, keys, version="1.0.0")
+    ann = announcement(art, 4096)
+    data = art.read_bytes()
+    for i in range(len(ann.chunks)):
+        fake.retained[topics.artifact_chunk(ann.sha256, i)] = data[i * 4096:(i + 1) * 4096]
+    fake.retained[topics.artifact_manifest(ann.sha256)] = encode(ann)
+    fake.inject(topics.device_topic("dev", "deployment"),
+                encode(Deployment(name="tiny", version="1.0.0", sha256=ann.sha256)), retain=True)
+    got: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:  # the socket queues only ~10 datagrams: read while the agent works
+        s.settimeout(0.05)
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                got.extend(s.recv(4096).decode().split("\n"))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        agent.drain()
+        time.sleep(0.2)
+    finally:
+        done.set()
+        reader.join(5)
+    assert got.count("WATCHDOG=1") >= 2, got
+    assert "STATUS=self-test tiny 1.0.0 (no model active)" in got and "STATUS=serving tiny 1.0.0" in got
+    cur = agent.holder.current
+    assert cur is not None and (cur.name, cur.version, cur.sha256) == ("tiny", "1.0.0", ann.sha256)
+    before = agent.latency.window().count
+    assert before == 0  # the self-test's benchmark is not served traffic
+    y = agent.infer({"x": np.zeros((2, 64), np.float32)})["y"]
+    assert y.shape == (2, 10) and agent.latency.window().count == 1
