@@ -101,3 +101,27 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     rc = w.wait(60)
     assert rc == 130, "".join(w.err)[-2000:]
     assert w.survivors() == []
+
+
+def test_auto_broker_falls_back_to_amqtt_without_mosquitto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from builder.fleet import demo
+    from builder.fleet.mqtt import SyncClient, broker_config
+
+    monkeypatch.setattr(demo, "mosquitto_path", lambda: None)
+    with pytest.raises(demo.UsageError, match="mosquitto is not installed"):
+        demo.start_broker(demo.Procs(tmp_path), tmp_path, "mosquitto")
+    procs = demo.Procs(tmp_path)
+    url, impl = demo.start_broker(procs, tmp_path, "auto")
+    try:
+        assert impl.startswith("amqtt")
+        big = bytes(range(256)) * 4096  # 1 MiB, a chunk's size: retained and read back whole
+        with SyncClient(broker_config(url)) as c:
+            c.publish("edgefleet/v1/artifacts/index/x/1.0.0/p", big, retain=True)
+            c.flush()
+        with SyncClient(broker_config(url)) as c:
+            assert c.retained("edgefleet/v1/artifacts/index/x/1.0.0/+", limit=5.0) == \
+                {"edgefleet/v1/artifacts/index/x/1.0.0/p": big}
+        pid = procs.procs[0][1].pid
+    finally:
+        procs.stop_all()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
