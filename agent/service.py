@@ -154,7 +154,6 @@ SystemCallFilter=~@privileged @resources
 SystemCallErrorNumber=EPERM
 DevicePolicy=closed
 KeyringMode=private
-MemoryMax=512M
 
 [Install]
 WantedBy=multi-user.target
