@@ -57,16 +57,20 @@ class Watched:
         self.out = self.p.stdout.read()
         return self.p.returncode
 
-    def survivors(self) -> list[str]:
-        time.sleep(0.5)
-        alive = []
-        for pid, cmd in self.seen.items():
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(f"{pid} {cmd}")
-            except psutil.NoSuchProcess:
-                pass
-        return alive
+    def survivors(self, grace: float = 10.0) -> list[str]:
+        """Descendants still running ``grace`` s after the demo ended (they get SIGTERM, not SIGKILL)."""
+        end = time.monotonic() + grace
+        while True:
+            alive = []
+            for pid, cmd in self.seen.items():
+                try:
+                    if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                        alive.append(f"{pid} {cmd}")
+                except psutil.NoSuchProcess:
+                    pass
+            if not alive or time.monotonic() > end:
+                return alive
+            time.sleep(0.2)
 
 
 IMPLS = ["amqtt"] + (["mosquitto"] if mosquitto_path() else [])
@@ -91,15 +95,19 @@ def test_demo_runs_the_whole_loop_and_leaves_nothing(tmp_path: Path, impl: str) 
     assert w.survivors() == []
 
 
-def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 130), (signal.SIGKILL, -9)])
+def test_ctrl_c_or_kill_stops_every_process(tmp_path: Path, sig: signal.Signals, code: int) -> None:
+    """Ctrl-C and SIGTERM unwind through the cleanup; even SIGKILL leaves nothing (PDEATHSIG)."""
+    if sig == signal.SIGKILL and sys.platform != "linux":
+        pytest.skip("parent-death signal is Linux only")
     w = Watched("--out", str(tmp_path / "demo"), "--broker-impl", "amqtt")
     assert w.wait(120, until="[2/6]") is None, "".join(w.err)
     w.snapshot()
     agents = [c for c in w.seen.values() if "agent" in c and "run" in c]
     assert len(agents) == 3, w.seen
-    w.p.send_signal(signal.SIGINT)
+    w.p.send_signal(sig)
     rc = w.wait(60)
-    assert rc == 130, "".join(w.err)[-2000:]
+    assert rc == code, "".join(w.err)[-2000:]
     assert w.survivors() == []
 
 
