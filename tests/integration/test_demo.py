@@ -102,8 +102,14 @@ def test_ctrl_c_or_kill_stops_every_process(tmp_path: Path, sig: signal.Signals,
         pytest.skip("parent-death signal is Linux only")
     w = Watched("--out", str(tmp_path / "demo"), "--broker-impl", "amqtt")
     assert w.wait(120, until="[2/6]") is None, "".join(w.err)
-    w.snapshot()
-    agents = [c for c in w.seen.values() if "agent" in c and "run" in c]
+    end = time.monotonic() + 10  # a just-forked child shows the demo's command line until it execs
+    while True:
+        w.seen.clear()
+        w.snapshot()
+        agents = [c for c in w.seen.values() if "agent" in c and "run" in c]
+        if len(agents) == 3 or time.monotonic() > end:
+            break
+        time.sleep(0.2)
     assert len(agents) == 3, w.seen
     w.p.send_signal(sig)
     rc = w.wait(60)
