@@ -82,3 +82,26 @@ def op_counts(buf: bytes) -> dict[str, int]:
             n = names.get(_builtin(model, op), "CUSTOM")
             out[n] = out.get(n, 0) + 1
     return out
+
+
+def prefix_models(buf: bytes) -> list[tuple[str, bytes]]:
+    """For k = 0..n: the model cut after its first k operators (output: the k-th op's output).
+
+    Timing each prefix gives each operator's share of the latency by difference (LiteRT's
+    Python API has no per-op profiler). Returns (op type of the k-th op, or "" for k = 0, model).
+    """
+    from ai_edge_litert import schema_py_generated as s
+
+    names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
+    base = _load(buf)
+    n = len(base.subgraphs[0].operators)
+    out = []
+    for k in range(n + 1):
+        model = _load(buf)
+        sub = model.subgraphs[0]
+        ops = sub.operators
+        sub.operators = ops[:k]
+        sub.outputs = [ops[k - 1].outputs[0]] if k else [sub.inputs[0]]
+        model.signatureDefs = None
+        out.append((names.get(_builtin(model, ops[k - 1]), "CUSTOM") if k else "", _save(model)))
+    return out

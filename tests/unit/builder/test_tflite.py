@@ -142,6 +142,24 @@ def test_report_layers_attribute_int8_weights(tflite_models: dict[str, ModelHand
     assert f["RESHAPE"]["params"] == 0 and f["FULLY_CONNECTED"]["count"] == 2
 
 
+def test_prefix_models_cut_after_each_operator(tflite_models: dict[str, ModelHandle], builder: Builder, tmp_path: Path) -> None:
+    from builder.tflite_edit import op_counts, prefix_models
+
+    m = tflite_models["none"]
+    assert m.path is not None
+    buf = m.path.read_bytes()
+    prefixes = prefix_models(buf)
+    assert len(prefixes) == sum(op_counts(buf).values()) + 1 and prefixes[0][0] == ""
+    x = builder.data.eval.x[:2]
+    (tmp_path / "first.tflite").write_bytes(prefixes[0][1])
+    (tmp_path / "last.tflite").write_bytes(prefixes[-1][1])
+    with load_session("litert", tmp_path / "first.tflite") as s0, load_session("litert", tmp_path / "last.tflite") as s1, \
+            load_session("litert", m.path) as full:
+        np.testing.assert_array_equal(np.asarray(next(iter(s0.infer({"input": x}).values())), np.float32), x)
+        np.testing.assert_allclose(np.asarray(next(iter(s1.infer({"input": x}).values())), np.float32),
+                                   np.asarray(full.infer({"input": x})["logits"], np.float32), rtol=1e-6, atol=1e-6)
+
+
 def test_parity_failure_is_named(builder: Builder, tmp_path: Path) -> None:
     p = get_pass("export_tflite")
     cfg = p.config_class.model_validate({"quantization": "int8", "quant_atol_frac": 1e-6})
@@ -174,6 +192,9 @@ def test_search_chooses_smallest_tflite_and_skips_the_onnx_fallback(rpi_like: Pr
     assert m["model"]["inputs"][0]["dtype"] == "int8" and m["model"]["inputs"][0]["quantization"]["scale"] > 0
     assert m["model"]["outputs"][0]["quantization"]["scale"] > 0
     assert doc["report"]["recipe"] == "tflite_int8" and {r["op"] for r in doc["report"]["layers"]} >= {"CONV_2D", "FULLY_CONNECTED"}
+    lat = {e["op"]: e["ms"] for e in doc["report"]["latency_by_op"]}
+    assert set(lat) >= {"(per-call overhead)", "CONV_2D", "FULLY_CONNECTED"} and sum(lat.values()) > 0
+    assert "cut after each operator" in doc["report"]["latency_source"]
 
 
 def test_tflite_golden_vectors_pass_the_agent_self_test(rpi_like: ProfileResult, digits: DigitsProject, tmp_path: Path) -> None:
