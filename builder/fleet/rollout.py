@@ -29,7 +29,7 @@ DONE_STATES = ("HEALTHY", "ROLLED_BACK", "REJECTED", "FAILED")
 class RolloutHalted(EdgefleetError):
     """The canaries did not prove the artifact healthy: the rollout stopped (and rolled back)."""
 
-    exit_code = 9
+    exit_code = 11  # 8 broker, 9 database / no answer, 10 command refused (builder/fleet)
 
 
 @dataclass(frozen=True)

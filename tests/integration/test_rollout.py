@@ -81,7 +81,7 @@ def test_halted_rollouts_roll_canaries_back(broker: Broker, listener: Listener, 
     proc = subprocess.run([sys.executable, "-m", "builder.cli", "deploy", "tiny@1.1.0", "--group", "lab",
                            "--canary", "1", "--timeout", "60", "--broker", broker.url, "--json"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 9, proc.stderr
+    assert proc.returncode == 11, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["phase"] == "halted" and "self-test failed" in summary["reason"]
     assert summary["devices"]["h1"]["state"] == "ROLLED_BACK"
