@@ -8,6 +8,7 @@ for a bounded time. Responses are written in one send (no Nagle/delayed-ACK stal
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -35,6 +36,31 @@ REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not All
            500: "Internal Server Error", 503: "Service Unavailable"}
 
 
+class _DeadlineReader(io.RawIOBase):
+    """Socket reads that fail once a request's deadline has passed, however slowly bytes trickle
+    in: a per-read timeout alone lets a client that sends one byte at a time hold a thread."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int | None:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("request took too long")
+            self._sock.settimeout(left)
+        return self._raw.readinto(b)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "edgefleet-agent"
@@ -44,6 +70,14 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         if self.connection.family in (socket.AF_INET, socket.AF_INET6):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rfile.close()
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        """Each request (waiting for it, its head and its body) gets request_timeout_s in all."""
+        self._reader.deadline = time.monotonic() + self.endpoint.cfg.request_timeout_s
+        super().handle_one_request()
 
     def address_string(self) -> str:
         return str(self.client_address[0]) if isinstance(self.client_address, tuple) else "unix"
@@ -60,6 +94,7 @@ class _Handler(BaseHTTPRequestHandler):
             head.append(f"Inference-Header-Content-Length: {header_len}")
         if self.close_connection:
             head.append("Connection: close")
+        self.connection.settimeout(self.endpoint.cfg.request_timeout_s)  # reads may have shortened it
         self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
 
     def _json(self, status: int, doc: dict[str, Any]) -> None:

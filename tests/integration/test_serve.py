@@ -161,6 +161,25 @@ def test_v2_protocol_clients_and_bad_requests(broker: Broker, listener: Listener
         data = s.recv(4096)  # the server gives up on the silent client after request_timeout_s
         assert data == b"" or b" 408 " in data.split(b"\r\n")[0] + b" "
     assert time.monotonic() - t0 < 5
+    # one header byte every 0.2 s: each read is quick, but the whole request has request_timeout_s
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+        closed = False
+        for _ in range(25):
+            try:
+                s.sendall(b"X")
+            except OSError:
+                closed = True
+                break
+            s.settimeout(0.2)
+            try:
+                if s.recv(4096) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+    assert closed and time.monotonic() - t0 < 3, time.monotonic() - t0
     # over max_connections: answered 503 at once, not queued
     idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(16)]
     try:
