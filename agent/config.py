@@ -105,7 +105,7 @@ class ServeConfig(_Strict):
     port: int = Field(default=8000, ge=0, le=65535)  # 8000: Triton's and tritonclient's default
     unix_socket: Path | None = None  # listen on this unix socket instead of host:port
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=2**31)
-    request_timeout_s: float = Field(default=10.0, gt=0, le=3600)  # per socket read and per body
+    request_timeout_s: float = Field(default=10.0, gt=0, le=3600)  # a whole request: wait, head and body
     max_connections: int = Field(default=64, ge=1, le=10_000)
 
 
