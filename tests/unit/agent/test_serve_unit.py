@@ -162,3 +162,19 @@ def test_bad_requests_are_4xx_with_a_reason(doc: object, binary: bytes, needle: 
     with pytest.raises(RequestError) as ei:
         _req(doc, binary)
     assert ei.value.status == 400 and needle in ei.value.message
+
+
+def test_binary_data_output_makes_every_output_binary_unless_one_says_otherwise() -> None:
+    x = {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}
+    res = {"y": np.ones((1, 2), np.float32), "z": np.array([7])}
+    r = _req({"inputs": [x], "parameters": {"binary_data_output": True}})
+    body, hlen = encode_response("m", "1", r, res)
+    assert hlen is not None
+    head = json.loads(body[:hlen])
+    assert [o["parameters"]["binary_data_size"] for o in head["outputs"]] == [8, 8]
+    assert len(body) == hlen + 16
+    r = _req({"inputs": [x], "parameters": {"binary_data_output": True},
+              "outputs": [{"name": "y", "parameters": {"binary_data": False}}]})
+    body, hlen = encode_response("m", "1", r, res)
+    assert hlen is None and json.loads(body)["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [1, 2],
+                                                             "data": [1.0, 1.0]}]
