@@ -128,38 +128,49 @@ def tflite_op_latency(path: Path, input_name: str, sample: np.ndarray, threads: 
 
     The model cut after each of its operators is timed (all prefixes loaded at once, in
     interleaved rounds); an operator's time is the increase of the lower-quartile time over the
-    prefix before it, never below zero. The 0-operator prefix is the interpreter's per-call overhead.
+    prefix before it, never below zero. LiteRT's builtin kernels run here, without the XNNPack
+    delegate, so every prefix runs the same kernels (the delegate partitions each prefix
+    differently and its fixed cost lands on whichever op it first takes).
     """
     import time
 
-    from agent.runtime import load_session
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
     from builder.tflite_edit import prefix_models
 
-    feeds = {input_name: np.ascontiguousarray(sample)}
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = []
+        runs = []
         for i, (op, data) in enumerate(prefix_models(path.read_bytes())):
             p = Path(tmp) / f"prefix{i}.tflite"
             p.write_bytes(data)
-            sessions.append((op, load_session("litert", p, threads=threads)))
-        samples: list[list[float]] = [[] for _ in sessions]
+            it = Interpreter(model_path=str(p), num_threads=threads,
+                             experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+            d = it.get_input_details()[0]
+            it.resize_tensor_input(d["index"], list(sample.shape))
+            it.allocate_tensors()
+            x = sample
+            scale, zp = d["quantization"]
+            if np.dtype(d["dtype"]) in (np.int8, np.uint8) and scale:
+                info = np.iinfo(d["dtype"])
+                x = np.clip(np.round(sample / scale + zp), info.min, info.max)
+            it.set_tensor(d["index"], np.ascontiguousarray(x.astype(d["dtype"])))
+            it.invoke()
+            runs.append((op, it))
+        samples: list[list[float]] = [[] for _ in runs]
         for r in range(rounds):
-            order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
+            order = range(len(runs)) if r % 2 == 0 else reversed(range(len(runs)))
             for i in order:
-                s = sessions[i][1]
-                s.infer(feeds)
+                invoke = runs[i][1].invoke
                 for _ in range(calls):
                     t0 = time.perf_counter()
-                    s.infer(feeds)
+                    invoke()
                     samples[i].append(time.perf_counter() - t0)
-        for _, s in sessions:
-            s.close()
     # Lower quartile: interference from other work only ever adds time, so it is the steadier figure.
-    med = [float(np.percentile(v, 25)) * 1000 for v in samples]
-    totals: dict[str, float] = {"(per-call overhead)": med[0]}
-    for k in range(1, len(med)):
-        op = sessions[k][0]
-        totals[op] = totals.get(op, 0.0) + max(0.0, med[k] - med[k - 1])
+    q = [float(np.percentile(v, 25)) * 1000 for v in samples]
+    totals: dict[str, float] = {"(per-call overhead)": q[0]}
+    for k in range(1, len(q)):
+        op = runs[k][0]
+        totals[op] = totals.get(op, 0.0) + max(0.0, q[k] - q[k - 1])
     return {op: round(ms, 5) for op, ms in totals.items()}
 
 
@@ -171,8 +182,9 @@ def build_report(
     if model_path.suffix == ".tflite":
         table = tflite_layers(model_path)
         lat = tflite_op_latency(model_path, input_name, sample, threads)
-        latency_source = ("LiteRT, batch 1, estimated by timing the model cut after each operator (LiteRT's Python "
-                          "API has no per-op profiler): each op's increase in lower-quartile time; a noisy estimate for tiny ops")
+        latency_source = ("LiteRT builtin kernels (XNNPack off), batch 1, estimated by timing the model cut after each "
+                          "operator (LiteRT's Python API has no per-op profiler); compare shares, not the absolute "
+                          "times, which differ from the XNNPack run measured for the budget")
     else:
         table = onnx_layers(model_path)
         lat = onnx_op_latency(model_path, input_name, sample, threads)
@@ -206,7 +218,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lat = report.get("latency_by_op")
     if lat:
         lines.append("time       " + ", ".join(f"{e['op']} {100 * e['share']:.0f}%" for e in lat[:5])
-                     + " (share of host time at batch 1, by executed op)")
+                     + " (share of time at batch 1 by op type; report.json says how it was measured)")
     sens = report.get("sensitivity") or []
     if sens:
         worst = ", ".join(f"{e['node']} {e['sqnr_db']:.1f} dB" for e in sens[:3])
