@@ -87,7 +87,9 @@ def test_demo_runs_the_whole_loop_and_leaves_nothing(tmp_path: Path, impl: str) 
     assert s["rollouts"]["good_generic-cpu"]["phase"] == "done"
     broken = s["rollouts"]["broken"]
     assert broken["phase"] == "halted" and "self-test failed" in broken["reason"]
-    assert {d: v["active"] for d, v in s["devices"].items()} == {"dev-1": "1.0.0", "dev-2": "1.0.0", "dev-3": "1.0.0"}
+    assert s["rollouts"]["upgrade"]["phase"] == "done" and s["rollouts"]["upgrade"]["canaries"] == ["dev-1"]
+    # the broken 1.1.0 never replaced the upgrade anywhere
+    assert {d: v["active"] for d, v in s["devices"].items()} == {"dev-1": "1.0.1", "dev-2": "1.0.1", "dev-3": "1.0.0"}
     report = Path(s["report"]).read_text()
     assert all(d in report for d in ("dev-1", "dev-2", "dev-3"))
     # broker, collector and three agents ran as children, and none outlived the demo
@@ -101,7 +103,7 @@ def test_ctrl_c_or_kill_stops_every_process(tmp_path: Path, sig: signal.Signals,
     if sig == signal.SIGKILL and sys.platform != "linux":
         pytest.skip("parent-death signal is Linux only")
     w = Watched("--out", str(tmp_path / "demo"), "--broker-impl", "amqtt")
-    assert w.wait(120, until="[2/6]") is None, "".join(w.err)
+    assert w.wait(120, until="[2/7]") is None, "".join(w.err)
     end = time.monotonic() + 10  # a just-forked child shows the demo's command line until it execs
     while True:
         w.seen.clear()
