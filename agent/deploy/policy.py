@@ -5,14 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from agent.config import AgentConfig
 from agent.errors import ConfigError, IntegrityError
 from agent.protocol.canonical import canonical_json
 from agent.protocol.manifest import Manifest, parse_manifest, version_key
 from agent.protocol.profile import DeviceProfile, default_profiles_dir, get_profile
-from agent.protocol.signing import Signature, load_public_key, verify
+from agent.protocol.signing import Signature, TrustedKey, read_trusted_key, verify
 from agent.store.versions import Installed
 
 DEFAULT_REGRESSION_PCT = 20.0
@@ -22,7 +20,8 @@ DEFAULT_REGRESSION_PCT = 20.0
 class Policy:
     profile: str
     runtimes: tuple[str, ...]
-    keys: tuple[Ed25519PublicKey, ...]
+    # Raw key bytes: cryptography loads on the first verification, not at start (signing.py).
+    keys: tuple[TrustedKey, ...]
     max_p95_ms: float | None
     max_regression_pct: float
     # onnxruntime execution providers, first loadable wins (from the device profile).
@@ -78,7 +77,7 @@ def resolve_policy(cfg: AgentConfig, source: str = "config") -> Policy:
     runtimes: tuple[str, ...] = tuple(cfg.runtimes)
     if not runtimes:
         runtimes = (profile.runtime.name,) if profile is not None else tuple(available_runtimes())
-    keys = tuple(load_public_key(k) for k in cfg.trusted_keys)
+    keys = tuple(read_trusted_key(k) for k in cfg.trusted_keys)
     providers = profile.runtime.execution_providers if profile is not None else ("CPUExecutionProvider",)
     return Policy(cfg.profile, runtimes, keys, max_p95, pct if pct is not None else DEFAULT_REGRESSION_PCT,
                   tuple(providers))

@@ -16,17 +16,18 @@ import hashlib
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import IO, TYPE_CHECKING
 
 from agent.errors import IntegrityError
 from agent.protocol.canonical import canonical_json
 from agent.protocol.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, parse_manifest
-from agent.protocol.signing import Signature, verify
+from agent.protocol.signing import Signature, TrustedKey, verify
+
+if TYPE_CHECKING:  # cryptography itself loads only when a signature is checked (signing.py)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 CHUNK = 1 << 20
@@ -116,7 +117,7 @@ def _hash_member(tar: tarfile.TarFile, m: tarfile.TarInfo) -> str:
     return h.hexdigest()
 
 
-def verify_artifact(path: Path, trusted: list[Ed25519PublicKey]) -> VerifiedArtifact:
+def verify_artifact(path: Path, trusted: Sequence[Ed25519PublicKey | TrustedKey]) -> VerifiedArtifact:
     """Check structure, signature and every file hash; return the parsed manifest."""
     if not path.is_file():
         raise IntegrityError(f"{path}: no such artifact file")
