@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,117 +26,15 @@ from typing import Any
 
 import click
 
-from agent.errors import DependencyError, EdgefleetError, UsageError
+from agent.errors import EdgefleetError, UsageError
+from agent.protocol import topics
+from builder.fleet.localfleet import Procs, start_broker
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = ".edgefleet-demo"
 PROFILES = ("x86-ipc", "generic-cpu")
 # Only the fast candidates: the demo shows the fleet loop, `python3 -m examples.digits` the full search.
 DEMO_CANDIDATES = {"x86-ipc": ["int8_static"], "generic-cpu": ["fp32"]}
-
-
-def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the child gets SIGTERM if the demo dies without cleaning up (even SIGKILL)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class Procs:
-    """Processes started by the demo, each in its own process group; stop_all ends every one."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("ab")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-        p = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=REPO, env=env,
-                             start_new_session=True, preexec_fn=_pdeathsig if sys.platform == "linux" else None)
-        self.procs.append((name, p))
-        return p
-
-    def stop(self, p: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(grace)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)  # anything left in the group (it leads its own group)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(5)
-
-    def stop_all(self) -> None:
-        for _, p in reversed(self.procs):  # agents and collector first, the broker last
-            self.stop(p)
-        self.procs.clear()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, p: subprocess.Popen[bytes], what: str, timeout: float = 15.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        if p.poll() is not None:
-            raise EdgefleetError(f"{what} exited at start (exit code {p.returncode}); see its log")
-        time.sleep(0.05)
-    raise EdgefleetError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:g}s")
-
-
-def mosquitto_path() -> str | None:
-    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if os.access(p, os.X_OK)), None)
-
-
-def start_broker(procs: Procs, run: Path, impl: str) -> tuple[str, str]:
-    """(url, implementation): mosquitto when installed (or asked for), else the embedded amqtt."""
-    port = free_port()
-    mosq = mosquitto_path()
-    if impl == "mosquitto" and mosq is None:
-        raise UsageError("--broker-impl mosquitto: mosquitto is not installed (apt-get install mosquitto)")
-    if impl in ("auto", "mosquitto") and mosq is not None:
-        conf = run / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        "max_queued_messages 10000\n" + ("user root\n" if os.geteuid() == 0 else ""))
-        p = procs.start("broker", [mosq, "-c", str(conf)])
-        chosen = "mosquitto"
-    else:
-        try:
-            import amqtt  # noqa: F401
-        except ImportError:
-            raise DependencyError("no mosquitto on PATH and the embedded broker needs 'amqtt': "
-                                  "pip install -e '.[builder]' (or apt-get install mosquitto)") from None
-        p = procs.start("broker", [sys.executable, "-m", "builder.fleet.demo", "amqtt", str(port)])
-        chosen = "amqtt (embedded, MQTT 3.1.1)"
-    _wait_port(port, p, chosen)
-    return f"mqtt://127.0.0.1:{port}", chosen
-
-
-def run_amqtt(port: int) -> None:
-    """The embedded broker's process: amqtt on loopback until SIGTERM."""
-    import asyncio
-
-    from amqtt.broker import Broker
-
-    async def main() -> None:
-        cfg = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-               "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
-        broker = Broker(cfg)
-        await broker.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await broker.shutdown()
-
-    asyncio.run(main())
 
 
 # ------------------------------------------------------------------------------ artifacts
@@ -309,11 +205,38 @@ def _wait_births(url: str, devices: list[str], timeout: float) -> None:
     raise EdgefleetError(f"agents did not come online within {timeout:g}s (see their logs)")
 
 
+def _publish(art: Path, cfg: Any, verify: bool, tries: int = 3) -> None:
+    """Publish, then read the index entry back; publish again (bounded) if the broker lost it.
+
+    amqtt (the fallback broker) sometimes loses a retained message (seen: 2 index entries in 30
+    publishes), so with it (``verify``) every topic is read back; mosquitto needs no check.
+    """
+    from builder.fleet.deploy import connect
+    from builder.fleet.publish import publish_artifact, read_head
+
+    doc, _ = read_head(art)
+    index = topics.artifact_index(doc["name"], doc["version"], doc["profile"])
+    for _ in range(tries):
+        res = publish_artifact(art, cfg, chunk_size=64 * 1024, force=True)
+        if not verify:
+            return
+        want = {index, topics.artifact_manifest(res.sha256),
+                *(topics.artifact_chunk(res.sha256, i) for i in range(res.chunks))}
+        c = connect(cfg)
+        try:  # a generous quiet time: a pure-Python broker under load delivers a burst slowly
+            got = set(c.retained(f"{topics.PREFIX}/artifacts/{res.sha256}/#", quiet=1.0, limit=10.0))
+            got |= set(c.retained(index, quiet=1.0, limit=5.0))
+        finally:
+            c.close()
+        if want <= got:
+            return
+    raise EdgefleetError(f"the broker did not keep all of {art.name} after {tries} publishes")
+
+
 def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], None],
              live: bool | None = None) -> dict[str, Any]:
     from builder.fleet.deploy import RolloutDisplay, staged_rollout
     from builder.fleet.mqtt import broker_config
-    from builder.fleet.publish import publish_artifact
     from builder.fleet.rollout import Gate
 
     t_start = time.monotonic()
@@ -337,8 +260,9 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
         say(f"[3/7] built digits 1.0.0 for {', '.join(PROFILES)} in {time.monotonic() - t0:.1f}s")
         _wait_births(url, list(devices), 60)
         cfg = broker_config(url)
+        amqtt = impl.startswith("amqtt")
         for art in arts.values():
-            publish_artifact(art, cfg, chunk_size=64 * 1024, force=True)
+            _publish(art, cfg, amqtt)
         say("[4/7] published both artifacts; canary rollout of digits@1.0.0:")
         # demo margins: on a busy laptop a sub-millisecond model's p95 jitters by a millisecond or more
         gate = Gate(max_p95_regression_pct=50.0, p95_slack_ms=5.0)
@@ -361,11 +285,11 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
         for prof in PROFILES:
             rollout("digits@1.0.0", prof, f"good_{prof}")
         up = build_artifacts(run / "artifacts", out / "cache", work, lambda m: None, "1.0.1", PROFILES[:1])
-        publish_artifact(up[PROFILES[0]], cfg, chunk_size=64 * 1024, force=True)
+        _publish(up[PROFILES[0]], cfg, amqtt)
         say(f"[5/7] upgrade digits@1.0.1 on {PROFILES[0]}: the canary's p95 is measured against the model it replaces")
         rollout("digits@1.0.1", PROFILES[0], "upgrade")
         broken = make_broken(up[PROFILES[0]], run / "artifacts", key, "1.1.0")
-        publish_artifact(broken, cfg, chunk_size=64 * 1024, force=True)
+        _publish(broken, cfg, amqtt)
         say(f"[6/7] broken artifact {broken.name} (golden vectors off by 5.0, validly signed): canary rollout")
         with RolloutDisplay(f"group {PROFILES[0]}", live=live) as show:
             bad = staged_rollout(cfg, "digits@1.1.0", PROFILES[0], "1", gate=gate, timeout=90, on_change=show)
@@ -437,7 +361,3 @@ def demo_cmd(out: Path, n_devices: int, broker_impl: str, as_json: bool) -> None
     for name, r in summary["rollouts"].items():
         click.echo(f"rollout {name}: {r['phase']}" + (f" - {r['reason']}" if r["reason"] else ""))
     click.echo(f"report: {summary['report']}")
-
-
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "amqtt":
-    run_amqtt(int(sys.argv[2]))

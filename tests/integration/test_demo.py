@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from builder.fleet.demo import mosquitto_path
+from builder.fleet.localfleet import mosquitto_path
 from tests.agent_helpers import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -120,14 +120,14 @@ def test_ctrl_c_or_kill_stops_every_process(tmp_path: Path, sig: signal.Signals,
 
 
 def test_auto_broker_falls_back_to_amqtt_without_mosquitto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from builder.fleet import demo
+    from builder.fleet import localfleet
     from builder.fleet.mqtt import SyncClient, broker_config
 
-    monkeypatch.setattr(demo, "mosquitto_path", lambda: None)
-    with pytest.raises(demo.UsageError, match="mosquitto is not installed"):
-        demo.start_broker(demo.Procs(tmp_path), tmp_path, "mosquitto")
-    procs = demo.Procs(tmp_path)
-    url, impl = demo.start_broker(procs, tmp_path, "auto")
+    monkeypatch.setattr(localfleet, "mosquitto_path", lambda: None)
+    with pytest.raises(localfleet.UsageError, match="mosquitto is not installed"):
+        localfleet.start_broker(localfleet.Procs(tmp_path), tmp_path, "mosquitto")
+    procs = localfleet.Procs(tmp_path)
+    url, impl = localfleet.start_broker(procs, tmp_path, "auto")
     try:
         assert impl.startswith("amqtt")
         big = bytes(range(256)) * 4096  # 1 MiB, a chunk's size: retained and read back whole
