@@ -78,6 +78,9 @@ class AgentState:
         self.seq = (saved if isinstance(saved, int) else 0) + SEQ_SAVE_EVERY
         rej = doc.get("rejected", {})
         self.rejected: dict[str, dict[str, str]] = rej if isinstance(rej, dict) else {}
+        # Saved now too: a run that sends fewer than SEQ_SAVE_EVERY messages must still move the
+        # next start's seq ahead of every seq it sent.
+        self._save_agent()
         self.desired_device: Deployment | None = None
         self.desired_groups: dict[str, Deployment | None] = {}
         self.job: FetchJob | None = None
