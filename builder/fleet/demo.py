@@ -331,10 +331,11 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON on stdout.")
 def demo_cmd(out: Path, n_devices: int, broker_impl: str, as_json: bool) -> None:
     """Run a whole fleet on this machine: a broker, agent processes, the collector; build the
-    digits example for two profiles, publish it, roll it out with a canary, then watch a
-    deliberately broken artifact be rejected and the rollout halt. Ends with an HTML report.
+    digits example for two profiles, publish it, roll it out with a canary, upgrade it (the
+    canary's p95 judged against the model it replaces), then watch a deliberately broken
+    artifact be rejected and the rollout halt. Ends with an HTML report.
 
-    Every process it starts is stopped at the end or on Ctrl-C. About a minute or two.
+    Every process it starts is stopped at the end or on Ctrl-C. Under a minute on a laptop.
     """
     from rich.console import Console
 
