@@ -183,21 +183,15 @@ def _pump(feed: _Feed, ro: Rollout, seconds: float, on_change: Callable[[Rollout
         on_change(ro)
 
 
-def _rollback_canaries(c: SyncClient, feed: _Feed, ro: Rollout, published: list[str],
-                       on_change: Callable[[Rollout], None], wait_s: float = 20.0) -> None:
-    """Roll back canaries that run the new artifact, then clear their device deployments.
-
-    The rollback command comes first: it marks the artifact rejected on the device, so clearing
-    the device deployment afterwards falls back to the group's (older, active) deployment
-    without the agent fetching anything. A canary that failed its self-test never switched.
-    """
+def _send_rollbacks(c: SyncClient, feed: _Feed, ro: Rollout, devices: list[str],
+                    on_change: Callable[[Rollout], None], wait_s: float) -> None:
+    """A rollback command to each of ``devices``; waits (bounded) for their answers."""
     results: dict[str, dict[str, Any]] = {}
     sent: dict[str, str] = {}
-    for d in ro.canaries:
-        if ro.needs_rollback(d):
-            cid = f"rollout-{uuid.uuid4().hex[:12]}"
-            c.publish(topics.device_topic(d, "cmd"), encode(Command(id=cid, op="rollback")), retain=False)
-            sent[d] = cid
+    for d in devices:
+        cid = f"rollout-{uuid.uuid4().hex[:12]}"
+        c.publish(topics.device_topic(d, "cmd"), encode(Command(id=cid, op="rollback")), retain=False)
+        sent[d] = cid
     c.flush()
     end = time.monotonic() + wait_s
     while sent and time.monotonic() < end and not all(cid in results for cid in sent.values()):
@@ -211,9 +205,28 @@ def _rollback_canaries(c: SyncClient, feed: _Feed, ro: Rollout, published: list[
         else:
             v.state = "FAILED"
             v.reason = f"rollback command {cid}: " + (str(res.get("reason")) if res else f"no answer within {wait_s:g}s")
+
+
+def _rollback_canaries(c: SyncClient, feed: _Feed, ro: Rollout, published: list[str],
+                       on_change: Callable[[Rollout], None], wait_s: float = 20.0, late_s: float = 30.0) -> None:
+    """Roll back canaries that run the new artifact, then clear their device deployments.
+
+    The rollback command comes first: it marks the artifact rejected on the device, so clearing
+    the device deployment afterwards falls back to the group's (older, active) deployment
+    without the agent fetching anything. A canary that failed its self-test never switched.
+    A canary still installing (past VERIFIED the agent finishes the install whatever arrives)
+    is watched for up to ``late_s`` and rolled back if it turns ACTIVE.
+    """
+    _send_rollbacks(c, feed, ro, [d for d in ro.canaries if ro.needs_rollback(d)], on_change, wait_s)
     for d in published:
         c.publish(topics.device_topic(d, "deployment"), b"", retain=True)
     c.flush()
+    end = time.monotonic() + late_s
+    while any(ro.installing(d) for d in ro.canaries) and time.monotonic() < end:
+        _pump(feed, ro, 0.5, on_change)
+    late = [d for d in ro.canaries if ro.needs_rollback(d)]
+    if late:
+        _send_rollbacks(c, feed, ro, late, on_change, wait_s)
     on_change(ro)
 
 

@@ -244,6 +244,10 @@ class Rollout:
         return v.active_sha == self.sha and v.state not in FAILED_STATES and not v.rolled_back \
             and v.reason != "already active before the rollout"
 
+    def installing(self, dev: str) -> bool:
+        """Past VERIFIED and not yet ACTIVE: the agent completes this install whatever it receives."""
+        return self.devices[dev].state in ("VERIFIED", "UNPACKED", "SELF_TEST")
+
     def summary(self) -> dict[str, Any]:
         return {"ok": self.phase == "done", "name": self.name, "version": self.version, "sha256": self.sha,
                 "phase": self.phase, "reason": self.reason, "canaries": self.canaries,

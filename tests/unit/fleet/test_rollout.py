@@ -143,3 +143,16 @@ def test_already_active_devices_count_as_healthy() -> None:
     devs = {"d0": DeviceView("d0", online=True, active_sha=NEW)}
     ro = Rollout("m", "1.1.0", NEW, devs, ["d0"])
     assert ro.canary_verdict(0) == ("ok", "") and not ro.needs_rollback("d0")
+
+
+def test_canary_still_installing_after_a_halt_is_watched_then_rolled_back() -> None:
+    """Past VERIFIED the agent finishes the install whatever it receives: a halt must watch it."""
+    ro = rollout(canaries=("d0", "d1"))
+    ro.feed(*event("d0", "FETCHING"), now=0)
+    ro.feed(*event("d1", "SELF_TEST"), now=0)
+    assert not ro.installing("d0") and ro.installing("d1")   # a fetch is cancelled by clearing
+    assert not ro.needs_rollback("d1")
+    ro.feed(*event("d1", "ACTIVE", p95_ms=1.0, current_p95_ms=1.0), now=1)
+    assert not ro.installing("d1") and ro.needs_rollback("d1")
+    ro.devices["d1"].rolled_back = True
+    assert not ro.needs_rollback("d1")
