@@ -51,8 +51,9 @@ def publish_cmd(artifact: Path, chunk_size: int, force: bool, as_json: bool, **k
     if not artifact.is_file():
         raise UsageError(f"{artifact}: no such artifact file")
     total = chunk_count(artifact, chunk_size)
-    with click.progressbar(length=total, label=f"publishing {artifact.name}",
-                           file=click.get_text_stream("stderr")) as bar:
+    bar: Any = click.progressbar(length=total, label=f"publishing {artifact.name}",
+                                 file=click.get_text_stream("stderr"))
+    with bar:
         res = publish_artifact(artifact, broker, chunk_size, force, progress=bar.update)
     if as_json:
         click.echo(json.dumps(res.__dict__))
