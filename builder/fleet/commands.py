@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,9 +52,8 @@ def publish_cmd(artifact: Path, chunk_size: int, force: bool, as_json: bool, **k
     if not artifact.is_file():
         raise UsageError(f"{artifact}: no such artifact file")
     total = chunk_count(artifact, chunk_size)
-    bar: Any = click.progressbar(length=total, label=f"publishing {artifact.name}",
-                                 file=click.get_text_stream("stderr"))
-    with bar:
+    # sys.stderr, not click.get_text_stream: deprecated in click 8.5 (and untyped there)
+    with click.progressbar(length=total, label=f"publishing {artifact.name}", file=sys.stderr) as bar:
         res = publish_artifact(artifact, broker, chunk_size, force, progress=bar.update)
     if as_json:
         click.echo(json.dumps(res.__dict__))
