@@ -30,6 +30,21 @@ def _no_delay(client: mqtt.Client) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+
+def apply_login_and_tls(c: mqtt.Client, broker: BrokerConfig) -> None:
+    """User name/password (from the config or the URL) and TLS with the configured certificates;
+    every MQTT client of the project (agent, publisher, collector) sets itself up through this."""
+    user = broker.username or broker.url_username
+    if user:
+        c.username_pw_set(user, broker.password)
+    if broker.tls:
+        c.tls_set(
+            ca_certs=str(broker.ca_file) if broker.ca_file else None,
+            certfile=str(broker.cert_file) if broker.cert_file else None,
+            keyfile=str(broker.key_file) if broker.key_file else None,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+
 class _PahoDelivery:
     """Delivery over paho's MQTTMessageInfo (is_published is set by the PUBACK)."""
 
@@ -78,16 +93,7 @@ class MqttTransport:
         c.max_inflight_messages_set(32)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(min_delay=broker.reconnect_min_s, max_delay=broker.reconnect_max_s)
-        user = broker.username or broker.url_username
-        if user is not None:
-            c.username_pw_set(user, broker.password)
-        if broker.tls:
-            c.tls_set(
-                ca_certs=str(broker.ca_file) if broker.ca_file else None,
-                certfile=str(broker.cert_file) if broker.cert_file else None,
-                keyfile=str(broker.key_file) if broker.key_file else None,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+        apply_login_and_tls(c, broker)
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
         c.on_message = self._handle_message

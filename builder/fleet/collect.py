@@ -37,6 +37,7 @@ from agent.protocol.messages import (
     Telemetry,
     decode,
 )
+from agent.transport.mqtt import apply_login_and_tls
 from builder.fleet.db import Batch, DatabaseError, FleetDB
 from builder.fleet.mqtt import BrokerError
 
@@ -172,13 +173,7 @@ class Collector:
                              manual_ack=True)
         self.c.max_inflight_messages_set(1000)
         self.c.reconnect_delay_set(1, 10)
-        user = broker.username or broker.url_username
-        if user:
-            self.c.username_pw_set(user, broker.password)
-        if broker.tls:
-            self.c.tls_set(ca_certs=str(broker.ca_file) if broker.ca_file else None,
-                           certfile=str(broker.cert_file) if broker.cert_file else None,
-                           keyfile=str(broker.key_file) if broker.key_file else None)
+        apply_login_and_tls(self.c, broker)
         self.c.on_connect = self._on_connect
         self.c.on_message = self._on_message
 

@@ -13,19 +13,26 @@ import click
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def broker_options(f: F) -> F:
-    opts = [
-        click.option("--broker", required=True, help="Broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT."),
-        click.option("--ca-file", default=None, help="CA certificate (PEM) for mqtts://."),
-        click.option("--cert-file", default=None, help="Client certificate (PEM) for mqtts://."),
-        click.option("--key-file", default=None, help="Client key (PEM) for mqtts://."),
-        click.option("--username", default=None, help="Broker user name."),
-        click.option("--password", default=None, envvar="EDGEFLEET_BROKER_PASSWORD",
-                     help="Broker password (or $EDGEFLEET_BROKER_PASSWORD)."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+def broker_options_with(broker_help: str = "Broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT.",
+                        required: bool = True) -> Callable[[F], F]:
+    """--broker plus its TLS and login options, shared by every command that talks to a broker."""
+    def deco(f: F) -> F:
+        opts = [
+            click.option("--broker", required=required, default=None, help=broker_help),
+            click.option("--ca-file", default=None, help="CA certificate (PEM) for mqtts://."),
+            click.option("--cert-file", default=None, help="Client certificate (PEM) for mqtts://."),
+            click.option("--key-file", default=None, help="Client key (PEM) for mqtts://."),
+            click.option("--username", default=None, help="Broker user name."),
+            click.option("--password", default=None, envvar="EDGEFLEET_BROKER_PASSWORD",
+                         help="Broker password (or $EDGEFLEET_BROKER_PASSWORD)."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return deco
+
+
+broker_options = broker_options_with()
 
 
 def _broker(kw: dict[str, Any]) -> Any:

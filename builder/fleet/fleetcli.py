@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from agent.errors import UsageError
-from builder.fleet.commands import _broker, broker_options
+from builder.fleet.commands import _broker, broker_options, broker_options_with
 
 DB_HELP = "Fleet database: a file path (SQLite) or postgresql://USER@HOST:PORT/DB."
 
@@ -119,17 +119,7 @@ def _db_rows(db_target: str) -> list[Any]:
 
 def _source_options(f: Any) -> Any:
     f = click.option("--db", "db_target", default=None, help=DB_HELP + " (instead of --broker)")(f)
-    for o in reversed([
-        click.option("--broker", default=None, help="Broker URL: read retained state and live telemetry."),
-        click.option("--ca-file", default=None, help="CA certificate (PEM) for mqtts://."),
-        click.option("--cert-file", default=None, help="Client certificate (PEM) for mqtts://."),
-        click.option("--key-file", default=None, help="Client key (PEM) for mqtts://."),
-        click.option("--username", default=None, help="Broker user name."),
-        click.option("--password", default=None, envvar="EDGEFLEET_BROKER_PASSWORD",
-                     help="Broker password (or $EDGEFLEET_BROKER_PASSWORD)."),
-    ]):
-        f = o(f)
-    return f
+    return broker_options_with("Broker URL: read retained state and live telemetry.", required=False)(f)
 
 
 @fleet_grp.command("status")

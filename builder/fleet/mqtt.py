@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from agent.config import BrokerConfig
 from agent.errors import EdgefleetError, UsageError
+from agent.transport.mqtt import apply_login_and_tls
 
 
 class BrokerError(EdgefleetError):
@@ -46,13 +47,7 @@ class SyncClient:
         self.cfg, self.timeout = cfg, timeout
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         self.c.max_inflight_messages_set(64)
-        user = cfg.username or cfg.url_username
-        if user:
-            self.c.username_pw_set(user, cfg.password)
-        if cfg.tls:
-            self.c.tls_set(ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
-                           certfile=str(cfg.cert_file) if cfg.cert_file else None,
-                           keyfile=str(cfg.key_file) if cfg.key_file else None)
+        apply_login_and_tls(self.c, cfg)
         self._connected = threading.Event()
         self._refused: str | None = None
         self._lock = threading.Lock()
