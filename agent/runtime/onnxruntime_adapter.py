@@ -67,6 +67,8 @@ class OrtSession(InferenceSession):
         self.providers: list[str] = list(self._sess.get_providers())
         if self.providers[:1] != chosen[:1]:
             log.warning("%s: asked for %s, running on %s", path, chosen, self.providers)
+        log.info("%s: onnxruntime session providers %s (profile asked for %s)", path, self.providers,
+                 list(providers))
         self._inputs = [_spec(a) for a in self._sess.get_inputs()]
         self._outputs = [_spec(a) for a in self._sess.get_outputs()]
         self._out_names = [o.name for o in self._outputs]
