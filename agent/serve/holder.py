@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from agent.runtime import InferenceSession, IOSpec
@@ -77,15 +75,6 @@ class SessionHolder:
         lock.release()
         if close:
             _close(loaded)
-
-    @contextmanager
-    def lease(self) -> Iterator[Loaded | None]:
-        cur = self.acquire()
-        try:
-            yield cur
-        finally:
-            if cur is not None:
-                self.release(cur)
 
     def swap(self, new: Loaded | None) -> Loaded | None:
         """Make ``new`` current; the previous one is closed once no request uses it. Returns it."""

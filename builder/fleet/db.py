@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,8 +268,3 @@ def open_db(target: str, readonly: bool = False) -> FleetDB:
 
 def columns(table: str) -> list[str]:
     return TABLES[table].names
-
-
-def as_rows(table: str, docs: Iterable[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    cols = columns(table)
-    return [tuple(d.get(c) for c in cols) for d in docs]
