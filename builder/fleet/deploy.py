@@ -23,7 +23,7 @@ from agent.errors import UsageError
 from agent.protocol import topics
 from agent.protocol.manifest import VERSION_RE
 from agent.protocol.messages import Command, Deployment, IndexEntry, MessageError, decode, encode
-from builder.fleet.mqtt import SyncClient
+from builder.fleet.mqtt import SyncClient, connect
 from builder.fleet.rollout import (
     Gate,
     Rollout,
@@ -116,20 +116,6 @@ def deploy(broker: BrokerConfig, spec: str, device: str | None = None, group: st
 
 
 # ---------------------------------------------------------------------------- staged rollout
-
-def connect(broker: BrokerConfig, attempts: int = 3, client_id: str = "") -> SyncClient:
-    """A connected client, trying ``attempts`` times with backoff (a broker restarting is transient)."""
-    from builder.fleet.mqtt import BrokerError
-
-    for i in range(attempts):
-        try:
-            return SyncClient(broker, client_id=client_id).__enter__()
-        except BrokerError:
-            if i == attempts - 1:
-                raise
-            time.sleep(0.5 * 2**i)
-    raise AssertionError("unreachable")
-
 
 def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")

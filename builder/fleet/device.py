@@ -29,7 +29,7 @@ from agent.protocol.messages import (
     encode,
 )
 from builder.fleet.commands import _broker, broker_options
-from builder.fleet.mqtt import BrokerError, SyncClient
+from builder.fleet.mqtt import BrokerError, SyncClient, connect
 
 CONNECT_TRIES = 3
 
@@ -44,17 +44,6 @@ class CommandFailed(EdgefleetError):
     """The device answered ``ok: false``."""
 
     exit_code = 10
-
-
-def _connect(cfg: BrokerConfig, tries: int = CONNECT_TRIES) -> SyncClient:
-    for attempt in range(1, tries + 1):
-        try:
-            return SyncClient(cfg, timeout=5.0).__enter__()
-        except BrokerError as exc:
-            if attempt == tries:
-                raise BrokerError(f"{exc} (tried {tries} times)") from None
-            time.sleep(0.5 * attempt)
-    raise AssertionError("unreachable")
 
 
 def _device_online(c: SyncClient, device: str) -> str:
@@ -79,7 +68,7 @@ def send_command(cfg: BrokerConfig, device: str, cmd: Command, timeout: float) -
         raise UsageError(str(exc)) from None
     answers: queue.Queue[bytes] = queue.Queue()
     subscribed = threading.Event()
-    c = _connect(cfg)
+    c = connect(cfg, CONNECT_TRIES, timeout=5.0)
     try:
         c.c.message_callback_add(result_topic, lambda _c, _u, msg: answers.put(bytes(msg.payload)))
         c.c.on_subscribe = lambda *_a: subscribed.set()
@@ -110,7 +99,7 @@ def _resolve_sha(cfg: BrokerConfig, device: str, name: str, version: str) -> str
     """deploy without --sha256: the published artifact of NAME@VERSION for the device's profile."""
     from builder.fleet.deploy import resolve
 
-    c = _connect(cfg)
+    c = connect(cfg, CONNECT_TRIES, timeout=5.0)
     try:
         return resolve(c, name, version, None, device, None).sha256
     finally:

@@ -127,6 +127,19 @@ class SyncClient:
             return {t: p for t, p in self.messages.items() if p}
 
 
+def connect(cfg: BrokerConfig, tries: int = 3, client_id: str = "", timeout: float = 10.0) -> SyncClient:
+    """A connected client (the caller closes it), trying ``tries`` times with backoff: a broker
+    restarting is transient."""
+    for attempt in range(1, tries + 1):
+        try:
+            return SyncClient(cfg, client_id=client_id, timeout=timeout).__enter__()
+        except BrokerError as exc:
+            if attempt == tries:
+                raise BrokerError(f"{exc} (tried {tries} times)") from None
+            time.sleep(0.5 * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
 @contextlib.contextmanager
 def connected(cfg: BrokerConfig, client_id: str = "") -> Iterator[SyncClient]:
     with SyncClient(cfg, client_id) as c:
