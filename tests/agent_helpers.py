@@ -22,6 +22,7 @@ import numpy as np
 from agent.protocol.golden import GoldenSet
 from agent.protocol.manifest import FORMAT_VERSION, Golden, Manifest, ModelInfo, Recipe, TensorSpec
 from agent.protocol.signing import generate_keypair, load_private_key
+from builder.fleet.localfleet import free_port  # re-exported: one helper for tests and the demo
 
 REPO = Path(__file__).resolve().parents[1]
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -111,12 +112,6 @@ def make_artifact(
 
 
 # ------------------------------------------------------------------------------ broker
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 class Broker:
     """A real mosquitto on a loopback port, with persistence so retained messages survive restarts."""
