@@ -148,16 +148,21 @@ def measure_drain(url: str, names: list[str], per_device: int, procs: int, tmp: 
             sub.terminate()
         sub.wait(10)
         col.stop()
-    s = col.stats
-    stored = FleetDB(str(db_path), readonly=True).count("telemetry")
-    col_s = (s.last_commit or 0.0) - (s.first_received or 0.0)
-    col_rate = stored / col_s if col_s > 0 else 0.0
-    sub_n, sub_rate = _sub_rate(sub_out.read_text().splitlines())
+    stored, col_rate, sub_n, sub_rate = _rates(col, db_path, sub_out)
     say(f"drain: {published} queued; collector stored {stored} at {col_rate:.0f} msg/s; "
         f"mosquitto_sub got {sub_n} at {sub_rate:.0f} msg/s")
     return {"drain_published": published, "drain_lost": published - stored,
             "drain_collector_msgs_per_s": round(col_rate, 1), "drain_mosquitto_sub_msgs_per_s": round(sub_rate, 1),
             "drain_ratio": round(col_rate / sub_rate, 3) if sub_rate else None}
+
+
+def _rates(col: Collector, db_path: Path, sub_out: Path) -> tuple[int, float, int, float]:
+    """(stored, collector msg/s, mosquitto_sub received, mosquitto_sub msg/s) after a run."""
+    s = col.stats
+    stored = FleetDB(str(db_path), readonly=True).count("telemetry")
+    col_s = (s.last_commit or 0.0) - (s.first_received or 0.0)
+    sub_n, sub_rate = _sub_rate(sub_out.read_text().splitlines())
+    return stored, stored / col_s if col_s > 0 else 0.0, sub_n, sub_rate
 
 
 def _sub_rate(lines: list[str]) -> tuple[int, float]:
@@ -187,10 +192,8 @@ def measure_ingest(n_devices: int = 200, msgs_per_device: int | None = 50, *, de
     tmp = Path(tempfile.mkdtemp(prefix="edgefleet-ingest-"))
     broker = None
     if broker_url is None:
-        broker = Broker(tmp / "broker")
         # room for a backlog: a slow consumer is then measured as slow, not as lossy
-        broker.conf.write_text(broker.conf.read_text().replace("max_queued_messages 10000",
-                                                               "max_queued_messages 1000000"))
+        broker = Broker(tmp / "broker", max_queued=1_000_000)
         broker.start()
         broker_url = broker.url
     host, port = broker_url.removeprefix("mqtt://").split(":")
@@ -218,10 +221,7 @@ def measure_ingest(n_devices: int = 200, msgs_per_device: int | None = 50, *, de
         sub.wait(10)
         col.stop()
     s = col.stats
-    stored = FleetDB(str(db_path), readonly=True).count("telemetry")
-    col_s = (s.last_commit or 0.0) - (s.first_received or 0.0)
-    col_rate = stored / col_s if col_s > 0 else 0.0
-    sub_n, sub_rate = _sub_rate(sub_out.read_text().splitlines())
+    stored, col_rate, sub_n, sub_rate = _rates(col, db_path, sub_out)
     drain: dict[str, Any] = {}
     try:
         if drain_count:

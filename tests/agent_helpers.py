@@ -116,7 +116,7 @@ def make_artifact(
 class Broker:
     """A real mosquitto on a loopback port, with persistence so retained messages survive restarts."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, max_queued: int = 10000) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -125,7 +125,7 @@ class Broker:
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
             f"persistence true\npersistence_location {self.dir}/\nautosave_interval 1\n"
-            "max_queued_messages 10000\n"
+            f"max_queued_messages {max_queued}\n"
             # as root, mosquitto drops to user 'mosquitto', which cannot write its db here
             + ("user root\n" if os.geteuid() == 0 else "")
         )
