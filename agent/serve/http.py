@@ -201,13 +201,9 @@ class _Handler(BaseHTTPRequestHandler):
         if n == 0:
             self._body_read = True
             return b""
-        deadline = time.monotonic() + self.endpoint.cfg.request_timeout_s
         buf = bytearray()
         while len(buf) < n:
-            if time.monotonic() > deadline:
-                self.close_connection = True
-                raise RequestError(408, "request body took too long")
-            try:
+            try:  # the reader enforces the request's deadline (set in handle_one_request)
                 chunk = self.rfile.read1(min(n - len(buf), 1 << 20))
             except TimeoutError:
                 self.close_connection = True
