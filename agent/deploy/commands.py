@@ -76,10 +76,9 @@ def _benchmark(agent: Commands, cmd: Command) -> tuple[bool, str, dict[str, Any]
 
 def handle_command(agent: Commands, cmd: Command) -> CommandResult:
     ok, reason, detail = True, "", dict[str, Any]()
-    problem = None if cmd.op not in COMMAND_OPS else _args_problem(cmd)
     if cmd.op not in COMMAND_OPS:
         ok, reason = False, f"unknown op '{cmd.op[:64]}' (one of {', '.join(COMMAND_OPS)})"
-    elif problem is not None:
+    elif (problem := _args_problem(cmd)) is not None:
         ok, reason = False, problem
     elif cmd.op == "rollback":
         ok, reason = agent.rollback_command(cmd.id, cmd.version)

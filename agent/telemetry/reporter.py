@@ -135,7 +135,8 @@ class TelemetryReporter:
             done = [f.id for f in self.inflight if f.delivery.acked()]
         if done:
             self.buffer.delete(done)
-            self.inflight = [f for f in self.inflight if f.id not in set(done)]
+            gone = set(done)
+            self.inflight = [f for f in self.inflight if f.id not in gone]
         if not self.t.is_connected():
             return len(self.inflight)
         conn = self.t.connects
