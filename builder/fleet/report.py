@@ -16,7 +16,7 @@ from typing import Any
 
 from agent.errors import UsageError
 from builder.fleet.db import FleetDB
-from builder.fleet.view import COLUMNS, DeviceRow, cells, rows_from_db
+from builder.fleet.view import COLUMNS, NUMERIC_COLUMNS, DeviceRow, cells, rows_from_db
 
 MAX_POINTS = 400  # per series; longer series are averaged into buckets
 FINAL = ("HEALTHY", "ROLLED_BACK", "REJECTED")
@@ -210,7 +210,7 @@ def _fleet_table(rows: list[DeviceRow], now: float) -> str:
         c = cells(r, now)
         tds = []
         for i, v in enumerate(c):
-            cls = "num" if COLUMNS[i] in ("p50", "p95", "RSS", "CPU", "max temp") else ""
+            cls = "num" if COLUMNS[i] in NUMERIC_COLUMNS else ""
             if i == 1:
                 cls = {"online": "ok", "offline": "bad"}.get(v, "muted")
             if i == 9 and v == "yes":

@@ -133,6 +133,7 @@ class LiveFleet:
 
 COLUMNS = ("device", "status", "profile", "model", "p50", "p95", "RSS", "CPU", "max temp", "throttled",
            "last seen")
+NUMERIC_COLUMNS = frozenset({"p50", "p95", "RSS", "CPU", "max temp"})  # right-aligned in table and report
 
 
 def _num(v: float | None, unit: str, fmt: str = ".1f") -> str:
@@ -168,7 +169,7 @@ def render_table(rows: list[DeviceRow], now: float | None = None, title: str = "
     online = sum(1 for r in rows if r.online)
     t = Table(title=f"{title} — {online}/{len(rows)} online", title_justify="left")
     for col in COLUMNS:
-        t.add_column(col, justify="right" if col in ("p50", "p95", "RSS", "CPU", "max temp") else "left",
+        t.add_column(col, justify="right" if col in NUMERIC_COLUMNS else "left",
                      no_wrap=True)
     for r in rows:
         c = cells(r, now)
