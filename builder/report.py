@@ -98,17 +98,14 @@ def onnx_op_latency(path: Path, input_name: str, sample: np.ndarray, threads: in
 
 def tflite_layers(path: Path) -> dict[str, dict[str, Any]]:
     """Op type -> operator count, and the parameters/bytes of the constant tensors it reads."""
-    from ai_edge_litert import schema_py_generated as s
+    from builder.tflite_edit import _load, op_name
 
-    from builder.tflite_edit import _builtin, _load
-
-    names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
     model = _load(path.read_bytes())
     table: dict[str, dict[str, Any]] = {}
     seen: set[int] = set()
     for sub in model.subgraphs:
         for op in sub.operators:
-            name = names.get(_builtin(model, op), "CUSTOM")
+            name = op_name(model, op)
             _add(table, name, count=1)
             for i in op.inputs:
                 if i < 0:

@@ -8,6 +8,7 @@ at several batch sizes, so an edit that was wrong fails loudly instead of shippi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,18 @@ def _save(model: Any) -> bytes:
 def _builtin(model: Any, op: Any) -> int:
     code = model.operatorCodes[op.opcodeIndex]
     return int(max(code.builtinCode, code.deprecatedBuiltinCode))
+
+
+@functools.cache
+def _op_names() -> dict[int, str]:
+    from ai_edge_litert import schema_py_generated as s
+
+    return {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
+
+
+def op_name(model: Any, op: Any) -> str:
+    """The builtin operator type of ``op`` (RESHAPE, CONV_2D...), "CUSTOM" for a custom one."""
+    return _op_names().get(_builtin(model, op), "CUSTOM")
 
 
 def free_batch(buf: bytes, batch: int, input_names: Sequence[str], output_names: Sequence[str]) -> tuple[bytes, int]:
@@ -72,14 +85,11 @@ def free_batch(buf: bytes, batch: int, input_names: Sequence[str], output_names:
 
 def op_counts(buf: bytes) -> dict[str, int]:
     """Operator type -> number of operators in the model (for the compression report)."""
-    from ai_edge_litert import schema_py_generated as s
-
-    names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
     model = _load(buf)
     out: dict[str, int] = {}
     for sub in model.subgraphs:
         for op in sub.operators:
-            n = names.get(_builtin(model, op), "CUSTOM")
+            n = op_name(model, op)
             out[n] = out.get(n, 0) + 1
     return out
 
@@ -90,9 +100,6 @@ def prefix_models(buf: bytes) -> list[tuple[str, bytes]]:
     Timing each prefix gives each operator's share of the latency by difference (LiteRT's
     Python API has no per-op profiler). Returns (op type of the k-th op, or "" for k = 0, model).
     """
-    from ai_edge_litert import schema_py_generated as s
-
-    names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
     base = _load(buf)
     n = len(base.subgraphs[0].operators)
     out = []
@@ -103,5 +110,5 @@ def prefix_models(buf: bytes) -> list[tuple[str, bytes]]:
         sub.operators = ops[:k]
         sub.outputs = [ops[k - 1].outputs[0]] if k else [sub.inputs[0]]
         model.signatureDefs = None
-        out.append((names.get(_builtin(model, ops[k - 1]), "CUSTOM") if k else "", _save(model)))
+        out.append((op_name(model, ops[k - 1]) if k else "", _save(model)))
     return out
