@@ -61,7 +61,7 @@ def key_id(public_key: Ed25519PublicKey | TrustedKey) -> str:
     from cryptography.hazmat.primitives import serialization
 
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return TrustedKey.from_raw(raw).key_id
 
 
 def read_trusted_key(path: Path) -> TrustedKey:
