@@ -106,6 +106,14 @@ def _source(broker_url: str | None, db_target: str | None) -> None:
         raise UsageError("give exactly one of --broker URL (live) or --db PATH (what a collector stored)")
 
 
+def _console() -> Any:
+    """A rich console; when piped, 160 columns wide rather than cut to 80."""
+    from rich.console import Console
+
+    c = Console()
+    return c if c.is_terminal else Console(width=160)
+
+
 def _db_rows(db_target: str) -> list[Any]:
     from builder.fleet.db import FleetDB
     from builder.fleet.view import rows_from_db
@@ -145,10 +153,7 @@ def status_cmd(db_target: str | None, listen: float, as_json: bool, **kw: Any) -
     if as_json:
         click.echo(rows_json(rows))
     else:
-        from rich.console import Console
-
-        c = Console()
-        (c if c.is_terminal else Console(width=160)).print(render_table(rows))
+        _console().print(render_table(rows))
 
 
 @fleet_grp.command("watch")
@@ -159,7 +164,6 @@ def status_cmd(db_target: str | None, listen: float, as_json: bool, **kw: Any) -
               help="Stop after this many seconds (default: until Ctrl-C).")
 def watch_cmd(db_target: str | None, refresh: float, duration: float, **kw: Any) -> None:
     """A live table of the fleet that refreshes in place (Ctrl-C exits)."""
-    from rich.console import Console
     from rich.live import Live
 
     from builder.fleet.view import LiveFleet, render_table
@@ -174,9 +178,7 @@ def watch_cmd(db_target: str | None, refresh: float, duration: float, **kw: Any)
     _stop_on_sigterm(stop)
     t0 = time.monotonic()
     try:
-        console = Console()
-        console = console if console.is_terminal else Console(width=160)  # piped: do not cut to 80
-        with Live(render_table(rows()), console=console, refresh_per_second=4, transient=False) as live:
+        with Live(render_table(rows()), console=_console(), refresh_per_second=4, transient=False) as live:
             while not stop.wait(refresh):
                 live.update(render_table(rows()))
                 if duration and time.monotonic() - t0 >= duration:
@@ -196,13 +198,11 @@ def report_cmd(db_target: str, out: Path, as_json: bool) -> None:
     """Write one self-contained HTML page (no network needed): fleet summary, per-device plots of
     latency, temperature and memory, and the deployment history with outcomes and reasons."""
     from builder.fleet.db import FleetDB
-    from builder.fleet.report import deployment_history, summary, write_report
-    from builder.fleet.view import rows_from_db
+    from builder.fleet.report import write_report
 
     db = FleetDB(db_target, readonly=True)
     try:
-        write_report(db, out)
-        s = summary(db, rows_from_db(db), deployment_history(db))
+        s = write_report(db, out)
     finally:
         db.close()
     if as_json:

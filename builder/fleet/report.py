@@ -274,6 +274,11 @@ def _device_section(db: FleetDB, r: DeviceRow, now: float, history: list[dict[st
 
 def render(db: FleetDB, now: float | None = None, title: str = "edgefleet fleet report") -> str:
     """The whole page as a string."""
+    return _render(db, now, title)[0]
+
+
+def _render(db: FleetDB, now: float | None, title: str) -> tuple[str, dict[str, Any]]:
+    """The page and the fleet summary it shows."""
     now = time.time() if now is None else now
     rows = rows_from_db(db)
     history = deployment_history(db)
@@ -295,7 +300,7 @@ def render(db: FleetDB, now: float | None = None, title: str = "edgefleet fleet 
     span = f"{_fmt_time(s['from'])} – {_fmt_time(s['to'])}" if s["from"] else "no telemetry yet"
     sections = "".join(_device_section(db, r, now, history) for r in rows)
     data = esc(json.dumps({"summary": s, "failed_deployments": failed}))
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
             f'<body><header><h1>{esc(title)}</h1><p>generated {_fmt_time(now)} from {esc(db.label)} · '
             f'telemetry {span}</p></header><main>'
@@ -307,12 +312,14 @@ def render(db: FleetDB, now: float | None = None, title: str = "edgefleet fleet 
             f'<h2>Per device</h2><p class="muted">Dashed lines mark deployment outcomes '
             f'(green: healthy/active, red: rolled back/rejected).</p>{sections}'
             f'</main></body></html>')
+    return page, s
 
 
-def write_report(db: FleetDB, out: Path) -> Path:
-    page = render(db)
+def write_report(db: FleetDB, out: Path) -> dict[str, Any]:
+    """Write the page to ``out``; returns the fleet summary it shows (``summary``)."""
+    page, s = _render(db, None, "edgefleet fleet report")
     try:
         out.write_text(page, encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"--html {out}: cannot write ({exc.strerror})") from None
-    return out
+    return s
