@@ -24,6 +24,9 @@ CANARY_RE = re.compile(r"^(\d{1,6})(%?)$")
 FAILED_STATES = ("ROLLED_BACK", "REJECTED")
 # Terminal device states shown in the table; anything else is in progress.
 DONE_STATES = ("HEALTHY", "ROLLED_BACK", "REJECTED", "FAILED")
+# The reason of a device that ran the artifact before the rollout began (it is neither judged
+# nor rolled back); compared against, so spelled once.
+ALREADY_ACTIVE = "already active before the rollout"
 
 
 class RolloutHalted(EdgefleetError):
@@ -135,7 +138,7 @@ class Rollout:
             self.devices[d].role = "canary"
         for v in self.devices.values():
             if v.active_sha == self.sha:
-                v.state, v.reason = "HEALTHY", "already active before the rollout"
+                v.state, v.reason = "HEALTHY", ALREADY_ACTIVE
 
     # -- input ------------------------------------------------------------------------------------
     def feed(self, topic: str, payload: bytes, now: float) -> bool:
@@ -197,7 +200,7 @@ class Rollout:
             return "fail", f"{dev}: {v.state}: {v.reason or 'no reason given'}"
         if v.state not in ("ACTIVE", "HEALTHY"):
             return "wait", ""
-        if v.reason == "already active before the rollout":
+        if v.reason == ALREADY_ACTIVE:
             return "ok", ""
         for problem in (self.gate.p95_problem(v.p95_ms, v.current_p95_ms, "on-device"),
                         self.gate.p95_problem(v.tele_after_p95, v.tele_before_p95, "telemetry")):
@@ -242,7 +245,7 @@ class Rollout:
         """A canary running the new artifact (the agent rolls itself back only on its own failures)."""
         v = self.devices[dev]
         return v.active_sha == self.sha and v.state not in FAILED_STATES and not v.rolled_back \
-            and v.reason != "already active before the rollout"
+            and v.reason != ALREADY_ACTIVE
 
     def installing(self, dev: str) -> bool:
         """Past VERIFIED and not yet ACTIVE: the agent completes this install whatever it receives."""
