@@ -2,9 +2,12 @@
 
 A broker (mosquitto, else an embedded amqtt), N agent processes with their own state dirs, the
 collector; the digits example built for two profiles, published, rolled out with a canary and
-upgraded (the canary's p95 judged against the model it replaces); then a deliberately broken artifact (corrupted golden vectors, signed) that the canary rejects and
-the rollout halts on; an HTML report at the end. Every process it starts runs in its own process
-group and is stopped on exit, Ctrl-C or SIGTERM (and, on Linux, if the demo itself dies).
+upgraded (the canary's p95 judged against the model it replaces); then a deliberately broken
+artifact (corrupted golden vectors, signed) that the canary rejects and the rollout halts on; an
+HTML report at the end. Throughout, an "application" (builder/fleet/appload.py) calls every agent's
+v2 endpoint, so telemetry carries latency and no request is seen failing across model swaps.
+Every process it starts has its own process group and is stopped on exit, Ctrl-C or SIGTERM (and,
+on Linux, if the demo itself dies).
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ import click
 
 from agent.errors import EdgefleetError, UsageError
 from agent.protocol import topics
-from builder.fleet.localfleet import Procs, start_broker
+from builder.fleet.appload import AppLoad
+from builder.fleet.localfleet import Procs, free_port, start_broker
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = ".edgefleet-demo"
 PROFILES = ("x86-ipc", "generic-cpu")
 # Only the fast candidates: the demo shows the fleet loop, `python3 -m examples.digits` the full search.
 DEMO_CANDIDATES = {"x86-ipc": ["int8_static"], "generic-cpu": ["fp32"]}
+# The application load: modest and bounded (requests per second per device, seconds at most).
+APP_RATE, APP_MAX_S = 25.0, 300.0
 
 
 # ------------------------------------------------------------------------------ artifacts
@@ -114,7 +120,8 @@ def make_broken(good: Path, out: Path, key: Path, version: str) -> Path:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def agent_config(run: Path, device: str, profile: str, url: str, pub: Path) -> Path:
+def agent_config(run: Path, device: str, profile: str, url: str, pub: Path, port: int) -> Path:
+    """The agent's config: short telemetry interval, its v2 endpoint on its own loopback port."""
     d = run / "devices" / device
     d.mkdir(parents=True, exist_ok=True)
     text = f"""device_id = "{device}"
@@ -144,7 +151,9 @@ probation_interval_s = 1.0
 interval_s = 1.0
 
 [serve]
-enabled = false
+enabled = true
+host = "127.0.0.1"
+port = {port}
 """
     path = d / "agent.toml"
     path.write_text(text)
@@ -177,8 +186,7 @@ def _prepare_out(out: Path) -> Path:
 
 
 def _states(url: str) -> dict[str, dict[str, Any]]:
-    from builder.fleet.deploy import connect
-    from builder.fleet.mqtt import broker_config
+    from builder.fleet.mqtt import broker_config, connect
 
     c = connect(broker_config(url))
     try:
@@ -211,7 +219,7 @@ def _publish(art: Path, cfg: Any, verify: bool, tries: int = 3) -> None:
     amqtt (the fallback broker) sometimes loses a retained message (seen: 2 index entries in 30
     publishes), so with it (``verify``) every topic is read back; mosquitto needs no check.
     """
-    from builder.fleet.deploy import connect
+    from builder.fleet.mqtt import connect
     from builder.fleet.publish import publish_artifact, read_head
 
     doc, _ = read_head(art)
@@ -233,6 +241,18 @@ def _publish(art: Path, cfg: Any, verify: bool, tries: int = 3) -> None:
     raise EdgefleetError(f"the broker did not keep all of {art.name} after {tries} publishes")
 
 
+def _latest_latency(db: Path) -> dict[str, dict[str, float | None]]:
+    """Each device's p50/p95 from its latest telemetry window in the collector's database."""
+    from builder.fleet.db import open_db
+    from builder.fleet.view import rows_from_db
+
+    fdb = open_db(str(db), readonly=True)
+    try:
+        return {r.device: {"p50_ms": r.p50_ms, "p95_ms": r.p95_ms} for r in rows_from_db(fdb)}
+    finally:
+        fdb.close()
+
+
 def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], None],
              live: bool | None = None) -> dict[str, Any]:
     from builder.fleet.deploy import RolloutDisplay, staged_rollout
@@ -243,6 +263,7 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
     run = _prepare_out(out)
     procs = Procs(run / "logs")
     atexit.register(procs.stop_all)
+    app: AppLoad | None = None
     try:
         url, impl = start_broker(procs, run, broker_impl)
         say(f"[1/7] broker: {impl} on {url}")
@@ -251,8 +272,11 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
         procs.start("collector", _cli("collect", "--broker", url, "--db", str(db), "--stats-every", "5"))
         work = digits_work(say)
         key, pub = work / "keys" / "edgefleet.key", work / "keys" / "edgefleet.pub"
+        ports = {dev: free_port() for dev in devices}
         for dev, prof in devices.items():
-            procs.start(dev, _agent_argv(agent_config(run, dev, prof, url, pub)))
+            procs.start(dev, _agent_argv(agent_config(run, dev, prof, url, pub, ports[dev])))
+        # the devices' application: readiness probes until a model is active, then v2 infer requests
+        app = AppLoad(ports, work / "eval.npz", rate=APP_RATE, max_seconds=APP_MAX_S).start()
         say(f"[2/7] started {n_devices} agents ({', '.join(f'{d}: {p}' for d, p in devices.items())}) "
             f"and the collector")
         t0 = time.monotonic()
@@ -301,6 +325,8 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
         states = _states(url)
         collector = next(p for n, p in procs.procs if n == "collector")
         procs.stop(collector)  # SIGTERM: it writes what it holds, then the report reads the db
+        app.stop()  # after the collector: the last window it stored still had traffic
+        latest = _latest_latency(db)
         report = run / "report.html"
         rep = subprocess.run(_cli("fleet", "report", "--db", str(db), "--html", str(report)), cwd=REPO,
                              capture_output=True, text=True, timeout=120,
@@ -308,16 +334,25 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
         if rep.returncode != 0:
             raise EdgefleetError(f"fleet report failed: {rep.stderr.strip().splitlines()[-1:] or rep.returncode}")
         say(f"[7/7] report written: {report}")
+        a = app.summary()
+        say(f"  application: {a['requests']} infer requests ({APP_RATE:g}/s per device), {a['ok']} answered "
+            f"({a['correct']} correct), {a['not_ready']} readiness probes answered 'no model yet', "
+            f"{a['failed']} failed once a model was active")
         summary = {
             "ok": True, "broker": impl, "seconds": round(time.monotonic() - t_start, 1), "report": str(report),
             "logs": str(run / "logs"),
+            "db": str(db),
             "devices": {d: {"profile": devices[d], "online": s.get("online"),
-                            "active": (s.get("active") or {}).get("version")} for d, s in sorted(states.items())},
+                            "active": (s.get("active") or {}).get("version"), **latest.get(d, {})}
+                        for d, s in sorted(states.items())},
             "rollouts": {k: {"phase": v["phase"], "canaries": v["canaries"], "reason": v["reason"]}
                          for k, v in results.items()},
+            "app": app.summary(),
         }
         return summary
     finally:
+        if app is not None:
+            app.stop()
         procs.stop_all()
 
 
@@ -333,7 +368,8 @@ def demo_cmd(out: Path, n_devices: int, broker_impl: str, as_json: bool) -> None
     """Run a whole fleet on this machine: a broker, agent processes, the collector; build the
     digits example for two profiles, publish it, roll it out with a canary, upgrade it (the
     canary's p95 judged against the model it replaces), then watch a deliberately broken
-    artifact be rejected and the rollout halt. Ends with an HTML report.
+    artifact be rejected and the rollout halt. Meanwhile a small application load calls each
+    agent's v2 endpoint (counted in the summary). Ends with an HTML report.
 
     Every process it starts is stopped at the end or on Ctrl-C. Under a minute on a laptop.
     """
@@ -354,11 +390,17 @@ def demo_cmd(out: Path, n_devices: int, broker_impl: str, as_json: bool) -> None
     from rich.table import Table
 
     t = Table(title=f"edgefleet demo: done in {summary['seconds']}s ({summary['broker']})")
-    for col in ("device", "profile", "online", "active model"):
-        t.add_column(col)
+    for col in ("device", "profile", "online", "active model", "p50", "p95", "app requests", "app failed"):
+        t.add_column(col, justify="right" if col in ("p50", "p95", "app requests", "app failed") else "left")
+    app = summary["app"]
     for d, s in summary["devices"].items():
-        t.add_row(d, s["profile"], "yes" if s["online"] else "no", f"digits {s['active']}" if s["active"] else "-")
-    Console().print(t)
+        a = app["devices"].get(d, {})
+        t.add_row(d, s["profile"], "yes" if s["online"] else "no", f"digits {s['active']}" if s["active"] else "-",
+                  *("-" if s.get(k) is None else f"{s[k]:.2f} ms" for k in ("p50_ms", "p95_ms")),
+                  str(a.get("requests", "-")), str(a.get("failed", "-")))
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
+    click.echo(f"application: {app['requests']} infer requests, {app['ok']} answered ({app['correct']} correct), "
+               f"{app['not_ready']} readiness probes answered 'no model yet', {app['failed']} failed once a model was active")
     for name, r in summary["rollouts"].items():
         click.echo(f"rollout {name}: {r['phase']}" + (f" - {r['reason']}" if r["reason"] else ""))
     click.echo(f"report: {summary['report']}")

@@ -4,7 +4,9 @@ it started survives its end or a Ctrl-C."""
 from __future__ import annotations
 
 import json
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -92,6 +94,24 @@ def test_demo_runs_the_whole_loop_and_leaves_nothing(tmp_path: Path, impl: str) 
     assert {d: v["active"] for d, v in s["devices"].items()} == {"dev-1": "1.0.1", "dev-2": "1.0.1", "dev-3": "1.0.0"}
     report = Path(s["report"]).read_text()
     assert all(d in report for d in ("dev-1", "dev-2", "dev-3"))
+    # the application called every device once its first model was active, and not one request failed
+    # across the canary rollouts, the upgrade's model swap and the halted broken artifact
+    app = s["app"]
+    assert set(app["devices"]) == {"dev-1", "dev-2", "dev-3"}
+    for d, a in app["devices"].items():
+        assert a["ready_s"] is not None and a["ok"] > 0 and a["failed"] == 0, (d, a)
+        assert a["ok"] == a["requests"] and a["correct"] > 0.9 * a["ok"], (d, a)
+    assert app["failed"] == 0 and app["ok"] == sum(a["ok"] for a in app["devices"].values())
+    # so the agents' telemetry carried latency windows: every device has some in the collector's db,
+    # the demo's summary shows the latest p50/p95, and the report's fleet summary has a median p95
+    with sqlite3.connect(s["db"]) as db:
+        windows = dict(db.execute("SELECT device, COUNT(*) FROM telemetry WHERE count > 0 AND p95_ms > 0 "
+                                  "AND p50_ms <= p95_ms GROUP BY device").fetchall())
+    assert set(windows) == {"dev-1", "dev-2", "dev-3"} and min(windows.values()) >= 3, windows
+    assert all(v["p50_ms"] is not None and v["p95_ms"] is not None for v in s["devices"].values()), s["devices"]
+    assert re.search(r"<b[^>]*>[0-9.]+ ms</b><span>median p95</span>", report), "the report has no median p95"
+    charts = re.findall(r'aria-label="inference latency">(.*?)</svg>', report)
+    assert len(charts) == 3 and all("no data" not in c and c.count("<polyline") == 2 for c in charts), charts
     # broker, collector and three agents ran as children, and none outlived the demo
     assert len(w.seen) >= 5, w.seen
     assert w.survivors() == []
@@ -120,11 +140,12 @@ def test_ctrl_c_or_kill_stops_every_process(tmp_path: Path, sig: signal.Signals,
 
 
 def test_auto_broker_falls_back_to_amqtt_without_mosquitto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.errors import UsageError
     from builder.fleet import localfleet
     from builder.fleet.mqtt import SyncClient, broker_config
 
     monkeypatch.setattr(localfleet, "mosquitto_path", lambda: None)
-    with pytest.raises(localfleet.UsageError, match="mosquitto is not installed"):
+    with pytest.raises(UsageError, match="mosquitto is not installed"):
         localfleet.start_broker(localfleet.Procs(tmp_path), tmp_path, "mosquitto")
     procs = localfleet.Procs(tmp_path)
     url, impl = localfleet.start_broker(procs, tmp_path, "auto")
