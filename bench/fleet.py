@@ -128,11 +128,6 @@ def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
 
 def run_ingest(args: argparse.Namespace) -> dict[str, Any]:
     """The collector's telemetry ingest, measured by the collector engineer's bench module."""
-    path = REPO / "bench" / "fleet_ingest.py"
-    if not path.exists():
-        say("ingest: bench/fleet_ingest.py is not there yet; ingest figures are null (NOT MEASURED)")
-        return {"ingest_msgs_per_s": None, "ingest_lost": None, "ingest_ratio": None,
-                "ingest_note": "bench/fleet_ingest.py missing: not measured"}
     # a regular import (not from a file spec): its worker processes unpickle functions by module name
     mod = importlib.import_module("bench.fleet_ingest")
     say(f"ingest: {args.devices} devices x {args.ingest_per_device} telemetry messages into the collector "

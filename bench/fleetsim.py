@@ -78,12 +78,8 @@ def device_config(device: str, broker: str, key: Path, state_dir: Path, group: s
         "broker": {"url": broker, "reconnect_min_s": 1, "reconnect_max_s": 5},
         "transfer": {"window": 8, "stall_s": 20.0},
         "install": {"bench_runs": 5, "max_p95_ms": 1000.0, "probation_s": 0.5, "probation_interval_s": 0.5},
+        "telemetry": {"enabled": False}, "serve": {"enabled": False},
     }
-    fields = AgentConfig.model_fields
-    if "telemetry" in fields:
-        doc["telemetry"] = {"enabled": False}
-    if "serve" in fields:
-        doc["serve"] = {"enabled": False}
     return AgentConfig.model_validate(doc)
 
 
