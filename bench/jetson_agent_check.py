@@ -42,6 +42,7 @@ from agent.protocol.golden import GoldenSet  # noqa: E402
 from agent.protocol.profile import load_profile  # noqa: E402
 from agent.protocol.signing import load_public_key  # noqa: E402
 from agent.serve.tensors import NP_DTYPES  # noqa: E402
+from agent.telemetry.latency import p50_p95_p99  # noqa: E402
 from builder.fleet.localfleet import Procs, free_port, start_broker  # noqa: E402 (no torch/onnx below)
 
 DEVICE = "jetson-check-1"
@@ -119,9 +120,9 @@ serve = {{enabled = true, host = "127.0.0.1", port = {port}}}
 
 
 def pct(v: list[float]) -> dict[str, float]:
-    a = np.asarray(v) * 1e3
-    return {"p50_ms": round(float(np.percentile(a, 50)), 4), "p95_ms": round(float(np.percentile(a, 95)), 4),
-            "n": int(a.size)}
+    """p50/p95 in ms of ``v`` (seconds)."""
+    p50, p95, _ = p50_p95_p99([t * 1e3 for t in v])
+    return {"p50_ms": round(p50, 4), "p95_ms": round(p95, 4), "n": len(v)}
 
 
 def http_run(port: int, model: str, golden: GoldenSet, dtypes: dict[str, str], batch: int, n: int,

@@ -6,12 +6,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from agent.errors import EdgefleetError
 from agent.protocol.golden import GoldenSet, self_test
 from agent.runtime import InferenceSession, load_session
 from agent.store.versions import Installed
+from agent.telemetry.latency import p50_p95_p99
 
 
 @dataclass
@@ -57,9 +56,8 @@ def benchmark(session: InferenceSession, golden: GoldenSet, runs: int,
             record(ms)
         if deadline is not None and time.monotonic() > deadline:
             break
-    arr = np.asarray(times)
-    p50, p95, p99 = (float(v) for v in np.percentile(arr, [50, 95, 99]))
-    return Latency(p50, p95, len(times), p99, float(arr.max()))
+    p50, p95, p99 = p50_p95_p99(times)
+    return Latency(p50, p95, len(times), p99, max(times))
 
 
 def golden_check(session: InferenceSession, inst: Installed, golden: GoldenSet) -> str | None:

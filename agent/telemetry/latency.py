@@ -11,11 +11,18 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 RESERVOIR = 2048
+
+
+def p50_p95_p99(ms: Sequence[float]) -> tuple[float, float, float]:
+    """The 50th, 95th and 99th percentiles (numpy's linear interpolation) of a non-empty sample."""
+    p50, p95, p99 = (float(v) for v in np.percentile(np.asarray(ms), [50, 95, 99]))
+    return p50, p95, p99
 
 
 @dataclass(frozen=True)
@@ -73,5 +80,5 @@ class LatencyRecorder:
             self._reset(now)
         if count == 0:
             return WindowStats(0, errors, now - start, None, None, None, None)
-        p50, p95, p99 = (float(v) for v in np.percentile(np.asarray(sample), [50, 95, 99]))
+        p50, p95, p99 = p50_p95_p99(sample)
         return WindowStats(count, errors, now - start, p50, p95, p99, mx)
