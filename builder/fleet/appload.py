@@ -138,3 +138,10 @@ class AppLoad:
         per = {d: asdict(s) for d, s in sorted(self.stats.items())}
         tot = {k: sum(s[k] for s in per.values()) for k in ("requests", "ok", "correct", "not_ready", "failed")}
         return {**tot, "rate_per_device": self.rate, "devices": per}
+
+
+def describe(s: dict[str, Any]) -> str:
+    """One line for people from ``AppLoad.summary()``."""
+    return (f"application: {s['requests']} infer requests ({s['rate_per_device']:g}/s per device), {s['ok']} answered "
+            f"({s['correct']} correct), {s['not_ready']} readiness probes answered 'no model yet', "
+            f"{s['failed']} failed once a model was active")

@@ -31,7 +31,7 @@ import click
 
 from agent.errors import EdgefleetError, UsageError
 from agent.protocol import topics
-from builder.fleet.appload import AppLoad
+from builder.fleet.appload import AppLoad, describe
 from builder.fleet.localfleet import Procs, free_port, start_broker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -334,10 +334,7 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
         if rep.returncode != 0:
             raise EdgefleetError(f"fleet report failed: {rep.stderr.strip().splitlines()[-1:] or rep.returncode}")
         say(f"[7/7] report written: {report}")
-        a = app.summary()
-        say(f"  application: {a['requests']} infer requests ({APP_RATE:g}/s per device), {a['ok']} answered "
-            f"({a['correct']} correct), {a['not_ready']} readiness probes answered 'no model yet', "
-            f"{a['failed']} failed once a model was active")
+        say(f"  {describe(app.summary())}")
         summary = {
             "ok": True, "broker": impl, "seconds": round(time.monotonic() - t_start, 1), "report": str(report),
             "logs": str(run / "logs"),
@@ -399,8 +396,7 @@ def demo_cmd(out: Path, n_devices: int, broker_impl: str, as_json: bool) -> None
                   *("-" if s.get(k) is None else f"{s[k]:.2f} ms" for k in ("p50_ms", "p95_ms")),
                   str(a.get("requests", "-")), str(a.get("failed", "-")))
     Console(width=None if sys.stdout.isatty() else 160).print(t)
-    click.echo(f"application: {app['requests']} infer requests, {app['ok']} answered ({app['correct']} correct), "
-               f"{app['not_ready']} readiness probes answered 'no model yet', {app['failed']} failed once a model was active")
+    click.echo(describe(app))
     for name, r in summary["rollouts"].items():
         click.echo(f"rollout {name}: {r['phase']}" + (f" - {r['reason']}" if r["reason"] else ""))
     click.echo(f"report: {summary['report']}")
