@@ -36,6 +36,7 @@ class PlannedStep:
     impl: Pass
     config: PassConfig
     raw_config: dict[str, Any]
+    produces: ModelKind  # the kind of model this step outputs (known once planned)
 
 
 @dataclass
@@ -60,7 +61,7 @@ def plan(steps: list[tuple[str, dict[str, Any]]], input_kind: ModelKind | None, 
                 f"models but gets {kind.value if kind else 'nothing'}"
             )
         kind = impl.produces(cfg, kind)
-        planned.append(PlannedStep(name, impl, cfg, raw))
+        planned.append(PlannedStep(name, impl, cfg, raw, kind))
     return planned
 
 

@@ -159,9 +159,7 @@ class Builder:
                     continue
                 steps = self._steps(recipe, profile, from_onnx)
                 chain = plan(steps, src.kind, f"profile {profile.name}, recipe {recipe}")
-                kind = src.kind
-                for st in chain:
-                    kind = st.impl.produces(st.config, kind)
+                kind = chain[-1].produces if chain else src.kind
                 cand.runtime = RUNTIME_OF.get(kind, profile.runtime.name)
                 planned.append((cand, steps, chain))
             # Candidates for the profile's own runtime come first; the others (e.g. ONNX on a
