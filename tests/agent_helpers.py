@@ -22,7 +22,7 @@ import numpy as np
 from agent.protocol.golden import GoldenSet
 from agent.protocol.manifest import FORMAT_VERSION, Golden, Manifest, ModelInfo, Recipe, TensorSpec
 from agent.protocol.signing import generate_keypair, load_private_key
-from builder.fleet.localfleet import free_port  # re-exported: one helper for tests and the demo
+from builder.fleet.localfleet import free_port as free_port  # one helper, re-exported
 
 REPO = Path(__file__).resolve().parents[1]
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
