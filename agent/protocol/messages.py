@@ -166,7 +166,8 @@ class CommandResult(_Strict):
 class LatencyWindow(_Strict):
     """Inference latency since the previous telemetry message (a bounded reservoir, not a list).
 
-    Percentiles are absent when ``count`` is 0. ``thermal`` is the thermal state the window was
+    Percentiles are absent when ``count`` is 0. ``errors`` counts inferences the runtime failed
+    on; a client's bad request or a call made while no model is active is not one. ``thermal`` is the thermal state the window was
     measured in (hottest zone, throttled or not), so a slow-down can be told from a hot device.
     """
 

@@ -132,7 +132,9 @@ class _Handler(BaseHTTPRequestHandler):
         except RequestError as exc:
             if not self._body_read and self.headers.get("Content-Length", "0") not in ("", "0"):
                 self.close_connection = True  # a body left unread: the connection cannot be reused
-            if self._infer_route:
+            # Telemetry's errors count inferences the runtime failed (500), not a client's bad
+            # request or "no model yet" (503): a rollout's canary gate reads them as model faults.
+            if self._infer_route and exc.status == 500:
                 self.endpoint.recorder.error()
             self._error(exc.status, exc.message)
 

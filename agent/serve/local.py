@@ -40,8 +40,7 @@ class LocalModel:
     def infer(self, feeds: Arrays) -> Arrays:
         holder = self.holder
         loaded = holder.acquire()
-        if loaded is None:
-            self.recorder.error()
+        if loaded is None:  # not a model error: telemetry's errors count failed inferences only
             raise NoModelError("no model is active")
         try:
             t0 = time.perf_counter()

@@ -112,7 +112,8 @@ def test_local_model_records_every_call_and_survives_swaps_under_threads(models:
     with pytest.raises(InferenceError, match="inference failed"):
         local.infer({"x": np.zeros((1, 3), np.float32)})
     w = rec.window()
-    assert w.count == sum(calls) and w.errors == 2 and w.p50_ms is not None and w.p50_ms > 0
+    # the runtime failure counts; the call made while no model was active does not
+    assert w.count == sum(calls) and w.errors == 1 and w.p50_ms is not None and w.p50_ms > 0
 
 
 SPECS_IN = [IOSpec("x", "float32", ("batch", 4))]
@@ -178,3 +179,39 @@ def test_binary_data_output_makes_every_output_binary_unless_one_says_otherwise(
     body, hlen = encode_response("m", "1", r, res)
     assert hlen is None and json.loads(body)["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [1, 2],
                                                              "data": [1.0, 1.0]}]
+
+
+def test_endpoint_counts_only_runtime_failures_as_inference_errors(models: list[Path]) -> None:
+    """A 503 before any model is active and a client's 400 are not model errors in telemetry
+    (a rollout's canary gate reads ``errors`` as faults of the new model); successes are timed."""
+    import http.client
+
+    from agent.config import ServeConfig
+    from agent.serve.http import Endpoint
+
+    holder, rec = SessionHolder(), LatencyRecorder(seed=0)
+    ep = Endpoint(ServeConfig(port=0), holder, rec)
+    ep.start()
+    try:
+        host, port = ep.address.removeprefix("http://").rsplit(":", 1)
+
+        def post(doc: object) -> int:
+            c = http.client.HTTPConnection(host, int(port), timeout=10)
+            try:
+                c.request("POST", "/v2/models/tiny/infer", body=json.dumps(doc))
+                r = c.getresponse()
+                r.read()
+                return r.status
+            finally:
+                c.close()
+
+        good = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64], "data": [0.1] * 64}]}
+        assert post(good) == 503  # no model yet
+        holder.swap(_loaded(models[0], "1.0.0"))
+        assert post({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}) == 400
+        assert post(good) == 200
+        w = rec.window()
+        assert (w.count, w.errors) == (1, 0)
+    finally:
+        ep.stop()
+        holder.close()
