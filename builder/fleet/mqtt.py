@@ -110,6 +110,22 @@ class SyncClient:
         if not info.is_published():
             raise BrokerError(f"{self.cfg.url}: publish not acknowledged within {self.timeout * 3:g}s")
 
+    def retained_one(self, topic: str, limit: float = 5.0) -> bytes | None:
+        """The retained message on one exact ``topic``, waiting for it up to ``limit`` s; None if none came."""
+        with self._lock:
+            self.messages.pop(topic, None)
+        self.c.subscribe(topic, qos=1)
+        deadline = time.monotonic() + limit
+        try:
+            while time.monotonic() < deadline:
+                with self._lock:
+                    if topic in self.messages:
+                        return self.messages[topic] or None
+                time.sleep(0.01)
+            return None
+        finally:
+            self.c.unsubscribe(topic)
+
     def retained(self, pattern: str, quiet: float = 0.5, limit: float = 3.0) -> dict[str, bytes]:
         """Retained messages matching ``pattern``: wait until none arrived for ``quiet`` s."""
         with self._lock:

@@ -20,7 +20,7 @@ from agent.errors import IntegrityError, UsageError
 from agent.protocol import topics
 from agent.protocol.manifest import MANIFEST_NAME, SIGNATURE_NAME, parse_manifest
 from agent.protocol.messages import ArtifactAnnouncement, ChunkRef, IndexEntry, encode
-from builder.fleet.mqtt import SyncClient
+from builder.fleet.mqtt import BrokerError, SyncClient
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 
@@ -113,16 +113,32 @@ def publish_artifact(
                 if progress is not None:
                     progress(1)
         c.flush()
-        c.publish(topics.artifact_manifest(ann.sha256), encode(ann), retain=True)
         entry = IndexEntry(name=ann.name, version=ann.version, profile=ann.profile, runtime=ann.runtime,
                            sha256=ann.sha256, size=ann.size, published=ann.published)
-        c.publish(topics.artifact_index(ann.name, ann.version, ann.profile), encode(entry), retain=True)
+        heads = {topics.artifact_manifest(ann.sha256): encode(ann),
+                 topics.artifact_index(ann.name, ann.version, ann.profile): encode(entry)}
+        for topic, payload in heads.items():
+            c.publish(topic, payload, retain=True)
         c.flush()
+        _confirm_retained(c, broker, heads)
     finally:
         if own:
             c.close()
     return PublishResult(ann.sha256, ann.name, ann.version, ann.profile, len(ann.chunks), ann.size, False,
                          time.monotonic() - t0)
+
+
+def _confirm_retained(c: SyncClient, broker: BrokerConfig, heads: dict[str, bytes]) -> None:
+    """Read the announcement and index entry back on the publishing connection before it closes.
+
+    A PUBACK does not promise the message is stored: amqtt (the demo's fallback broker) drops the
+    retained messages it has not stored yet when the publisher disconnects (seen on Python 3.12:
+    the last two of every publish, deterministically). The round trip on the same connection
+    lets it finish; their presence is what tells devices and `deploy` that the artifact is there.
+    """
+    for topic, payload in heads.items():
+        if c.retained_one(topic, limit=10.0) != payload:
+            raise BrokerError(f"{broker.url}: the broker acknowledged {topic} but does not hold it")
 
 
 def chunk_count(path: Path, chunk_size: int) -> int:
