@@ -216,8 +216,9 @@ def _wait_births(url: str, devices: list[str], timeout: float) -> None:
 def _publish(art: Path, cfg: Any, verify: bool, tries: int = 3) -> None:
     """Publish, then read the index entry back; publish again (bounded) if the broker lost it.
 
-    amqtt (the fallback broker) sometimes loses a retained message (seen: 2 index entries in 30
-    publishes), so with it (``verify``) every topic is read back; mosquitto needs no check.
+    amqtt (the fallback broker) acknowledges before it stores: ``publish_artifact`` now reads its
+    last messages back before disconnecting, which fixed the losses seen; with amqtt (``verify``)
+    the chunks are still read back as a second check; mosquitto needs none.
     """
     from builder.fleet.mqtt import connect
     from builder.fleet.publish import publish_artifact, read_head
