@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -377,11 +378,31 @@ def demo_cmd(out: Path, n_devices: int, broker_impl: str, as_json: bool) -> None
     if not console.is_terminal:
         console = Console(stderr=True, width=160)  # piped: don't wrap lines at 80 columns
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # unwinds through run_demo's cleanup
+    # Ctrl-C / SIGTERM raise KeyboardInterrupt, which unwinds through run_demo's cleanup. Code deep
+    # in the build can swallow it (seen: an interrupt during an import turned into "onnxruntime is
+    # not installed", or lost entirely), so the flag is also checked at every progress line.
+    stopping = threading.Event()
 
-    signal.signal(signal.SIGTERM, on_term)
-    summary = run_demo(out, n_devices, broker_impl, lambda m: console.print(m, highlight=False, markup=False))
+    def on_signal(signum: int, frame: Any) -> None:
+        stopping.set()
+        raise KeyboardInterrupt
+
+    def say(msg: str) -> None:
+        if stopping.is_set():
+            raise KeyboardInterrupt
+        console.print(msg, highlight=False, markup=False)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
+        signal.signal(signal.SIGINT, on_signal)
+    try:
+        summary = run_demo(out, n_devices, broker_impl, say)
+    except EdgefleetError:
+        if stopping.is_set():  # an error caused by the interrupt: report the interrupt
+            raise KeyboardInterrupt from None
+        raise
+    if stopping.is_set():
+        raise KeyboardInterrupt
     if as_json:
         click.echo(json.dumps(summary))
         return

@@ -22,12 +22,20 @@ from tests.agent_helpers import REPO
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+def _deliver_sigint() -> None:  # runs in the child between fork and exec
+    """SIGINT at its default, as for a terminal's foreground job that gets Ctrl-C. A runner that
+    starts the suite as a background job has SIGINT ignored, children inherit that, and Python
+    then never raises KeyboardInterrupt: the Ctrl-C test would test nothing but the runner."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Watched:
     """The demo as a child process; remembers every descendant it ever saw, and its stderr."""
 
     def __init__(self, *args: str) -> None:
         self.p = subprocess.Popen([sys.executable, "-m", "builder.cli", "demo", *args], cwd=REPO,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  preexec_fn=_deliver_sigint)
         self.seen: dict[int, str] = {}
         self.err: list[str] = []
         self.out = ""
