@@ -38,6 +38,12 @@ def cli() -> None:
       edgefleet keys generate --out keys/     # a signing key pair
       edgefleet build edgefleet.toml --all-profiles --key keys/edgefleet.key
       edgefleet inspect out/NAME-VERSION-PROFILE.efa --key keys/edgefleet.pub
+
+    \b
+    Then to the devices, and watching them:
+      edgefleet demo                          # the whole loop on this machine, in under a minute
+      edgefleet publish X.efa --broker URL; edgefleet deploy NAME@VERSION --group G --canary 1 --broker URL
+      edgefleet collect --broker URL --db fleet.db; edgefleet fleet watch --db fleet.db
     """
 
 
