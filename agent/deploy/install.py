@@ -109,7 +109,8 @@ class Installer(AgentState):
         write_json(self.install_path, {"sha256": dep.sha256, "dir": inst.dir.name, "state": "ACTIVATING",
                                        "previous": previous.dir.name if previous else None})
         self.versions.activate(inst)
-        self._set_active(inst, session, selftest.golden_of(inst))
+        assert result.golden is not None  # set on every passing check
+        self._set_active(inst, session, result.golden)
         write_json(self.install_path, {"sha256": dep.sha256, "dir": inst.dir.name, "state": "PROBATION",
                                        "previous": previous.dir.name if previous else None})
         discard_download(self.downloads, dep.sha256)

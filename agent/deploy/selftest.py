@@ -28,6 +28,7 @@ class CheckResult:
     reason: str = ""
     latency: Latency | None = None
     detail: dict[str, object] = field(default_factory=dict)
+    golden: GoldenSet | None = None  # the candidate's golden set, loaded once for the check
 
 
 def load(inst: Installed, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> InferenceSession:
@@ -107,4 +108,4 @@ def check_candidate(
                     False,
                     f"p95 {lat.p95_ms:.3f} ms is more than {max_regression_pct:g}% (+{slack_ms:g} ms) "
                     f"worse than the current model's {cur.p95_ms:.3f} ms", lat, detail)
-    return CheckResult(True, "", lat, detail)
+    return CheckResult(True, "", lat, detail, golden)

@@ -85,10 +85,6 @@ class OrtSession(InferenceSession):
         # run returns one array per name asked for, in order (no strict zip on the hot path)
         return dict(zip(self._out_names, self._sess.run(self._out_names, feeds)))  # noqa: B905
 
-    def run_raw(self, feeds: dict[str, Any]) -> list[Any]:
-        """Direct session.run, for overhead comparisons."""
-        return list(self._sess.run(self._out_names, feeds))
-
 
 def load(path: Path, threads: int = 1, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> OrtSession:
     return OrtSession(path, threads, providers)
