@@ -1,4 +1,9 @@
-"""Build one candidate: run its recipe, measure it against the reference, pack it, gate it."""
+"""One candidate: measure it against the fp32 reference, gate it on the budgets, pack it.
+
+``measure`` runs the candidate's model on the eval data (accuracy for its task, latency
+interleaved with the reference, peak RSS, size); ``gate`` lists every budget it breaks;
+``pack`` writes the golden vectors, the report and the signed artifact. Each reads on its own.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +29,9 @@ from agent.protocol.manifest import (
     TensorSpec,
 )
 from agent.protocol.profile import DeviceProfile
-from agent.runtime import load_session
-from builder.evaluate.accuracy import compare, run_batched
+from agent.runtime import InferenceSession, load_session
+from builder.data import Feeds, Split
+from builder.evaluate.accuracy import UserMetric, compare, run_batched
 from builder.evaluate.latency import measure_latency
 from builder.evaluate.memory import measure_peak_rss
 from builder.package import file_entry, write_artifact
@@ -36,6 +42,8 @@ from builder.report import build_report
 # the largest output magnitude: runtimes on other CPUs round differently, int8 most of all.
 _SELF_TEST_RTOL = {"fp32": 1e-3, "fp16": 1e-2}
 _SELF_TEST_RTOL_INT8 = 5e-2
+# Golden vectors: at most this many bytes (uncompressed), or 10% of the model if larger.
+GOLDEN_MAX_BYTES = 1 << 20
 
 
 @dataclass
@@ -65,16 +73,52 @@ class Candidate:
         }
 
 
-def gate(metrics: dict[str, Any], profile: DeviceProfile) -> list[str]:
-    """Every budget the metrics break, each with the figure and the budget."""
+@dataclass
+class Reference:
+    """What every candidate of a build is compared with."""
+
+    outputs: Feeds  # fp32 outputs on the eval data, samples on axis 0
+    task: str
+    metric: UserMetric | None = None
+    metric_value: float | None = None
+    latency_model: Path | None = None  # fp32 ONNX timed side by side with each candidate
+
+
+def gate(metrics: dict[str, Any], profile: DeviceProfile, task: str) -> list[str]:
+    """Every budget the metrics break, each with the figure and the budget.
+
+    The size budget is on the model file's bytes (not the tar's padding or golden vectors).
+    Accuracy is gated for every task; a missing accuracy figure is itself a violation.
+    """
     b = profile.budgets
     v = []
-    size_kb = metrics["artifact_bytes"] / 1024
+    size_kb = metrics["model_bytes"] / 1024
     if size_kb > b.max_artifact_kb:
-        v.append(f"size {size_kb:.1f} KB > {b.max_artifact_kb:g} KB")
-    drop = metrics.get("top1_drop_pt")
-    if drop is not None and drop > b.max_accuracy_drop_pt:
-        v.append(f"accuracy drop {drop:.2f} pt > {b.max_accuracy_drop_pt:g} pt")
+        v.append(f"model size {size_kb:.1f} KB > {b.max_artifact_kb:g} KB")
+    if task == "classification":
+        drop = metrics.get("top1_drop_pt")
+        if drop is None:
+            agree = metrics.get("top1_agreement")
+            # No labels: the drop is bounded by the share of samples whose class changed.
+            drop = None if agree is None else round((1 - agree) * 100, 3)
+        if drop is None:
+            v.append("no top-1 figure to gate on")
+        elif drop > b.max_accuracy_drop_pt:
+            v.append(f"accuracy drop {drop:.2f} pt > {b.max_accuracy_drop_pt:g} pt")
+    else:
+        cos = metrics.get("cosine_min")
+        if cos is None and "exact_match" not in metrics:
+            v.append("no output error figure to gate on")
+        if cos is not None and cos < b.min_cosine:
+            v.append(f"min cosine {cos:.4f} < {b.min_cosine:g}")
+        if b.max_abs_err is not None and metrics.get("max_abs_err", 0.0) > b.max_abs_err:
+            v.append(f"max abs error {metrics['max_abs_err']:.4g} > {b.max_abs_err:g}")
+        if b.max_rel_err is not None and metrics.get("max_rel_err", 0.0) > b.max_rel_err:
+            v.append(f"max rel error {metrics['max_rel_err']:.4g} > {b.max_rel_err:g}")
+    if metrics.get("exact_match", 1.0) < 1.0:
+        v.append(f"integer outputs differ from fp32 on {(1 - metrics['exact_match']) * 100:.1f}% of samples")
+    if "metric_drop" in metrics and metrics["metric_drop"] > b.max_metric_drop:
+        v.append(f"metric drop {metrics['metric_drop']:.4g} > {b.max_metric_drop:g}")
     p95 = metrics["latency_b1"]["p95_ms"]
     if p95 > b.max_p95_ms:
         v.append(f"p95 {p95:.3f} ms > {b.max_p95_ms:g} ms")
@@ -84,7 +128,7 @@ def gate(metrics: dict[str, Any], profile: DeviceProfile) -> list[str]:
     return v
 
 
-def _specs(session: Any, model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def _specs(session: InferenceSession, model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     quant = _tflite_io_quantization(model_path) if model_path.suffix == ".tflite" else {}
 
     def conv(s: Any) -> TensorSpec:
@@ -108,48 +152,89 @@ def _tflite_io_quantization(path: Path) -> dict[str, tuple[float, int]]:
     return out
 
 
-def evaluate_and_pack(
-    cand: Candidate, model: ModelHandle, profile: DeviceProfile, *, name: str, version: str, task: str,
-    eval_x: np.ndarray, eval_y: np.ndarray | None, reference: dict[str, np.ndarray], golden_count: int,
-    recipe_steps: list[tuple[str, dict[str, Any]]], key: Any, workdir: Path,
-) -> None:
-    """Fill ``cand`` with metrics and a signed artifact in ``workdir`` (not yet published)."""
+def _providers(cand: Candidate, profile: DeviceProfile) -> tuple[str, ...]:
+    # A fallback runtime (ONNX on a LiteRT device) runs on the CPU provider.
+    if (cand.runtime or profile.runtime.name) == profile.runtime.name:
+        return profile.runtime.execution_providers
+    return ("CPUExecutionProvider",)
+
+
+def measure(cand: Candidate, model: ModelHandle, profile: DeviceProfile, data: Split, ref: Reference) -> dict[str, Any]:
+    """Accuracy on ``data`` against ``ref``, latency beside the reference, peak RSS, size."""
     assert model.path is not None
     threads = profile.runtime.threads
     runtime = cand.runtime or profile.runtime.name
-    # A fallback runtime (ONNX on a LiteRT device) runs on the CPU provider.
-    providers = profile.runtime.execution_providers if runtime == profile.runtime.name else ("CPUExecutionProvider",)
-    with load_session(runtime, model.path, threads=threads, providers=providers) as sess:
-        outputs = run_batched(sess, model.input_name, eval_x)
-        metrics = compare(reference, outputs, eval_y, task)
-        metrics["latency_b1"] = measure_latency(sess, model.input_name, eval_x[:1])
-        inputs, outs = _specs(sess, model.path)
-        g_in = eval_x[:golden_count]
-        expected = sess.infer({model.input_name: g_in})
+    one = data.feeds(0, 1)
+    with load_session(runtime, model.path, threads=threads, providers=_providers(cand, profile)) as sess:
+        outputs = run_batched(sess, data, model.batch_axes)
+        metrics = compare(ref.outputs, outputs, data.y, ref.task, ref.metric, ref.metric_value)
+        # The fp32 ONNX is the side-by-side reference for ONNX candidates (a .tflite candidate
+        # against an onnxruntime model would compare runtimes, not the compression).
+        if runtime == "onnxruntime" and ref.latency_model is not None and ref.latency_model != model.path:
+            with load_session("onnxruntime", ref.latency_model, threads=threads,
+                              providers=_providers(cand, profile)) as base:
+                metrics["latency_b1"] = measure_latency(sess, one, reference=base)
+        else:
+            metrics["latency_b1"] = measure_latency(sess, one)
         metrics["execution_providers"] = list(getattr(sess, "providers", []))
-    metrics.update(measure_peak_rss(runtime, model.path, threads, model.input_shape))
+    metrics.update(measure_peak_rss(runtime, model.path, threads, one))
     metrics["model_bytes"] = model.path.stat().st_size
     if "params" in model.notes:
         metrics["params"] = model.notes["params"]
+    return metrics
 
-    golden_ref = {k: v[:golden_count] for k, v in reference.items()}
-    expected = {k: np.asarray(v, dtype=np.float32) for k, v in expected.items()}
+
+def golden_count(data: Split, ref: Reference, model_bytes: int, wanted: int) -> int:
+    """How many golden samples to ship: ``wanted``, fewer when samples are large (so the
+    vectors stay under 1 MB or 10% of the model, whichever is larger); 1 for a model with an
+    unbatched input (it runs one sample at a time)."""
+    if not data.batchable:
+        return 1
+    per_sample = sum(v[:1].nbytes for v in data.inputs.values()) + 2 * sum(v[:1].nbytes for v in ref.outputs.values())
+    limit = max(GOLDEN_MAX_BYTES, model_bytes // 10)
+    return max(1, min(wanted, data.n, limit // max(1, per_sample)))
+
+
+def _device_layout(arrays: Feeds, model: ModelHandle) -> Feeds:
+    """Samples-on-axis-0 arrays back in the runtime's layout (batch axis in place)."""
+    out: Feeds = {}
+    for k, v in arrays.items():
+        ax = model.batch_axis(k)
+        out[k] = v[0] if ax is None else (np.moveaxis(v, 0, ax) if ax else v)
+    return out
+
+
+def pack(
+    cand: Candidate, model: ModelHandle, profile: DeviceProfile, metrics: dict[str, Any], *, name: str,
+    version: str, task: str, data: Split, ref: Reference, golden_wanted: int,
+    recipe_steps: list[tuple[str, dict[str, Any]]], key: Any, workdir: Path,
+) -> Path:
+    """Golden vectors, report.json and the signed artifact for a measured candidate."""
+    assert model.path is not None
+    runtime = cand.runtime or profile.runtime.name
+    count = golden_count(data, ref, metrics["model_bytes"], golden_wanted)
+    g_in = data.feeds(0, count)
+    with load_session(runtime, model.path, threads=profile.runtime.threads) as sess:
+        expected = {k: np.asarray(v) for k, v in sess.infer(g_in).items()}
+        inputs, outs = _specs(sess, model.path)
+    golden_ref = _device_layout({k: v[:count] for k, v in ref.outputs.items()}, model)
     rel = _SELF_TEST_RTOL.get(model.precision, _SELF_TEST_RTOL_INT8)
-    scale = max(float(np.max(np.abs(v))) for v in expected.values())
+    floats = [np.abs(v.astype(np.float64)) for v in expected.values() if v.dtype.kind == "f" and v.size]
+    scale = max((float(np.max(f)) for f in floats), default=0.0)
     min_agree = None
     if task == "classification":
-        n = len(g_in)
-        agree = int(np.sum(np.argmax(expected[outs[0].name], -1) == np.argmax(golden_ref[outs[0].name], -1)))
-        min_agree = max(0, agree - 1) / n  # the device may flip one borderline sample
+        first = outs[0].name
+        agree = int(np.sum(np.argmax(expected[first], -1) == np.argmax(golden_ref[first], -1)))
+        min_agree = max(0, agree - 1) / count  # the device may flip one borderline sample
     workdir.mkdir(parents=True, exist_ok=True)
     golden_path = workdir / "golden.npz"
-    GoldenSet({model.input_name: g_in}, golden_ref, expected).save(golden_path)
+    GoldenSet(g_in, golden_ref, expected).save(golden_path)
     model_file = "model.onnx" if runtime == "onnxruntime" else "model.tflite"
     model_copy = workdir / model_file
     shutil.copyfile(model.path, model_copy)
     report_path = workdir / "report.json"
-    cand.report = build_report(cand.recipe, runtime, model.precision, model.path, model.input_name, eval_x[:1],
-                               metrics, model.notes, cand.steps, threads)
+    cand.report = build_report(cand.recipe, runtime, model.precision, model.path, data.feeds(0, 1),
+                               metrics, model.notes, cand.steps, profile.runtime.threads)
     report_path.write_text(json.dumps(cand.report, indent=2, default=str))
     files = {model_file: model_copy, "golden.npz": golden_path, "report.json": report_path}
     manifest = Manifest(
@@ -161,13 +246,28 @@ def evaluate_and_pack(
         files={k: file_entry(p) for k, p in files.items()},
         metrics=metrics,
         recipe=Recipe(name=cand.recipe, steps=[RecipeStep.model_validate({"pass": s, "config": c}) for s, c in recipe_steps]),
-        golden=Golden(file="golden.npz", count=len(g_in), atol=rel * scale + 1e-6, rtol=0.0, min_top1_agreement=min_agree),
+        golden=Golden(file="golden.npz", count=count, atol=rel * scale + 1e-6, rtol=0.0, min_top1_agreement=min_agree),
+        budgets=profile.budgets.model_dump(),
     )
     out = workdir / manifest.artifact_name
     write_artifact(out, manifest, files, key)
-    metrics["artifact_bytes"] = out.stat().st_size
+    return out
+
+
+def evaluate_and_pack(
+    cand: Candidate, model: ModelHandle, profile: DeviceProfile, *, name: str, version: str, task: str,
+    data: Split, ref: Reference, golden_wanted: int, recipe_steps: list[tuple[str, dict[str, Any]]],
+    key: Any, workdir: Path,
+) -> None:
+    """Measure, gate and (only when it fits) pack ``cand``: nothing over a budget is signed."""
+    metrics = measure(cand, model, profile, data, ref)
     cand.precision = model.precision
-    cand.metrics = metrics
-    cand.artifact = out
     cand.notes = model.notes
-    cand.violations = gate(metrics, profile)
+    cand.metrics = metrics
+    cand.violations = gate(metrics, profile, task)
+    if cand.violations:
+        return
+    cand.artifact = pack(cand, model, profile, metrics, name=name, version=version, task=task, data=data,
+                         ref=ref, golden_wanted=golden_wanted, recipe_steps=recipe_steps, key=key,
+                         workdir=workdir)
+    metrics["artifact_bytes"] = cand.artifact.stat().st_size

@@ -12,7 +12,7 @@ import click
 
 from agent import __version__
 from agent.clikit import run_cli
-from agent.errors import EdgefleetError, UsageError
+from agent.errors import BudgetError, EdgefleetError, UsageError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -113,30 +113,60 @@ def keys_generate(out_dir: Path, name: str, force: bool) -> None:
 
 # ---------------------------------------------------------------- build
 
+def accuracy_cells(m: dict[str, Any]) -> tuple[str, str]:
+    """The gated accuracy figures of a candidate's metrics: (value, versus fp32)."""
+    if not m:
+        return "-", "-"
+    if "top1" in m:
+        return f"{m['top1'] * 100:.2f}%", f"{0.0 - m['top1_drop_pt'] + 0.0:+.2f} pt"
+    if "metric" in m:
+        return f"metric {m['metric']:.4g}", f"{-m['metric_drop']:+.4g}"
+    if "cosine_min" in m:
+        return f"cos {m['cosine_min']:.4f}", f"mean {m['cosine_mean']:.4f}, err {m['max_abs_err']:.3g}"
+    if "top1_agreement" in m:
+        return f"agree {m['top1_agreement'] * 100:.1f}%", "-"
+    return "-", "-"
+
+
+def _speed(m: dict[str, Any]) -> str:
+    """p50/p95 at batch 1, and the ratio to fp32 timed side by side ("only buys size" when slower)."""
+    lat = m.get("latency_b1") or {}
+    if not lat:
+        return "-"
+    text = f"{lat['p50_ms']:.3f} / {lat['p95_ms']:.3f} ms"
+    ratio = lat.get("p95_ratio")
+    if ratio is not None:
+        text += f" (x{ratio:.2f} fp32{', size only' if ratio > 1.05 else ''})"
+    return text
+
+
 def _table(results: list[Any]) -> Any:
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title="edgefleet build")
-    for col in ("profile", "runtime", "candidate", "precision", "size", "top-1", "vs fp32", "p95 (b1)", "peak RSS", "verdict"):
-        t.add_column(col, justify="right" if col in ("size", "top-1", "vs fp32", "p95 (b1)", "peak RSS") else "left")
+    t = Table(title="edgefleet build (size: model file; p50 / p95 at batch 1, interleaved with fp32)")
+    cols = ("profile", "runtime", "candidate", "precision", "size", "accuracy", "vs fp32", "p50 / p95 (b1)", "peak RSS", "verdict")
+    for col in cols:
+        t.add_column(col, justify="right" if col in ("size", "accuracy", "vs fp32", "p50 / p95 (b1)", "peak RSS") else "left")
     for r in results:
+        if r.error:
+            t.add_row(r.profile.name, r.profile.runtime.name, "-", "-", "-", "-", "-", "-", "-",
+                      f"[red]profile not built: {escape(r.error)}[/red]")
         for c in r.candidates:
             m = c.metrics
             chosen = r.chosen is c
             if c.skipped:
-                verdict = f"[dim]skipped: {c.error}[/dim]"
+                verdict = f"[dim]skipped: {escape(c.error or '')}[/dim]"
             elif c.error:
-                verdict = f"[red]error: {c.error}[/red]"
+                verdict = f"[red]error: {escape(c.error)}[/red]"
             elif c.violations:
-                verdict = "[yellow]over budget: " + "; ".join(c.violations) + "[/yellow]"
+                verdict = "[yellow]over budget: " + escape("; ".join(c.violations)) + "[/yellow]"
             else:
                 verdict = "[bold green]CHOSEN[/bold green]" if chosen else "fits"
-            top1 = f"{m['top1'] * 100:.2f}%" if "top1" in m else "-"
-            drop = f"{0.0 - m['top1_drop_pt'] + 0.0:+.2f} pt" if "top1_drop_pt" in m else (f"cos {m['cosine_min']:.4f}" if m else "-")
+            acc, drop = accuracy_cells(m)
             t.add_row(
                 r.profile.name, c.runtime or r.profile.runtime.name, c.recipe, c.precision or "-",
-                f"{m['artifact_bytes'] / 1024:.1f} KB" if m else "-", top1, drop,
-                f"{m['latency_b1']['p95_ms']:.3f} ms" if m else "-",
+                f"{m['model_bytes'] / 1024:.1f} KB" if m else "-", acc, drop, _speed(m),
                 f"{m['peak_rss_mb']:.0f} MB" if m else "-", verdict,
             )
     return t
@@ -211,7 +241,9 @@ def build_cmd(config: Path, profile_names: tuple[str, ...], all_profiles: bool, 
             else:
                 click.echo(f"OK: {config} is valid; {len(checked)} recipe chains checked ({', '.join(checked)})")
             return
-        results = [builder.build_profile(p, out_dir) for p in profiles]
+        results = []
+        for p in profiles:
+            results.append(builder.build_profile(p, out_dir))
     failed = [r for r in results if r.chosen is None]
     if as_json:
         click.echo(json.dumps({"ok": not failed, "name": cfg.name, "version": cfg.version,
@@ -226,7 +258,7 @@ def build_cmd(config: Path, profile_names: tuple[str, ...], all_profiles: bool, 
             if r.artifact:
                 click.echo(f"{r.profile.name}: {r.artifact}" + (f"  (report: {r.report})" if r.report else ""))
     if failed:
-        raise no_fit_error(failed[0]) if len(failed) == 1 else EdgefleetError(
+        raise no_fit_error(failed[0]) if len(failed) == 1 else BudgetError(
             "; ".join(str(no_fit_error(r)) for r in failed))
 
 
@@ -265,9 +297,22 @@ def inspect_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
             lines.append(f"{io_kind:10} {s.name} {s.dtype} {s.shape}{q}")
     if "top1" in met:
         lines.append(f"accuracy   top-1 {met['top1'] * 100:.2f}% (fp32 {met['top1_ref'] * 100:.2f}%, drop {met['top1_drop_pt']:.2f} pt)")
+    if "cosine_min" in met and "top1" not in met:
+        lines.append(f"accuracy   vs fp32: min cosine {met['cosine_min']:.4f}, mean {met['cosine_mean']:.4f}, "
+                     f"max abs error {met['max_abs_err']:.4g}, max rel error {met['max_rel_err']:.4g}")
+    if "metric" in met:
+        lines.append(f"metric     {met['metric']:.4g} (fp32 {met['metric_ref']:.4g}, drop {met['metric_drop']:.4g})")
+    if m.budgets:
+        b = m.budgets
+        gated = (f"top-1 drop <= {b['max_accuracy_drop_pt']:g} pt" if m.task == "classification"
+                 else f"min cosine >= {b['min_cosine']:g}")
+        lines.append(f"budgets    {gated}, model <= {b['max_artifact_kb']:g} KB, p95 <= {b['max_p95_ms']:g} ms, "
+                     f"RSS <= {b['max_ram_mb']:g} MB")
     if "latency_b1" in met:
         lat = met["latency_b1"]
-        lines.append(f"latency    p50 {lat['p50_ms']:.3f} ms, p95 {lat['p95_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms (build host, batch 1)")
+        ratio = f", x{lat['p95_ratio']:.2f} the fp32 p95" if lat.get("p95_ratio") is not None else ""
+        lines.append(f"latency    p50 {lat['p50_ms']:.3f} ms, p95 {lat['p95_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms "
+                     f"(build host, batch 1{ratio})")
     if "peak_rss_mb" in met:
         lines.append(f"memory     peak RSS {met['peak_rss_mb']:.1f} MB")
     lines.append(f"golden     {m.golden.count} vectors, atol {m.golden.atol:.3g}")

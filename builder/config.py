@@ -7,7 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from agent.errors import ConfigError
 from agent.protocol.manifest import Version
+from agent.protocol.profile import Budgets, DeviceProfile
 from agent.protocol.validation import load_toml, parse_model
 
 
@@ -16,15 +18,27 @@ class _Strict(BaseModel):
 
 
 class ModelSource(_Strict):
-    """Exactly one of: a factory (+ optional weights), a torch.export .pt2, or an .onnx file."""
+    """Exactly one of: a factory (+ optional weights), a torch.export .pt2, or an .onnx file.
+
+    An ONNX model names its own inputs and outputs. A torch model takes ``inputs`` positionally
+    in that order (default: the data's arrays in file order, or ``input_name`` for a one-input
+    model); their dtypes and shapes come from the build data.
+    """
 
     factory: str | None = None
     weights: str | None = None
     pt2: str | None = None
     onnx: str | None = None
-    input_shape: list[int] = Field(min_length=1)
+    # One-input form (kept for existing configs): the sample shape without the batch dimension.
+    input_shape: list[int] | None = Field(default=None, min_length=1)
     input_name: str = "input"
     output_name: str = "output"
+    inputs: list[str] | None = Field(default=None, min_length=1)
+    outputs: list[str] | None = Field(default=None, min_length=1)
+    # Axes beyond the batch that vary (sequence length, image size): {input = {axis = "name"}}.
+    dynamic_axes: dict[str, dict[int, str]] = {}
+    # Where the batch goes when it is not axis 0: {state = 1, sr = "none"} (inputs or outputs).
+    batch_axes: dict[str, int | Literal["none"]] = {}
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSource:
@@ -34,6 +48,14 @@ class ModelSource(_Strict):
         if self.weights and not self.factory:
             raise ValueError("weights only go with factory")
         return self
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(self.outputs) if self.outputs else (self.output_name,)
+
+    def batch_axis(self, name: str) -> int | None:
+        ax = self.batch_axes.get(name, 0)
+        return None if ax == "none" else int(ax)
 
 
 class DataFiles(_Strict):
@@ -49,13 +71,29 @@ class StepSpec(_Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class ProfileOverride(_Strict):
+    """A build config's changes to one device profile: budgets and candidates for this model."""
+
+    budgets: dict[str, Any] = {}
+    candidates: list[str] | None = Field(default=None, min_length=1)  # replaces the profile's list
+    add_candidates: list[str] = []  # tried after the profile's own
+    select: Literal["smallest", "fastest", "most_accurate"] | None = None
+
+
 class BuildConfig(_Strict):
     name: str
     version: Version
-    task: Literal["classification", "regression"] = "classification"
+    # classification: top-1 against labels; regression/embedding: cosine and error against fp32.
+    task: Literal["classification", "regression", "embedding"] = "classification"
+    # A user metric, "file.py:function" or "module:function":
+    # fn(outputs, reference, labels) -> float, higher is better; gated on its drop from fp32.
+    metric: str | None = None
     model: ModelSource
     data: DataFiles
     signing_key: str | None = None
+    # Budgets for every profile (overriding the profile's), then per profile under [profiles.NAME].
+    budgets: dict[str, Any] = {}
+    profiles: dict[str, ProfileOverride] = {}
     # Extra recipes a profile's candidates may name: {recipe: [{pass = "...", config = {...}}]}.
     recipes: dict[str, list[StepSpec]] = {}
     # Config of the distill step in the built-in distilled_* recipes (student_kwargs or
@@ -75,4 +113,30 @@ def load_build_config(path: Path) -> BuildConfig:
     data.pop("base_dir", None)
     cfg = parse_model(BuildConfig, data, str(path))
     cfg.base_dir = path.resolve().parent
+    check_overrides(cfg, str(path))
     return cfg
+
+
+def effective_profile(profile: DeviceProfile, cfg: BuildConfig) -> DeviceProfile:
+    """``profile`` with the build config's budgets and candidates applied (validated strictly)."""
+    over = cfg.profiles.get(profile.name)
+    budgets = {**profile.budgets.model_dump(), **cfg.budgets, **(over.budgets if over else {})}
+    build = profile.build.model_dump()
+    if over is not None:
+        if over.candidates is not None:
+            build["candidates"] = list(over.candidates)
+        build["candidates"] = [*build["candidates"], *(c for c in over.add_candidates if c not in build["candidates"])]
+        if over.select:
+            build["select"] = over.select
+    doc = {**profile.model_dump(), "budgets": budgets, "build": build}
+    where = f"{cfg.base_dir / 'build config'} (budgets for profile {profile.name})"
+    return parse_model(DeviceProfile, doc, where)
+
+
+def check_overrides(cfg: BuildConfig, source: str) -> None:
+    """Budget keys in [budgets] and [profiles.*] must be budgets a profile knows."""
+    known = set(Budgets.model_fields)
+    for where, keys in [("budgets", cfg.budgets), *((f"profiles.{n}.budgets", o.budgets) for n, o in cfg.profiles.items())]:
+        bad = sorted(set(keys) - known)
+        if bad:
+            raise ConfigError(f"{source}: {where}: unknown budget {', '.join(bad)} (known: {', '.join(sorted(known))})")

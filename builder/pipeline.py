@@ -18,8 +18,12 @@ from pydantic import ValidationError
 
 from agent.errors import ConfigError
 from agent.protocol.validation import format_validation_error
+from agent.runtime.base import IOSpec
 from builder.passes import ModelHandle, ModelKind, Pass, PassConfig, PassContext, get_pass
 from builder.passes.base import Timer, digest_bytes
+
+# Bumped when handle.json changes, so an older cache entry is never read as a newer one.
+CACHE_FORMAT = "2"
 
 
 @dataclass
@@ -73,7 +77,7 @@ class Pipeline:
 
     def _key(self, model: ModelHandle | None, step: PlannedStep) -> str:
         cfg = json.dumps(step.config.model_dump(mode="json"), sort_keys=True)
-        return digest_bytes(model.digest if model else "source", step.name, cfg)[:32]
+        return digest_bytes(CACHE_FORMAT, model.digest if model else "source", step.name, cfg)[:32]
 
     def run(self, model: ModelHandle | None, steps: list[PlannedStep]) -> PipelineRun:
         result = PipelineRun(model=model)  # type: ignore[arg-type]
@@ -108,8 +112,9 @@ class Pipeline:
             doc = json.loads(meta.read_text())
             handle = ModelHandle(
                 kind=ModelKind(doc["kind"]), digest=doc["digest"], path=self.cache_dir / key / doc["file"],
-                input_name=doc["input_name"], output_names=tuple(doc["output_names"]),
-                input_shape=tuple(doc["input_shape"]), precision=doc["precision"], notes=doc["notes"],
+                inputs=tuple(IOSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in doc["inputs"]),
+                output_names=tuple(doc["output_names"]), batch_axes=doc["batch_axes"],
+                precision=doc["precision"], notes=doc["notes"],
             )
             self._memory[key] = handle
             return handle
@@ -132,8 +137,9 @@ class Pipeline:
                     p.unlink()
         doc = {
             "kind": model.kind.value, "digest": model.digest, "file": model.path.name,
-            "input_name": model.input_name, "output_names": list(model.output_names),
-            "input_shape": list(model.input_shape), "precision": model.precision, "notes": model.notes,
+            "inputs": [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in model.inputs],
+            "output_names": list(model.output_names), "batch_axes": model.batch_axes,
+            "precision": model.precision, "notes": model.notes,
         }
         (workdir / "handle.json").write_text(json.dumps(doc, default=str))
         workdir.rename(final)  # atomic: a crash never leaves a half-written cache entry

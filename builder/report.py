@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def onnx_layers(path: Path) -> dict[str, dict[str, Any]]:
     return table
 
 
-def onnx_op_latency(path: Path, input_name: str, sample: np.ndarray, threads: int) -> dict[str, float]:
+def onnx_op_latency(path: Path, feeds: Mapping[str, np.ndarray], threads: int) -> dict[str, float]:
     """Mean ms per run spent in each executed op type (after onnxruntime's fusions, so QDQ
     Conv shows as QLinearConv), from its profiler at batch 1."""
     import onnxruntime as ort
@@ -81,7 +82,7 @@ def onnx_op_latency(path: Path, input_name: str, sample: np.ndarray, threads: in
         so.profile_file_prefix = str(Path(tmp) / "prof")
         so.intra_op_num_threads = threads
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        feeds = {input_name: np.ascontiguousarray(sample)}
+        feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
         for _ in range(5):
             sess.run(None, feeds)
         for _ in range(_PROFILE_RUNS):
@@ -119,7 +120,7 @@ def tflite_layers(path: Path) -> dict[str, dict[str, Any]]:
     return table
 
 
-def tflite_op_latency(path: Path, input_name: str, sample: np.ndarray, threads: int, rounds: int = 7,
+def tflite_op_latency(path: Path, feeds: Mapping[str, np.ndarray], threads: int, rounds: int = 7,
                       calls: int = 30) -> dict[str, float]:
     """Ms per run spent in each op type of a .tflite model, estimated by prefix timing.
 
@@ -142,15 +143,18 @@ def tflite_op_latency(path: Path, input_name: str, sample: np.ndarray, threads: 
             p.write_bytes(data)
             it = Interpreter(model_path=str(p), num_threads=threads,
                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-            d = it.get_input_details()[0]
-            it.resize_tensor_input(d["index"], list(sample.shape))
+            details = it.get_input_details()
+            values = [feeds.get(d["name"], v) for d, v in zip(details, feeds.values(), strict=False)]
+            for d, v in zip(details, values, strict=False):
+                it.resize_tensor_input(d["index"], list(v.shape))
             it.allocate_tensors()
-            x = sample
-            scale, zp = d["quantization"]
-            if np.dtype(d["dtype"]) in (np.int8, np.uint8) and scale:
-                info = np.iinfo(d["dtype"])
-                x = np.clip(np.round(sample / scale + zp), info.min, info.max)
-            it.set_tensor(d["index"], np.ascontiguousarray(x.astype(d["dtype"])))
+            for d, v in zip(details, values, strict=False):
+                x = v
+                scale, zp = d["quantization"]
+                if np.dtype(d["dtype"]) in (np.int8, np.uint8) and scale:
+                    info = np.iinfo(d["dtype"])
+                    x = np.clip(np.round(v / scale + zp), info.min, info.max)
+                it.set_tensor(d["index"], np.ascontiguousarray(x.astype(d["dtype"])))
             it.invoke()
             runs.append((op, it))
         samples: list[list[float]] = [[] for _ in runs]
@@ -172,19 +176,19 @@ def tflite_op_latency(path: Path, input_name: str, sample: np.ndarray, threads: 
 
 
 def build_report(
-    recipe: str, runtime: str, precision: str, model_path: Path, input_name: str, sample: np.ndarray,
+    recipe: str, runtime: str, precision: str, model_path: Path, feeds: Mapping[str, np.ndarray],
     metrics: dict[str, Any], notes: dict[str, Any], steps: list[dict[str, Any]], threads: int,
 ) -> dict[str, Any]:
     """The report.json document of one candidate."""
     if model_path.suffix == ".tflite":
         table = tflite_layers(model_path)
-        lat = tflite_op_latency(model_path, input_name, sample, threads)
+        lat = tflite_op_latency(model_path, feeds, threads)
         latency_source = ("LiteRT builtin kernels (XNNPack off), batch 1, estimated by timing the model cut after each "
                           "operator (LiteRT's Python API has no per-op profiler); compare shares, not the absolute "
                           "times, which differ from the XNNPack run measured for the budget")
     else:
         table = onnx_layers(model_path)
-        lat = onnx_op_latency(model_path, input_name, sample, threads)
+        lat = onnx_op_latency(model_path, feeds, threads)
         latency_source = (f"onnxruntime profiler, batch 1, mean of {5 + _PROFILE_RUNS} runs; op types as executed "
                           "after graph fusions; profiling adds overhead, so compare shares")
     total = sum(lat.values()) or 1.0
@@ -193,7 +197,9 @@ def build_report(
     summary = {
         "model_bytes": metrics.get("model_bytes"), "params": notes.get("params"),
         "top1": metrics.get("top1"), "top1_ref": metrics.get("top1_ref"), "top1_drop_pt": metrics.get("top1_drop_pt"),
-        "cosine_min": metrics.get("cosine_min"), "p95_ms": metrics.get("latency_b1", {}).get("p95_ms"),
+        "cosine_min": metrics.get("cosine_min"), "cosine_mean": metrics.get("cosine_mean"),
+        "max_abs_err": metrics.get("max_abs_err"), "metric": metrics.get("metric"),
+        "metric_drop": metrics.get("metric_drop"), "p95_ms": metrics.get("latency_b1", {}).get("p95_ms"),
         "peak_rss_mb": metrics.get("peak_rss_mb"),
     }
     return {

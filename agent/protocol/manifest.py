@@ -99,7 +99,7 @@ class Manifest(_Strict):
     profile: str
     runtime: Literal["onnxruntime", "litert"]
     precision: str
-    task: Literal["classification", "regression"]
+    task: Literal["classification", "regression", "embedding"]
     created: str
     builder_version: str
     model: ModelInfo
@@ -107,6 +107,9 @@ class Manifest(_Strict):
     metrics: dict[str, Any]
     recipe: Recipe
     golden: Golden
+    # The budgets the model was built against (a profile's, with the build config's overrides).
+    # The agent's on-device latency check uses max_p95_ms from here unless its config sets one.
+    budgets: dict[str, Any] | None = None
 
     @field_validator("name", "profile")
     @classmethod

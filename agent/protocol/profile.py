@@ -49,10 +49,24 @@ class Build(_Strict):
 
 
 class Budgets(_Strict):
+    """What a candidate must meet. Size is the model file's bytes; p95 is at batch 1.
+
+    The accuracy budgets apply by task: classifiers on the top-1 drop against the labels;
+    regression and embedding models on their outputs against the fp32 reference (every
+    output, every sample); a user metric on its drop from the fp32 model's value.
+    """
+
     max_artifact_kb: float = Field(gt=0)
     max_accuracy_drop_pt: float = Field(ge=0)
     max_p95_ms: float = Field(gt=0)
     max_ram_mb: float = Field(gt=0)
+    # Regression/embedding: the worst sample's cosine to fp32 (0.28 is garbage; 0.99 is close).
+    min_cosine: float = Field(default=0.99, ge=-1, le=1)
+    max_abs_err: float | None = Field(default=None, gt=0)
+    # max |candidate - fp32| / max |fp32|, per output.
+    max_rel_err: float | None = Field(default=None, gt=0)
+    # User metric: largest allowed drop (fp32 value minus candidate value, in the metric's units).
+    max_metric_drop: float = Field(default=0.01, ge=0)
     # On-device check: a new model's p95 may be at most this much worse than the current one.
     max_p95_regression_pct: float = Field(default=20.0, ge=0)
 

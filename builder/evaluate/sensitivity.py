@@ -30,7 +30,7 @@ def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
 
 
 def layer_sensitivity(
-    model: Path, input_name: str, calibration: np.ndarray, samples: np.ndarray, *, per_channel: bool = True,
+    model: Path, calibration: Any, samples: Any, *, per_channel: bool = True,
     activation_uint8: bool = True,
 ) -> list[dict[str, Any]]:
     """One entry per quantizable node, most sensitive (lowest SQNR) first."""
@@ -41,7 +41,8 @@ def layer_sensitivity(
 
     nodes = [(n.name, n.op_type) for n in onnx.load(str(model)).graph.node if n.op_type in QUANTIZABLE and n.name]
     with load_session("onnxruntime", model) as s:
-        ref = s.infer({input_name: samples})
+        feeds = samples.feeds(0, samples.n) if samples.batchable else samples.feeds(0, 1)
+        ref = s.infer(feeds)
     out_name = next(iter(ref))
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,12 +50,12 @@ def layer_sensitivity(
             dst = Path(tmp) / f"{len(results)}.onnx"
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 q.quantize_static(
-                    str(model), str(dst), CalibrationReader(input_name, calibration), quant_format=q.QuantFormat.QDQ, per_channel=per_channel,
+                    str(model), str(dst), CalibrationReader(calibration), quant_format=q.QuantFormat.QDQ, per_channel=per_channel,
                     activation_type=q.QuantType.QUInt8 if activation_uint8 else q.QuantType.QInt8,
                     weight_type=q.QuantType.QInt8, nodes_to_quantize=[name],
                 )
             with load_session("onnxruntime", dst) as s:
-                got = s.infer({input_name: samples})[out_name]
+                got = s.infer(feeds)[out_name]
             err = float(np.max(np.abs(ref[out_name].astype(np.float64) - np.asarray(got, np.float64))))
             results.append({"node": name, "op": op, "sqnr_db": round(sqnr_db(ref[out_name], np.asarray(got)), 2),
                             "max_abs_err": err})

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from agent.runtime.base import IOSpec
+
 if TYPE_CHECKING:
     from builder.data import DataBundle
 
@@ -36,13 +38,21 @@ class ModelHandle:
     digest: str
     module: Any = None  # torch.nn.Module when kind is TORCH
     path: Path | None = None  # model file when kind is ONNX/TFLITE
-    input_name: str = "input"
+    # Every input in the order a torch module takes them; shapes with named dynamic dims.
+    inputs: tuple[IOSpec, ...] = ()
     output_names: tuple[str, ...] = ("output",)
-    # Sample shape without the batch dimension.
-    input_shape: tuple[int, ...] = ()
+    # Batch axis of each input/output that does not have it at 0 (None: no batch axis).
+    batch_axes: dict[str, int | None] = field(default_factory=dict)
     precision: str = "fp32"
     # Facts passes record for the report (sparsity, params, per-layer ranks, ...).
     notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.inputs)
+
+    def batch_axis(self, name: str) -> int | None:
+        return self.batch_axes.get(name, 0)
 
     def with_module(self, module: Any, notes: dict[str, Any]) -> ModelHandle:
         """The same interface as this model, now as torch ``module``; ``notes`` are added."""

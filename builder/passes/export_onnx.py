@@ -8,11 +8,10 @@ import logging
 import warnings
 from typing import Any, Literal
 
-import numpy as np
-
 from agent.errors import ModelError
 from builder.parity import check_parity
 from builder.passes.base import ModelHandle, ModelKind, Pass, PassConfig, PassContext
+from builder.torchio import to_torch, torch_outputs
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,9 @@ class ExportOnnxPass(Pass):
         assert model is not None and isinstance(config, ExportOnnxConfig)
         out = ctx.workdir / "model.onnx"
         module = model.module
-        example = torch.zeros((2, *model.input_shape), dtype=torch.float32)
+        # A real batch of two samples: the dynamo exporter wants a batch >= 2 with a dynamic
+        # batch dim, and real token ids / masks keep data-dependent paths honest.
+        example = to_torch(next(ctx.data.eval.batches(2))[2], model.input_names)
         errors = []
         used = None
         order = ["dynamo", "legacy"] if config.exporter == "auto" else [config.exporter]
@@ -51,50 +52,63 @@ class ExportOnnxPass(Pass):
                 used = exporter
                 break
             except Exception as exc:
-                errors.append(f"{exporter}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                errors.append(f"{exporter}: {type(exc).__name__}: {first}")
                 log.info("ONNX export with %s failed: %s", exporter, exc)
         if used is None:
             raise ModelError(f"export_onnx failed ({'; '.join(errors)})")
         # Parity: torch vs onnxruntime on real samples.
-        x = ctx.data.eval.x[: config.parity_samples]
-        with torch.no_grad():
-            ref = module(torch.from_numpy(x))
-        ref_outs = _as_outputs(ref, model.output_names)
+        sample = ctx.data.eval.head(config.parity_samples)
+        ref = torch_outputs(module, sample, model.input_names, model.output_names, model.batch_axes)
         from agent.runtime import load_session
+        from builder.evaluate.accuracy import run_batched
 
         with load_session("onnxruntime", out, threads=ctx.threads) as sess:
-            got = sess.infer({model.input_name: x})
-        diffs = check_parity("export_onnx parity (torch vs onnxruntime)", ref_outs, got, config.atol, config.rtol)  # type: ignore[arg-type]
+            got = run_batched(sess, sample, model.batch_axes)
+        diffs = check_parity("export_onnx parity (torch vs onnxruntime)", ref, got, config.atol, config.rtol)  # type: ignore[arg-type]
         notes = {"exporter": used, "export_max_abs_diff": max(diffs.values())}
         return model.with_file(out, notes)
 
     @staticmethod
     def _export(torch: Any, module: Any, example: Any, model: ModelHandle, config: ExportOnnxConfig, exporter: str, out: Any) -> None:
+        in_names = list(model.input_names)
         out_names = list(model.output_names)
+        # Named dynamic dims: the batch axis of each input and output, plus any the config names.
+        axes: dict[str, dict[int, str]] = {}
+        for spec in model.inputs:
+            for i, d in enumerate(spec.shape):
+                if isinstance(d, str):
+                    axes.setdefault(spec.name, {})[i] = "batch" if i == model.batch_axis(spec.name) else d
+        for name in out_names:
+            ax = model.batch_axis(name)
+            if ax is not None:
+                axes.setdefault(name, {})[ax] = "batch"
         sink = io.StringIO()
         torch_onnx_log = logging.getLogger("torch.onnx")
         level = torch_onnx_log.level
         torch_onnx_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notes
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-            warnings.simplefilter("ignore")
-            if exporter == "dynamo":
-                batch = torch.export.Dim("batch", min=1, max=4096)
-                torch.onnx.export(
-                    module, (example,), str(out), dynamo=True, external_data=False,
-                    input_names=[model.input_name], output_names=out_names,
-                    dynamic_shapes=({0: batch},), opset_version=config.opset, verbose=False,
-                )
-            else:
-                axes = {n: {0: "batch"} for n in [model.input_name, *out_names]}
-                torch.onnx.export(
-                    module, (example,), str(out), dynamo=False,
-                    input_names=[model.input_name], output_names=out_names,
-                    dynamic_axes=axes, opset_version=min(config.opset, 17),
-                )
-        torch_onnx_log.setLevel(level)
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+                warnings.simplefilter("ignore")
+                if exporter == "dynamo":
+                    dims: dict[str, Any] = {}
 
+                    def dim(n: str) -> Any:
+                        if n not in dims:
+                            dims[n] = torch.export.Dim("batch", min=1, max=4096) if n == "batch" else torch.export.Dim.AUTO
+                        return dims[n]
 
-def _as_outputs(ref: Any, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    if isinstance(ref, (tuple, list)):
-        return {n: r.detach().numpy() for n, r in zip(names, ref, strict=True)}
-    return {names[0]: ref.detach().numpy()}
+                    shapes = tuple({i: dim(n) for i, n in axes.get(s.name, {}).items()} or None for s in model.inputs)
+                    torch.onnx.export(
+                        module, example, str(out), dynamo=True, external_data=False,
+                        input_names=in_names, output_names=out_names,
+                        dynamic_shapes=shapes, opset_version=config.opset, verbose=False,
+                    )
+                else:
+                    torch.onnx.export(
+                        module, example, str(out), dynamo=False,
+                        input_names=in_names, output_names=out_names,
+                        dynamic_axes=axes, opset_version=min(config.opset, 17),
+                    )
+        finally:
+            torch_onnx_log.setLevel(level)

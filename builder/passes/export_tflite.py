@@ -78,13 +78,13 @@ class ExportTflitePass(Pass):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         ctx.say(f"export_tflite: converting with litert-torch ({config.quantization})")
         float_path = ctx.workdir / "float.tflite"
-        self._convert(model, config, float_path)
+        self._convert(model, config, float_path, ctx)
         buf = float_path.read_bytes()
         if config.quantization != "none":
-            buf = self._quantize(float_path, config, ctx)
+            buf = self._quantize(float_path, config, ctx, model.input_names)
         from builder.tflite_edit import free_batch, op_counts
 
-        buf, freed = free_batch(buf, config.convert_batch, [model.input_name], list(model.output_names))
+        buf, freed = free_batch(buf, config.convert_batch, list(model.input_names), list(model.output_names))
         out = ctx.workdir / "model.tflite"
         out.write_bytes(buf)
         float_path.unlink(missing_ok=True)
@@ -96,18 +96,21 @@ class ExportTflitePass(Pass):
         return model.with_file(out, notes, PRECISION[config.quantization])
 
     @staticmethod
-    def _convert(model: ModelHandle, config: ExportTfliteConfig, out: Path) -> None:
+    def _convert(model: ModelHandle, config: ExportTfliteConfig, out: Path, ctx: PassContext) -> None:
         try:
             with _quiet():
                 import litert_torch
         except ImportError:
             raise DependencyError("pass 'export_tflite' needs litert-torch: pip install 'edgefleet[builder]'") from None
-        import torch
+        from builder.torchio import to_torch
 
-        sample = torch.zeros((config.convert_batch, *model.input_shape), dtype=torch.float32)
+        if not ctx.data.eval.batchable or ctx.data.eval.n < config.convert_batch:
+            raise ModelError("export_tflite: needs a model whose inputs all have a batch axis, and "
+                             f"at least {config.convert_batch} eval samples")
+        sample = to_torch(ctx.data.eval.feeds(0, config.convert_batch), model.input_names)
         try:
             with _quiet():
-                litert_torch.convert(model.module.eval(), (sample,)).export(str(out))
+                litert_torch.convert(model.module.eval(), sample).export(str(out))
         except Exception as exc:
             msg = str(exc)
             op = unsupported_operator(msg)
@@ -116,7 +119,7 @@ class ExportTflitePass(Pass):
             raise ModelError(f"export_tflite: litert-torch cannot convert the model: {what}") from None
 
     @staticmethod
-    def _quantize(float_path: Path, config: ExportTfliteConfig, ctx: PassContext) -> bytes:
+    def _quantize(float_path: Path, config: ExportTfliteConfig, ctx: PassContext, names: tuple[str, ...]) -> bytes:
         from ai_edge_quantizer import quantizer, recipe
 
         if config.quantization == "dynamic":
@@ -124,15 +127,20 @@ class ExportTflitePass(Pass):
                 qt = quantizer.Quantizer(str(float_path), recipe.dynamic_wi8_afp32())
                 result = qt.quantize()
         else:
-            cal = ctx.data.calibration.x[: config.calibration_samples]
+            cal = ctx.data.calibration.head(config.calibration_samples)
             b = config.convert_batch
-            if len(cal) < b:
-                raise DataError(f"export_tflite int8: needs at least {b} calibration samples, got {len(cal)}")
+            if cal.n < b:
+                raise DataError(f"export_tflite int8: needs at least {b} calibration samples, got {cal.n}")
             with _quiet():
                 qt = quantizer.Quantizer(str(float_path), recipe.static_wi8_ai8())
                 sig = qt.get_signature_list() if hasattr(qt, "get_signature_list") else None
-                name, inp = _signature(float_path, sig)
-                batches = [{inp: cal[i : i + b]} for i in range(0, len(cal) - b + 1, b)]
+                name, sig_inputs = _signature(float_path, sig)
+                # The converted model's signature names its inputs args_0, args_1, ... in the
+                # order the module takes them.
+                batches = []
+                for i in range(0, cal.n - b + 1, b):
+                    f = cal.feeds(i, i + b)
+                    batches.append({s: f[n] for s, n in zip(sig_inputs, names, strict=True)})
                 result = qt.quantize(qt.calibrate({name: batches}))
         data = result.quantized_model
         if data is None:
@@ -143,14 +151,14 @@ class ExportTflitePass(Pass):
     def _parity(model: ModelHandle, config: ExportTfliteConfig, ctx: PassContext, path: Path) -> dict[str, float]:
         """Torch vs LiteRT at batch 1, 3 and ``parity_samples``: the batch really is free."""
         from agent.runtime import load_session
-        from builder.evaluate.accuracy import torch_outputs
+        from builder.torchio import torch_outputs
 
-        x = ctx.data.eval.x[: config.parity_samples]
-        ref = torch_outputs(model.module, x, model.output_names)
+        x = ctx.data.eval.head(config.parity_samples)
+        ref = torch_outputs(model.module, x, model.input_names, model.output_names, model.batch_axes)
         worst: dict[str, float] = {}
         with load_session("litert", path, threads=ctx.threads) as sess:
-            for n in sorted({1, min(3, len(x)), len(x)}):
-                got = {k: np.asarray(v, np.float32) for k, v in sess.infer({model.input_name: x[:n]}).items()}
+            for n in sorted({1, min(3, x.n), x.n}):
+                got = {k: np.asarray(v, np.float32) for k, v in sess.infer(x.feeds(0, n)).items()}
                 want = {k: v[:n] for k, v in ref.items()}
                 if config.quantization == "none":
                     atol, rtol = config.atol, config.rtol
@@ -162,11 +170,11 @@ class ExportTflitePass(Pass):
         return worst
 
 
-def _signature(float_path: Path, sig: Any) -> tuple[str, str]:
-    """(signature key, its first input name) of a converted model."""
+def _signature(float_path: Path, sig: Any) -> tuple[str, list[str]]:
+    """(signature key, its input names in order) of a converted model."""
     if not sig:
         from ai_edge_litert.interpreter import Interpreter
 
         sig = Interpreter(model_path=str(float_path)).get_signature_list()
     name = next(iter(sig))
-    return name, sig[name]["inputs"][0]
+    return name, sorted(sig[name]["inputs"], key=lambda s: (len(s), s))

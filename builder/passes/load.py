@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from agent.errors import ModelError
+from agent.runtime.base import IOSpec
 from builder.passes.base import (
     ModelHandle,
     ModelKind,
@@ -20,16 +23,48 @@ from builder.passes.base import (
 )
 
 
+class InputConfig(PassConfig):
+    name: str
+    dtype: str = "float32"
+    shape: tuple[int | str, ...]
+
+
 class LoadConfig(PassConfig):
     factory: str | None = None
     weights: Path | None = None
     pt2: Path | None = None
     onnx: Path | None = None
-    input_shape: tuple[int, ...]
-    input_name: str = "input"
-    output_name: str = "output"
+    # A torch model's inputs (positional order) as the build data gives them; an ONNX model
+    # names its own.
+    inputs: tuple[InputConfig, ...] = ()
+    output_names: tuple[str, ...] = ("output",)
+    batch_axes: dict[str, int | None] = Field(default_factory=dict)
     # Directory that a relative factory file ("model.py:fn") is resolved against.
     base_dir: Path = Path(".")
+
+
+_ONNX_DTYPES = {1: "float32", 10: "float16", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 11: "float64"}
+
+
+def onnx_io(path: Path) -> tuple[list[IOSpec], list[IOSpec]]:
+    """The inputs (initializers excluded) and outputs an ONNX file declares, or a ModelError."""
+    import onnx
+
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: file not found") from None
+    except Exception as exc:
+        raise ModelError(f"{path}: not a readable ONNX model: {exc}") from None
+    inits = {i.name for i in m.graph.initializer}
+
+    def spec(v: Any) -> IOSpec:
+        t = v.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or f"{v.name}_d{i}")
+                     for i, d in enumerate(t.shape.dim))
+        return IOSpec(v.name, _ONNX_DTYPES.get(t.elem_type, f"onnx-type-{t.elem_type}"), dims)
+
+    return [spec(v) for v in m.graph.input if v.name not in inits], [spec(v) for v in m.graph.output]
 
 
 def resolve_factory(spec: str, base_dir: Path) -> Any:
@@ -74,9 +109,9 @@ class LoadPass(Pass):
     def run(self, model: ModelHandle | None, config: PassConfig, ctx: PassContext) -> ModelHandle:
         assert isinstance(config, LoadConfig)
         common: dict[str, Any] = {
-            "input_name": config.input_name,
-            "output_names": (config.output_name,),
-            "input_shape": tuple(config.input_shape),
+            "inputs": tuple(IOSpec(i.name, i.dtype, i.shape) for i in config.inputs),
+            "output_names": config.output_names,
+            "batch_axes": dict(config.batch_axes),
         }
         if config.onnx:
             return self._load_onnx(config.onnx, common)
@@ -102,7 +137,7 @@ class LoadPass(Pass):
                 self._load_weights(module, config.weights)
         if not config.pt2:  # a torch.export module is already in inference form; eval() raises
             module.eval()
-        self._smoke_test(module, config)
+        self._smoke_test(module, config, ctx)
         params = sum(p.numel() for p in module.parameters())
         return ModelHandle(
             kind=ModelKind.TORCH, digest=digest_module(module), module=module, notes={"params": params}, **common
@@ -125,16 +160,20 @@ class LoadPass(Pass):
             raise ModelError(f"weights {path} do not fit the model: {' '.join(first)}") from None
 
     @staticmethod
-    def _smoke_test(module: Any, config: LoadConfig) -> None:
-        import torch
+    def _smoke_test(module: Any, config: LoadConfig, ctx: PassContext) -> None:
+        """Run two real eval samples through the module: inputs and outputs must line up."""
+        from builder.torchio import call_module
 
+        names = [i.name for i in config.inputs]
+        split = ctx.data.eval
+        feeds = next(split.batches(2))[2]
         try:
-            with torch.no_grad():
-                module(torch.zeros((2, *config.input_shape)))
+            call_module(module, feeds, names, config.output_names)
         except Exception as exc:
+            given = ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in feeds.items())
             raise ModelError(
-                f"model does not accept input of shape (N, {', '.join(map(str, config.input_shape))}): "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                f"model does not run on the build data ({given}): "
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             ) from None
 
     @staticmethod
@@ -148,6 +187,7 @@ class LoadPass(Pass):
             raise ModelError(f"{path}: file not found") from None
         except Exception as exc:
             raise ModelError(f"{path}: not a valid ONNX model: {exc}") from None
-        common["input_name"] = m.graph.input[0].name
-        common["output_names"] = tuple(o.name for o in m.graph.output)
+        inputs, outputs = onnx_io(path)
+        common["inputs"] = tuple(inputs)
+        common["output_names"] = tuple(o.name for o in outputs)
         return ModelHandle(kind=ModelKind.ONNX, digest=digest_file(path), path=path, **common)

@@ -16,7 +16,7 @@ import numpy as np
 
 from agent.errors import ModelError
 from builder.passes.base import ModelHandle, ModelKind, Pass, PassConfig, PassContext
-from builder.train import count_params, finetune
+from builder.train import count_params, finetune, training_targets
 
 
 class LowRankConfig(PassConfig):
@@ -129,7 +129,10 @@ class LowRankPass(Pass):
         notes: dict[str, Any] = {"lowrank_layers": layers}
         if ctx.data.train is not None and config.finetune_epochs > 0:
             ctx.say(f"fine-tuning low-rank model for up to {config.finetune_epochs} epochs")
-            notes["finetune"] = finetune(module, ctx.data.train, config.finetune_epochs, config.lr, ctx.seed)
+            names = model.input_names
+            targets = training_targets(model.module, ctx.data.train, names, ctx.task)
+            notes["finetune"] = finetune(module, ctx.data.train, config.finetune_epochs, config.lr, ctx.seed,
+                                         names=names, targets=targets)
         module.eval()
         params_after = count_params(module)
         notes.update(params_before=params_before, params_after=params_after, params=params_after)

@@ -16,7 +16,7 @@ import numpy as np
 
 from agent.errors import ModelError
 from builder.passes.base import ModelHandle, ModelKind, Pass, PassConfig, PassContext
-from builder.train import count_params, finetune
+from builder.train import count_params, finetune, training_targets
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +62,24 @@ class PrunePass(Pass):
         missing = [n for n in config.ignore if n not in named]
         if missing:
             raise ModelError(f"prune: ignore names unknown modules: {', '.join(missing)}")
+        attention = _attention_modules(module)
+        if config.method == "structured" and attention:
+            # Removing channels inside attention changes head dimensions that the attention's
+            # reshape hard-codes; the exported model then fails. Skip rather than ship that.
+            raise ModelError(f"prune: structured pruning skipped: the model has attention layers "
+                             f"({', '.join(sorted(attention)[:3])}); channel pruning would break head dimensions")
         keep = [_output_layer(module), *(named[n] for n in config.ignore)]
         notes: dict[str, Any] = {"prune_method": config.method, "prune_ratio": config.ratio}
         if config.method == "structured":
-            self._structured(module, model, config, keep)
+            self._structured(module, model, config, keep, ctx)
         else:
             self._unstructured_mask(module, config, keep)
         if ctx.data.train is not None and config.finetune_epochs > 0:
             ctx.say(f"fine-tuning pruned model for up to {config.finetune_epochs} epochs")
-            notes["finetune"] = finetune(module, ctx.data.train, config.finetune_epochs, config.lr, ctx.seed)
+            names = model.input_names
+            targets = training_targets(model.module, ctx.data.train, names, ctx.task)
+            notes["finetune"] = finetune(module, ctx.data.train, config.finetune_epochs, config.lr, ctx.seed,
+                                         names=names, targets=targets)
         else:
             notes["finetune"] = None
         if config.method == "unstructured":
@@ -86,11 +95,12 @@ class PrunePass(Pass):
         return model.with_module(module, notes)
 
     @staticmethod
-    def _structured(module: Any, model: ModelHandle, config: PruneConfig, keep: list[Any]) -> None:
-        import torch
+    def _structured(module: Any, model: ModelHandle, config: PruneConfig, keep: list[Any], ctx: PassContext) -> None:
         import torch_pruning as tp
 
-        example = torch.zeros((1, *model.input_shape))
+        from builder.torchio import to_torch
+
+        example = to_torch(ctx.data.eval.feeds(0, 1), model.input_names)
         pruner_cls = getattr(tp.pruner, "BasePruner", None) or tp.pruner.MetaPruner
         try:
             pruner = pruner_cls(
@@ -113,6 +123,14 @@ class PrunePass(Pass):
         if not targets:
             raise ModelError("prune: no layers left to prune after ignoring the output layer")
         tprune.global_unstructured(targets, pruning_method=tprune.L1Unstructured, amount=config.ratio)
+
+
+def _attention_modules(module: Any) -> list[str]:
+    """Names of attention blocks (torch's MultiheadAttention, or any class named *Attention)."""
+    import torch
+
+    return [n for n, m in module.named_modules()
+            if isinstance(m, torch.nn.MultiheadAttention) or type(m).__name__.endswith(("Attention", "SelfAttention"))]
 
 
 def _sparsity(module: Any) -> float:

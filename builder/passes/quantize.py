@@ -36,8 +36,8 @@ class QuantizeConfig(PassConfig):
 class CalibrationReader:
     """onnxruntime CalibrationDataReader over an array, a chunk at a time."""
 
-    def __init__(self, name: str, x: np.ndarray, chunk: int = 32) -> None:
-        self._it = iter([{name: x[i : i + chunk]} for i in range(0, len(x), chunk)])
+    def __init__(self, split: Any, chunk: int = 32) -> None:
+        self._it = iter([f for _, _, f in split.batches(chunk)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)
@@ -87,8 +87,8 @@ class QuantizePass(Pass):
                 str(model.path), str(out), per_channel=config.per_channel, weight_type=q.QuantType.QInt8
             )
             return "int8_dynamic", extra
-        calib = ctx.data.calibration.x[: config.calibration_samples]
-        if len(calib) == 0:
+        calib = ctx.data.calibration.head(config.calibration_samples)
+        if calib.n == 0:
             raise DataError("static quantization needs calibration data")
         pre = ctx.workdir / "preprocessed.onnx"
         try:
@@ -107,14 +107,14 @@ class QuantizePass(Pass):
         if config.auto_float_below_sqnr_db is not None:
             from builder.evaluate.sensitivity import layer_sensitivity
 
-            sens = layer_sensitivity(Path(src), model.input_name, calib, ctx.data.eval.x[:64],
+            sens = layer_sensitivity(Path(src), calib, ctx.data.eval.head(64),
                                      per_channel=config.per_channel, activation_uint8=config.activation_type == "uint8")
             kept = [e["node"] for e in sens if e["sqnr_db"] < config.auto_float_below_sqnr_db]
             exclude += [n for n in kept if n not in exclude]
             extra = {"sensitivity": sens, "kept_float": kept}
         q.quantize_static(
             # Histogram calibrators stack per-batch outputs, so they need equal batches: use 1.
-            str(src), str(out), CalibrationReader(model.input_name, calib, 32 if config.method == "minmax" else 1), quant_format=q.QuantFormat.QDQ,
+            str(src), str(out), CalibrationReader(calib, 32 if config.method == "minmax" else 1), quant_format=q.QuantFormat.QDQ,
             per_channel=config.per_channel, activation_type=act, weight_type=q.QuantType.QInt8,
             calibrate_method=method, nodes_to_exclude=exclude,
             extra_options={"CalibMaxIntermediateOutputs": 64} if config.method != "minmax" else None,

@@ -37,17 +37,17 @@ def train(work: Path, epochs: int = 30, seed: int = 0) -> float:
     sys.path.insert(0, str(HERE))
     from model import build_cnn
 
-    from builder.data import load_split
+    from builder.data import load_split, single_input
     from builder.train import accuracy, finetune
 
     torch.manual_seed(seed)
     model = build_cnn()
-    tr = load_split(work / "train.npz", "train", (1, 8, 8), True)
-    ev = load_split(work / "eval.npz", "eval", (1, 8, 8), True)
+    spec = single_input((1, 8, 8))
+    tr = load_split(work / "train.npz", "train", spec, need_labels=True)
+    ev = load_split(work / "eval.npz", "eval", spec, need_labels=True)
     finetune(model, tr, epochs=epochs, lr=2e-3, seed=seed)
     torch.save(model.state_dict(), work / "digits_cnn.pt")
-    assert ev.y is not None
-    return accuracy(model, ev.x, ev.y)
+    return accuracy(model, ev)
 
 
 def prepare(work: Path = WORK, force: bool = False, quiet: bool = False) -> None:
