@@ -113,21 +113,6 @@ def keys_generate(out_dir: Path, name: str, force: bool) -> None:
 
 # ---------------------------------------------------------------- build
 
-def accuracy_cells(m: dict[str, Any]) -> tuple[str, str]:
-    """The gated accuracy figures of a candidate's metrics: (value, versus fp32)."""
-    if not m:
-        return "-", "-"
-    if "top1" in m:
-        return f"{m['top1'] * 100:.2f}%", f"{0.0 - m['top1_drop_pt'] + 0.0:+.2f} pt"
-    if "metric" in m:
-        return f"metric {m['metric']:.4g}", f"{-m['metric_drop']:+.4g}"
-    if "cosine_min" in m:
-        return f"cos {m['cosine_min']:.4f}", f"mean {m['cosine_mean']:.4f}, err {m['max_abs_err']:.3g}"
-    if "top1_agreement" in m:
-        return f"agree {m['top1_agreement'] * 100:.1f}%", "-"
-    return "-", "-"
-
-
 def _speed(m: dict[str, Any]) -> str:
     """p50/p95 at batch 1, and the ratio to fp32 timed side by side ("only buys size" when slower)."""
     lat = m.get("latency_b1") or {}
@@ -143,6 +128,8 @@ def _speed(m: dict[str, Any]) -> str:
 def _table(results: list[Any]) -> Any:
     from rich.markup import escape
     from rich.table import Table
+
+    from builder.report import accuracy_cells
 
     t = Table(title="edgefleet build (size: model file; p50 / p95 at batch 1, interleaved with fp32)")
     cols = ("profile", "runtime", "candidate", "precision", "size", "accuracy", "vs fp32", "p50 / p95 (b1)", "peak RSS", "verdict")

@@ -175,6 +175,21 @@ def tflite_op_latency(path: Path, feeds: Mapping[str, np.ndarray], threads: int,
     return {op: round(ms, 5) for op, ms in totals.items()}
 
 
+def accuracy_cells(m: dict[str, Any]) -> tuple[str, str]:
+    """The gated accuracy figures of a candidate's metrics: (value, versus fp32)."""
+    if not m:
+        return "-", "-"
+    if "top1" in m:
+        return f"{m['top1'] * 100:.2f}%", f"{0.0 - m['top1_drop_pt'] + 0.0:+.2f} pt"
+    if "metric" in m:
+        return f"metric {m['metric']:.4g}", f"{-m['metric_drop']:+.4g}"
+    if "cosine_min" in m:
+        return f"cos {m['cosine_min']:.4f}", f"mean {m['cosine_mean']:.4f}, err {m['max_abs_err']:.3g}"
+    if "top1_agreement" in m:
+        return f"agree {m['top1_agreement'] * 100:.1f}%", "-"
+    return "-", "-"
+
+
 def build_report(
     recipe: str, runtime: str, precision: str, model_path: Path, feeds: Mapping[str, np.ndarray],
     metrics: dict[str, Any], notes: dict[str, Any], steps: list[dict[str, Any]], threads: int,

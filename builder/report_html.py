@@ -11,6 +11,8 @@ import html
 from pathlib import Path
 from typing import Any
 
+from builder.report import accuracy_cells
+
 _CSS = """body{font:14px system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 td:first-child,th:first-child{text-align:left}.ok{color:#070}.bad{color:#a00}.skip{color:#888}
@@ -75,21 +77,22 @@ def render(result: Any) -> str:
     for c in result.candidates:
         m = c.metrics
         verdict, cls = _verdict(c, chosen)
+        acc, vs = accuracy_cells(m)
         rows.append([c.recipe, c.runtime or "-", c.precision or "-",
-                     f"{m['artifact_bytes'] / 1024:.1f} KB" if m else "-",
-                     f"{m['top1'] * 100:.2f}%" if "top1" in m else "-",
-                     f"{-m['top1_drop_pt'] + 0.0:+.2f} pt" if "top1_drop_pt" in m else "-",
-                     f"{m['latency_b1']['p95_ms']:.3f} ms" if m else "-", verdict])
+                     f"{m['model_bytes'] / 1024:.1f} KB" if m else "-", acc, vs,
+                     f"{m['latency_b1']['p50_ms']:.3f} / {m['latency_b1']['p95_ms']:.3f} ms" if m else "-", verdict])
         classes.append(cls)
     built = [c for c in result.candidates if c.metrics]
+    gated = (f"top-1 drop &le; {b.max_accuracy_drop_pt:g} pt" if chosen is None or "top1" in chosen.metrics
+             else f"min cosine to fp32 &ge; {b.min_cosine:g}")
     body = [f"<h1>edgefleet compression report: {_e(chosen.report.get('recipe') if chosen else '-')} for {_e(p.name)}</h1>",
             f"<p>{_e(p.description)}. Runtime {_e(p.runtime.name)}, {p.runtime.threads} thread(s); "
             f"the search picks the <b>{_e(p.build.select.replace('_', ' '))}</b> candidate that meets every budget "
-            f"(size &le; {b.max_artifact_kb:g} KB, accuracy drop &le; {b.max_accuracy_drop_pt:g} pt, "
+            f"(model size &le; {b.max_artifact_kb:g} KB, {gated}, "
             f"p95 &le; {b.max_p95_ms:g} ms, peak RSS &le; {b.max_ram_mb:g} MB).</p>",
             "<h2>Candidates</h2>",
-            _table(["recipe", "runtime", "precision", "size", "top-1", "vs fp32", "p95 (b1)", "verdict"], rows, classes),
-            bar_chart("artifact size by candidate", [(c.recipe, c.metrics["artifact_bytes"] / 1024) for c in built], "KB", b.max_artifact_kb),
+            _table(["recipe", "runtime", "precision", "model size", "accuracy", "vs fp32", "p50 / p95 (b1)", "verdict"], rows, classes),
+            bar_chart("model size by candidate", [(c.recipe, c.metrics["model_bytes"] / 1024) for c in built], "KB", b.max_artifact_kb),
             bar_chart("p95 latency at batch 1 (build host)", [(c.recipe, c.metrics["latency_b1"]["p95_ms"]) for c in built], "ms")]
     if chosen is not None:
         body.append(chosen_section(chosen.report))
@@ -101,10 +104,11 @@ def chosen_section(r: dict[str, Any]) -> str:
     """Layers, sensitivity and distillation of the chosen candidate's report.json."""
     s = r.get("summary", {})
     out = [f"<h2>Chosen: {_e(r['recipe'])} ({_e(r['runtime'])}, {_e(r['precision'])})</h2>",
-           _table(["model bytes", "params", "top-1", "fp32 top-1", "p95 (b1)", "peak RSS"],
+           _table(["model bytes", "params", "top-1", "fp32 top-1", "min / mean cosine", "p95 (b1)", "peak RSS"],
                   [[s.get("model_bytes"), s.get("params") if s.get("params") is not None else "-",
                     f"{s['top1'] * 100:.2f}%" if s.get("top1") is not None else "-",
                     f"{s['top1_ref'] * 100:.2f}%" if s.get("top1_ref") is not None else "-",
+                    f"{s['cosine_min']:.4f} / {s['cosine_mean']:.4f}" if s.get("cosine_min") is not None else "-",
                     f"{s['p95_ms']:.3f} ms" if s.get("p95_ms") is not None else "-",
                     f"{s['peak_rss_mb']:.1f} MB" if s.get("peak_rss_mb") is not None else "-"]]),
            "<h2>By layer type</h2>"]

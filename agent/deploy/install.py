@@ -98,7 +98,7 @@ class Installer(AgentState):
             return
         current = None if self.session is None or self.golden is None else (self.session, self.golden)
         result = selftest.check_candidate(
-            session, inst, self.cfg.install.bench_runs, self.policy.max_p95_ms,
+            session, inst, self.cfg.install.bench_runs, self._p95_budget(inst),
             self.policy.max_regression_pct, self.cfg.install.p95_slack_ms, current,
             tick=self.notifier.watchdog)
         if not result.ok:
@@ -119,6 +119,14 @@ class Installer(AgentState):
         self._publish_state(online=True)
         self._start_probation(inst)
         self._pause("ACTIVE")
+
+    def _p95_budget(self, inst: Installed) -> float | None:
+        """The on-device p95 budget: the device config's, else the one the model was built
+        against (a per-model budget in the signed manifest), else the device profile's."""
+        if self.cfg.install.max_p95_ms is not None:
+            return self.cfg.install.max_p95_ms
+        built = (inst.manifest.budgets or {}).get("max_p95_ms")
+        return float(built) if isinstance(built, (int, float)) and built > 0 else self.policy.max_p95_ms
 
     def _failed_candidate(self, dep: Deployment, inst: Installed, reason: str,
                           detail: dict[str, Any] | None = None) -> None:

@@ -65,7 +65,7 @@ class ExportOnnxPass(Pass):
 
         with load_session("onnxruntime", out, threads=ctx.threads) as sess:
             got = run_batched(sess, sample, model.batch_axes)
-        diffs = check_parity("export_onnx parity (torch vs onnxruntime)", ref, got, config.atol, config.rtol)  # type: ignore[arg-type]
+        diffs = check_parity("export_onnx parity (torch vs onnxruntime)", ref, got, config.atol, config.rtol)
         notes = {"exporter": used, "export_max_abs_diff": max(diffs.values())}
         return model.with_file(out, notes)
 
