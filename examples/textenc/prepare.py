@@ -155,8 +155,7 @@ def split_sentences(sentences: list[str]) -> dict[str, list[str]]:
 
 
 def make_data(work: Path) -> dict[str, int]:
-    sys.path.insert(0, str(HERE))
-    from model import tokenize
+    from examples.textenc.model import tokenize
 
     counts = {}
     for name, texts in split_sentences(stdlib_sentences()).items():
@@ -179,6 +178,7 @@ def prepare(work: Path = WORK, force: bool = False, quiet: bool = False) -> None
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parents[1]))
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
