@@ -84,7 +84,7 @@ def passes_cmd(name: str | None, as_json: bool) -> None:
 
     if name is not None and name not in REGISTRY:
         raise UsageError(f"unknown pass '{name}' (known: {', '.join(REGISTRY)})")
-    docs = []
+    docs: list[dict[str, Any]] = []
     for n in [name] if name else list(REGISTRY):
         try:
             p = get_pass(n)
