@@ -64,7 +64,7 @@ class Split:
             if ax is None:
                 if len(part) != 1:
                     raise ValueError(f"input {name} has no batch axis: feed one sample at a time")
-                out[name] = np.ascontiguousarray(part[0])
+                out[name] = np.asarray(part[0], order="C")  # ascontiguousarray would make a scalar (1,)
             else:
                 out[name] = np.ascontiguousarray(np.moveaxis(part, 0, ax) if ax else part)
         return out
