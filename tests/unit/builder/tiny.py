@@ -153,10 +153,10 @@ def token_data(n: int = 48, seq: int = 8, seed: int = 0) -> dict[str, np.ndarray
 
 
 def state_data(n: int = 12, seed: int = 0) -> dict[str, np.ndarray]:
-    """Samples for stateful_onnx: input (n, 16), state (n, 2, 8) (batch axis 1 in a feed), sr (n,)."""
+    """Samples for stateful_onnx: input (n, 64), state (n, 2, 32) (batch axis 1 in a feed), sr (n,)."""
     rng = np.random.default_rng(seed)
-    return {"input": rng.normal(size=(n, 16)).astype(np.float32),
-            "state": rng.normal(scale=0.5, size=(n, 2, 8)).astype(np.float32),
+    return {"input": rng.normal(size=(n, 64)).astype(np.float32),
+            "state": rng.normal(scale=0.5, size=(n, 2, 32)).astype(np.float32),
             "sr": np.full(n, 16000, np.int64)}
 
 
@@ -173,14 +173,14 @@ def _save(graph: object, path: Path) -> Path:
     return path
 
 
-def _weights(name: str, shape: tuple[int, ...], seed: int) -> object:
+def _weights(name: str, shape: tuple[int, ...], seed: int, scale: float = 0.5) -> object:
     from onnx import numpy_helper
 
-    return numpy_helper.from_array(np.random.default_rng(seed).normal(scale=0.5, size=shape).astype(np.float32), name)
+    return numpy_helper.from_array(np.random.default_rng(seed).normal(scale=scale, size=shape).astype(np.float32), name)
 
 
-def float_onnx(path: Path) -> Path:
-    """x float32 (batch, 4) -> MatMul/Add/Relu/MatMul -> y float32 (batch, 3)."""
+def float_onnx(path: Path, hidden: int = 32) -> Path:
+    """x float32 (batch, 4) -> MatMul/Relu/MatMul -> y float32 (batch, 3)."""
     from onnx import TensorProto, helper
 
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
@@ -188,7 +188,7 @@ def float_onnx(path: Path) -> Path:
     graph = helper.make_graph(
         nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-        initializer=[_weights("w1", (4, 32), 1), _weights("w2", (32, 3), 2)])  # type: ignore[list-item]
+        initializer=[_weights("w1", (4, hidden), 1), _weights("w2", (hidden, 3), 2)])  # type: ignore[list-item]
     return _save(graph, path)
 
 
@@ -209,8 +209,8 @@ def two_input_onnx(path: Path) -> Path:
 
 
 def stateful_onnx(path: Path) -> Path:
-    """A VAD-like step: input (batch, 16), state (2, batch, 8), sr int64 scalar ->
-    output (batch, 1), stateN (2, batch, 8). The batch axis of state and stateN is 1."""
+    """A VAD-like step: input (batch, 64), state (2, batch, 32), sr int64 scalar ->
+    output (batch, 1), stateN (2, batch, 32). The batch axis of state and stateN is 1."""
     from onnx import TensorProto, helper, numpy_helper
 
     consts = [numpy_helper.from_array(np.array([0], np.int64), "axis0"),
@@ -229,10 +229,10 @@ def stateful_onnx(path: Path) -> Path:
     ]
     graph = helper.make_graph(
         nodes, "vad",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 16]),
-         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 8]),
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 32]),
          helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1]),
-         helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", 8])],
-        initializer=[_weights("w1", (16, 8), 4), _weights("w2", (8, 1), 5), *consts])  # type: ignore[list-item]
+         helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", 32])],
+        initializer=[_weights("w1", (64, 32), 4, 0.1), _weights("w2", (32, 1), 5), *consts])  # type: ignore[list-item]
     return _save(graph, path)
