@@ -82,7 +82,7 @@ def onnx_op_latency(path: Path, feeds: Mapping[str, np.ndarray], threads: int) -
         so.profile_file_prefix = str(Path(tmp) / "prof")
         so.intra_op_num_threads = threads
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+        feeds = {k: np.asarray(v, order="C") for k, v in feeds.items()}  # a scalar stays 0-d
         for _ in range(5):
             sess.run(None, feeds)
         for _ in range(_PROFILE_RUNS):

@@ -14,7 +14,7 @@ def to_torch(feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> tuple[Any
     """The feeds as torch tensors, positionally in ``names`` order (their dtypes kept)."""
     import torch
 
-    return tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names)
+    return tuple(torch.from_numpy(np.asarray(feeds[n], order="C")) for n in names)
 
 
 def as_outputs(result: Any, names: Sequence[str]) -> Feeds:

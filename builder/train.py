@@ -36,7 +36,7 @@ def _tensors(split: Split, names: Sequence[str], idx: np.ndarray) -> tuple[Any, 
     import torch
 
     feeds = split.take(idx).feeds(0, len(idx))
-    return tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names)
+    return tuple(torch.from_numpy(np.asarray(feeds[n], order="C")) for n in names)
 
 
 def predict(module: Any, split: Split, names: Sequence[str], batch: int = 256) -> np.ndarray:

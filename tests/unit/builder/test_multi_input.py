@@ -18,6 +18,7 @@ import pytest
 
 from tests.unit.builder.tiny import (
     BAG,
+    STEP,
     Project,
     assert_one_line_error,
     float_onnx,
@@ -122,6 +123,22 @@ def test_scalar_input_and_state_on_axis_1_build_a_verified_artifact(step_model: 
     assert m["golden"]["count"] == 1
     assert golden.inputs["sr"].shape == () and golden.inputs["sr"].dtype == np.int64
     assert golden.inputs["state"].shape == (2, 1, 32) and golden.expected["stateN"].shape == (2, 1, 32)
+
+
+@pytest.mark.slow
+def test_torch_model_with_a_scalar_input_and_state_on_axis_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same step model as a torch factory: exported with sr a scalar, fed a scalar everywhere."""
+    cfg = ('[model]\nfactory = "model.py:build"\ninputs = ["input", "state", "sr"]\noutputs = ["output", "stateN"]\n'
+           'batch_axes = { state = 1, sr = "none", stateN = 1 }\n[data]\neval = "eval.npz"\n')
+    p = project(tmp_path / "p", cfg, files={"model.py": STEP}, task="regression", data={"eval.npz": state_data()})
+    r = build_json(capsys, p, "-p", str(write_profile(tmp_path, "vad-cpu", ["fp32"])))["profiles"][0]
+    assert r["chosen"] == "fp32", r["candidates"]
+    m = inspect(capsys, p, Path(r["artifact"]))["manifest"]
+    ins = {s["name"]: (s["dtype"], s["shape"]) for s in m["model"]["inputs"]}
+    assert ins["sr"] == ("int64", []) and ins["state"] == ("float32", [2, "batch", 32])
+    golden, res = self_test(p, Path(r["artifact"]), tmp_path / "x")
+    assert res.ok, res.reason
+    assert golden.inputs["sr"].shape == ()
 
 
 # ---------------------------------------------------------------- budgets and selection (tiny ONNX MLP)

@@ -48,6 +48,28 @@ def build():
     return Bag()
 '''
 
+# A streaming step in torch: input (batch, 64), state (2, batch, 32), sr a scalar int64.
+STEP = '''
+import torch
+from torch import nn
+
+
+class Step(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 32)
+        self.out = nn.Linear(32, 1)
+
+    def forward(self, input, state, sr):
+        h = torch.tanh(self.fc(input) + state.sum(0) * (sr.to(torch.float32) / 16000.0))
+        return self.out(h), torch.stack([h, h])
+
+
+def build():
+    torch.manual_seed(0)
+    return Step()
+'''
+
 PROFILE = """name = "{name}"
 description = "test profile"
 
