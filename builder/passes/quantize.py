@@ -47,8 +47,8 @@ TRANSFORMER_MARKERS = frozenset(
 )
 # Dynamic int8 quantizes these when present (weights as int8, activations quantized at run time).
 DYNAMIC_OPS = ("MatMul", "Gemm", "Gather", "Attention", "EmbedLayerNormalization", "LSTM")
-# Static int8 on a transformer: the weight-bearing linear layers only.
-TRANSFORMER_STATIC_OPS = ("MatMul", "Gemm", "Conv")
+# Static int8 on a transformer: the weight-bearing linear layers and embedding tables only.
+TRANSFORMER_STATIC_OPS = ("MatMul", "Gemm", "Conv", "Gather")
 
 
 class QuantizeConfig(PassConfig):
@@ -141,7 +141,8 @@ def unround_float_consumers(model: Any, quantized: set[str]) -> int:
 
     onnxruntime rewires every consumer of a quantized activation to the dequantized copy, so
     a LayerNorm output going to a quantized MatMul and to the residual Add would reach the
-    Add rounded to int8. Returns how many inputs were restored.
+    Add rounded to int8. A pair after a quantized node (a Gather's int8 rows) stays: the
+    runtime fuses it into an int8 op. Returns how many inputs were restored.
     """
     producers = {o: n for n in model.graph.node for o in n.output}
     outputs = {o.name for o in model.graph.output}
@@ -154,9 +155,10 @@ def unround_float_consumers(model: Any, quantized: set[str]) -> int:
             if dq is None or dq.op_type != "DequantizeLinear" or name in outputs:
                 continue
             qn = producers.get(dq.input[0])
-            if (
-                qn is not None and qn.op_type == "QuantizeLinear"
-            ):  # an activation pair, not a weight
+            if qn is None or qn.op_type != "QuantizeLinear":
+                continue  # a weight's DequantizeLinear, not an activation pair
+            source = producers.get(qn.input[0])
+            if source is None or source.name not in quantized:
                 node.input[i] = qn.input[0]
                 restored += 1
     return restored
@@ -279,14 +281,7 @@ class QuantizePass(Pass):
             "quantize_outputs": outputs,
         }
         # onnxruntime honours MatMulConstBOnly only outside QDQ: name the nodes to quantize instead.
-        only = None
-        if const_b:
-            weighted = set(weighted_nodes(prepared, ("MatMul",)))
-            only = [
-                n.name
-                for n in prepared.graph.node
-                if n.op_type in ops and (n.op_type != "MatMul" or n.name in weighted)
-            ]
+        only = weighted_nodes(prepared, ops) if const_b else None
         exclude = list(config.nodes_to_exclude)
         if config.auto_float_below_sqnr_db is not None:
             from builder.evaluate.sensitivity import layer_sensitivity
@@ -304,7 +299,9 @@ class QuantizePass(Pass):
             extra.update(sensitivity=sens, kept_float=kept)
         options: dict[str, Any] = {"MatMulConstBOnly": const_b}
         if not outputs:
-            options["OpTypesToExcludeOutputQuantization"] = list(ops)
+            # Gather keeps its output QDQ: onnxruntime then gathers int8 rows and dequantizes
+            # only those, instead of dequantizing the whole embedding table on every run.
+            options["OpTypesToExcludeOutputQuantization"] = [op for op in ops if op != "Gather"]
         if config.method != "minmax":
             options["CalibMaxIntermediateOutputs"] = 64
         if config.smooth_quant_alpha is not None:
