@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +133,17 @@ def check_same_inputs(before: dict[str, Any], after: dict[str, Any], what: str) 
             raise ModelError(f"{what} changed the shape of input '{name}' ({dims} -> {dims2})")
 
 
+@contextlib.contextmanager
+def _in_scratch_dir() -> Iterator[None]:
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(old)
+
+
 def _pre_process(src: Path, dst: Path) -> str:
     """onnxruntime's quantization pre-process; symbolic shape inference first, plain ONNX's if it fails."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -141,9 +154,12 @@ def _pre_process(src: Path, dst: Path) -> str:
         ("onnx, unoptimized", {"skip_symbolic_shape": True, "skip_optimization": True}),
     ]
     last: Exception | None = None
+    src, dst = src.resolve(), dst.resolve()
     for label, kwargs in attempts:
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
+            # The pre-process leaves temp files (sym_shape_infer_temp.onnx, *.data) in the
+            # working directory when a step fails: run it from a scratch one.
+            with _in_scratch_dir(), contextlib.redirect_stdout(io.StringIO()):
                 quant_pre_process(str(src), str(dst), **kwargs)
             return label
         except Exception as exc:  # each fallback does less; the last failure is reported
