@@ -32,6 +32,8 @@ RECIPES: dict[str, Any] = {
     "fp16": lambda p: [EXPORT, SIMPLIFY, ("quantize", {"mode": "fp16"})],
     "int8_dynamic": lambda p: [EXPORT, SIMPLIFY, ("quantize", {"mode": "dynamic"})],
     "int8_static": lambda p: [EXPORT, SIMPLIFY, _static(p)],
+    # Per-channel weight scales: what transformers need (MiniLM min cosine 0.91 -> 0.98).
+    "int8_dynamic_pc": lambda p: [EXPORT, SIMPLIFY, ("quantize", {"mode": "dynamic", "per_channel": True})],
     "pruned_fp32": lambda p: [_pruned(p), EXPORT, SIMPLIFY],
     "pruned_int8_static": lambda p: [_pruned(p), EXPORT, SIMPLIFY, _static(p)],
     "lowrank_fp32": lambda p: [LOWRANK, EXPORT, SIMPLIFY],

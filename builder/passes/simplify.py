@@ -6,6 +6,7 @@ import logging
 from typing import Literal
 
 from agent.errors import ModelError
+from builder.onnx_prep import check_same_inputs, input_signature
 from builder.passes.base import ModelHandle, ModelKind, Pass, PassConfig, PassContext
 
 log = logging.getLogger(__name__)
@@ -48,5 +49,7 @@ class SimplifyPass(Pass):
             opts.optimized_model_filepath = str(out)
             ort.InferenceSession(str(model.path), opts, providers=["CPUExecutionProvider"])
             n_after = len(onnx.load(str(out)).graph.node)
+        # Folding must not touch the interface: int64 ids stay int64, "seq" stays dynamic.
+        check_same_inputs(input_signature(before), input_signature(onnx.load(str(out))), "simplify")
         notes = {"simplify_nodes_before": n_before, "simplify_nodes_after": n_after}
         return model.with_file(out, notes)
