@@ -60,7 +60,7 @@ def build() -> nn.Module:
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar on every build
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # the per-tensor "Loading weights" bar on every build
     bert = AutoModel.from_pretrained(str(model_dir()), attn_implementation="eager")
     return SentenceEncoder(bert).eval()
 

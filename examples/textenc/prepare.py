@@ -160,7 +160,7 @@ def make_data(work: Path) -> dict[str, int]:
     counts = {}
     for name, texts in split_sentences(stdlib_sentences()).items():
         feeds = tokenize(texts)
-        np.savez(work / f"{name}.npz", **feeds)
+        np.savez(work / f"{name}.npz", **feeds)  # type: ignore[arg-type]
         (work / f"{name}.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
         counts[name] = len(texts)
     return counts

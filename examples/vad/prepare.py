@@ -128,7 +128,7 @@ def make_data(work: Path) -> dict[str, list[dict[str, Any]]]:
     summaries = {}
     for name, (clips, first_seed) in SPLITS.items():
         arrays, summaries[name] = make_split(streamer, clips, first_seed)
-        np.savez(work / f"{name}.npz", **arrays)
+        np.savez(work / f"{name}.npz", **arrays)  # type: ignore[arg-type]
     doc = {"model": str(src), "clips": summaries}
     (work / "clips.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     return summaries

@@ -67,7 +67,7 @@ def _syllable(rng: np.random.Generator, n: int, f0: float) -> np.ndarray:
 def _fricative(rng: np.random.Generator, n: int) -> np.ndarray:
     """An /s/- or /f/-like burst: high-passed noise with a short envelope."""
     noise = rng.standard_normal(n)
-    hp = lfilter([1.0, -1.0], [1.0, -0.6], noise)
+    hp = np.asarray(lfilter([1.0, -1.0], [1.0, -0.6], noise))
     return 0.15 * hp * np.hanning(n)
 
 
@@ -121,10 +121,9 @@ def non_speech(seed: int, seconds: float = 2.0) -> np.ndarray:
         x = level * _pink(rng, n)
     elif kind == "hum":
         mains = float(rng.choice([50.0, 60.0]))
-        x = sum(
-            level / k * np.sin(2 * np.pi * mains * k * t + rng.uniform(0, 6.3))
-            for k in (1, 2, 3, 5)
-        )
+        x = np.zeros(n)
+        for k in (1, 2, 3, 5):
+            x += level / k * np.sin(2 * np.pi * mains * k * t + rng.uniform(0, 6.3))
         x = x + 0.002 * rng.standard_normal(n)
     else:  # tone
         x = level * np.sin(2 * np.pi * rng.uniform(300.0, 3000.0) * t)
