@@ -57,6 +57,7 @@ class ExportOnnxPass(Pass):
                 log.info("ONNX export with %s failed: %s", exporter, exc)
         if used is None:
             raise ModelError(f"export_onnx failed ({'; '.join(errors)})")
+        renamed = dedupe_value_names(out, set(model.output_names))
         # Parity: torch vs onnxruntime on real samples.
         sample = ctx.data.eval.head(config.parity_samples)
         ref = torch_outputs(module, sample, model.input_names, model.output_names, model.batch_axes)
@@ -66,7 +67,9 @@ class ExportOnnxPass(Pass):
         with load_session("onnxruntime", out, threads=ctx.threads) as sess:
             got = run_batched(sess, sample, model.batch_axes)
         diffs = check_parity("export_onnx parity (torch vs onnxruntime)", ref, got, config.atol, config.rtol)
-        notes = {"exporter": used, "export_max_abs_diff": max(diffs.values())}
+        notes: dict[str, Any] = {"exporter": used, "export_max_abs_diff": max(diffs.values())}
+        if renamed:
+            notes["renamed_internal_values"] = renamed
         return model.with_file(out, notes)
 
     @staticmethod
@@ -117,3 +120,35 @@ class ExportOnnxPass(Pass):
                     )
         finally:
             torch_onnx_log.setLevel(level)
+
+
+def dedupe_value_names(path: Any, names: set[str]) -> list[str]:
+    """Rename internal values that reuse an output's name (the dynamo exporter names a
+    word-embedding lookup "embedding"; an output called "embedding" then has two definitions
+    and onnxruntime refuses the model). The graph output keeps its name; returns what changed."""
+    import onnx
+
+    m = onnx.load(str(path))
+    g = m.graph
+    last = {}
+    for i, node in enumerate(g.node):
+        for o in node.output:
+            if o in names:
+                last[o] = i
+    current: dict[str, str] = {}
+    changed = []
+    for i, node in enumerate(g.node):
+        for j, name in enumerate(node.input):
+            if name in current:
+                node.input[j] = current[name]
+        for j, name in enumerate(node.output):
+            if name in names and last.get(name) != i:
+                new = f"{name}__internal{i}"
+                node.output[j] = new
+                current[name] = new
+                changed.append(name)
+            elif name in current:
+                del current[name]
+    if changed:
+        onnx.save(m, str(path))
+    return sorted(set(changed))
