@@ -107,11 +107,6 @@ class ExportOnnxPass(Pass):
                         input_names=in_names, output_names=out_names,
                         dynamic_shapes=shapes, opset_version=config.opset, verbose=False,
                     )
-                    # dynamo names values after their ops: an output called like one (an nn.Embedding
-                    # model's "embedding") is defined twice. The checker says so; "auto" then tries legacy.
-                    import onnx
-
-                    onnx.checker.check_model(str(out))
                 else:
                     torch.onnx.export(
                         module, example, str(out), dynamo=False,
