@@ -104,18 +104,19 @@ def test_gate_refuses_over_budget_and_nothing_is_written(digits: DigitsProject, 
     code, _, err = run_cli(capsys, "build", str(digits.config), "-p", str(prof), "--out", str(out),
                            "--cache-dir", str(tmp_path / "c"))
     assert code == 5
-    assert "no candidate meets the budgets" in err and "fp32: size 640.0 KB > 20 KB" in err
-    assert "int8_static: size" in err and "> 20 KB" in err
+    assert "no candidate meets the budgets" in err and "fp32: model size " in err and "KB > 20 KB" in err
+    assert "int8_static: model size" in err and "> 20 KB" in err
     assert list(out.iterdir()) == []  # no artifact, no .part file
 
 
 def test_gate_function_names_every_broken_budget(profiles_dir: Path) -> None:
     p = load_profile(profiles_dir / "rpi4.toml")
-    metrics = {"artifact_bytes": 600 * 1024, "top1_drop_pt": 2.5, "latency_b1": {"p95_ms": 9.0}, "peak_rss_mb": 300.0}
-    v = gate(metrics, p)
-    assert v == ["size 600.0 KB > 512 KB", "accuracy drop 2.50 pt > 1 pt", "p95 9.000 ms > 5 ms", "peak RSS 300.0 MB > 256 MB"]
-    ok = {"artifact_bytes": 100 * 1024, "top1_drop_pt": 0.0, "latency_b1": {"p95_ms": 1.0}, "peak_rss_mb": 100.0}
-    assert gate(ok, p) == []
+    metrics = {"model_bytes": 600 * 1024, "top1_drop_pt": 2.5, "latency_b1": {"p95_ms": 9.0}, "peak_rss_mb": 300.0}
+    v = gate(metrics, p, "classification")
+    assert v == ["model size 600.0 KB > 512 KB", "accuracy drop 2.50 pt > 1 pt", "p95 9.000 ms > 5 ms",
+                 "peak RSS 300.0 MB > 256 MB"]
+    ok = {"model_bytes": 100 * 1024, "top1_drop_pt": 0.0, "latency_b1": {"p95_ms": 1.0}, "peak_rss_mb": 100.0}
+    assert gate(ok, p, "classification") == []
 
 
 def _variant(digits: DigitsProject, tmp_path: Path, **edits: str) -> Path:
@@ -164,7 +165,7 @@ def _data_case(digits: DigitsProject, tmp_path: Path, role: str, arrays: dict[st
     ("eval", {"x": np.zeros((4, 1, 8, 8), np.float32)}, ["classifier needs labels"]),
     ("eval", {"x": np.zeros((4, 1, 8, 8), np.float32), "y": np.zeros(4, np.float32)}, ["y has dtype float32"]),
     ("eval", {"x": np.zeros((4, 1, 8, 8), np.float32), "y": np.full(4, 12)}, ["label 12 is out of range"]),
-    ("eval", {"z": np.zeros(3)}, ["no array named 'x'"]),
+    ("eval", {"z": np.zeros(3)}, ["no array for model input(s) input", "found: z"]),
 ])
 def test_bad_data_is_one_line(role: str, arrays: dict[str, np.ndarray], needles: list[str], digits: DigitsProject,
                               tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

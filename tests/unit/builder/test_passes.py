@@ -11,7 +11,7 @@ import pytest
 from agent.errors import ConfigError, ModelError, ParityError
 from agent.runtime import load_session
 from builder.config import load_build_config
-from builder.data import DataBundle, load_split
+from builder.data import DataBundle, load_split, single_input
 from builder.evaluate.accuracy import run_batched
 from builder.parity import check_parity
 from builder.passes import ModelHandle, ModelKind, PassContext, get_pass
@@ -23,12 +23,20 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def data(digits: DigitsProject) -> DataBundle:
-    s = (1, 8, 8)
+    s = single_input((1, 8, 8))
     return DataBundle(
-        eval=load_split(digits.work / "eval.npz", "eval", s, True),
-        calibration=load_split(digits.work / "calib.npz", "calibration", s, False),
-        train=load_split(digits.work / "train.npz", "train", s, True),
+        eval=load_split(digits.work / "eval.npz", "eval", s, need_labels=True),
+        calibration=load_split(digits.work / "calib.npz", "calibration", s),
+        train=load_split(digits.work / "train.npz", "train", s, need_labels=True),
     )
+
+
+# The digits CNN's one input, as the build config's input_shape = [1, 8, 8] gives it to load.
+INPUTS = [{"name": "input", "dtype": "float32", "shape": ["batch", 1, 8, 8]}]
+
+
+def x(data: DataBundle, count: int) -> np.ndarray:
+    return data.eval.inputs["input"][:count]
 
 
 def ctx(tmp: Path, data: DataBundle) -> PassContext:
@@ -45,7 +53,7 @@ def run(name: str, model: ModelHandle | None, cfg: dict[str, Any], c: PassContex
 def loaded(digits: DigitsProject, data: DataBundle, tmp_path_factory: pytest.TempPathFactory) -> ModelHandle:
     cfg = load_build_config(digits.config)
     return run("load", None, {"factory": "model.py:build_cnn", "weights": str(cfg.resolve("work/digits_cnn.pt")),
-                              "input_shape": [1, 8, 8], "output_name": "logits", "base_dir": str(digits.dir)},
+                              "inputs": INPUTS, "output_names": ["logits"], "base_dir": str(digits.dir)},
                ctx(tmp_path_factory.mktemp("load"), data))
 
 
@@ -57,7 +65,7 @@ def exported(loaded: ModelHandle, data: DataBundle, tmp_path_factory: pytest.Tem
 def accuracy(m: ModelHandle, data: DataBundle) -> float:
     assert m.path is not None
     with load_session("onnxruntime", m.path) as s:
-        out = run_batched(s, m.input_name, data.eval.x)
+        out = run_batched(s, data.eval, m.batch_axes)
     return float(np.mean(out["logits"].argmax(1) == data.eval.y))
 
 
@@ -71,7 +79,7 @@ def test_load_rejects_weights_that_do_not_fit(digits: DigitsProject, data: DataB
     torch.save({"nope": torch.zeros(1)}, tmp_path / "w.pt")
     with pytest.raises(ModelError, match="do not fit the model"):
         run("load", None, {"factory": "model.py:build_cnn", "weights": str(tmp_path / "w.pt"),
-                           "input_shape": [1, 8, 8], "base_dir": str(digits.dir)}, ctx(tmp_path, data))
+                           "inputs": INPUTS, "base_dir": str(digits.dir)}, ctx(tmp_path, data))
 
 
 def test_load_pt2_and_onnx(loaded: ModelHandle, exported: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
@@ -80,11 +88,12 @@ def test_load_pt2_and_onnx(loaded: ModelHandle, exported: ModelHandle, data: Dat
     batch = torch.export.Dim("batch", min=1, max=1024)
     prog = torch.export.export(loaded.module, (torch.zeros(2, 1, 8, 8),), dynamic_shapes=({0: batch},))
     torch.export.save(prog, str(tmp_path / "m.pt2"))
-    pt2 = run("load", None, {"pt2": str(tmp_path / "m.pt2"), "input_shape": [1, 8, 8], "output_name": "logits"}, ctx(tmp_path, data))
+    pt2 = run("load", None, {"pt2": str(tmp_path / "m.pt2"), "inputs": INPUTS, "output_names": ["logits"]}, ctx(tmp_path, data))
     assert pt2.kind == ModelKind.TORCH
     assert accuracy(run("export_onnx", pt2, {}, ctx(tmp_path / "e", data)), data) > 0.97
-    from_onnx = run("load", None, {"onnx": str(exported.path), "input_shape": [1, 8, 8]}, ctx(tmp_path, data))
+    from_onnx = run("load", None, {"onnx": str(exported.path)}, ctx(tmp_path, data))
     assert from_onnx.kind == ModelKind.ONNX and from_onnx.output_names == ("logits",)
+    assert from_onnx.input_names == ("input",) and from_onnx.inputs[0].dtype == "float32"
 
 
 def test_export_is_single_file_dynamic_batch_and_faithful(exported: ModelHandle, loaded: ModelHandle, data: DataBundle) -> None:
@@ -93,7 +102,7 @@ def test_export_is_single_file_dynamic_batch_and_faithful(exported: ModelHandle,
     with load_session("onnxruntime", exported.path) as s:
         assert s.inputs[0].shape[0] == "batch"
         for b in (1, 7):
-            assert s.infer({"input": data.eval.x[:b]})["logits"].shape == (b, 10)
+            assert s.infer({"input": x(data, b)})["logits"].shape == (b, 10)
     assert exported.notes["export_max_abs_diff"] < 1e-4
     assert accuracy(exported, data) > 0.97
 
@@ -149,8 +158,8 @@ def test_simplify_keeps_outputs(exported: ModelHandle, data: DataBundle, tmp_pat
     assert s.notes["simplify_nodes_after"] <= s.notes["simplify_nodes_before"]
     assert s.path is not None and exported.path is not None
     with load_session("onnxruntime", s.path) as a, load_session("onnxruntime", exported.path) as b:
-        x = {"input": data.eval.x[:16]}
-        np.testing.assert_allclose(a.infer(x)["logits"], b.infer(x)["logits"], atol=1e-5)
+        feeds = {"input": x(data, 16)}
+        np.testing.assert_allclose(a.infer(feeds)["logits"], b.infer(feeds)["logits"], atol=1e-5)
 
 
 def test_chain_is_checked_before_running() -> None:

@@ -20,6 +20,7 @@ from agent.protocol.signing import load_private_key
 from agent.runtime import load_session
 from builder.cli import main
 from builder.config import load_build_config
+from builder.data import DataBundle, Split
 from builder.evaluate.accuracy import run_batched
 from builder.passes import ModelHandle, ModelKind, PassContext, get_pass
 from builder.search import Builder, ProfileResult, no_fit_error
@@ -92,7 +93,7 @@ def rpi_like(builder: Builder, tmp_path_factory: pytest.TempPathFactory) -> Prof
 def top1(m: ModelHandle, builder: Builder) -> float:
     assert m.path is not None
     with load_session("litert", m.path) as s:
-        out = run_batched(s, m.input_name, builder.data.eval.x)
+        out = run_batched(s, builder.data.eval, m.batch_axes)
     return float(np.mean(out["logits"].argmax(1) == builder.data.eval.y))
 
 
@@ -105,8 +106,8 @@ def test_fp32_matches_torch_at_any_batch(tflite_models: dict[str, ModelHandle], 
     with load_session("litert", m.path) as s:
         assert s.inputs[0].dtype == "float32" and s.inputs[0].shape[0] == "batch"
         for n in (1, 5, 200):
-            got = np.asarray(s.infer({"input": builder.data.eval.x[:n]})["logits"], np.float32)
-            np.testing.assert_allclose(got, ref["logits"][:n], atol=1e-4, rtol=1e-3)
+            got = np.asarray(s.infer({"input": builder.data.eval.inputs["input"][:n]})["logits"], np.float32)
+            np.testing.assert_allclose(got, ref.outputs["logits"][:n], atol=1e-4, rtol=1e-3)
 
 
 def test_full_int8_has_int8_io_and_is_a_third_of_fp32(tflite_models: dict[str, ModelHandle], builder: Builder) -> None:
@@ -150,7 +151,7 @@ def test_prefix_models_cut_after_each_operator(tflite_models: dict[str, ModelHan
     buf = m.path.read_bytes()
     prefixes = prefix_models(buf)
     assert len(prefixes) == sum(op_counts(buf).values()) + 1 and prefixes[0][0] == ""
-    x = builder.data.eval.x[:2]
+    x = builder.data.eval.inputs["input"][:2]
     (tmp_path / "first.tflite").write_bytes(prefixes[0][1])
     (tmp_path / "last.tflite").write_bytes(prefixes[-1][1])
     with load_session("litert", tmp_path / "first.tflite") as s0, load_session("litert", tmp_path / "last.tflite") as s1, \
@@ -170,8 +171,11 @@ def test_parity_failure_is_named(builder: Builder, tmp_path: Path) -> None:
 def test_unconvertible_operator_names_operator_and_pass(builder: Builder, tmp_path: Path) -> None:
     (tmp_path / "det.py").write_text(UNCONVERTIBLE)
     load = get_pass("load")
-    ctx = PassContext(workdir=tmp_path, data=builder.data)
-    m = load.run(None, load.config_class.model_validate({"factory": "det.py:build", "input_shape": [1, 4, 4],
+    x = np.random.default_rng(0).uniform(-1, 1, (16, 1, 4, 4)).astype(np.float32)
+    split = Split({"input": x}, None, "mem")
+    ctx = PassContext(workdir=tmp_path, data=DataBundle(eval=split, calibration=split), task="regression")
+    inputs = [{"name": "input", "shape": ["batch", 1, 4, 4]}]
+    m = load.run(None, load.config_class.model_validate({"factory": "det.py:build", "inputs": inputs,
                                                           "base_dir": str(tmp_path)}), ctx)
     p = get_pass("export_tflite")
     with pytest.raises(ModelError, match=r"^export_tflite: litert-torch cannot convert the model: operator aten\._linalg_det\S* has no LiteRT lowering"):
@@ -182,7 +186,8 @@ def test_search_chooses_smallest_tflite_and_skips_the_onnx_fallback(rpi_like: Pr
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     by = {c.recipe: c for c in rpi_like.candidates}
     assert rpi_like.chosen is by["tflite_int8"] and by["tflite_int8"].runtime == "litert"
-    assert by["tflite_fp32"].violations == [f"size {by['tflite_fp32'].metrics['artifact_bytes'] / 1024:.1f} KB > 512 KB"]
+    assert by["tflite_fp32"].violations == [f"model size {by['tflite_fp32'].metrics['model_bytes'] / 1024:.1f} KB > 512 KB"]
+    assert by["tflite_fp32"].artifact is None  # nothing over a budget is packed
     assert by["int8_static"].skipped and "not built: a litert candidate fits" in (by["int8_static"].error or "")
     assert rpi_like.artifact is not None and rpi_like.report is not None
     code = main(["inspect", str(rpi_like.artifact), "--key", str(digits.public_key), "--json"])
@@ -242,5 +247,5 @@ def test_nothing_fits_says_how_far_each_candidate_was(builder: Builder, tmp_path
     msg = str(err)
     assert "profile 'pi-tight': no candidate meets the budgets" in msg
     for c in res.candidates:
-        size = c.metrics["artifact_bytes"] / 1024
-        assert f"{c.recipe}: size {size:.1f} KB > 50 KB" in msg
+        size = c.metrics["model_bytes"] / 1024
+        assert f"{c.recipe}: model size {size:.1f} KB > 50 KB" in msg
