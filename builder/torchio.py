@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from builder.data import Feeds, Split, collect_outputs
+
+
+def eval_mode(module: Any) -> Any:
+    """``module.eval()``, except for a torch.export module, which is already in inference form
+    (its eval() raises)."""
+    with contextlib.suppress(NotImplementedError):
+        module.eval()
+    return module
 
 
 def to_torch(feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> tuple[Any, ...]:
@@ -45,6 +54,6 @@ def call_module(module: Any, feeds: Mapping[str, np.ndarray], input_names: Seque
 def torch_outputs(module: Any, split: Split, input_names: Sequence[str], output_names: Sequence[str],
                   batch_axes: Mapping[str, int | None], batch: int = 64) -> Feeds:
     """Outputs of ``module`` on every sample of ``split`` (samples on axis 0)."""
-    module.eval()
+    eval_mode(module)
     parts = [call_module(module, f, input_names, output_names) for _, _, f in split.batches(batch)]
     return collect_outputs(parts, batch_axes)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from builder.data import Split
+from builder.torchio import eval_mode
 
 # loss(output, feeds, target) -> scalar tensor; target is labels or the teacher's output
 Loss = Callable[[Any, tuple[Any, ...], Any], Any]
@@ -43,7 +44,7 @@ def predict(module: Any, split: Split, names: Sequence[str], batch: int = 256) -
     """The module's first output on every sample of ``split`` (batch axis 0)."""
     import torch
 
-    module.eval()
+    eval_mode(module)
     parts = []
     with torch.no_grad():
         for i in range(0, split.n, batch):
@@ -128,7 +129,7 @@ def finetune(
             if stale >= patience:
                 break
     module.load_state_dict(best_state)
-    module.eval()
+    eval_mode(module)
     key = "val_mse" if regression else "val_top1"
     return {"epochs_run": epoch if epochs else 0, "best_epoch": best_epoch, key: round(abs(best), 6),
             "targets": ("float targets" if train.y is not None else "fp32 model outputs") if regression else "labels"}
