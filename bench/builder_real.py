@@ -121,7 +121,8 @@ def main() -> int:
         results["tx_chosen_precision"] = sorted({c["precision"] for _, c in chosen})
     int8 = [(p, c) for p, c in chosen if c["precision"].startswith("int8")]
     if int8:
-        p, c = min(int8, key=lambda t: t[1]["metrics"]["latency_b1"].get("p95_ratio") or 9e9)
+        # The worst (highest) ratio over the profiles: the figure must hold for every one.
+        p, c = max(int8, key=lambda t: t[1]["metrics"]["latency_b1"].get("p95_ratio") or 9e9)
         results["tx_int8_p95_ratio_b1"] = c["metrics"]["latency_b1"].get("p95_ratio")
         ref = fp32.get(p["profile"])
         ref_bytes = ref["metrics"]["model_bytes"] if ref else None
