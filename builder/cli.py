@@ -188,6 +188,20 @@ def _table(results: list[Any]) -> Any:
     return t
 
 
+def _quiet_libraries() -> None:
+    """Libraries a model factory imports log warnings at import that say nothing about the
+    build (torchao's missing CUDA kernels, torch's pytree deprecations): keep them off the
+    user's terminal, and keep Hugging Face libraries offline (nothing is downloaded)."""
+    import logging
+    import os
+
+    for name in ("torchao", "torch.utils._pytree", "torch._dynamo", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def _step_times(steps: list[dict[str, Any]]) -> str:
     return ", ".join(f"{s['pass']} " + ("cached" if s["cached"] else f"{s['seconds']:.2f}s") for s in steps)
 
@@ -220,6 +234,8 @@ def build_cmd(config: Path, profile_names: tuple[str, ...], all_profiles: bool, 
     from agent.protocol.signing import load_private_key
     from builder.config import load_build_config
     from builder.search import Builder, no_fit_error
+
+    _quiet_libraries()
 
     cfg = load_build_config(config)
     if version:
