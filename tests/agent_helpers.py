@@ -111,6 +111,147 @@ def make_artifact(
                           load_private_key(keys.private))
 
 
+# A model with the inputs real models have: int64 ids and mask with a dynamic sequence axis,
+# float16, bool, a scalar and a state tensor whose batch axis is 1; outputs of four dtypes.
+MULTI_INPUTS = [
+    TensorSpec(name="input_ids", dtype="int64", shape=["batch", "seq"]),
+    TensorSpec(name="attention_mask", dtype="int64", shape=["batch", "seq"]),
+    TensorSpec(name="scale", dtype="float16", shape=["batch", 4]),
+    TensorSpec(name="flag", dtype="bool", shape=["batch"]),
+    TensorSpec(name="sr", dtype="int64", shape=[]),
+    TensorSpec(name="state", dtype="float32", shape=[2, "batch", 8]),
+]
+MULTI_OUTPUTS = [
+    TensorSpec(name="score", dtype="float32", shape=["batch"]),
+    TensorSpec(name="embedding", dtype="float16", shape=["batch", 4]),
+    TensorSpec(name="total", dtype="int64", shape=["batch"]),
+    TensorSpec(name="best", dtype="int64", shape=["batch"]),
+    TensorSpec(name="keep", dtype="bool", shape=["batch"]),
+    TensorSpec(name="stateN", dtype="float32", shape=[2, "batch", 8]),
+]
+MULTI_KEEP_ABOVE = 30  # keep = flag and total > this
+
+
+def make_multi_onnx(path: Path) -> None:
+    """total = sum(ids * mask over seq) + sr; embedding = fp16(total) * scale; best = argmax(scale);
+    keep = flag and total > MULTI_KEEP_ABOVE; score = sum(embedding) + sum(state over axes 0, 2);
+    stateN = state / 2 + score (broadcast over axes 0 and 2). See ``multi_reference``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    types = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
+             "bool": TensorProto.BOOL}
+    node = helper.make_node
+    consts = [numpy_helper.from_array(np.array(v, np.int64), n)
+              for n, v in (("ax1", [1]), ("ax02", [0, 2]), ("keep_above", MULTI_KEEP_ABOVE))]
+    consts.append(numpy_helper.from_array(np.array(0.5, np.float32), "half"))
+    nodes = [
+        node("Mul", ["input_ids", "attention_mask"], ["masked"]),
+        node("ReduceSum", ["masked", "ax1"], ["summed"], keepdims=0),
+        node("Add", ["summed", "sr"], ["total"]),
+        node("Cast", ["total"], ["total16"], to=TensorProto.FLOAT16),
+        node("Unsqueeze", ["total16", "ax1"], ["total16u"]),
+        node("Mul", ["total16u", "scale"], ["embedding"]),
+        node("ArgMax", ["scale"], ["best"], axis=1, keepdims=0),
+        node("Greater", ["total", "keep_above"], ["big"]),
+        node("And", ["flag", "big"], ["keep"]),
+        node("Cast", ["embedding"], ["emb32"], to=TensorProto.FLOAT),
+        node("ReduceSum", ["emb32", "ax1"], ["esum"], keepdims=0),
+        node("ReduceSum", ["state", "ax02"], ["ssum"], keepdims=0),
+        node("Add", ["esum", "ssum"], ["score"]),
+        node("Unsqueeze", ["score", "ax02"], ["score_u"]),
+        node("Mul", ["state", "half"], ["state_half"]),
+        node("Add", ["state_half", "score_u"], ["stateN"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "multi",
+        [helper.make_tensor_value_info(t.name, types[t.dtype], t.shape) for t in MULTI_INPUTS],
+        [helper.make_tensor_value_info(t.name, types[t.dtype], t.shape) for t in MULTI_OUTPUTS],
+        consts,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def multi_feeds(rng: np.random.Generator, batch: int, seq: int, sr: int | None = None) -> dict[str, np.ndarray]:
+    """Random feeds for the multi-input model (ids 0..19, a mask with trailing padding)."""
+    lengths = rng.integers(1, seq + 1, batch)
+    return {
+        "input_ids": rng.integers(0, 20, (batch, seq)).astype(np.int64),
+        "attention_mask": (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64),
+        "scale": rng.uniform(0, 1, (batch, 4)).astype(np.float16),
+        "flag": rng.integers(0, 2, batch).astype(bool),
+        "sr": np.array(int(rng.integers(0, 6)) if sr is None else sr, np.int64),
+        "state": rng.standard_normal((2, batch, 8)).astype(np.float32),
+    }
+
+
+def multi_reference(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What the multi-input model computes, in numpy (float16 steps as onnxruntime rounds them)."""
+    total = (feeds["input_ids"] * feeds["attention_mask"]).sum(1) + feeds["sr"]
+    emb = total.astype(np.float16)[:, None] * feeds["scale"]
+    score = emb.astype(np.float32).sum(1) + feeds["state"].sum((0, 2))
+    return {"score": score, "embedding": emb, "total": total, "best": feeds["scale"].argmax(1),
+            "keep": feeds["flag"] & (total > MULTI_KEEP_ABOVE),
+            "stateN": feeds["state"] * np.float32(0.5) + score[None, :, None]}
+
+
+def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of an ONNX model run directly in onnxruntime."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return {n: np.asarray(v) for n, v in zip(names, sess.run(names, feeds), strict=True)}
+
+
+def multi_golden(model: Path, cases: int = 3, seed: int = 0) -> GoldenSet:
+    """Per-case golden vectors: batch 1 each, its own sequence length and scalar ``sr``."""
+    from agent.protocol.golden import GoldenCase
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(cases):
+        feeds = multi_feeds(rng, 1, 2 + 3 * k)
+        ref = run_onnx(model, feeds)
+        out.append(GoldenCase(feeds, ref, {n: v.copy() for n, v in ref.items()}))
+    return GoldenSet.of_cases(out)
+
+
+def make_multi_artifact(
+    out_dir: Path, keys: Keys, name: str = "multi", version: str = "1.0.0", profile: str = "test-cpu",
+    cases: int = 3, corrupt: str | None = None,
+) -> Path:
+    """A signed artifact of the multi-input model; ``corrupt``: an output whose expected golden
+    values are off by one (an exact-match failure for an integer output)."""
+    from builder.package import file_entry, write_artifact
+
+    work = out_dir / f"work-{name}-{version}-{profile}-{corrupt}"
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "model.onnx"
+    make_multi_onnx(model)
+    golden_set = multi_golden(model, cases)
+    if corrupt is not None:
+        for case in golden_set.cases:
+            v = case.expected[corrupt]
+            case.expected[corrupt] = ~v if v.dtype == np.bool_ else v + np.ones((), v.dtype)
+    golden = work / "golden.npz"
+    golden_set.save(golden)
+    manifest = Manifest(
+        format_version=FORMAT_VERSION, name=name, version=version, profile=profile, runtime="onnxruntime",
+        precision="fp32", task="regression", created="2026-01-01T00:00:00Z", builder_version="test",
+        model=ModelInfo(file="model.onnx", inputs=MULTI_INPUTS, outputs=MULTI_OUTPUTS),
+        files={"model.onnx": file_entry(model), "golden.npz": file_entry(golden)},
+        metrics={}, recipe=Recipe(name="test", steps=[]),
+        golden=Golden(file="golden.npz", count=cases, atol=1e-3, rtol=1e-3),
+    )
+    out = out_dir / f"{name}-{version}-{profile}{'-' + corrupt if corrupt else ''}.efa"
+    return write_artifact(out, manifest, {"model.onnx": model, "golden.npz": golden},
+                          load_private_key(keys.private))
+
+
 # ------------------------------------------------------------------------------ broker
 
 class Broker:

@@ -50,7 +50,7 @@ class Installer(AgentState):
         session = selftest.load(inst, self.cfg.threads, self.policy.providers)
         golden = selftest.golden_of(inst)
         try:
-            session.infer({k: v[:1] for k, v in golden.inputs.items()})  # warm-up before serving
+            session.infer(golden.bench_feed())  # warm-up before serving
         except Exception as exc:  # a runtime's own error types
             session.close()
             raise ValueError(f"warm-up inference failed: {type(exc).__name__}: {exc}") from None

@@ -43,7 +43,7 @@ def benchmark(session: InferenceSession, golden: GoldenSet, runs: int,
               record: Callable[[float], None] | None = None, max_s: float | None = None) -> Latency:
     """Batch-1 latency over ``runs`` calls after a short warm-up (fewer if ``max_s`` runs out);
     each measured call's milliseconds also go to ``record`` when given."""
-    feeds = {k: v[:1] for k, v in golden.inputs.items()}
+    feeds = golden.bench_feed()
     for _ in range(3):
         session.infer(feeds)
     times = []

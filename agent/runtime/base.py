@@ -14,10 +14,12 @@ class IOSpec:
     name: str
     dtype: str
     shape: tuple[int | str, ...]
+    # An int8/uint8 tensor with a scale that the adapter (de)quantizes: callers exchange float32.
+    quantized: bool = False
 
 
 class InferenceSession(ABC):
-    """A loaded model. ``infer`` takes and returns float arrays keyed by tensor name."""
+    """A loaded model. ``infer`` takes and returns arrays of each tensor's dtype keyed by name."""
 
     @property
     @abstractmethod

@@ -1,7 +1,10 @@
 """LiteRT (TFLite) adapter: ai-edge-litert, falling back to tflite-runtime where installed.
 
-Int8 input/output tensors are quantized/dequantized with the tensor's own scale and zero point,
-so callers always exchange float32.
+An int8/uint8 tensor with a quantization scale faces float32 callers: float inputs are quantized
+and outputs dequantized with the tensor's own scale and zero point (an input already given as
+integers is passed as it is). Every other tensor (int32/int64 ids, bool masks, int8 without a
+scale, float16) is exchanged in its own dtype. Each input is resized to its feed's shape when that
+changes, whichever axes are dynamic.
 """
 
 from __future__ import annotations
@@ -36,10 +39,15 @@ def is_available() -> bool:
     return _interpreter_class() is not None
 
 
+def _quantized(d: dict[str, Any]) -> bool:
+    return np.dtype(d["dtype"]) in (np.int8, np.uint8) and bool(d["quantization"][0])
+
+
 def _spec(d: dict[str, Any]) -> IOSpec:
-    shape = tuple(int(x) for x in d["shape_signature"]) if "shape_signature" in d else tuple(d["shape"])
-    shape = tuple("batch" if (i == 0 and s == -1) else s for i, s in enumerate(shape))
-    return IOSpec(d["name"], np.dtype(d["dtype"]).name, shape)
+    sig = d.get("shape_signature")
+    shape: tuple[int | str, ...] = tuple(int(x) for x in (sig if sig is not None else d["shape"]))
+    shape = tuple(("batch" if i == 0 else f"d{i}") if s == -1 else s for i, s in enumerate(shape))
+    return IOSpec(d["name"], np.dtype(d["dtype"]).name, shape, _quantized(d))
 
 
 class LiteRtSession(InferenceSession):
@@ -54,7 +62,6 @@ class LiteRtSession(InferenceSession):
             raise ModelError(f"{path}: LiteRT cannot load the model: {exc}") from None
         self._in = self._interp.get_input_details()
         self._out = self._interp.get_output_details()
-        self._batch: int | None = None
         # An interpreter is not thread-safe; the endpoint's threads and the agent's probation share it.
         self._lock = threading.Lock()
 
@@ -71,30 +78,32 @@ class LiteRtSession(InferenceSession):
             return self._infer(feeds)
 
     def _infer(self, feeds: dict[str, npt.NDArray[np.generic]]) -> dict[str, npt.NDArray[np.generic]]:
-        first = next(iter(feeds.values()))
-        if first.shape[0] != self._batch:
-            for d in self._in:
-                shape = list(d["shape"])
-                shape[0] = first.shape[0]
-                self._interp.resize_tensor_input(d["index"], shape)
+        arrays = {d["name"]: np.asarray(feeds[d["name"]]) for d in self._in}
+        resized = False
+        for d in self._in:
+            shape = arrays[d["name"]].shape
+            if tuple(d["shape"]) != shape:
+                self._interp.resize_tensor_input(d["index"], list(shape))
+                resized = True
+        if resized:
             self._interp.allocate_tensors()
             self._in = self._interp.get_input_details()
             self._out = self._interp.get_output_details()
-            self._batch = first.shape[0]
         for d in self._in:
-            x = np.asarray(feeds[d["name"]])
-            scale, zp = d["quantization"]
-            if np.dtype(d["dtype"]) in (np.int8, np.uint8) and scale:
-                info = np.iinfo(d["dtype"])
-                x = np.clip(np.round(x / scale + zp), info.min, info.max).astype(d["dtype"])
-            self._interp.set_tensor(d["index"], x.astype(d["dtype"], copy=False))
+            x = arrays[d["name"]]
+            dtype = np.dtype(d["dtype"])
+            if _quantized(d) and x.dtype.kind == "f":
+                scale, zp = d["quantization"]
+                info = np.iinfo(dtype)
+                x = np.clip(np.round(x / scale + zp), info.min, info.max)
+            self._interp.set_tensor(d["index"], x.astype(dtype, copy=False))
         self._interp.invoke()
         result: dict[str, npt.NDArray[np.generic]] = {}
         for d in self._out:
             y = self._interp.get_tensor(d["index"])
-            scale, zp = d["quantization"]
-            if np.dtype(d["dtype"]) in (np.int8, np.uint8) and scale:
-                y = (y.astype(np.float32) - zp) * scale
+            if _quantized(d):
+                scale, zp = d["quantization"]
+                y = (y.astype(np.float32) - zp) * np.float32(scale)
             result[d["name"]] = y
         return result
 

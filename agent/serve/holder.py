@@ -38,8 +38,9 @@ class Loaded:
 
 
 def _served(runtime: str, spec: IOSpec) -> IOSpec:
-    """The dtype callers exchange: the LiteRT adapter (de)quantizes int8 tensors from/to float32."""
-    if runtime == "litert" and spec.dtype in ("int8", "uint8"):
+    """The dtype callers exchange: an adapter (de)quantizes a quantized int8 tensor from/to float32;
+    an int8/uint8 tensor without a scale is exchanged as it is."""
+    if spec.quantized and spec.dtype in ("int8", "uint8"):
         return IOSpec(spec.name, "float32", spec.shape)
     return spec
 

@@ -58,6 +58,46 @@ def _params(doc: dict[str, Any], what: str) -> dict[str, Any]:
     return _obj(doc.get("parameters", {}), f"{what}.parameters")
 
 
+def _from_binary(name: str, raw: memoryview, dtype: np.dtype[Any], shape: list[int]) -> npt.NDArray[Any]:
+    """A binary tensor (little-endian, row-major; BOOL one byte, 0 or 1) as a native array."""
+    if dtype == np.bool_:
+        octets = np.frombuffer(raw, dtype=np.uint8)
+        if np.any(octets > 1):
+            raise RequestError(400, f"input '{name}': BOOL binary data has bytes other than 0 and 1")
+        return octets.astype(np.bool_).reshape(shape)
+    arr = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
+    return arr.astype(dtype, copy=False).reshape(shape)
+
+
+def _from_json(name: str, data: Any, dtype: np.dtype[Any], want: str) -> npt.NDArray[Any]:
+    """JSON ``data`` (flat or nested) as ``dtype``; refused rather than rounded or wrapped: an
+    integer tensor takes integers, BOOL takes true/false (or 0/1), a float tensor any number."""
+    what = f"{want} {'values' if dtype.kind == 'b' else 'numbers'}"
+    try:
+        raw = np.asarray(data)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise RequestError(400, f"input '{name}': data is not a list of {what}") from None
+    kind = raw.dtype.kind
+    if dtype.kind == "b":
+        ok = kind == "b" or (kind in "iu" and bool(np.all((raw == 0) | (raw == 1))))
+    elif dtype.kind in "iu":
+        ok = kind in "iu"
+    else:
+        ok = kind in "iuf"
+    if raw.size == 0:
+        ok = True  # an empty list has dtype float64 whatever the tensor
+    if not ok:
+        raise RequestError(400, f"input '{name}': data is not a list of {what}")
+    if dtype.kind in "iu" and raw.size:
+        info = np.iinfo(dtype)
+        if int(raw.min()) < info.min or int(raw.max()) > info.max:
+            raise RequestError(400, f"input '{name}': a value is out of the {want} range")
+    try:
+        return raw.astype(dtype)
+    except (ValueError, TypeError, OverflowError):
+        raise RequestError(400, f"input '{name}': data is not a list of {what}") from None
+
+
 def parse_infer(body: bytes, header_len: int | None, inputs: list[IOSpec],
                 outputs: list[IOSpec]) -> InferRequest:
     """Decode and check an infer request against the model's inputs and outputs."""
@@ -110,15 +150,12 @@ def parse_infer(body: bytes, header_len: int | None, inputs: list[IOSpec],
                                         f"{want} needs {count * dtype.itemsize}")
             if offset + size > len(binary):
                 raise RequestError(400, f"input '{name}': binary data is shorter than binary_data_size")
-            arr = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
+            arr = _from_binary(name, binary[offset:offset + size], dtype, shape)
             offset += size
         else:
             if "data" not in t:
                 raise RequestError(400, f"input '{name}': no data (JSON 'data' or binary_data_size)")
-            try:
-                arr = np.asarray(t["data"], dtype=dtype)
-            except (ValueError, TypeError, OverflowError):
-                raise RequestError(400, f"input '{name}': data is not a list of {want} numbers") from None
+            arr = _from_json(name, t["data"], dtype, want)
             if arr.size != count:
                 raise RequestError(400, f"input '{name}': {arr.size} values for shape {shape} ({count})")
             arr = arr.reshape(shape)
@@ -159,7 +196,8 @@ def encode_response(name: str, version: str, req: InferRequest,
             raise RequestError(500, f"output '{oname}' has dtype {arr.dtype.name}, not a v2 datatype")
         o: dict[str, Any] = {"name": oname, "datatype": dt, "shape": list(arr.shape)}
         if binary:
-            blob = np.ascontiguousarray(arr).tobytes()
+            # v2 binary tensors are little-endian, row-major; BOOL is one byte per element
+            blob = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
             o["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

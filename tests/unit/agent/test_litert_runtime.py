@@ -40,3 +40,23 @@ def test_int8_inputs_are_quantized_with_the_tensor_scale(tmp_path: Path) -> None
         x = np.array([[5.0, -5.0, 0.0, 1.0]], np.float32)
         clipped = np.array([[127 * m.in_scale, -128 * m.in_scale, 0.0, 1.0]], np.float32)
         np.testing.assert_allclose(s.infer({"input": x})["output"], s.infer({"input": clipped})["output"])
+
+
+def test_integer_inputs_pass_unchanged_and_any_dynamic_axis_resizes(tmp_path: Path) -> None:
+    from agent.serve import Loaded
+    from tests.fixtures.tflite_build import int_add_model
+
+    path = tmp_path / "add.tflite"
+    path.write_bytes(int_add_model())
+    with load_session("litert", path) as s:
+        assert [(i.name, i.dtype, i.shape, i.quantized) for i in s.inputs] == [
+            ("a", "int32", ("batch", "d1"), False), ("b", "int32", ("batch", "d1"), False)]
+        # served as int32 (only a quantized int8 tensor faces float32 callers)
+        assert [o.dtype for o in Loaded("m", "1", "0" * 64, "litert", s).inputs] == ["int32", "int32"]
+        rng = np.random.default_rng(2)
+        for shape in ((1, 3), (2, 7), (2, 3)):
+            a = rng.integers(-(2**30), 2**30, shape).astype(np.int32)
+            b = rng.integers(-5, 5, shape).astype(np.int32)
+            y = s.infer({"a": a, "b": b})["sum"]
+            assert y.dtype == np.int32
+            np.testing.assert_array_equal(y, a + b)
