@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from agent import __version__
-from agent.protocol.golden import GoldenSet
+from agent.protocol.golden import GoldenCase, GoldenSet
 from agent.protocol.manifest import (
     FORMAT_VERSION,
     Golden,
@@ -186,10 +186,7 @@ def measure(cand: Candidate, model: ModelHandle, profile: DeviceProfile, data: S
 
 def golden_count(data: Split, ref: Reference, model_bytes: int, wanted: int) -> int:
     """How many golden samples to ship: ``wanted``, fewer when samples are large (so the
-    vectors stay under 1 MB or 10% of the model, whichever is larger); 1 for a model with an
-    unbatched input (it runs one sample at a time)."""
-    if not data.batchable:
-        return 1
+    vectors stay under 1 MB or 10% of the model, whichever is larger)."""
     per_sample = sum(v[:1].nbytes for v in data.inputs.values()) + 2 * sum(v[:1].nbytes for v in ref.outputs.values())
     limit = max(GOLDEN_MAX_BYTES, model_bytes // 10)
     return max(1, min(wanted, data.n, limit // max(1, per_sample)))
@@ -213,22 +210,29 @@ def pack(
     assert model.path is not None
     runtime = cand.runtime or profile.runtime.name
     count = golden_count(data, ref, metrics["model_bytes"], golden_wanted)
-    g_in = data.feeds(0, count)
+    # One batched case when every input stacks samples on axis 0; otherwise (a scalar input,
+    # a state batched on axis 1) one case per sample, each fed as the model takes it.
+    batched = all(model.batch_axis(k) == 0 for k in data.inputs)
+    spans = [(0, count)] if batched else [(i, i + 1) for i in range(count)]
+    cases = []
     with load_session(runtime, model.path, threads=profile.runtime.threads) as sess:
-        expected = {k: np.asarray(v) for k, v in sess.infer(g_in).items()}
+        for a, b in spans:
+            feed = data.feeds(a, b)
+            expected = {k: np.asarray(v) for k, v in sess.infer(feed).items()}
+            cases.append(GoldenCase(feed, _device_layout({k: v[a:b] for k, v in ref.outputs.items()}, model), expected))
         inputs, outs = _specs(sess, model.path)
-    golden_ref = _device_layout({k: v[:count] for k, v in ref.outputs.items()}, model)
+    golden = GoldenSet(cases[0].inputs, cases[0].reference, cases[0].expected) if batched else GoldenSet.of_cases(cases)
     rel = _SELF_TEST_RTOL.get(model.precision, _SELF_TEST_RTOL_INT8)
-    floats = [np.abs(v.astype(np.float64)) for v in expected.values() if v.dtype.kind == "f" and v.size]
+    floats = [np.abs(v.astype(np.float64)) for c in cases for v in c.expected.values() if v.dtype.kind == "f" and v.size]
     scale = max((float(np.max(f)) for f in floats), default=0.0)
     min_agree = None
     if task == "classification":
         first = outs[0].name
-        agree = int(np.sum(np.argmax(expected[first], -1) == np.argmax(golden_ref[first], -1)))
+        agree = sum(int(np.sum(np.argmax(c.expected[first], -1) == np.argmax(c.reference[first], -1))) for c in cases)
         min_agree = max(0, agree - 1) / count  # the device may flip one borderline sample
     workdir.mkdir(parents=True, exist_ok=True)
     golden_path = workdir / "golden.npz"
-    GoldenSet(g_in, golden_ref, expected).save(golden_path)
+    golden.save(golden_path)
     model_file = "model.onnx" if runtime == "onnxruntime" else "model.tflite"
     model_copy = workdir / model_file
     shutil.copyfile(model.path, model_copy)

@@ -93,7 +93,9 @@ def make_broken(good: Path, out: Path, key: Path, version: str) -> Path:
 
     import numpy as np
 
-    from agent.protocol.golden import GoldenSet
+    from dataclasses import replace
+
+    from agent.protocol.golden import GoldenCase, GoldenSet
     from agent.protocol.manifest import MANIFEST_NAME, parse_manifest
     from agent.protocol.signing import load_private_key
     from builder.package import file_entry, write_artifact
@@ -111,7 +113,10 @@ def make_broken(good: Path, out: Path, key: Path, version: str) -> Path:
                 files[name] = work / name
                 files[name].write_bytes(src.read())
         g = GoldenSet.load(files[m.golden.file])
-        GoldenSet(g.inputs, g.reference, {k: np.asarray(v, np.float32) + np.float32(5.0) for k, v in g.expected.items()}).save(files[m.golden.file])
+        # Every case's expected outputs off by 5: the self-test fails however many cases there are.
+        off = [GoldenCase(c.inputs, c.reference, {k: np.asarray(v, np.float32) + np.float32(5.0) for k, v in c.expected.items()})
+               for c in g.cases]
+        (replace(g, expected=off[0].expected, more=off[1:])).save(files[m.golden.file])
         entries = {n: file_entry(p) for n, p in files.items()}
         broken = m.model_copy(update={"version": version, "files": entries,
                                       "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
