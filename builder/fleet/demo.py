@@ -90,10 +90,9 @@ def make_broken(good: Path, out: Path, key: Path, version: str) -> Path:
     """``good`` repackaged as ``version`` with golden vectors that do not match the model, signed
     through the builder's own packaging: every signature and hash is valid, the self-test is not."""
     import tarfile
+    from dataclasses import replace
 
     import numpy as np
-
-    from dataclasses import replace
 
     from agent.protocol.golden import GoldenCase, GoldenSet
     from agent.protocol.manifest import MANIFEST_NAME, parse_manifest
