@@ -144,6 +144,9 @@ def main() -> int:
         key_pub = ROOT / "examples" / ex / "work" / "keys" / "edgefleet.pub"
         for p in d["profiles"]:
             if p["artifact"]:
+                m = p["metrics"] or {}
+                acc = (f"top-1 {m['top1'] * 100:.2f}%" if "top1" in m else f"min cosine {m.get('cosine_min', float('nan')):.4f}")
+                say(f"  packaged {ex}/{p['profile']}: {p['chosen']} ({p['precision']}, {m.get('model_bytes', 0) / 1e6:.2f} MB, {acc})")
                 built += 1
                 problems = regate(Path(p["artifact"]), key_pub)
                 if problems:
