@@ -90,9 +90,13 @@ def test_json_summary(digits: DigitsProject, tmp_path: Path, capsys: pytest.Capt
     assert code == 0
     doc = json.loads(out)
     prof = doc["profiles"][0]
-    assert doc["ok"] and prof["profile"] == "generic-cpu" and [c["recipe"] for c in prof["candidates"]] == [
-        "fp32", "fp16", "int8_dynamic", "int8_static"]
-    assert all(c["metrics"]["artifact_bytes"] > 0 for c in prof["candidates"])
+    from agent.protocol.profile import get_profile
+
+    listed = list(get_profile("generic-cpu", ROOT / "device_profiles").build.candidates)
+    assert doc["ok"] and prof["profile"] == "generic-cpu" and [c["recipe"] for c in prof["candidates"]] == listed
+    assert all(c["metrics"]["model_bytes"] > 0 for c in prof["candidates"])
+    chosen = next(c for c in prof["candidates"] if c["recipe"] == prof["chosen"])
+    assert chosen["metrics"]["artifact_bytes"] > chosen["metrics"]["model_bytes"]
 
 
 def test_gate_refuses_over_budget_and_nothing_is_written(digits: DigitsProject, tmp_path: Path,
