@@ -140,7 +140,8 @@ class ExportTflitePass(Pass):
                 batches = []
                 for i in range(0, cal.n - b + 1, b):
                     f = cal.feeds(i, i + b)
-                    batches.append({s: f[n] for s, n in zip(sig_inputs, names, strict=True)})
+                    # litert-torch lowers int64 inputs to int32 (TFLite's index type).
+                    batches.append({s: _tflite_int(f[n]) for s, n in zip(sig_inputs, names, strict=True)})
                 result = qt.quantize(qt.calibrate({name: batches}))
         data = result.quantized_model
         if data is None:
@@ -178,3 +179,10 @@ def _signature(float_path: Path, sig: Any) -> tuple[str, list[str]]:
         sig = Interpreter(model_path=str(float_path)).get_signature_list()
     name = next(iter(sig))
     return name, sorted(sig[name]["inputs"], key=lambda s: (len(s), s))
+
+
+def _tflite_int(a: np.ndarray) -> np.ndarray:
+    """int64 values as the int32 a converted model takes (they are token ids, masks, sizes)."""
+    if a.dtype == np.int64 and (a.size == 0 or (a.min() >= -(2**31) and a.max() < 2**31)):
+        return a.astype(np.int32)
+    return a
