@@ -157,6 +157,10 @@ class QuantizePass(Pass):
 
     def run(self, model: ModelHandle | None, config: PassConfig, ctx: PassContext) -> ModelHandle:
         assert model is not None and model.path is not None and isinstance(config, QuantizeConfig)
+        done = _quantized_ops(model.path)
+        if done:
+            raise ModelError(f"quantize ({config.mode}): the model is already quantized ({', '.join(done)} nodes); "
+                             "give the fp32 model")
         out = ctx.workdir / "model.onnx"
         sink = io.StringIO()
         try:
@@ -332,3 +336,15 @@ class QuantizePass(Pass):
         check_same_inputs(before, input_signature(m16), "fp16 conversion")
         onnx.save(m16, str(out))
         return {}
+
+
+_QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
+              "ConvInteger", "DynamicQuantizeLinear")
+
+
+def _quantized_ops(path: Path) -> list[str]:
+    """Quantization op types already in the model at ``path`` (empty for a float model)."""
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    return sorted(ops & set(_QUANT_OPS))

@@ -254,11 +254,16 @@ def test_factory_that_raises_is_one_line(digits: DigitsProject, tmp_path: Path, 
 
 def test_onnx_input_builds_and_skips_torch_only_recipes(built: tuple[Path, dict], digits: DigitsProject,  # type: ignore[type-arg]
                                                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from agent.protocol.artifact import extract_verified, verify_artifact
-    from agent.protocol.signing import load_public_key
+    import torch
 
-    va = verify_artifact(built[0] / "digits-1.0.0-generic-cpu.efa", [load_public_key(digits.public_key)])
-    extract_verified(va, tmp_path / "src")
+    from builder.passes.load import resolve_factory
+
+    # The trained digits CNN as a plain fp32 ONNX file, the way a user would bring one.
+    module = resolve_factory("model.py:build_cnn", digits.dir)()
+    module.load_state_dict(torch.load(digits.work / "digits_cnn.pt", weights_only=True))
+    (tmp_path / "src").mkdir()
+    torch.onnx.export(module.eval(), (torch.zeros(2, 1, 8, 8),), str(tmp_path / "src" / "model.onnx"), dynamo=False,
+                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}})
     cfg = _variant(digits, tmp_path, **{
         'factory = "model.py:build_cnn"\nweights = "work/digits_cnn.pt"': f'onnx = "{tmp_path / "src" / "model.onnx"}"',
     })

@@ -119,10 +119,11 @@ def test_scalar_input_and_state_on_axis_1_build_a_verified_artifact(step_model: 
     assert ins == {"input": ("float32", ["batch", 64]), "state": ("float32", [2, "batch", 32]), "sr": ("int64", [])}
     golden, res = self_test(p, Path(r["artifact"]), tmp_path)
     assert res.ok, res.reason
-    # One sample in the runtime's layout: sr a scalar, the state's batch on axis 1.
-    assert m["golden"]["count"] == 1
-    assert golden.inputs["sr"].shape == () and golden.inputs["sr"].dtype == np.int64
-    assert golden.inputs["state"].shape == (2, 1, 32) and golden.expected["stateN"].shape == (2, 1, 32)
+    # One case a sample, each in the runtime's layout: sr a scalar, the state's batch on axis 1.
+    assert not golden.batched and m["golden"]["count"] == len(golden.cases) > 1
+    for case in golden.cases:
+        assert case.inputs["sr"].shape == () and case.inputs["sr"].dtype == np.int64
+        assert case.inputs["state"].shape == (2, 1, 32) and case.expected["stateN"].shape == (2, 1, 32)
 
 
 @pytest.mark.slow
