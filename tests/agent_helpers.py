@@ -22,7 +22,7 @@ import numpy as np
 from agent.protocol.golden import GoldenSet
 from agent.protocol.manifest import FORMAT_VERSION, Golden, Manifest, ModelInfo, Recipe, TensorSpec
 from agent.protocol.signing import generate_keypair, load_private_key
-from builder.fleet.localfleet import free_port as free_port  # one helper, re-exported
+from fleet.localfleet import free_port as free_port  # one helper, re-exported
 
 REPO = Path(__file__).resolve().parents[1]
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -434,15 +434,15 @@ class AgentProcess:
 
 
 def publish(broker_url: str, artifact: Path, chunk_size: int = 1024) -> str:
-    from builder.fleet.mqtt import broker_config
-    from builder.fleet.publish import publish_artifact
+    from fleet.mqtt import broker_config
+    from fleet.publish import publish_artifact
 
     return publish_artifact(artifact, broker_config(broker_url), chunk_size=chunk_size, force=True).sha256
 
 
 def deploy(broker_url: str, spec: str, device: str | None = None, group: str | None = None) -> str:
-    from builder.fleet.deploy import deploy as _deploy
-    from builder.fleet.mqtt import broker_config
+    from fleet.deploy import deploy as _deploy
+    from fleet.mqtt import broker_config
 
     return _deploy(broker_config(broker_url), spec, device=device, group=group).deployment.sha256
 
@@ -458,7 +458,7 @@ def set_deployment(broker_url: str, device: str, name: str, version: str, sha: s
     """Publish a raw retained device deployment (bypassing the index lookup)."""
     from agent.protocol import topics
     from agent.protocol.messages import Deployment, encode
-    from builder.fleet.mqtt import SyncClient, broker_config
+    from fleet.mqtt import SyncClient, broker_config
 
     dep = Deployment(name=name, version=version, sha256=sha, deployed_at=str(time.time_ns()))
     with SyncClient(broker_config(broker_url)) as c:
@@ -467,7 +467,7 @@ def set_deployment(broker_url: str, device: str, name: str, version: str, sha: s
 
 
 def send(broker_url: str, topic: str, payload: bytes, retain: bool = False) -> None:
-    from builder.fleet.mqtt import SyncClient, broker_config
+    from fleet.mqtt import SyncClient, broker_config
 
     with SyncClient(broker_config(broker_url)) as c:
         c.publish(topic, payload, retain=retain)
@@ -501,8 +501,8 @@ def publish_partial(broker_url: str, artifact: Path, chunk_size: int, indices: l
     """Announce ``artifact`` but publish only the chunks in ``indices`` (a transfer that stalls)."""
     from agent.protocol import topics
     from agent.protocol.messages import encode
-    from builder.fleet.mqtt import SyncClient, broker_config
-    from builder.fleet.publish import announcement
+    from fleet.mqtt import SyncClient, broker_config
+    from fleet.publish import announcement
 
     ann = announcement(artifact, chunk_size)
     data = artifact.read_bytes()

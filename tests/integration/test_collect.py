@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from builder.cli import main
-from builder.fleet.collect import Collector
-from builder.fleet.db import FleetDB
-from builder.fleet.mqtt import SyncClient, broker_config
+from fleet.collect import Collector
+from fleet.db import FleetDB
+from fleet.mqtt import SyncClient, broker_config
 from tests.agent_helpers import REPO, Broker, free_port
 from tests.fleet_helpers import dumps, event, state, telemetry, wait_for
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from builder.cli import main
-from builder.fleet.collect import Collector
-from builder.fleet.db import FleetDB
-from builder.fleet.mqtt import broker_config
+from fleet.collect import Collector
+from fleet.db import FleetDB
+from fleet.mqtt import broker_config
 from tests.agent_helpers import REPO, Broker
 from tests.fleet_helpers import Postgres, pg_bin_dir, wait_for
 from tests.integration.test_collect import publish_telemetry

@@ -11,9 +11,9 @@ import pytest
 
 from agent.errors import UsageError
 from agent.protocol import topics
-from builder.fleet.deploy import staged_rollout
-from builder.fleet.mqtt import BrokerError, SyncClient, broker_config
-from builder.fleet.rollout import Gate, Rollout
+from fleet.deploy import staged_rollout
+from fleet.mqtt import BrokerError, SyncClient, broker_config
+from fleet.rollout import Gate, Rollout
 from tests.agent_helpers import REPO, Broker, Listener, active_sha, deploy, free_port, publish
 
 pytestmark = pytest.mark.integration

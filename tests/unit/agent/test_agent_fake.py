@@ -17,7 +17,7 @@ from agent.deploy.policy import resolve_policy
 from agent.protocol import topics
 from agent.protocol.messages import Deployment, encode
 from agent.transport.fake import FakeTransport
-from builder.fleet.publish import announcement
+from fleet.publish import announcement
 from tests.agent_helpers import make_artifact, make_keys, write_config
 
 CHUNK = 1024
