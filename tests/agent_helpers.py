@@ -83,8 +83,10 @@ def make_keys(directory: Path, name: str = "test") -> Keys:
 def make_artifact(
     out_dir: Path, keys: Keys, name: str = "tiny", version: str = "1.0.0", profile: str = "test-cpu",
     runtime: str = "onnxruntime", seed: int = 0, bad_golden: bool = False, extra_params: int = 0,
+    ir_version: int | None = None,
 ) -> Path:
-    """A signed artifact built with the real manifest/golden/package code."""
+    """A signed artifact built with the real manifest/golden/package code. ``ir_version`` restamps
+    the model after its golden outputs are computed (a model newer than the installed runtime)."""
     from builder.package import file_entry, write_artifact
 
     work = out_dir / f"work-{name}-{version}-{profile}-{seed}"
@@ -96,6 +98,12 @@ def make_artifact(
     exp = y + 5.0 if bad_golden else y
     golden = work / "golden.npz"
     GoldenSet({"x": x}, {"y": y}, {"y": exp}).save(golden)
+    if ir_version is not None:
+        import onnx
+
+        proto = onnx.load(str(model))
+        proto.ir_version = ir_version
+        onnx.save(proto, str(model))
     manifest = Manifest(
         format_version=FORMAT_VERSION, name=name, version=version, profile=profile, runtime=runtime,  # type: ignore[arg-type]
         precision="fp32", task="classification", created="2026-01-01T00:00:00Z", builder_version="test",
@@ -106,7 +114,7 @@ def make_artifact(
         metrics={}, recipe=Recipe(name="test", steps=[]),
         golden=Golden(file="golden.npz", count=8, atol=1e-4, rtol=1e-4, min_top1_agreement=0.9),
     )
-    out = out_dir / f"{name}-{version}-{profile}-{seed}{'-bad' if bad_golden else ''}.efa"
+    out = out_dir / f"{name}-{version}-{profile}-{seed}{'-bad' if bad_golden else ''}{f'-ir{ir_version}' if ir_version else ''}.efa"
     return write_artifact(out, manifest, {"model.onnx": model, "golden.npz": golden},
                           load_private_key(keys.private))
 
