@@ -25,6 +25,10 @@ from agent.protocol.signing import generate_keypair, load_private_key
 from builder.fleet.localfleet import free_port as free_port  # one helper, re-exported
 
 REPO = Path(__file__).resolve().parents[1]
+# Time limits in tests scale with the machine: 1 on a workstation; more on a slow or loaded runner
+# or under emulation (.ci/arm64 sets EDGEFLEET_TEST_TIME_SCALE for qemu). Waits are on conditions;
+# this only moves the point where a wait gives up or a timing bound is judged.
+TIME_SCALE = max(1.0, float(os.environ.get("EDGEFLEET_TEST_TIME_SCALE", "1") or 1))
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
@@ -143,6 +147,7 @@ class Broker:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> None:
+        timeout *= TIME_SCALE
         log = (self.dir / "mosquitto.log").open("ab")
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
@@ -210,6 +215,7 @@ class Listener:
         return out
 
     def wait_event(self, device: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
+        timeout *= TIME_SCALE
         deadline = time.monotonic() + timeout
         while True:
             for ev in self.events(device):
@@ -227,6 +233,7 @@ class Listener:
                                timeout)
 
     def wait_message(self, topic: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
+        timeout *= TIME_SCALE
         deadline = time.monotonic() + timeout
         while True:
             with self._cv:
