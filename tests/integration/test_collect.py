@@ -83,11 +83,17 @@ def test_collector_stores_state_events_telemetry_results_and_rejects(broker: Bro
     assert live["d1"]["p95_ms"] == 9.25 and live["d2"]["online"] is False
 
 
+def _sigint_at_default() -> None:  # runs in the child between fork and exec
+    """A runner that ignores SIGINT passes that on to children, and Python then never raises
+    KeyboardInterrupt: restore the default so the Ctrl-C path is what is tested."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _collect_proc(url: str, db: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "builder.cli", "collect", "--broker", url, "--db", str(db),
                              "--client-id", "restart-test", "--json-stats", "--stats-every", "0.5", *extra],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, preexec_fn=_sigint_at_default)
 
 
 def _last_stats(log: Path) -> dict[str, object]:
@@ -151,12 +157,6 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err.strip()
     assert "cannot open database" in err and "\n" not in err
     assert main(["collect", "--broker", "ftp://x", "--db", str(tmp_path / "g.db")]) == 2
-
-
-def _sigint_at_default() -> None:  # runs in the child between fork and exec
-    """A runner that ignores SIGINT passes that on to children, and Python then never raises
-    KeyboardInterrupt: restore the default so the Ctrl-C path is what is tested."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_fleet_watch_refreshes_from_the_broker_and_stops_on_ctrl_c(broker: Broker, tmp_path: Path) -> None:
