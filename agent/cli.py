@@ -51,16 +51,43 @@ def _load(config: Path) -> tuple[object, object]:
 
 @cli.command("check-config")
 @click.argument("config", type=click.Path(path_type=Path))
-def check_config_cmd(config: Path) -> None:
-    """Validate CONFIG (TOML) without connecting anywhere; errors name the file and the key."""
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def check_config_cmd(config: Path, as_json: bool) -> None:
+    """Validate CONFIG (TOML) without connecting anywhere; errors name the file and the key.
+
+    Also says which inference runtimes are installed here and which the profile needs, and
+    whether this machine's architecture is the profile's (hardware.arch). A needed runtime that
+    is missing is an error (exit 7) naming the extra to install.
+    """
     from agent.config import AgentConfig
     from agent.deploy.policy import Policy
+    from agent.errors import DependencyError
 
     cfg, policy = _load(config)
     assert isinstance(cfg, AgentConfig) and isinstance(policy, Policy)
-    click.echo(f"OK {config}: device {cfg.device_id}, profile {cfg.profile}, broker {cfg.broker.url}, "
-               f"{len(policy.keys)} trusted key(s), runtimes {', '.join(policy.runtimes) or 'none'}, "
-               f"max p95 {policy.max_p95_ms:g} ms")
+    found = policy.device.runtimes
+    missing = [r for r in policy.runtimes if r not in found]
+    if as_json:
+        click.echo(json.dumps({"ok": not missing, "config": str(config), "device_id": cfg.device_id,
+                               "profile": cfg.profile, "broker": cfg.broker.url, "keys": len(policy.keys),
+                               "runtimes_accepted": list(policy.runtimes), "runtimes_found": found,
+                               "profile_runtime": policy.profile_runtime, "max_p95_ms": policy.max_p95_ms,
+                               "device": policy.device.to_dict(), "warnings": list(policy.warnings)}))
+    else:
+        click.echo(f"device: {policy.device.line()}")
+        click.echo(f"runtimes found: {', '.join(found.values()) or 'none'}; profile {cfg.profile} needs "
+                   f"{policy.profile_runtime or '(no profile file)'}; this agent accepts "
+                   f"{', '.join(policy.runtimes) or 'none'}")
+        for w in policy.warnings:
+            click.echo(f"WARNING: {w} (arch_check = \"refuse\" makes this an error)")
+    if missing:
+        extras = {"onnxruntime": "onnxruntime (or NVIDIA's onnxruntime-gpu on a Jetson)", "litert": "litert"}
+        raise DependencyError(f"{config}: runtime {', '.join(missing)} not installed here: pip install "
+                              f"'edgefleet[agent,{missing[0]}]' (extra {extras.get(missing[0], missing[0])})")
+    if not as_json:
+        click.echo(f"OK {config}: device {cfg.device_id}, profile {cfg.profile}, broker {cfg.broker.url}, "
+                   f"{len(policy.keys)} trusted key(s), runtimes {', '.join(policy.runtimes) or 'none'}, "
+                   f"max p95 {policy.max_p95_ms:g} ms")
 
 
 @cli.command("run")
@@ -87,6 +114,9 @@ def run_cmd(config: Path) -> None:
     cfg, policy = _load(config)
     assert isinstance(cfg, AgentConfig) and isinstance(policy, Policy)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("agent").info("device: %s", policy.device.line())
+    for w in policy.warnings:
+        logging.getLogger("agent").warning("%s (arch_check = \"refuse\" makes this an error)", w)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -151,10 +181,15 @@ def status_cmd(config: Path | None, state_dir: Path | None, as_json: bool) -> No
         state_dir = load_config(config).state_dir
     if not state_dir.is_dir():
         raise UsageError(f"{state_dir}: state directory not found (has the agent run yet?)")
+    from agent.device import facts
+
     s = state_summary(state_dir)
+    device = facts()
+    s["device"] = device.to_dict()
     if as_json:
         click.echo(json.dumps(s))
         return
+    click.echo(f"device: {device.line()}")
     a = s["active"]
     click.echo(f"active: {a['name']} {a['version']} ({a['sha256'][:16]})" if a else "active: none")
     click.echo(f"installed: {', '.join(s['history']) or 'none'}")

@@ -120,6 +120,9 @@ class AgentConfig(_Strict):
     # Runtimes this device accepts; empty: the profile's runtime, else every runtime installed.
     runtimes: list[Literal["onnxruntime", "litert"]] = []
     profiles_dir: Path | None = None
+    # This machine's architecture differs from the profile's hardware.arch: "warn" (log it, say it
+    # in check-config and in the birth message, keep running) or "refuse" (do not start).
+    arch_check: Literal["warn", "refuse"] = "warn"
     broker: BrokerConfig = BrokerConfig()
     transfer: TransferConfig = TransferConfig()
     install: InstallConfig = InstallConfig()

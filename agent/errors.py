@@ -52,6 +52,10 @@ class ParityError(ModelError):
         self.diffs = diffs
 
 
+class RuntimeTooOldError(ModelError):
+    """The installed runtime is older than the model's format (ONNX IR / opset): refused, not retried."""
+
+
 class BudgetError(EdgefleetError):
     """No candidate met the profile's budgets."""
 

@@ -147,9 +147,9 @@ def main() -> None:
     ap.add_argument("--skip-ingest", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     args = ap.parse_args()
-    from builder.fleet.deploy import deploy
-    from builder.fleet.mqtt import broker_config
-    from builder.fleet.publish import publish_artifact
+    from fleet.deploy import deploy
+    from fleet.mqtt import broker_config
+    from fleet.publish import publish_artifact
 
     tmp = Path(tempfile.mkdtemp(prefix="edgefleet-fleet-"))
     broker = Broker(tmp / "broker")

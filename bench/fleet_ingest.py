@@ -1,5 +1,5 @@
 """Ingest bench: N simulated devices publish a bounded telemetry stream through one mosquitto;
-the collector (`builder.fleet.collect.Collector`, SQLite, acks after commit) and mosquitto_sub
+the collector (`fleet.collect.Collector`, SQLite, acks after commit) and mosquitto_sub
 (QoS 1, the broker's raw delivery rate) consume the same stream side by side in one run.
 
 Prints its figures; the last line is one JSON object:
@@ -36,9 +36,9 @@ sys.path.insert(0, str(REPO))
 # spawned publisher processes import this module by name, also when it was loaded from its path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from builder.fleet.collect import Collector  # noqa: E402
-from builder.fleet.db import FleetDB  # noqa: E402
-from builder.fleet.mqtt import broker_config  # noqa: E402
+from fleet.collect import Collector  # noqa: E402
+from fleet.db import FleetDB  # noqa: E402
+from fleet.mqtt import broker_config  # noqa: E402
 from tests.agent_helpers import Broker  # noqa: E402
 
 TOPIC = "edgefleet/v1/devices/{}/telemetry"

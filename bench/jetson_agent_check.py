@@ -43,7 +43,7 @@ from agent.protocol.profile import load_profile  # noqa: E402
 from agent.protocol.signing import load_public_key  # noqa: E402
 from agent.serve.tensors import NP_DTYPES  # noqa: E402
 from agent.telemetry.latency import p50_p95_p99  # noqa: E402
-from builder.fleet.localfleet import Procs, free_port, start_broker  # noqa: E402 (no torch/onnx below)
+from fleet.localfleet import Procs, free_port, start_broker  # noqa: E402 (no torch/onnx below)
 
 DEVICE = "jetson-check-1"
 PROVIDERS_RE = re.compile(r"session providers (\[[^\]]*\])")
@@ -168,10 +168,10 @@ def http_run(port: int, model: str, golden: GoldenSet, dtypes: dict[str, str], b
 
 
 def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, Any]:
-    from builder.fleet.demo import _publish  # publish, read back (bounded) on amqtt
-    from builder.fleet.deploy import deploy
-    from builder.fleet.device import build_command, send_command
-    from builder.fleet.mqtt import broker_config
+    from fleet.demo import _publish  # publish, read back (bounded) on amqtt
+    from fleet.deploy import deploy
+    from fleet.device import build_command, send_command
+    from fleet.mqtt import broker_config
 
     profile = load_profile(ROOT / "device_profiles" / "jetson-orin-nano.toml")
     va = verify_artifact(args.artifact, [load_public_key(args.key)])

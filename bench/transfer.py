@@ -143,8 +143,8 @@ def main() -> None:
     for tool in ("mosquitto", "mosquitto_sub"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             sys.exit(f"error: {tool} not found (apt-get install mosquitto mosquitto-clients)")
-    from builder.fleet.mqtt import broker_config
-    from builder.fleet.publish import publish_artifact
+    from fleet.mqtt import broker_config
+    from fleet.publish import publish_artifact
 
     tmp = Path(tempfile.mkdtemp(prefix="edgefleet-bench-"))
     broker = Broker(tmp / "broker")

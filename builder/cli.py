@@ -356,21 +356,21 @@ def inspect_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
 
 # ---------------------------------------------------------------- fleet
 
-from builder.fleet.commands import deploy_cmd, publish_cmd  # noqa: E402
+from fleet.commands import deploy_cmd, publish_cmd  # noqa: E402
 
 cli.add_command(publish_cmd)
 cli.add_command(deploy_cmd)
 
-from builder.fleet.device import device_grp  # noqa: E402
+from fleet.device import device_grp  # noqa: E402
 
 cli.add_command(device_grp)
 
-from builder.fleet.fleetcli import collect_cmd, fleet_grp  # noqa: E402
+from fleet.fleetcli import collect_cmd, fleet_grp  # noqa: E402
 
 cli.add_command(collect_cmd)
 cli.add_command(fleet_grp)
 
-from builder.fleet.demo import demo_cmd  # noqa: E402
+from fleet.demo import demo_cmd  # noqa: E402
 
 cli.add_command(demo_cmd)
 

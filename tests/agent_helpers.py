@@ -22,9 +22,13 @@ import numpy as np
 from agent.protocol.golden import GoldenSet
 from agent.protocol.manifest import FORMAT_VERSION, Golden, Manifest, ModelInfo, Recipe, TensorSpec
 from agent.protocol.signing import generate_keypair, load_private_key
-from builder.fleet.localfleet import free_port as free_port  # one helper, re-exported
+from fleet.localfleet import free_port as free_port  # one helper, re-exported
 
 REPO = Path(__file__).resolve().parents[1]
+# Time limits in tests scale with the machine: 1 on a workstation; more on a slow or loaded runner
+# or under emulation (.ci/arm64 sets EDGEFLEET_TEST_TIME_SCALE for qemu). Waits are on conditions;
+# this only moves the point where a wait gives up or a timing bound is judged.
+TIME_SCALE = max(1.0, float(os.environ.get("EDGEFLEET_TEST_TIME_SCALE", "1") or 1))
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
@@ -83,8 +87,10 @@ def make_keys(directory: Path, name: str = "test") -> Keys:
 def make_artifact(
     out_dir: Path, keys: Keys, name: str = "tiny", version: str = "1.0.0", profile: str = "test-cpu",
     runtime: str = "onnxruntime", seed: int = 0, bad_golden: bool = False, extra_params: int = 0,
+    ir_version: int | None = None,
 ) -> Path:
-    """A signed artifact built with the real manifest/golden/package code."""
+    """A signed artifact built with the real manifest/golden/package code. ``ir_version`` restamps
+    the model after its golden outputs are computed (a model newer than the installed runtime)."""
     from builder.package import file_entry, write_artifact
 
     work = out_dir / f"work-{name}-{version}-{profile}-{seed}"
@@ -96,6 +102,12 @@ def make_artifact(
     exp = y + 5.0 if bad_golden else y
     golden = work / "golden.npz"
     GoldenSet({"x": x}, {"y": y}, {"y": exp}).save(golden)
+    if ir_version is not None:
+        import onnx
+
+        proto = onnx.load(str(model))
+        proto.ir_version = ir_version
+        onnx.save(proto, str(model))
     manifest = Manifest(
         format_version=FORMAT_VERSION, name=name, version=version, profile=profile, runtime=runtime,  # type: ignore[arg-type]
         precision="fp32", task="classification", created="2026-01-01T00:00:00Z", builder_version="test",
@@ -106,7 +118,7 @@ def make_artifact(
         metrics={}, recipe=Recipe(name="test", steps=[]),
         golden=Golden(file="golden.npz", count=8, atol=1e-4, rtol=1e-4, min_top1_agreement=0.9),
     )
-    out = out_dir / f"{name}-{version}-{profile}-{seed}{'-bad' if bad_golden else ''}.efa"
+    out = out_dir / f"{name}-{version}-{profile}-{seed}{'-bad' if bad_golden else ''}{f'-ir{ir_version}' if ir_version else ''}.efa"
     return write_artifact(out, manifest, {"model.onnx": model, "golden.npz": golden},
                           load_private_key(keys.private))
 
@@ -276,6 +288,7 @@ class Broker:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> None:
+        timeout *= TIME_SCALE
         log = (self.dir / "mosquitto.log").open("ab")
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
@@ -343,6 +356,7 @@ class Listener:
         return out
 
     def wait_event(self, device: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
+        timeout *= TIME_SCALE
         deadline = time.monotonic() + timeout
         while True:
             for ev in self.events(device):
@@ -360,6 +374,7 @@ class Listener:
                                timeout)
 
     def wait_message(self, topic: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
+        timeout *= TIME_SCALE
         deadline = time.monotonic() + timeout
         while True:
             with self._cv:
@@ -434,15 +449,15 @@ class AgentProcess:
 
 
 def publish(broker_url: str, artifact: Path, chunk_size: int = 1024) -> str:
-    from builder.fleet.mqtt import broker_config
-    from builder.fleet.publish import publish_artifact
+    from fleet.mqtt import broker_config
+    from fleet.publish import publish_artifact
 
     return publish_artifact(artifact, broker_config(broker_url), chunk_size=chunk_size, force=True).sha256
 
 
 def deploy(broker_url: str, spec: str, device: str | None = None, group: str | None = None) -> str:
-    from builder.fleet.deploy import deploy as _deploy
-    from builder.fleet.mqtt import broker_config
+    from fleet.deploy import deploy as _deploy
+    from fleet.mqtt import broker_config
 
     return _deploy(broker_config(broker_url), spec, device=device, group=group).deployment.sha256
 
@@ -458,7 +473,7 @@ def set_deployment(broker_url: str, device: str, name: str, version: str, sha: s
     """Publish a raw retained device deployment (bypassing the index lookup)."""
     from agent.protocol import topics
     from agent.protocol.messages import Deployment, encode
-    from builder.fleet.mqtt import SyncClient, broker_config
+    from fleet.mqtt import SyncClient, broker_config
 
     dep = Deployment(name=name, version=version, sha256=sha, deployed_at=str(time.time_ns()))
     with SyncClient(broker_config(broker_url)) as c:
@@ -467,7 +482,7 @@ def set_deployment(broker_url: str, device: str, name: str, version: str, sha: s
 
 
 def send(broker_url: str, topic: str, payload: bytes, retain: bool = False) -> None:
-    from builder.fleet.mqtt import SyncClient, broker_config
+    from fleet.mqtt import SyncClient, broker_config
 
     with SyncClient(broker_config(broker_url)) as c:
         c.publish(topic, payload, retain=retain)
@@ -501,8 +516,8 @@ def publish_partial(broker_url: str, artifact: Path, chunk_size: int, indices: l
     """Announce ``artifact`` but publish only the chunks in ``indices`` (a transfer that stalls)."""
     from agent.protocol import topics
     from agent.protocol.messages import encode
-    from builder.fleet.mqtt import SyncClient, broker_config
-    from builder.fleet.publish import announcement
+    from fleet.mqtt import SyncClient, broker_config
+    from fleet.publish import announcement
 
     ann = announcement(artifact, chunk_size)
     data = artifact.read_bytes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -12,6 +13,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def _hypothesis_profiles() -> None:
+    """Property tests check correctness, not speed: on a loaded CI runner or under qemu a 200 ms
+    deadline or the too-slow health check fails them for the machine's sake. The default profile
+    drops both; HYPOTHESIS_PROFILE=strict restores hypothesis's own timing checks."""
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # an agent-only environment without the test extra
+        return
+    settings.register_profile("machine-scaled", deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("strict", deadline=200)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "machine-scaled"))
+
+
+_hypothesis_profiles()
 
 
 @dataclass

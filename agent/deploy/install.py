@@ -13,7 +13,7 @@ from typing import Any
 from agent.deploy import selftest
 from agent.deploy.fetch import FetchJob
 from agent.deploy.state import AgentState, Probation, log
-from agent.errors import EdgefleetError, IntegrityError
+from agent.errors import EdgefleetError, IntegrityError, RuntimeTooOldError
 from agent.protocol.artifact import verify_artifact
 from agent.protocol.golden import GoldenSet
 from agent.protocol.messages import Deployment
@@ -93,6 +93,13 @@ class Installer(AgentState):
         self._pause("SELF_TEST")
         try:
             session = selftest.load(inst, self.cfg.threads, self.policy.providers)
+        except RuntimeTooOldError as exc:
+            # Not a flaw of the candidate but of this device's runtime: refused like a wrong
+            # profile, so the reason (both versions) is what the operator sees.
+            self.versions.forget(inst)
+            remove(self.install_path)
+            self._reject(dep, str(exc))
+            return
         except (EdgefleetError, OSError, ValueError) as exc:
             self._failed_candidate(dep, inst, f"model does not load: {exc}")
             return

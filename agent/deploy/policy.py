@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.config import AgentConfig
+from agent.device import DeviceFacts, arch_problem, facts
 from agent.errors import ConfigError, IntegrityError
 from agent.protocol.canonical import canonical_json
 from agent.protocol.manifest import Manifest, parse_manifest, version_key
@@ -26,6 +27,11 @@ class Policy:
     max_regression_pct: float
     # onnxruntime execution providers, first loadable wins (from the device profile).
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    # What this device is (reported in the birth message) and what does not fit its profile.
+    device: DeviceFacts = field(default_factory=facts)
+    warnings: tuple[str, ...] = ()
+    # The runtime the profile names (None without a profile file).
+    profile_runtime: str | None = None
 
     def check(self, m: Manifest, active: Installed | None) -> None:
         """Raise IntegrityError naming why ``m`` may not be installed here."""
@@ -79,5 +85,12 @@ def resolve_policy(cfg: AgentConfig, source: str = "config") -> Policy:
         runtimes = (profile.runtime.name,) if profile is not None else tuple(available_runtimes())
     keys = tuple(read_trusted_key(k) for k in cfg.trusted_keys)
     providers = profile.runtime.execution_providers if profile is not None else ("CPUExecutionProvider",)
+    device = facts()
+    warnings: tuple[str, ...] = ()
+    problem = None if profile is None else arch_problem(profile.name, profile.hardware.arch, device.machine)
+    if problem is not None:
+        if cfg.arch_check == "refuse":
+            raise ConfigError(f"{source}: profile: {problem} (arch_check = \"refuse\")")
+        warnings = (problem,)
     return Policy(cfg.profile, runtimes, keys, max_p95, pct if pct is not None else DEFAULT_REGRESSION_PCT,
-                  tuple(providers))
+                  tuple(providers), device, warnings, profile.runtime.name if profile is not None else None)

@@ -24,6 +24,7 @@ from agent.protocol.messages import (
     ActiveModel,
     Deployment,
     DeployState,
+    DeviceInfo,
     Event,
     StateMessage,
     encode,
@@ -122,7 +123,13 @@ class AgentState:
     def _state_payload(self, online: bool) -> bytes:
         return encode(StateMessage(device=self.dev, online=online, agent_version=__version__,
                                    profile=self.cfg.profile, groups=list(self.cfg.groups),
-                                   active=self._active_model(), seq=self._next_seq(), ts=time.time()))
+                                   active=self._active_model(), seq=self._next_seq(), ts=time.time(),
+                                   device_info=self._device_info()))
+
+    def _device_info(self) -> DeviceInfo:
+        d = self.policy.device
+        return DeviceInfo(machine=d.machine, python=d.python, system=d.system, runtimes=dict(d.runtimes),
+                          warnings=list(self.policy.warnings))
 
     def _publish_state(self, online: bool) -> None:
         self.t.publish(topics.device_topic(self.dev, "state"), self._state_payload(online), retain=True)

@@ -107,6 +107,17 @@ class ActiveModel(_Strict):
     sha256: str
 
 
+class DeviceInfo(_Strict):
+    """What the device is: architecture, Python, installed runtimes ('onnxruntime-gpu 1.19.0'), and
+    what does not fit its profile (an architecture other than hardware.arch)."""
+
+    machine: str
+    python: str
+    system: str = ""
+    runtimes: dict[str, str] = {}
+    warnings: list[str] = []
+
+
 class StateMessage(_Strict):
     """Retained birth on devices/{id}/state; the Last Will carries online=false."""
 
@@ -118,6 +129,7 @@ class StateMessage(_Strict):
     active: ActiveModel | None = None
     seq: int = Field(ge=0)
     ts: float
+    device_info: DeviceInfo | None = None  # absent from agents before 0.1.0's device report
 
 
 class Event(_Strict):

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.errors import DependencyError, ModelError
+from agent.errors import DependencyError, ModelError, RuntimeTooOldError
 from agent.runtime.base import InferenceSession, IOSpec
+from agent.runtime.onnx_versions import too_new
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,14 @@ def _spec(arg: Any) -> IOSpec:
     return IOSpec(arg.name, _ORT_DTYPES.get(arg.type, arg.type), shape)
 
 
+def _load_error(path: Path, version: str, exc: Exception) -> ModelError:
+    """A model newer than this onnxruntime gets a one-line reason naming both versions."""
+    reason = too_new(path, version, str(exc))
+    if reason is not None:
+        return RuntimeTooOldError(reason)
+    return ModelError(f"{path}: onnxruntime cannot load the model: {exc}")
+
+
 class OrtSession(InferenceSession):
     def __init__(self, path: Path, threads: int, providers: tuple[str, ...]) -> None:
         try:
@@ -58,12 +67,12 @@ class OrtSession(InferenceSession):
             # without libnvinfer): if onnxruntime's own one-shot fallback did not catch it,
             # retry on the CPU once.
             if chosen == ["CPUExecutionProvider"]:
-                raise ModelError(f"{path}: onnxruntime cannot load the model: {exc}") from None
+                raise _load_error(path, ort.__version__, exc) from None
             log.warning("%s: providers %s failed (%s); retrying on CPUExecutionProvider", path, chosen, exc)
             try:
                 self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
             except Exception as exc2:
-                raise ModelError(f"{path}: onnxruntime cannot load the model: {exc2}") from None
+                raise _load_error(path, ort.__version__, exc2) from None
         self.providers: list[str] = list(self._sess.get_providers())
         if self.providers[:1] != chosen[:1]:
             log.warning("%s: asked for %s, running on %s", path, chosen, self.providers)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from builder.cli import main
-from builder.fleet.collect import Collector
-from builder.fleet.db import FleetDB
-from builder.fleet.mqtt import SyncClient, broker_config
+from fleet.collect import Collector
+from fleet.db import FleetDB
+from fleet.mqtt import SyncClient, broker_config
 from tests.agent_helpers import REPO, Broker, free_port
 from tests.fleet_helpers import dumps, event, state, telemetry, wait_for
 
@@ -83,11 +83,17 @@ def test_collector_stores_state_events_telemetry_results_and_rejects(broker: Bro
     assert live["d1"]["p95_ms"] == 9.25 and live["d2"]["online"] is False
 
 
+def _sigint_at_default() -> None:  # runs in the child between fork and exec
+    """A runner that ignores SIGINT passes that on to children, and Python then never raises
+    KeyboardInterrupt: restore the default so the Ctrl-C path is what is tested."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _collect_proc(url: str, db: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "builder.cli", "collect", "--broker", url, "--db", str(db),
                              "--client-id", "restart-test", "--json-stats", "--stats-every", "0.5", *extra],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, preexec_fn=_sigint_at_default)
 
 
 def _last_stats(log: Path) -> dict[str, object]:
@@ -154,24 +160,29 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_fleet_watch_refreshes_from_the_broker_and_stops_on_ctrl_c(broker: Broker, tmp_path: Path) -> None:
+    pytest.importorskip("rich", reason="workstation-only: `edgefleet fleet watch` needs rich (edgefleet[builder])")
     with SyncClient(broker_config(broker.url)) as c:
         c.publish(T.format("w1", "state"), dumps(state("w1", 1, profile="rpi4")), retain=True)
         c.flush()
     log = tmp_path / "watch.log"
+    # TTY_COMPATIBLE/TTY_INTERACTIVE: rich draws every refresh into the log (not only the last frame), so the test
+    # waits on what the table shows instead of a fixed sleep while the process is still importing.
     p = subprocess.Popen([sys.executable, "-m", "builder.cli", "fleet", "watch", "--broker", broker.url,
-                          "--refresh", "0.3"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "180"},
-                         stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                          "--refresh", "0.3"], cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "180",
+                              "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1"},
+                         stdout=log.open("wb"), stderr=subprocess.STDOUT, preexec_fn=_sigint_at_default)
     try:
-        time.sleep(1.5)
+        wait_for(lambda: "1/1 online" in log.read_text(errors="replace"), timeout=120, what="the first table")
         with SyncClient(broker_config(broker.url)) as c:
             c.publish(T.format("w1", "telemetry"), dumps(telemetry("w1", 5, p95=6.75, temp=77.0, throttled=True)),
                       retain=False)
             c.flush()
-        time.sleep(1.0)
+        wait_for(lambda: "6.75 ms" in log.read_text(errors="replace"), timeout=60, what="the telemetry row")
     finally:
         p.send_signal(signal.SIGINT)
-        rc = p.wait(20)
-    out = log.read_text()
+        rc = p.wait(30)
+    out = log.read_text(errors="replace")
     assert rc == 0 and "Traceback" not in out
     assert "w1" in out and "rpi4" in out and "6.75 ms" in out and "77.0 °C" in out and "1/1 online" in out
 

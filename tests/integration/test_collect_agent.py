@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from builder.cli import main
-from builder.fleet.collect import Collector
-from builder.fleet.db import FleetDB
-from builder.fleet.mqtt import broker_config
+from fleet.collect import Collector
+from fleet.db import FleetDB
+from fleet.mqtt import broker_config
 from tests.agent_helpers import Broker, deploy, publish
 from tests.fleet_helpers import wait_for
 

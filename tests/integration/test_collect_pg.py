@@ -3,6 +3,7 @@ after the commit (a collector killed while its insert waits loses nothing)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -15,15 +16,17 @@ from pathlib import Path
 import pytest
 
 from builder.cli import main
-from builder.fleet.collect import Collector
-from builder.fleet.db import FleetDB
-from builder.fleet.mqtt import broker_config
+from fleet.collect import Collector
+from fleet.db import FleetDB
+from fleet.mqtt import broker_config
 from tests.agent_helpers import REPO, Broker
 from tests.fleet_helpers import Postgres, pg_bin_dir, wait_for
 from tests.integration.test_collect import publish_telemetry
 
 PG_BIN = pg_bin_dir()
 pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("psycopg") is None,
+                       reason="workstation-only: the PostgreSQL store needs psycopg (pip install 'edgefleet[postgres]')"),
     pytest.mark.integration,
     pytest.mark.skipif(PG_BIN is None, reason="PostgreSQL server binaries (initdb, pg_ctl) are not installed; "
                                               ".ci/setup installs them with apt-get install postgresql"),

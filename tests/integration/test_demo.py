@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from builder.fleet.localfleet import mosquitto_path
+from fleet.localfleet import mosquitto_path
 from tests.agent_helpers import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -149,8 +149,8 @@ def test_ctrl_c_or_kill_stops_every_process(tmp_path: Path, sig: signal.Signals,
 
 def test_auto_broker_falls_back_to_amqtt_without_mosquitto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from agent.errors import UsageError
-    from builder.fleet import localfleet
-    from builder.fleet.mqtt import SyncClient, broker_config
+    from fleet import localfleet
+    from fleet.mqtt import SyncClient, broker_config
 
     monkeypatch.setattr(localfleet, "mosquitto_path", lambda: None)
     with pytest.raises(UsageError, match="mosquitto is not installed"):

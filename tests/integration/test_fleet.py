@@ -8,9 +8,9 @@ import pytest
 
 from agent.errors import UsageError
 from agent.protocol import topics
-from builder.fleet.deploy import deploy as fleet_deploy
-from builder.fleet.mqtt import BrokerError, broker_config
-from builder.fleet.publish import publish_artifact
+from fleet.deploy import deploy as fleet_deploy
+from fleet.mqtt import BrokerError, broker_config
+from fleet.publish import publish_artifact
 from tests.agent_helpers import Broker, Listener, deploy, free_port
 
 pytestmark = pytest.mark.integration

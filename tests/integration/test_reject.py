@@ -11,7 +11,7 @@ import pytest
 
 from agent.protocol import topics
 from agent.protocol.messages import encode
-from builder.fleet.publish import announcement
+from fleet.publish import announcement
 from tests.agent_helpers import (
     Broker,
     Listener,

@@ -19,9 +19,9 @@ from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol import topics
-from builder.fleet.deploy import deploy
-from builder.fleet.mqtt import broker_config
-from builder.fleet.publish import publish_artifact
+from fleet.deploy import deploy
+from fleet.mqtt import broker_config
+from fleet.publish import publish_artifact
 from tests.agent_helpers import AgentProcess, Broker, write_config
 
 pytestmark = pytest.mark.integration

@@ -17,8 +17,8 @@ from agent.deploy.policy import resolve_policy
 from agent.protocol import topics
 from agent.protocol.messages import Deployment, encode
 from agent.transport.fake import FakeTransport
-from builder.fleet.publish import announcement
-from tests.agent_helpers import make_artifact, make_keys, write_config
+from fleet.publish import announcement
+from tests.agent_helpers import TIME_SCALE, make_artifact, make_keys, write_config
 
 CHUNK = 1024
 
@@ -121,7 +121,7 @@ def test_probation_failure_rolls_back(tmp_path: Path) -> None:
     agent.start()
 
     def run_until(state: str, sha: str) -> None:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 20 * TIME_SCALE
         while not any(e["state"] == state and e["sha256"] == sha for e in _events(fake)):
             assert time.monotonic() < deadline, [(e["state"], e["reason"]) for e in _events(fake)]
             agent.step(0.02)

@@ -129,7 +129,7 @@ def test_agent_pings_watchdog_during_self_test_and_swaps_through_holder(
     from agent.protocol import topics
     from agent.protocol.messages import Deployment, encode
     from agent.transport.fake import FakeTransport
-    from builder.fleet.publish import announcement
+    from fleet.publish import announcement
     from tests.agent_helpers import make_artifact, make_keys, write_config
 
     addr, s = abstract_socket

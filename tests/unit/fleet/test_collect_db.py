@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import UsageError
-from builder.fleet.collect import MAX_PAYLOAD, add_message, subscriptions
-from builder.fleet.db import Batch, DatabaseError, FleetDB, columns, ddl
+from fleet.collect import MAX_PAYLOAD, add_message, subscriptions
+from fleet.db import Batch, DatabaseError, FleetDB, columns, ddl
 from tests.fleet_helpers import dumps, event, state, telemetry
 
 T = "edgefleet/v1/devices/{}/{}"

@@ -14,7 +14,7 @@ from agent.protocol.messages import (
     Telemetry,
     encode,
 )
-from builder.fleet.rollout import (
+from fleet.rollout import (
     DeviceView,
     Gate,
     Rollout,

@@ -15,11 +15,11 @@ import pytest
 from rich.console import Console
 
 from builder.cli import main
-from builder.fleet.collect import add_message
-from builder.fleet.db import Batch, FleetDB
-from builder.fleet.mqtt import broker_config
-from builder.fleet.report import deployment_history, downsample, render
-from builder.fleet.view import LiveFleet, render_table, rows_from_db
+from fleet.collect import add_message
+from fleet.db import Batch, FleetDB
+from fleet.mqtt import broker_config
+from fleet.report import deployment_history, downsample, render
+from fleet.view import LiveFleet, render_table, rows_from_db
 from tests.fleet_helpers import dumps, event, state, telemetry
 
 T0 = 1_795_500_000.0

@@ -23,8 +23,8 @@ from agent.errors import UsageError
 from agent.protocol import topics
 from agent.protocol.manifest import VERSION_RE
 from agent.protocol.messages import Command, Deployment, IndexEntry, MessageError, decode, encode
-from builder.fleet.mqtt import SyncClient, connect
-from builder.fleet.rollout import (
+from fleet.mqtt import SyncClient, connect
+from fleet.rollout import (
     Gate,
     Rollout,
     RolloutHalted,

@@ -4,7 +4,7 @@ A broker (mosquitto, else an embedded amqtt), N agent processes with their own s
 collector; the digits example built for two profiles, published, rolled out with a canary and
 upgraded (the canary's p95 judged against the model it replaces); then a deliberately broken
 artifact (corrupted golden vectors, signed) that the canary rejects and the rollout halts on; an
-HTML report at the end. Throughout, an "application" (builder/fleet/appload.py) calls every agent's
+HTML report at the end. Throughout, an "application" (fleet/appload.py) calls every agent's
 v2 endpoint, so telemetry carries latency and no request is seen failing across model swaps.
 Every process it starts has its own process group and is stopped on exit, Ctrl-C or SIGTERM (and,
 on Linux, if the demo itself dies).
@@ -32,8 +32,8 @@ import click
 
 from agent.errors import EdgefleetError, UsageError
 from agent.protocol import topics
-from builder.fleet.appload import AppLoad, describe
-from builder.fleet.localfleet import Procs, free_port, start_broker
+from fleet.appload import AppLoad, describe
+from fleet.localfleet import Procs, free_port, start_broker
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = ".edgefleet-demo"
@@ -191,7 +191,7 @@ def _prepare_out(out: Path) -> Path:
 
 
 def _states(url: str) -> dict[str, dict[str, Any]]:
-    from builder.fleet.mqtt import broker_config, connect
+    from fleet.mqtt import broker_config, connect
 
     c = connect(broker_config(url))
     try:
@@ -225,8 +225,8 @@ def _publish(art: Path, cfg: Any, verify: bool, tries: int = 3) -> None:
     last messages back before disconnecting, which fixed the losses seen; with amqtt (``verify``)
     the chunks are still read back as a second check; mosquitto needs none.
     """
-    from builder.fleet.mqtt import connect
-    from builder.fleet.publish import publish_artifact, read_head
+    from fleet.mqtt import connect
+    from fleet.publish import publish_artifact, read_head
 
     doc, _ = read_head(art)
     index = topics.artifact_index(doc["name"], doc["version"], doc["profile"])
@@ -249,8 +249,8 @@ def _publish(art: Path, cfg: Any, verify: bool, tries: int = 3) -> None:
 
 def _latest_latency(db: Path) -> dict[str, dict[str, float | None]]:
     """Each device's p50/p95 from its latest telemetry window in the collector's database."""
-    from builder.fleet.db import open_db
-    from builder.fleet.view import rows_from_db
+    from fleet.db import open_db
+    from fleet.view import rows_from_db
 
     fdb = open_db(str(db), readonly=True)
     try:
@@ -261,9 +261,9 @@ def _latest_latency(db: Path) -> dict[str, dict[str, float | None]]:
 
 def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], None],
              live: bool | None = None) -> dict[str, Any]:
-    from builder.fleet.deploy import RolloutDisplay, staged_rollout
-    from builder.fleet.mqtt import broker_config
-    from builder.fleet.rollout import Gate
+    from fleet.deploy import RolloutDisplay, staged_rollout
+    from fleet.mqtt import broker_config
+    from fleet.rollout import Gate
 
     t_start = time.monotonic()
     run = _prepare_out(out)

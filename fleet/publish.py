@@ -20,7 +20,7 @@ from agent.errors import IntegrityError, UsageError
 from agent.protocol import topics
 from agent.protocol.manifest import MANIFEST_NAME, SIGNATURE_NAME, parse_manifest
 from agent.protocol.messages import ArtifactAnnouncement, ChunkRef, IndexEntry, encode
-from builder.fleet.mqtt import BrokerError, SyncClient
+from fleet.mqtt import BrokerError, SyncClient
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 

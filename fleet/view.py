@@ -15,7 +15,7 @@ from typing import Any
 from agent.config import BrokerConfig
 from agent.protocol import topics
 from agent.protocol.messages import MessageError, StateMessage, Telemetry, decode
-from builder.fleet.db import FleetDB
+from fleet.db import FleetDB
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class LiveFleet:
     """Keeps a DeviceRow per device from retained state and telemetry seen on the broker."""
 
     def __init__(self, broker: BrokerConfig, timeout: float = 10.0) -> None:
-        from builder.fleet.mqtt import SyncClient
+        from fleet.mqtt import SyncClient
 
         self._lock = threading.Lock()
         self.rows: dict[str, DeviceRow] = {}

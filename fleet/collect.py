@@ -38,8 +38,8 @@ from agent.protocol.messages import (
     decode,
 )
 from agent.transport.mqtt import apply_login_and_tls
-from builder.fleet.db import Batch, DatabaseError, FleetDB
-from builder.fleet.mqtt import BrokerError
+from fleet.db import Batch, DatabaseError, FleetDB
+from fleet.mqtt import BrokerError
 
 log = logging.getLogger("edgefleet.collect")
 

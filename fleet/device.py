@@ -28,8 +28,8 @@ from agent.protocol.messages import (
     decode,
     encode,
 )
-from builder.fleet.commands import _broker, broker_options
-from builder.fleet.mqtt import BrokerError, SyncClient, connect
+from fleet.commands import _broker, broker_options
+from fleet.mqtt import BrokerError, SyncClient, connect
 
 CONNECT_TRIES = 3
 
@@ -97,7 +97,7 @@ def send_command(cfg: BrokerConfig, device: str, cmd: Command, timeout: float) -
 
 def _resolve_sha(cfg: BrokerConfig, device: str, name: str, version: str) -> str:
     """deploy without --sha256: the published artifact of NAME@VERSION for the device's profile."""
-    from builder.fleet.deploy import resolve
+    from fleet.deploy import resolve
 
     c = connect(cfg, CONNECT_TRIES, timeout=5.0)
     try:

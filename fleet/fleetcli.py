@@ -1,4 +1,4 @@
-"""`edgefleet collect` and `edgefleet fleet status|watch|report` (registered in builder/cli.py)."""
+"""`edgefleet collect` and `edgefleet fleet status|watch|report` (registered in the edgefleet CLI)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from agent.errors import UsageError
-from builder.fleet.commands import _broker, broker_options, broker_options_with
+from fleet.commands import _broker, broker_options, broker_options_with
 
 DB_HELP = "Fleet database: a file path (SQLite) or postgresql://USER@HOST:PORT/DB."
 
@@ -51,8 +51,8 @@ def collect_cmd(db_target: str, share_group: str | None, client_id: str | None, 
       edgefleet collect --broker mqtt://broker.lan:1883 --db fleet.db
       edgefleet collect --broker mqtt://broker.lan:1883 --db postgresql://edge@db/fleet --share-group collectors
     """
-    from builder.fleet.collect import Collector
-    from builder.fleet.db import DatabaseError, FleetDB
+    from fleet.collect import Collector
+    from fleet.db import DatabaseError, FleetDB
 
     broker = _broker(kw)
     db = FleetDB(db_target)
@@ -115,8 +115,8 @@ def _console() -> Any:
 
 
 def _db_rows(db_target: str) -> list[Any]:
-    from builder.fleet.db import FleetDB
-    from builder.fleet.view import rows_from_db
+    from fleet.db import FleetDB
+    from fleet.view import rows_from_db
 
     db = FleetDB(db_target, readonly=True)
     try:
@@ -138,7 +138,7 @@ def _source_options(f: Any) -> Any:
 def status_cmd(db_target: str | None, listen: float, as_json: bool, **kw: Any) -> None:
     """One row per device: online/offline, profile, active model, last p50/p95, RSS, CPU, max
     temperature, throttling and when it was last heard from."""
-    from builder.fleet.view import LiveFleet, render_table, rows_json
+    from fleet.view import LiveFleet, render_table, rows_json
 
     _source(kw["broker"], db_target)
     if db_target is not None:
@@ -166,7 +166,7 @@ def watch_cmd(db_target: str | None, refresh: float, duration: float, **kw: Any)
     """A live table of the fleet that refreshes in place (Ctrl-C exits)."""
     from rich.live import Live
 
-    from builder.fleet.view import LiveFleet, render_table
+    from fleet.view import LiveFleet, render_table
 
     _source(kw["broker"], db_target)
     live_fleet = LiveFleet(_broker(kw)).start() if db_target is None else None
@@ -197,8 +197,8 @@ def watch_cmd(db_target: str | None, refresh: float, duration: float, **kw: Any)
 def report_cmd(db_target: str, out: Path, as_json: bool) -> None:
     """Write one self-contained HTML page (no network needed): fleet summary, per-device plots of
     latency, temperature and memory, and the deployment history with outcomes and reasons."""
-    from builder.fleet.db import FleetDB
-    from builder.fleet.report import write_report
+    from fleet.db import FleetDB
+    from fleet.report import write_report
 
     db = FleetDB(db_target, readonly=True)
     try:

@@ -100,7 +100,7 @@ def start_broker(procs: Procs, run: Path, impl: str) -> tuple[str, str]:
         except ImportError:
             raise DependencyError("no mosquitto on PATH and the embedded broker needs 'amqtt': "
                                   "pip install -e '.[builder]' (or apt-get install mosquitto)") from None
-        p = procs.start("broker", [sys.executable, "-m", "builder.fleet.localfleet", "amqtt", str(port)])
+        p = procs.start("broker", [sys.executable, "-m", "fleet.localfleet", "amqtt", str(port)])
         chosen = "amqtt (embedded, MQTT 3.1.1)"
     _wait_port(port, p, chosen)
     return f"mqtt://127.0.0.1:{port}", chosen

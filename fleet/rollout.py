@@ -4,7 +4,7 @@ A rollout deploys one artifact to a few *canary* devices of a group first (per-d
 deployments), judges them from their events (and telemetry when devices send it), and only
 then sets the group's deployment. ``Rollout.feed`` takes every message the watcher sees;
 ``canary_verdict`` / ``device_health`` say whether to wait, go on or halt, and why.
-The MQTT side (publishing, rollback, the clock) lives in builder/fleet/deploy.py.
+The MQTT side (publishing, rollback, the clock) lives in fleet/deploy.py.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ ALREADY_ACTIVE = "already active before the rollout"
 class RolloutHalted(EdgefleetError):
     """The canaries did not prove the artifact healthy: the rollout stopped (and rolled back)."""
 
-    exit_code = 11  # 8 broker, 9 database / no answer, 10 command refused (builder/fleet)
+    exit_code = 11  # 8 broker, 9 database / no answer, 10 command refused (fleet/)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`edgefleet publish` and `edgefleet deploy` (registered in builder/cli.py)."""
+"""`edgefleet publish` and `edgefleet deploy` (registered in the edgefleet CLI)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ broker_options = broker_options_with()
 
 
 def _broker(kw: dict[str, Any]) -> Any:
-    from builder.fleet.mqtt import broker_config
+    from fleet.mqtt import broker_config
 
     return broker_config(kw.pop("broker"), kw.pop("ca_file"), kw.pop("cert_file"), kw.pop("key_file"),
                          kw.pop("username"), kw.pop("password"))
@@ -53,7 +53,7 @@ def publish_cmd(artifact: Path, chunk_size: int, force: bool, as_json: bool, **k
     fetch it. Safe to repeat: an artifact already on the broker is left as it is.
     """
     from agent.errors import UsageError
-    from builder.fleet.publish import chunk_count, publish_artifact
+    from fleet.publish import chunk_count, publish_artifact
 
     broker = _broker(kw)
     if not artifact.is_file():
@@ -102,12 +102,12 @@ def deploy_cmd(spec: str, device: str | None, group: str | None, profile: str | 
     Staged rollout to a group, halting (and rolling the canaries back) on a bad canary:
       edgefleet deploy digits@1.1.0 --group lab --canary 1 --wait --broker mqtt://HOST:1883
     """
-    from builder.fleet.deploy import deploy
+    from fleet.deploy import deploy
 
     if canary is not None or wait:
         from agent.errors import UsageError
-        from builder.fleet.deploy import RolloutDisplay, staged_rollout
-        from builder.fleet.rollout import Gate, RolloutHalted
+        from fleet.deploy import RolloutDisplay, staged_rollout
+        from fleet.rollout import Gate, RolloutHalted
 
         if group is None or device is not None:
             raise UsageError("--canary and --wait need --group G (and no --device)")

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import UsageError
-from builder.fleet.db import FleetDB
-from builder.fleet.view import COLUMNS, NUMERIC_COLUMNS, DeviceRow, cells, rows_from_db
+from fleet.db import FleetDB
+from fleet.view import COLUMNS, NUMERIC_COLUMNS, DeviceRow, cells, rows_from_db
 
 MAX_POINTS = 400  # per series; longer series are averaged into buckets
 FINAL = ("HEALTHY", "ROLLED_BACK", "REJECTED")

@@ -1,1 +1,0 @@
-"""Fleet side of the builder: publish artifacts to the broker and set desired deployments."""
