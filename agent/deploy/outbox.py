@@ -41,18 +41,19 @@ class Outbox:
         self.notifier = Notifier(None)
         # Saved now too: a run that sends fewer than SEQ_SAVE_EVERY messages must still move the
         # next start's seq ahead of every seq it sent.
-        self.seq = file.seq + SEQ_SAVE_EVERY
-        self.save()
+        file.seq += SEQ_SAVE_EVERY
+        file.save()
 
-    def save(self) -> None:
-        self.file.seq = self.seq
-        self.file.save()
+    @property
+    def seq(self) -> int:
+        """The last seq sent; kept in the agent.json record, so any save writes the current one."""
+        return self.file.seq
 
     def next_seq(self) -> int:
-        self.seq += 1
-        if self.seq % SEQ_SAVE_EVERY == 0:  # a rename per message would slow a transfer down
-            self.save()
-        return self.seq
+        self.file.seq += 1
+        if self.file.seq % SEQ_SAVE_EVERY == 0:  # a rename per message would slow a transfer down
+            self.file.save()
+        return self.file.seq
 
     def active_model(self) -> ActiveModel | None:
         a = self.active()
