@@ -23,8 +23,13 @@ from agent.errors import UsageError
 from agent.protocol import topics
 from agent.protocol.manifest import VERSION_RE
 from agent.protocol.messages import Command, Deployment, IndexEntry, MessageError, decode, encode
+from agent.protocol.states import SERVING
 from fleet.mqtt import SyncClient, connect
 from fleet.rollout import (
+    BAD_STATES,
+    DONE_STATES,
+    PENDING,
+    ROLLBACK_FAILED,
     Gate,
     Rollout,
     RolloutHalted,
@@ -189,7 +194,7 @@ def _send_rollbacks(c: SyncClient, feed: _Feed, ro: Rollout, devices: list[str],
             v.rolled_back, v.state = True, "ROLLED_BACK"
             v.reason = v.reason or "rolled back by the rollout"
         else:
-            v.state = "FAILED"
+            v.state = ROLLBACK_FAILED
             v.reason = f"rollback command {cid}: " + (str(res.get("reason")) if res else f"no answer within {wait_s:g}s")
 
 
@@ -254,7 +259,7 @@ def staged_rollout(broker: BrokerConfig, spec: str, group: str, canary: str | No
         on_change(ro)
         published: list[str] = []
         for d in canaries:
-            if ro.devices[d].state == "pending":
+            if ro.devices[d].state == PENDING:
                 dep = Deployment(name=name, version=version, sha256=entry.sha256, profile=entry.profile,
                                  deployed_at=_now_iso())
                 c.publish(topics.device_topic(d, "deployment"), encode(dep), retain=True)
@@ -337,8 +342,8 @@ class RolloutDisplay:
         for d, v in sorted(ro.devices.items(), key=lambda kv: (kv[1].role != "canary", kv[0])):
             p95 = f"{v.p95_ms:.3f}/{v.current_p95_ms:.3f}" if v.p95_ms is not None and v.current_p95_ms is not None \
                 else (f"{v.p95_ms:.3f}/-" if v.p95_ms is not None else "")
-            state = v.state if v.online or v.state in ("HEALTHY", "ROLLED_BACK") else f"{v.state} (offline)"
-            color = "green" if v.state in ("ACTIVE", "HEALTHY") else "red" if v.state in ("ROLLED_BACK", "REJECTED", "FAILED") else "yellow"
+            state = v.state if v.online or v.state in DONE_STATES else f"{v.state} (offline)"
+            color = "green" if v.state in SERVING else "red" if v.state in BAD_STATES else "yellow"
             t.add_row(d, v.role, "yes" if v.online else "no", f"[{color}]{state}[/{color}]",
                       f"{v.progress * 100:.0f}%" if v.progress is not None else "", p95, v.reason[:80])
         return t

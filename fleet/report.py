@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import UsageError
+from agent.protocol.states import FAILED, SERVING, TERMINAL
 from fleet.db import FleetDB
 from fleet.view import COLUMNS, NUMERIC_COLUMNS, DeviceRow, cells, rows_from_db
 
 MAX_POINTS = 400  # per series; longer series are averaged into buckets
-FINAL = ("HEALTHY", "ROLLED_BACK", "REJECTED")
-_OUTCOME_CLASS = {"HEALTHY": "ok", "ACTIVE": "ok", "ROLLED_BACK": "bad", "REJECTED": "bad"}
+_OUTCOME_CLASS = {**{s: "ok" for s in SERVING}, **{s: "bad" for s in FAILED}}
 
 
 def esc(v: Any) -> str:
@@ -140,7 +140,7 @@ def deployment_history(db: FleetDB) -> list[dict[str, Any]]:
     for e in evs:
         key = (e["device"], e["sha256"] or f"{e['name']}@{e['version']}")
         a = current.get(key)
-        if a is None or (a["state"] in FINAL and e["state"] not in FINAL):  # tried again: a new attempt
+        if a is None or (a["state"] in TERMINAL and e["state"] not in TERMINAL):  # tried again: a new attempt
             a = current[key] = {"device": e["device"], "name": e["name"], "version": e["version"],
                                 "sha256": e["sha256"], "started": e["ts"], "states": [], "reason": ""}
             attempts.append(a)
@@ -284,8 +284,8 @@ def _render(db: FleetDB, now: float | None, title: str) -> tuple[str, dict[str, 
     history = deployment_history(db)
     s = summary(db, rows, history)
     dep = s["deployments"]
-    healthy = dep.get("HEALTHY", 0) + dep.get("ACTIVE", 0)
-    failed = dep.get("ROLLED_BACK", 0) + dep.get("REJECTED", 0)
+    healthy = sum(dep.get(st, 0) for st in SERVING)
+    failed = sum(dep.get(st, 0) for st in FAILED)
     cards = "".join([
         _card(f"{s['online']}/{s['devices']}", "devices online", "ok" if s["online"] == s["devices"] else "warn"),
         _card(healthy, "deployments ok", "ok"),

@@ -18,12 +18,16 @@ from typing import Any, Literal
 from agent.errors import EdgefleetError, UsageError
 from agent.protocol import topics
 from agent.protocol.messages import Event, MessageError, StateMessage, Telemetry, decode
+from agent.protocol.states import FAILED, IN_PROGRESS, INSTALLING, SERVING, TERMINAL, p95_regressed
 
 Verdict = Literal["wait", "ok", "fail"]
 CANARY_RE = re.compile(r"^(\d{1,6})(%?)$")
-FAILED_STATES = ("ROLLED_BACK", "REJECTED")
+# A device's state is an agent state (agent.protocol.states) or one of the rollout's own two:
+PENDING = "pending"          # no event for the artifact yet
+ROLLBACK_FAILED = "FAILED"   # the rollout's rollback command failed or went unanswered
 # Terminal device states shown in the table; anything else is in progress.
-DONE_STATES = ("HEALTHY", "ROLLED_BACK", "REJECTED", "FAILED")
+DONE_STATES = (*TERMINAL, ROLLBACK_FAILED)
+BAD_STATES = (*FAILED, ROLLBACK_FAILED)
 # The reason of a device that ran the artifact before the rollout began (it is neither judged
 # nor rolled back); compared against, so spelled once.
 ALREADY_ACTIVE = "already active before the rollout"
@@ -48,10 +52,8 @@ class Gate:
     observe_s: float | None = None
 
     def p95_problem(self, new: float | None, old: float | None, source: str) -> str | None:
-        if new is None or old is None:
-            return None
-        limit = old * (1 + self.max_p95_regression_pct / 100.0) + self.p95_slack_ms
-        if new <= limit:
+        if new is None or old is None or not p95_regressed(new, old, self.max_p95_regression_pct,
+                                                             self.p95_slack_ms):
             return None
         pct = (new / old - 1) * 100 if old > 0 else math.inf
         return (f"{source} p95 {new:.3f} ms vs {old:.3f} ms before (+{pct:.0f}%; allowed "
@@ -67,7 +69,7 @@ class DeviceView:
     online: bool = False
     profile: str = ""
     active_sha: str | None = None
-    state: str = "pending"
+    state: str = PENDING
     progress: float | None = None
     reason: str = ""
     p95_ms: float | None = None
@@ -173,7 +175,7 @@ class Rollout:
             v.active_at, v.active_sha = now, self.sha
             v.p95_ms = _num(ev.detail.get("p95_ms"))
             v.current_p95_ms = _num(ev.detail.get("current_p95_ms"))
-        if ev.state in FAILED_STATES:
+        if ev.state in FAILED:
             v.reason = ev.reason
             if v.active_sha == self.sha:
                 v.active_sha = None  # the state message that follows says which one is active now
@@ -189,16 +191,16 @@ class Rollout:
         if tm.active.sha256 == self.sha:
             v.tele_after_p95 = lat.p95_ms if lat.p95_ms is not None else v.tele_after_p95
             v.tele_errors += lat.errors
-        elif v.state in ("pending", "FETCHING", "VERIFIED", "UNPACKED", "SELF_TEST"):
+        elif v.state == PENDING or v.state in IN_PROGRESS:
             v.tele_before_p95 = lat.p95_ms if lat.p95_ms is not None else v.tele_before_p95
         return True
 
     # -- decisions ----------------------------------------------------------------------------------
     def device_health(self, dev: str, now: float) -> tuple[Verdict, str]:
         v = self.devices[dev]
-        if v.state in FAILED_STATES:
+        if v.state in FAILED:
             return "fail", f"{dev}: {v.state}: {v.reason or 'no reason given'}"
-        if v.state not in ("ACTIVE", "HEALTHY"):
+        if v.state not in SERVING:
             return "wait", ""
         if v.reason == ALREADY_ACTIVE:
             return "ok", ""
@@ -244,12 +246,12 @@ class Rollout:
     def needs_rollback(self, dev: str) -> bool:
         """A canary running the new artifact (the agent rolls itself back only on its own failures)."""
         v = self.devices[dev]
-        return v.active_sha == self.sha and v.state not in FAILED_STATES and not v.rolled_back \
+        return v.active_sha == self.sha and v.state not in FAILED and not v.rolled_back \
             and v.reason != ALREADY_ACTIVE
 
     def installing(self, dev: str) -> bool:
         """Past VERIFIED and not yet ACTIVE: the agent completes this install whatever it receives."""
-        return self.devices[dev].state in ("VERIFIED", "UNPACKED", "SELF_TEST")
+        return self.devices[dev].state in INSTALLING
 
     def summary(self) -> dict[str, Any]:
         return {"ok": self.phase == "done", "name": self.name, "version": self.version, "sha256": self.sha,

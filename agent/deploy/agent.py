@@ -1,10 +1,14 @@
 """The agent: reconciles the active model with the retained desired deployment.
 
 Transport callbacks only enqueue; one worker thread (``step``/``run``) does everything else, so
-the state below is touched by one thread. Nothing received can raise out of ``step``: a bad
-message becomes a ``bad_message`` event and the active model keeps serving. This module routes
-messages and fetches; state and events are in ``state.py``, install/probation/rollback in
-``install.py``, commands in ``commands.py`` (``Agent`` inherits them in that order).
+the parts below are touched by one thread. Nothing received can raise out of ``step``: a bad
+message becomes a ``bad_message`` event and the active model keeps serving.
+
+The agent is the worker and owns its parts: ``Machine`` (machine.py: the deploy phases, their
+transitions and install.json), ``Outbox`` (outbox.py: state, events, seq), ``Fetcher``
+(fetch.py: FETCHING), ``Installer`` (install.py: VERIFIED to HEALTHY, probation, rollback,
+restart) and the operator commands (commands.py). This module routes messages to them and
+decides what to fetch.
 """
 
 from __future__ import annotations
@@ -12,37 +16,103 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from typing import Any
 
-from agent.deploy.commands import Commands
-from agent.deploy.fetch import FetchJob
-from agent.deploy.state import log
-from agent.errors import EdgefleetError, IntegrityError
+from agent.config import AgentConfig
+from agent.deploy import commands
+from agent.deploy.fetch import Fetcher, FetchJob
+from agent.deploy.install import Installer, Probation
+from agent.deploy.machine import AgentFile, Machine, Phase
+from agent.deploy.outbox import Outbox, log
+from agent.deploy.policy import Policy
 from agent.protocol import topics
-from agent.protocol.messages import (
-    MAX_ANNOUNCEMENT_BYTES,
-    ArtifactAnnouncement,
-    Deployment,
-    MessageError,
-    decode,
-)
-from agent.serve.local import Arrays
-from agent.service import trim_memory
-from agent.store.chunks import ChunkStore
+from agent.protocol.golden import GoldenSet
+from agent.protocol.messages import Deployment, MessageError, decode
+from agent.runtime import InferenceSession
+from agent.serve.holder import SessionHolder
+from agent.serve.local import Arrays, LocalModel
+from agent.service import Notifier, trim_memory
+from agent.store.chunks import discard_download
+from agent.store.fsutil import remove
+from agent.store.versions import Installed, VersionStore
+from agent.telemetry.latency import LatencyRecorder
 from agent.telemetry.reporter import TelemetryReporter
-from agent.transport.base import Will
+from agent.telemetry.thermal import ThermalReader
+from agent.transport.base import Transport, Will
 
-CHUNK_RETRIES = 3
+QUEUE_MAX = 10_000
 # Bytes waiting in the queue: a flood of large messages is dropped (and counted), not buffered.
 QUEUE_MAX_BYTES = 64 * 1024 * 1024
 
 
-class Agent(Commands):
+class Agent:
     """The device agent: ``run`` is its worker loop; tests drive it with ``step``/``drain``."""
+
+    def __init__(self, cfg: AgentConfig, policy: Policy, transport: Transport) -> None:
+        self.cfg, self.policy, self.t = cfg, policy, transport
+        self.dev = cfg.device_id
+        self.q: queue.Queue[tuple[str, str, bytes]] = queue.Queue(QUEUE_MAX)
+        self._queued_bytes = 0
+        self._qlock = threading.Lock()
+        self.dropped = 0
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.downloads = cfg.state_dir / "downloads"
+        self.downloads.mkdir(exist_ok=True)
+        self.file = AgentFile(cfg.state_dir / "agent.json")
+        self.rejected = self.file.rejected
+        self.desired_device: Deployment | None = None
+        self.desired_groups: dict[str, Deployment | None] = {}
+        # Every inference (serving, commands) records here; the telemetry reporter reads windows.
+        self.latency = LatencyRecorder()
+        # Requests (HTTP endpoint, LocalModel) use the model through the holder, never a session:
+        # a swap goes through it, so a request finishes on the model it started with.
+        self.holder = SessionHolder()
+        self.local = LocalModel(self.holder, self.latency)
+        self.thermal = ThermalReader(cfg.telemetry.sysfs_root)  # for the benchmark command
+        self.out = Outbox(cfg, policy, transport, self.file, lambda: self.installer.active)
+        self.machine = Machine(cfg.state_dir, self.out.deployment)
+        self.installer = Installer(cfg, policy, self.machine, self.out, self.holder, self)
+        self.fetcher = Fetcher(cfg, policy, transport, self.machine, self.out, lambda: self.installer.active,
+                               lambda dep, reason, detail: self.reject(dep, reason, detail=detail or None),
+                               self.installer.install)
+
+    # -- what the parts hold, read by commands, telemetry and tests ----------------------------------
+    @property
+    def active(self) -> Installed | None:
+        return self.installer.active
+
+    @property
+    def session(self) -> InferenceSession | None:
+        return self.installer.session
+
+    @property
+    def golden(self) -> GoldenSet | None:
+        return self.installer.golden
+
+    @property
+    def probation(self) -> Probation | None:
+        return self.installer.probation
+
+    @property
+    def versions(self) -> VersionStore:
+        return self.installer.versions
+
+    @property
+    def job(self) -> FetchJob | None:
+        return self.fetcher.job
+
+    @property
+    def notifier(self) -> Notifier:
+        return self.out.notifier
+
+    @notifier.setter
+    def notifier(self, n: Notifier) -> None:
+        self.out.notifier = n
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        self._recover()
-        self.t.set_will(Will(topics.device_topic(self.dev, "state"), self._state_payload(online=False)))
+        self.installer.recover()
+        self.t.set_will(Will(topics.device_topic(self.dev, "state"), self.out.state_payload(online=False)))
         base = [topics.device_topic(self.dev, "deployment"), topics.device_topic(self.dev, "cmd")]
         base += [topics.group_deployment(g) for g in self.cfg.groups]
         self.t.subscribe(base)
@@ -59,7 +129,7 @@ class Agent(Commands):
         self.notifier.stopping()
         if reporter is not None:
             reporter.stop()
-        self._publish_state(online=False)
+        self.out.publish_state(online=False)
         time.sleep(0.2)
         self.t.stop()
 
@@ -67,7 +137,7 @@ class Agent(Commands):
         """The reporter thread ([telemetry]); it reads only ``latency`` and the active model."""
         if not self.cfg.telemetry.enabled:
             return None
-        reporter = TelemetryReporter(self.cfg, self.t, self.latency, self._active_model)
+        reporter = TelemetryReporter(self.cfg, self.t, self.latency, self.out.active_model)
         reporter.start()
         return reporter
 
@@ -84,17 +154,19 @@ class Agent(Commands):
                 self._queued_bytes -= len(payload)
             try:
                 if kind == "connect":
-                    self._publish_state(online=True)
+                    self.out.publish_state(online=True)
                 else:
                     self._on_message(topic, payload)
             except Exception as exc:  # a bug, but the agent must keep serving
                 log.exception("error handling %s", topic)
-                self._bad(topic, f"internal error: {type(exc).__name__}: {exc}")
+                self.out.bad(topic, f"internal error: {type(exc).__name__}: {exc}")
         try:
-            self._tick()
+            now = time.monotonic()
+            self.fetcher.tick(now)
+            self.installer.tick(now)
         except Exception as exc:
             log.exception("timer error")
-            self._event("info", reason=f"internal error in timers: {type(exc).__name__}: {exc}")
+            self.out.event("info", reason=f"internal error in timers: {type(exc).__name__}: {exc}")
         return handled
 
     def drain(self, limit: int = 100_000) -> None:
@@ -125,31 +197,30 @@ class Agent(Commands):
     # -- messages -------------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:
         t = topics.parse(topic)
+        job = self.fetcher.job
         if t is None:
-            self._bad(topic, "not an edgefleet topic")
+            self.out.bad(topic, "not an edgefleet topic")
         elif t.kind == "device_deployment" and t.device == self.dev:
             self.desired_device = self._deployment(topic, payload, self.desired_device)
-            self._reconcile()
+            self.reconcile()
         elif t.kind == "group_deployment" and t.group in self.cfg.groups:
             assert t.group is not None
             self.desired_groups[t.group] = self._deployment(topic, payload, self.desired_groups.get(t.group))
-            self._reconcile()
+            self.reconcile()
         elif t.kind == "manifest":
-            job = self.job
             if job is None or t.sha256 != job.sha or job.ann is not None:
-                self._bad(topic, "manifest for an artifact that is not being fetched")
+                self.out.bad(topic, "manifest for an artifact that is not being fetched")
             else:
-                self._on_announcement(job, payload)
+                self.fetcher.on_announcement(job, payload)
         elif t.kind == "chunk":
-            job = self.job
             if job is None or job.store is None or t.sha256 != job.sha or t.index is None:
-                self._bad(topic, "chunk for an artifact that is not being fetched")
+                self.out.bad(topic, "chunk for an artifact that is not being fetched")
             else:
-                self._on_chunk(job, t.index, payload)
+                self.fetcher.on_chunk(job, t.index, payload)
         elif t.kind == "cmd" and t.device == self.dev:
-            self._on_command(topic, payload)
+            commands.on_command(self, topic, payload)
         else:
-            self._bad(topic, "a topic this agent does not handle")
+            self.out.bad(topic, "a topic this agent does not handle")
 
     def _deployment(self, topic: str, payload: bytes, old: Deployment | None) -> Deployment | None:
         if not payload:
@@ -157,105 +228,84 @@ class Agent(Commands):
         try:
             dep = decode(Deployment, payload)
         except MessageError as exc:
-            self._bad(topic, str(exc))
+            self.out.bad(topic, str(exc))
             return old
         if dep.profile is not None and dep.profile != self.cfg.profile:
-            self._event("deployment", "REJECTED", f"deployment is for profile '{dep.profile}', "
-                        f"this device is '{self.cfg.profile}'", dep)
+            # A refused message, not a step of the machine: whatever is in flight goes on.
+            self.out.event("deployment", "REJECTED", f"deployment is for profile '{dep.profile}', "
+                           f"this device is '{self.cfg.profile}'", dep)
             return old
         rej = self.rejected.get(dep.sha256)
         if rej is not None and dep.deployed_at and rej.get("deployed_at") != dep.deployed_at:
             del self.rejected[dep.sha256]  # a new deployment of a rejected artifact tries again
-            self._save_agent()
+            self.file.save()
         return dep
 
-    def _reconcile(self) -> None:
-        desired = self._desired()
-        if self.probation is not None:
+    # -- desired deployment, rejections -----------------------------------------------------------
+    def desired(self) -> Deployment | None:
+        if self.desired_device is not None:
+            return self.desired_device
+        for g in self.cfg.groups:
+            if self.desired_groups.get(g) is not None:
+                return self.desired_groups[g]
+        return None
+
+    def reconcile(self) -> None:
+        """Start, keep or give up the download the desired deployment needs."""
+        desired = self.desired()
+        if self.installer.probation is not None:
             return  # picked up again when probation ends
-        if desired is None or (self.active is not None and self.active.sha256 == desired.sha256) \
+        active = self.installer.active
+        if desired is None or (active is not None and active.sha256 == desired.sha256) \
                 or desired.sha256 in self.rejected:
-            if self.job is not None:
-                self.job.cancel(self.t)
-                self.job = None
+            self.fetcher.cancel()
             return
-        if self.job is not None:
-            if self.job.sha == desired.sha256:
-                return
-            self.job.cancel(self.t)
-        self.job = FetchJob(desired)
-        self.t.subscribe([topics.artifact_manifest(desired.sha256)])
+        self.fetcher.start(desired)
 
-    def _on_announcement(self, job: FetchJob, payload: bytes) -> None:
-        try:
-            ann = decode(ArtifactAnnouncement, payload, MAX_ANNOUNCEMENT_BYTES)
-            if ann.sha256 != job.sha:
-                raise MessageError("announcement's sha256 differs from its topic")
-            problem = ann.table_problem()
-            if problem:
-                raise MessageError(f"chunk table does not add up: {problem}")
-            m = self.policy.check_signed(ann.manifest, ann.signature, self.active)
-            if (m.name, m.version) != (job.desired.name, job.desired.version):
-                raise IntegrityError(f"deployment names {job.desired.name}@{job.desired.version} "
-                                     f"but the artifact is {m.name}@{m.version}")
-            store = ChunkStore(self.downloads, ann)
-        except (EdgefleetError, OSError) as exc:
-            self._reject(job.desired, str(exc))
-            return
-        job.ann, job.manifest, job.store = ann, m, store
-        self.t.unsubscribe([topics.artifact_manifest(job.sha)])
-        job.started = job.last_progress = time.monotonic()
-        self._event("deployment", "FETCHING", "", job.desired,
-                    {"chunks": len(ann.chunks), "size": ann.size, "resumed_chunks": store.resumed_chunks})
-        self._continue_fetch(job)
+    def reject(self, dep: Deployment, reason: str, phase: Phase = Phase.REJECTED,
+               detail: dict[str, Any] | None = None) -> None:
+        """The attempt at ``dep`` ends in ``phase`` (REJECTED or ROLLED_BACK): remembered, not retried."""
+        self.rejected[dep.sha256] = {"reason": reason, "deployed_at": dep.deployed_at}
+        self.file.save()
+        self.fetcher.cancel(dep.sha256, verdict=True)
+        discard_download(self.downloads, dep.sha256)
+        self.machine.enter(phase, dep, reason, detail)
 
-    def _on_chunk(self, job: FetchJob, index: int, payload: bytes) -> None:
-        store = job.store
-        assert store is not None
-        if index not in job.inflight:
-            if 0 <= index < len(store.done) and store.done[index]:
-                store.duplicate_chunks += 1
-                return
-            self._bad(topics.artifact_chunk(job.sha, index), "chunk that was not requested")
-            return
-        try:
-            store.write(index, payload)
-        except IntegrityError as exc:
-            # Ask again (the broker resends the retained chunk): a stray bad message is survived,
-            # a corrupt retained chunk rejects the artifact after CHUNK_RETRIES tries.
-            tries = job.bad_chunks[index] = job.bad_chunks.get(index, 0) + 1
-            if tries >= CHUNK_RETRIES:
-                self._reject(job.desired, f"{exc} ({tries} times)", detail={"chunk": index})
-                return
-            self._bad(topics.artifact_chunk(job.sha, index), str(exc))
-            job.retry(self.t, index)
-            return
-        except OSError as exc:
-            self._reject(job.desired, f"cannot write the download: {exc}", detail={"chunk": index})
-            return
-        job.landed(self.t, index, len(payload))
-        self._continue_fetch(job)
+    def mark_rejected(self, sha: str, reason: str) -> None:
+        """A rolled-back artifact is not fetched again for the deployment that named it."""
+        deployed_at = ""
+        for d in (self.desired_device, *self.desired_groups.values()):
+            if d is not None and d.sha256 == sha:
+                deployed_at = d.deployed_at
+                break
+        self.rejected[sha] = {"reason": reason, "deployed_at": deployed_at}
+        self.file.save()
 
-    def _continue_fetch(self, job: FetchJob) -> None:
-        store = job.store
-        assert store is not None
-        frac = store.count_done / len(store.done)
-        if frac >= job.next_report and not store.complete:
-            job.next_report = (int(frac * 10) + 1) / 10
-            self._event("deployment", "FETCHING", "", job.desired, {"progress": round(frac, 3)})
-            if frac >= 0.5:
-                self._pause("FETCHING")
-        if store.complete:
-            job.finished = time.monotonic()
-            self.job = None
-            self._install(job)
-        else:
-            job.fill_window(self.t, self.cfg.transfer.window)
+    def settled(self) -> None:
+        """Probation ended HEALTHY: drop downloads no longer wanted, then reconcile again."""
+        desired = self.desired()
+        keep = {d.sha256 for d in (desired,) if d is not None}
+        if self.fetcher.job is not None:
+            keep.add(self.fetcher.job.sha)
+        for f in self.downloads.iterdir():
+            if f.name.split(".")[0] not in keep:
+                remove(f)
+        self.reconcile()
 
-    def _tick(self) -> None:
-        now = time.monotonic()
-        job = self.job
-        if job is not None and job.inflight and now - job.last_progress > self.cfg.transfer.stall_s:
-            log.info("no chunk for %.0fs; asking again for %d chunks", self.cfg.transfer.stall_s, len(job.inflight))
-            job.resubscribe(self.t)
-        self._tick_probation(now)
+    # -- what commands and tests call ---------------------------------------------------------------
+    def rollback_command(self, cmd_id: str, version: str | None = None) -> tuple[bool, str]:
+        return commands.rollback(self, cmd_id, version)
+
+    def deploy_command(self, dep: Deployment) -> None:
+        self.rejected.pop(dep.sha256, None)
+        self.desired_device = dep
+        self.reconcile()
+
+    def publish_state(self) -> None:
+        self.out.publish_state(online=True)
+
+    def status(self) -> dict[str, Any]:
+        return commands.status(self)
+
+    def status_line(self) -> str:
+        return self.out.status_line()

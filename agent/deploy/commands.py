@@ -1,19 +1,17 @@
 """Operator commands on devices/{id}/cmd: deploy, rollback, benchmark, rebirth, status.
 
 Every command is answered on cmd/result with its id; an unknown op or a bad argument gets
-``ok: false`` and a reason, never an exception out of the agent. ``Commands`` is the part of
-the agent's class chain (``AgentState`` -> ``Installer`` -> ``Commands`` -> ``Agent``) that
-receives them and gives ``handle_command`` what it acts on.
+``ok: false`` and a reason, never an exception out of the agent. They run on the agent's worker
+thread and act through its parts (a rollback is the installer's, a deploy sets the desired state).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.deploy import selftest
-from agent.deploy.install import Installer
-from agent.deploy.state import log
+from agent.deploy.outbox import log
 from agent.protocol import topics
 from agent.protocol.messages import (
     COMMAND_OPS,
@@ -24,6 +22,9 @@ from agent.protocol.messages import (
     decode,
     encode,
 )
+
+if TYPE_CHECKING:
+    from agent.deploy.agent import Agent
 
 # The benchmark runs on the deployment worker: bounded in count and in time.
 MAX_BENCH_RUNS = 1000
@@ -48,7 +49,7 @@ def _args_problem(cmd: Command) -> str | None:
     return f"{cmd.op} does not take {', '.join(sorted(extra))}" if extra else None
 
 
-def _benchmark(agent: Commands, cmd: Command) -> tuple[bool, str, dict[str, Any]]:
+def _benchmark(agent: Agent, cmd: Command) -> tuple[bool, str, dict[str, Any]]:
     if agent.session is None or agent.golden is None:
         return False, "no active model", {}
     runs = cmd.runs if cmd.runs is not None else agent.cfg.install.bench_runs
@@ -74,7 +75,7 @@ def _benchmark(agent: Commands, cmd: Command) -> tuple[bool, str, dict[str, Any]
     }
 
 
-def handle_command(agent: Commands, cmd: Command) -> CommandResult:
+def handle_command(agent: Agent, cmd: Command) -> CommandResult:
     ok, reason, detail = True, "", dict[str, Any]()
     if cmd.op not in COMMAND_OPS:
         ok, reason = False, f"unknown op '{cmd.op[:64]}' (one of {', '.join(COMMAND_OPS)})"
@@ -105,59 +106,52 @@ def handle_command(agent: Commands, cmd: Command) -> CommandResult:
     return CommandResult(id=cmd.id, ok=ok, reason=reason, detail=detail)
 
 
-class Commands(Installer):
-    """Receives commands on the worker thread and answers each on cmd/result."""
+def on_command(agent: Agent, topic: str, payload: bytes) -> None:
+    """Decode, run and answer one command on cmd/result."""
+    result_topic = topics.device_topic(agent.dev, "cmd/result")
+    try:
+        cmd = decode(Command, payload)
+    except MessageError as exc:
+        agent.out.bad(topic, str(exc))
+        cmd_id = command_id(payload)
+        if cmd_id is not None:  # the sender waits for this id: tell it why
+            agent.t.publish(result_topic, encode(CommandResult(id=cmd_id, ok=False, reason=str(exc))))
+        return
+    try:
+        res = handle_command(agent, cmd)
+    except Exception as exc:  # a bug: answer, keep serving
+        log.exception("command %s failed", cmd.op)
+        res = CommandResult(id=cmd.id, ok=False, reason=f"internal error: {type(exc).__name__}: {exc}")
+    agent.t.publish(result_topic, encode(res))
 
-    def _on_command(self, topic: str, payload: bytes) -> None:
-        result_topic = topics.device_topic(self.dev, "cmd/result")
-        try:
-            cmd = decode(Command, payload)
-        except MessageError as exc:
-            self._bad(topic, str(exc))
-            cmd_id = command_id(payload)
-            if cmd_id is not None:  # the sender waits for this id: tell it why
-                self.t.publish(result_topic, encode(CommandResult(id=cmd_id, ok=False, reason=str(exc))))
-            return
-        try:
-            res = handle_command(self, cmd)
-        except Exception as exc:  # a bug: answer, keep serving
-            log.exception("command %s failed", cmd.op)
-            res = CommandResult(id=cmd.id, ok=False, reason=f"internal error: {type(exc).__name__}: {exc}")
-        self.t.publish(result_topic, encode(res))
 
-    def rollback_command(self, cmd_id: str, version: str | None = None) -> tuple[bool, str]:
-        """Roll back to the kept ``version`` (default: the previous one); (ok, reason)."""
-        target = None
-        a = self.active
-        if version is not None:
-            if a is not None and version in (a.manifest.version, a.label, a.dir.name):
-                return False, f"{a.label} is already the active version"
-            target = self.versions.find(version)
-            if target is None:
-                kept = ", ".join(i.label for i in self.versions.kept()) or "none"
-                return False, f"version {version} is not kept on this device (kept: {kept})"
-        if self._rollback(f"rollback requested by command {cmd_id}", by_command=True, target=target):
-            return True, ""
-        if target is not None:
-            return False, f"{target.label} does not load; it was removed"
-        return False, "no previous version to roll back to"
+def rollback(agent: Agent, cmd_id: str, version: str | None = None) -> tuple[bool, str]:
+    """Roll back to the kept ``version`` (default: the previous one); (ok, reason)."""
+    target = None
+    a = agent.active
+    if version is not None:
+        if a is not None and version in (a.manifest.version, a.label, a.dir.name):
+            return False, f"{a.label} is already the active version"
+        target = agent.versions.find(version)
+        if target is None:
+            kept = ", ".join(i.label for i in agent.versions.kept()) or "none"
+            return False, f"version {version} is not kept on this device (kept: {kept})"
+    if agent.installer.rollback(f"rollback requested by command {cmd_id}", by_command=True, target=target):
+        return True, ""
+    if target is not None:
+        return False, f"{target.label} does not load; it was removed"
+    return False, "no previous version to roll back to"
 
-    def deploy_command(self, dep: Deployment) -> None:
-        self.rejected.pop(dep.sha256, None)
-        self.desired_device = dep
-        self._reconcile()
 
-    def publish_state(self) -> None:
-        self._publish_state(online=True)
-
-    def status(self) -> dict[str, Any]:
-        job = self.job
-        return {
-            "device": self.dev,
-            "active": a.model_dump() if (a := self._active_model()) else None,
-            "probation": self.probation is not None,
-            "fetching": None if job is None or job.store is None else
-            {"sha256": job.sha, "done": job.store.count_done, "chunks": len(job.store.done)},
-            "dropped_messages": self.dropped,
-            "kept": [i.label for i in self.versions.kept()],
-        }
+def status(agent: Agent) -> dict[str, Any]:
+    job = agent.job
+    return {
+        "device": agent.dev,
+        "active": a.model_dump() if (a := agent.out.active_model()) else None,
+        "probation": agent.probation is not None,
+        "phase": agent.machine.phase.value,
+        "fetching": None if job is None or job.store is None else
+        {"sha256": job.sha, "done": job.store.count_done, "chunks": len(job.store.done)},
+        "dropped_messages": agent.dropped,
+        "kept": [i.label for i in agent.versions.kept()],
+    }

@@ -1,15 +1,31 @@
-"""One artifact being fetched: its announcement, chunk store and the window of chunk topics."""
+"""The FETCHING phase: one artifact's announcement, chunk store and window of chunk topics."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from agent.config import AgentConfig
+from agent.deploy.machine import Machine, Phase
+from agent.deploy.outbox import Outbox, log
+from agent.deploy.policy import Policy
+from agent.errors import EdgefleetError, IntegrityError
 from agent.protocol import topics
 from agent.protocol.manifest import Manifest
-from agent.protocol.messages import ArtifactAnnouncement, Deployment
+from agent.protocol.messages import (
+    MAX_ANNOUNCEMENT_BYTES,
+    ArtifactAnnouncement,
+    Deployment,
+    MessageError,
+    decode,
+)
 from agent.store.chunks import ChunkStore
+from agent.store.versions import Installed
 from agent.transport.base import Transport
+
+CHUNK_RETRIES = 3
 
 
 @dataclass
@@ -87,3 +103,110 @@ class FetchJob:
             "seconds": round(secs, 4),
             "mb_per_s": round(self.fetched_bytes / secs / 1e6, 3),
         }
+
+
+class Fetcher:
+    """The FETCHING phase: one job at a time, fed the announcement and chunks the worker routes here.
+
+    A part of the agent owned by its one worker thread; ``reject`` and ``complete`` go back to it
+    (a refused artifact; a finished download to install).
+    """
+
+    def __init__(self, cfg: AgentConfig, policy: Policy, transport: Transport, machine: Machine, out: Outbox,
+                 active: Callable[[], Installed | None], reject: Callable[[Deployment, str, dict[str, Any]], None],
+                 complete: Callable[[FetchJob], None]) -> None:
+        self.cfg, self.policy, self.t, self.machine, self.out = cfg, policy, transport, machine, out
+        self.active, self.reject, self.complete = active, reject, complete
+        self.downloads = cfg.state_dir / "downloads"
+        self.downloads.mkdir(exist_ok=True)
+        self.job: FetchJob | None = None
+
+    def start(self, desired: Deployment) -> None:
+        """Fetch ``desired`` (its announcement first), giving up any other download."""
+        if self.job is not None:
+            if self.job.sha == desired.sha256:
+                return
+            self.cancel()
+        self.job = FetchJob(desired)
+        self.t.subscribe([topics.artifact_manifest(desired.sha256)])
+
+    def cancel(self, sha: str | None = None, verdict: bool = False) -> None:
+        """Give up the download (of ``sha`` only, when given); the partial file stays for a resume.
+        With ``verdict`` the caller moves the machine on (REJECTED), else it goes back to IDLE."""
+        if self.job is not None and (sha is None or self.job.sha == sha):
+            self.job.cancel(self.t)
+            self.job = None
+            if not verdict:
+                self.machine.idle()
+
+    def on_announcement(self, job: FetchJob, payload: bytes) -> None:
+        try:
+            ann = decode(ArtifactAnnouncement, payload, MAX_ANNOUNCEMENT_BYTES)
+            if ann.sha256 != job.sha:
+                raise MessageError("announcement's sha256 differs from its topic")
+            problem = ann.table_problem()
+            if problem:
+                raise MessageError(f"chunk table does not add up: {problem}")
+            m = self.policy.check_signed(ann.manifest, ann.signature, self.active())
+            if (m.name, m.version) != (job.desired.name, job.desired.version):
+                raise IntegrityError(f"deployment names {job.desired.name}@{job.desired.version} "
+                                     f"but the artifact is {m.name}@{m.version}")
+            store = ChunkStore(self.downloads, ann)
+        except (EdgefleetError, OSError) as exc:
+            self.reject(job.desired, str(exc), {})
+            return
+        job.ann, job.manifest, job.store = ann, m, store
+        self.t.unsubscribe([topics.artifact_manifest(job.sha)])
+        job.started = job.last_progress = time.monotonic()
+        self.machine.enter(Phase.FETCHING, job.desired, "",
+                           {"chunks": len(ann.chunks), "size": ann.size, "resumed_chunks": store.resumed_chunks})
+        self._continue(job)
+
+    def on_chunk(self, job: FetchJob, index: int, payload: bytes) -> None:
+        store = job.store
+        assert store is not None
+        if index not in job.inflight:
+            if 0 <= index < len(store.done) and store.done[index]:
+                store.duplicate_chunks += 1
+                return
+            self.out.bad(topics.artifact_chunk(job.sha, index), "chunk that was not requested")
+            return
+        try:
+            store.write(index, payload)
+        except IntegrityError as exc:
+            # Ask again (the broker resends the retained chunk): a stray bad message is survived,
+            # a corrupt retained chunk rejects the artifact after CHUNK_RETRIES tries.
+            tries = job.bad_chunks[index] = job.bad_chunks.get(index, 0) + 1
+            if tries >= CHUNK_RETRIES:
+                self.reject(job.desired, f"{exc} ({tries} times)", {"chunk": index})
+                return
+            self.out.bad(topics.artifact_chunk(job.sha, index), str(exc))
+            job.retry(self.t, index)
+            return
+        except OSError as exc:
+            self.reject(job.desired, f"cannot write the download: {exc}", {"chunk": index})
+            return
+        job.landed(self.t, index, len(payload))
+        self._continue(job)
+
+    def _continue(self, job: FetchJob) -> None:
+        store = job.store
+        assert store is not None
+        frac = store.count_done / len(store.done)
+        if frac >= job.next_report and not store.complete:
+            job.next_report = (int(frac * 10) + 1) / 10
+            self.machine.enter(Phase.FETCHING, job.desired, "", {"progress": round(frac, 3)})
+            if frac >= 0.5:
+                self.machine.pause("FETCHING")
+        if store.complete:
+            job.finished = time.monotonic()
+            self.job = None
+            self.complete(job)
+        else:
+            job.fill_window(self.t, self.cfg.transfer.window)
+
+    def tick(self, now: float) -> None:
+        job = self.job
+        if job is not None and job.inflight and now - job.last_progress > self.cfg.transfer.stall_s:
+            log.info("no chunk for %.0fs; asking again for %d chunks", self.cfg.transfer.stall_s, len(job.inflight))
+            job.resubscribe(self.t)

@@ -1,50 +1,80 @@
-"""Install, activation, probation and rollback: what happens once an artifact is on disk.
+"""Install, activation, probation and rollback: the machine's phases once an artifact is on disk.
 
-``Installer`` is the middle of the agent's class chain (``AgentState`` -> ``Installer`` ->
-``Commands`` -> ``Agent``); it runs on the agent's one worker thread. A failure before
-activation keeps the previous model serving (ROLLED_BACK); one during probation switches back.
+``Installer`` is a part of the agent owned by its one worker thread. It owns what serves (the
+active version, its session and golden set, the version store) and moves the deploy machine
+from VERIFIED to HEALTHY. A failure before activation keeps the previous model serving
+(ROLLED_BACK, or REJECTED for an artifact this device refuses); one during probation switches back.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from agent.config import AgentConfig
 from agent.deploy import selftest
 from agent.deploy.fetch import FetchJob
-from agent.deploy.state import AgentState, Probation, log
+from agent.deploy.machine import Machine, Phase
+from agent.deploy.outbox import Outbox, log
+from agent.deploy.policy import Policy
 from agent.errors import EdgefleetError, IntegrityError, RuntimeTooOldError
 from agent.protocol.artifact import verify_artifact
 from agent.protocol.golden import GoldenSet
 from agent.protocol.messages import Deployment
 from agent.runtime import InferenceSession
-from agent.serve.holder import Loaded
+from agent.serve.holder import Loaded, SessionHolder
 from agent.store.chunks import discard_download
-from agent.store.fsutil import read_json, remove, write_json
-from agent.store.versions import Installed
+from agent.store.versions import Installed, VersionStore
 
 
-class Installer(AgentState):
+@dataclass
+class Probation:
+    """A newly active model on trial: golden checks every interval until ``until``."""
+
+    inst: Installed
+    until: float
+    next_check: float
+
+
+class Owner(Protocol):
+    """What the installer asks of the worker that owns it (the agent)."""
+
+    def reject(self, dep: Deployment, reason: str, phase: Phase = Phase.REJECTED,
+               detail: dict[str, Any] | None = None) -> None: ...
+    def mark_rejected(self, sha: str, reason: str) -> None: ...
+    def settled(self) -> None: ...
+
+
+class Installer:
     """Verifies, unpacks, self-tests and activates a fetched artifact; probation and rollback."""
 
-    # -- recovery after a restart ---------------------------------------------------------------
-    def _recover(self) -> None:
+    def __init__(self, cfg: AgentConfig, policy: Policy, machine: Machine, out: Outbox,
+                 holder: SessionHolder, owner: Owner) -> None:
+        self.cfg, self.policy, self.machine, self.out, self.holder, self.owner = cfg, policy, machine, out, holder, owner
+        self.versions = VersionStore(cfg.state_dir, cfg.keep_versions)
+        self.downloads = cfg.state_dir / "downloads"
+        self.active: Installed | None = None
+        self.session: InferenceSession | None = None
+        self.golden: GoldenSet | None = None
+        self.probation: Probation | None = None
+
+    # -- restart ----------------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Load what ``active`` names and resume the machine's phase (see ``Machine.restore``)."""
         self.versions.clean_partial()
-        doc = read_json(self.install_path)
         active = self.versions.active()
+        phase = self.machine.restore(active.dir.name if active is not None else None)
         if active is not None:
             try:
                 self._load_active(active)
             except (EdgefleetError, OSError, ValueError) as exc:
                 self.active = active
-                self._rollback(f"active model does not load after restart: {exc}")
+                self.rollback(f"active model does not load after restart: {exc}")
                 return
-        if isinstance(doc, dict) and active is not None and doc.get("dir") == active.dir.name \
-                and doc.get("state") in ("ACTIVATING", "PROBATION"):
+        if phase is Phase.PROBATION and active is not None:
             self._start_probation(active)
-            self._event("info", "ACTIVE", "restarted during probation; probation starts again", active)
-        elif doc is not None:
-            remove(self.install_path)  # an install interrupted before activation restarts from the download
+            self.out.event("info", "ACTIVE", "restarted during probation; probation starts again", active)
 
     def _load_active(self, inst: Installed) -> None:
         session = selftest.load(inst, self.cfg.threads, self.policy.providers)
@@ -63,11 +93,11 @@ class Installer(AgentState):
         m = None if inst is None else inst.manifest
         self.holder.swap(None if m is None or inst is None or session is None else
                          Loaded(m.name, m.version, inst.sha256, m.runtime, session))
-        self.notifier.status(self.status_line())
+        self.out.notifier.status(self.out.status_line())
 
-    # -- install --------------------------------------------------------------------------------
-    def _install(self, job: FetchJob) -> None:
-        dep, store = job.desired, job.store
+    # -- FETCHING -> VERIFIED -> UNPACKED -> SELF_TEST -> ACTIVATING -> PROBATION -----------------
+    def install(self, job: FetchJob) -> None:
+        dep, store, m = job.desired, job.store, self.machine
         assert store is not None
         try:
             path = store.finish()
@@ -78,27 +108,28 @@ class Installer(AgentState):
                 raise IntegrityError("artifact's manifest differs from the announced one")
             self.policy.check(va.manifest, self.active)
         except (EdgefleetError, OSError) as exc:
-            self._reject(dep, str(exc))
+            self.owner.reject(dep, str(exc))
             return
-        self._event("deployment", "VERIFIED", "", dep, {"key_id": va.key_id, "fetch": job.stats()})
-        self._pause("VERIFIED")
+        previous = self.active.dir.name if self.active else None
+        m.enter(Phase.VERIFIED, dep, "", {"key_id": va.key_id, "fetch": job.stats()},
+                sha256=dep.sha256, previous=previous)
+        m.pause("VERIFIED")
         try:
             inst = self.versions.unpack(va)
         except (EdgefleetError, OSError) as exc:
-            self._reject(dep, f"unpack failed: {exc}")
+            self.owner.reject(dep, f"unpack failed: {exc}")
             return
-        self._event("deployment", "UNPACKED", "", dep, {"dir": inst.dir.name})
-        self._pause("UNPACKED")
-        self._event("deployment", "SELF_TEST", "", dep)
-        self._pause("SELF_TEST")
+        m.enter(Phase.UNPACKED, dep, "", {"dir": inst.dir.name}, dir=inst.dir.name)
+        m.pause("UNPACKED")
+        m.enter(Phase.SELF_TEST, dep)
+        m.pause("SELF_TEST")
         try:
             session = selftest.load(inst, self.cfg.threads, self.policy.providers)
         except RuntimeTooOldError as exc:
             # Not a flaw of the candidate but of this device's runtime: refused like a wrong
             # profile, so the reason (both versions) is what the operator sees.
             self.versions.forget(inst)
-            remove(self.install_path)
-            self._reject(dep, str(exc))
+            self.owner.reject(dep, str(exc))
             return
         except (EdgefleetError, OSError, ValueError) as exc:
             self._failed_candidate(dep, inst, f"model does not load: {exc}")
@@ -107,25 +138,21 @@ class Installer(AgentState):
         result = selftest.check_candidate(
             session, inst, self.cfg.install.bench_runs, self._p95_budget(inst),
             self.policy.max_regression_pct, self.cfg.install.p95_slack_ms, current,
-            tick=self.notifier.watchdog)
+            tick=self.out.notifier.watchdog)
         if not result.ok:
             session.close()
             self._failed_candidate(dep, inst, result.reason, result.detail)
             return
-        previous = self.active
-        write_json(self.install_path, {"sha256": dep.sha256, "dir": inst.dir.name, "state": "ACTIVATING",
-                                       "previous": previous.dir.name if previous else None})
+        prev = self.active
+        m.enter(Phase.ACTIVATING)  # persisted before the symlink moves: a restart checks which it names
         self.versions.activate(inst)
         assert result.golden is not None  # set on every passing check
         self._set_active(inst, session, result.golden)
-        write_json(self.install_path, {"sha256": dep.sha256, "dir": inst.dir.name, "state": "PROBATION",
-                                       "previous": previous.dir.name if previous else None})
         discard_download(self.downloads, dep.sha256)
-        self._event("deployment", "ACTIVE", "", inst, {**result.detail,
-                    "previous": previous.label if previous else None})
-        self._publish_state(online=True)
+        m.enter(Phase.PROBATION, inst, "", {**result.detail, "previous": prev.label if prev else None})
+        self.out.publish_state(online=True)
         self._start_probation(inst)
-        self._pause("ACTIVE")
+        m.pause("ACTIVE")
 
     def _p95_budget(self, inst: Installed) -> float | None:
         """The on-device p95 budget: the device config's, else the one the model was built
@@ -139,52 +166,39 @@ class Installer(AgentState):
                           detail: dict[str, Any] | None = None) -> None:
         """A failure before activation: the previous model never stopped being active."""
         self.versions.forget(inst)
-        remove(self.install_path)
         kept = self.active.label if self.active else None
-        self._reject(dep, reason, "ROLLED_BACK", {**(detail or {}), "active": kept})
+        self.owner.reject(dep, reason, Phase.ROLLED_BACK, {**(detail or {}), "active": kept})
 
-    # -- probation ------------------------------------------------------------------------------
+    # -- PROBATION -> HEALTHY | ROLLED_BACK ---------------------------------------------------------
     def _start_probation(self, inst: Installed) -> None:
         now = time.monotonic()
         self.probation = Probation(inst, now + self.cfg.install.probation_s,
                                    now + min(self.cfg.install.probation_interval_s, self.cfg.install.probation_s))
 
-    def _tick_probation(self, now: float) -> None:
-        """Golden check when due; HEALTHY (prune, clean downloads, reconcile) when probation ends."""
+    def tick(self, now: float) -> None:
+        """Golden check when due; HEALTHY (prune, then the owner settles) when probation ends."""
         p = self.probation
         if p is None:
             return
         if now >= p.next_check:
             p.next_check = now + self.cfg.install.probation_interval_s
-            problem = self._probe()
+            problem = self.probe()
             if problem is not None:
-                self._rollback(f"probation failed: {problem}")
+                self.rollback(f"probation failed: {problem}")
                 return
         if now >= p.until:
             self.probation = None
-            remove(self.install_path)
             removed = self.versions.prune()
-            self._clean_downloads()
-            self._event("deployment", "HEALTHY", "", p.inst, {"pruned": removed})
-            self._reconcile()
+            self.machine.enter(Phase.HEALTHY, p.inst, "", {"pruned": removed})
+            self.owner.settled()
 
-    def _clean_downloads(self) -> None:
-        """Drop downloads of artifacts no longer wanted (a superseded deployment's partial file)."""
-        desired = self._desired()
-        keep = {d.sha256 for d in (desired,) if d is not None}
-        if self.job is not None:
-            keep.add(self.job.sha)
-        for f in self.downloads.iterdir():
-            if f.name.split(".")[0] not in keep:
-                remove(f)
-
-    def _probe(self) -> str | None:
+    def probe(self) -> str | None:
         if self.session is None or self.golden is None or self.active is None:
             return "no model loaded"
         return selftest.golden_check(self.session, self.active, self.golden)
 
-    # -- rollback -------------------------------------------------------------------------------
-    def _rollback(self, reason: str, by_command: bool = False, target: Installed | None = None) -> bool:
+    # -- ROLLED_BACK ------------------------------------------------------------------------------
+    def rollback(self, reason: str, by_command: bool = False, target: Installed | None = None) -> bool:
         """Switch back to ``target`` or the previous version (or to none); mark the failed one rejected."""
         failed = self.active
         prev = target or self.versions.previous()
@@ -205,12 +219,9 @@ class Installer(AgentState):
             self.versions.deactivate()
         self._set_active(prev, session, golden)
         self.probation = None
-        remove(self.install_path)
         if failed is not None:
-            self.rejected[failed.sha256] = {"reason": reason, "deployed_at": self._deployed_at(failed.sha256)}
-            self._save_agent()
+            self.owner.mark_rejected(failed.sha256, reason)
             self.versions.forget(failed)
-        self._event("deployment", "ROLLED_BACK", reason, failed,
-                    {"active": prev.label if prev else None})
-        self._publish_state(online=True)
+        self.machine.enter(Phase.ROLLED_BACK, failed, reason, {"active": prev.label if prev else None})
+        self.out.publish_state(online=True)
         return True

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from agent.errors import EdgefleetError
 from agent.protocol.golden import GoldenSet, self_test
+from agent.protocol.states import p95_regressed
 from agent.runtime import InferenceSession, load_session
 from agent.store.versions import Installed
 from agent.telemetry.latency import p50_p95_p99
@@ -102,8 +103,7 @@ def check_candidate(
             detail["current_error"] = str(exc)
         if cur is not None:
             detail["current_p95_ms"] = round(cur.p95_ms, 4)
-            limit = cur.p95_ms * (1 + max_regression_pct / 100.0) + slack_ms
-            if lat.p95_ms > limit:
+            if p95_regressed(lat.p95_ms, cur.p95_ms, max_regression_pct, slack_ms):
                 return CheckResult(
                     False,
                     f"p95 {lat.p95_ms:.3f} ms is more than {max_regression_pct:g}% (+{slack_ms:g} ms) "

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent.errors import IntegrityError
 from agent.protocol.manifest import Sha256, Version
+from agent.protocol.states import DeployState as DeployState
 from agent.protocol.topics import SEGMENT_RE
 
 M = TypeVar("M", bound=BaseModel)
@@ -21,10 +22,8 @@ M = TypeVar("M", bound=BaseModel)
 MAX_CONTROL_BYTES = 64 * 1024          # deployments, commands, index entries
 MAX_ANNOUNCEMENT_BYTES = 4 * 1024 * 1024  # manifest + chunk table
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
+# DeployState is re-exported from agent.protocol.states, where its categories are defined.
 
-DeployState = Literal[
-    "FETCHING", "VERIFIED", "UNPACKED", "SELF_TEST", "ACTIVE", "HEALTHY", "ROLLED_BACK", "REJECTED",
-]
 
 
 class MessageError(IntegrityError):

@@ -101,7 +101,7 @@ def test_arbitrary_payloads_on_every_topic(setup: dict[str, Any], data: st.DataO
     agent.drain()
     assert agent.active is not None and agent.active.sha256 == setup["sha1"]
     assert agent.session is not None
-    assert agent._probe() is None  # still serves correct outputs
+    assert agent.installer.probe() is None  # still serves correct outputs
     new = [json.loads(p) for t, p, _ in fake.published[before:] if t.endswith("/events")]
     for ev in new:
         if ev["kind"] == "bad_message" or ev.get("state") in ("REJECTED", "ROLLED_BACK"):

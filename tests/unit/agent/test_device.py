@@ -85,7 +85,7 @@ def test_model_newer_than_runtime_is_rejected_with_both_versions(tmp_path: Path)
 
 def test_birth_message_reports_the_device(tmp_path: Path) -> None:
     agent, fake, _ = _agent(tmp_path)
-    agent._publish_state(online=True)
+    agent.out.publish_state(online=True)
     state = [p for t, p, _ in fake.published if t == topics.device_topic("dev", "state")][-1]
     info = decode(StateMessage, state).device_info
     assert info is not None and info.machine == machine() and info.python == platform.python_version()

@@ -25,7 +25,7 @@ def test_seq_increases_across_restarts(tmp_path: Path) -> None:
         fake = FakeTransport()
         agent = Agent(cfg, resolve_policy(cfg), fake)
         for i in range(n):
-            agent._event("info", reason=f"run {run} message {i}")
+            agent.out.event("info", reason=f"run {run} message {i}")
         agent.publish_state()
         seqs = _seqs(fake)
         assert len(seqs) == n + 1 and seqs == sorted(seqs)
