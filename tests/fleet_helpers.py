@@ -114,6 +114,9 @@ def dumps(doc: dict[str, Any]) -> bytes:
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    from tests.agent_helpers import TIME_SCALE
+
+    timeout *= TIME_SCALE  # a give-up point that scales with the machine
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:

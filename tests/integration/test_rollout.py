@@ -33,12 +33,13 @@ def test_canary_rollout_then_offline_device_catches_up(broker: Broker, listener:
                                                       artifacts: Any) -> None:
     sha1 = publish(broker.url, artifacts(version="1.0.0"))
     sha2 = publish(broker.url, artifacts(version="1.1.0", seed=1))
-    late = agents.start("r3", groups=("lab",))
+    # the relative p95 gate is tested on its own; a loaded runner's jitter must not halt this rollout
+    late = agents.start("r3", groups=("lab",), p95_slack_ms=50.0)
     _birth(listener, "r3")
     late.stop()  # SIGTERM: the agent publishes online=false; r3 stays a known member of the group
     _birth(listener, "r3", online=False)
     for d in ("r1", "r2"):
-        agents.start(d, groups=("lab",))
+        agents.start(d, groups=("lab",), p95_slack_ms=50.0)
         _birth(listener, d)
     seen: list[str] = []
     ro = staged_rollout(broker_config(broker.url), "tiny@1.0.0", "lab", "1", wait=True, timeout=60,
