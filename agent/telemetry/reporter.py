@@ -4,7 +4,10 @@ Each interval it builds one ``Telemetry`` message and writes it to the on-disk b
 then sends buffered messages in order while the transport is connected (a bounded number in
 flight) and deletes each once the broker acknowledged it. Messages handed to the transport
 before a disconnect are resent by the transport after the reconnect, so new ones wait until
-those are acknowledged: delivery stays in order.
+those are acknowledged: delivery stays in order. A message the transport did not keep across
+the reconnect (paho drops one whose publish raced the disconnect, on some versions) is
+published again from the buffer after RESEND_AFTER_S: delivery is at least once, and
+receivers drop a repeated seq.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from agent.transport.base import Delivery, Transport
 log = logging.getLogger(__name__)
 
 INFLIGHT = 16
+# Seconds after a reconnect before a message still unacknowledged from an earlier connection is
+# published again from the buffer.
+RESEND_AFTER_S = 5.0
 # Thermal state is sampled this often within a window (at least 4 samples per window).
 MAX_SAMPLE_S = 1.0
 
@@ -98,6 +104,7 @@ class TelemetryReporter:
         self.window = WindowThermal()
         self.inflight: list[_Inflight] = []
         self.sent_upto = 0  # highest buffered id handed to the transport
+        self._reconnected, self._reconnected_at = 0, 0.0  # the connection seen with old in-flight messages
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -140,8 +147,18 @@ class TelemetryReporter:
         if not self.t.is_connected():
             return len(self.inflight)
         conn = self.t.connects
-        if any(f.connection != conn for f in self.inflight):
-            return len(self.inflight)  # resent by the transport first; keeps the order
+        old = [f for f in self.inflight if f.connection != conn]
+        if old:
+            if self._reconnected != conn:
+                self._reconnected, self._reconnected_at = conn, time.monotonic()
+            if time.monotonic() - self._reconnected_at < RESEND_AFTER_S:
+                return len(self.inflight)  # resent by the transport first; keeps the order
+            for f in old:  # not kept by the transport across the reconnect: publish it again
+                again = self.buffer.after(f.id - 1, 1)
+                if again and again[0][0] == f.id:
+                    log.info("telemetry %d unacknowledged since a reconnect; publishing it again", f.id)
+                    f.delivery, f.connection = self.t.publish_tracked(self.topic, again[0][1]), conn
+            return len(self.inflight)
         room = INFLIGHT - len(self.inflight)
         if room > 0:
             for mid, payload in self.buffer.after(self.sent_upto, room):

@@ -197,3 +197,41 @@ def test_outage_buffers_in_order_and_reports_drops(tmp_path: Path) -> None:
     assert sum(d["buffer"]["dropped"] for d in _sent(fake)) == 3
     assert _sent(fake)[-1]["buffer"]["dropped_total"] == 3
     rep.buffer.close()
+
+
+def test_message_lost_by_the_transport_across_a_reconnect_is_sent_again(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """paho 2.0.0 can drop a publish that raced the disconnect: it is never acknowledged. The
+    reporter publishes it again from the buffer after RESEND_AFTER_S (at least once, in order)."""
+    from agent.telemetry import reporter as rmod
+    from agent.transport.fake import FakeDelivery
+
+    class Lossy(FakeTransport):
+        lose = 2  # the seq whose first publish the transport loses
+
+        def publish_tracked(self, topic: str, payload: bytes) -> FakeDelivery:
+            if json.loads(payload)["seq"] == self.lose:
+                self.lose = -1
+                return FakeDelivery(False)  # sent nowhere, never acknowledged
+            return super().publish_tracked(topic, payload)
+
+    monkeypatch.setattr(rmod, "RESEND_AFTER_S", 0.0)
+    fake = Lossy()
+    fake.start(lambda *a: None, lambda: None)
+    rep = TelemetryReporter(_cfg(tmp_path, tmp_path), fake, LatencyRecorder(), lambda: None,
+                            ThermalReader(tmp_path, vcgencmd=None))
+    for _ in range(3):
+        rep.report()
+        rep.pump()
+    rep.pump()  # forgets the acknowledged ones
+    assert [d["seq"] for d in _sent(fake)] == [1, 3] and rep.buffer.pending() == 1  # 2 waits for its PUBACK
+    fake.disconnect()
+    fake.connect()
+    for _ in range(5):
+        rep.report()
+        rep.pump()
+    while rep.pump():
+        pass
+    seqs = [d["seq"] for d in _sent(fake)]
+    assert sorted(set(seqs)) == list(range(1, 9)) and rep.buffer.pending() == 0
+    rep.buffer.close()
