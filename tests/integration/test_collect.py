@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,17 +69,24 @@ def test_collector_stores_state_events_telemetry_results_and_rejects(broker: Bro
     assert rows["d1"]["online"] is True and rows["d1"]["p95_ms"] == 3.5 and rows["d2"]["online"] is False
     # and live from the broker: retained state plus telemetry while listening
     with SyncClient(broker_config(broker.url)) as c:
-        def later() -> None:
-            time.sleep(0.6)
-            c.publish(T.format("d1", "telemetry"), dumps(telemetry("d1", 99, p95=9.25)), retain=False)
-            c.flush()
+        listened = threading.Event()
 
-        import threading
+        def until_listened() -> None:
+            # telemetry every 0.1 s until the command returns: whenever it subscribes, one arrives
+            seq = 99
+            while not listened.is_set():
+                c.publish(T.format("d1", "telemetry"), dumps(telemetry("d1", seq, p95=9.25)), retain=False)
+                c.flush()
+                seq += 1
+                listened.wait(0.1)
 
-        th = threading.Thread(target=later)
+        th = threading.Thread(target=until_listened)
         th.start()
-        assert main(["fleet", "status", "--broker", broker.url, "--listen", "1.5", "--json"]) == 0
-        th.join()
+        try:
+            assert main(["fleet", "status", "--broker", broker.url, "--listen", "1.5", "--json"]) == 0
+        finally:
+            listened.set()
+            th.join()
     live = {r["device"]: r for r in json.loads(capsys.readouterr().out)}
     assert live["d1"]["p95_ms"] == 9.25 and live["d2"]["online"] is False
 
@@ -135,14 +143,26 @@ def test_two_collectors_share_the_stream_exactly_once(broker: Broker, tmp_path: 
     try:
         n = publish_telemetry(broker.url, [f"d{i}" for i in range(20)], 20)
         wait_for(lambda: a.stats.received + b.stats.received >= n, what="all messages received")
-        time.sleep(0.5)  # a duplicate delivery would show up here
+        # A duplicate of those would reach its collector before anything published later (mosquitto
+        # keeps each client's order): publish barrier messages until each collector has one.
+        ra, rb = a.stats.received, b.stats.received
+        barriers = 0
+
+        def both_passed_a_barrier() -> bool:
+            nonlocal barriers
+            if a.stats.received + b.stats.received - ra - rb >= barriers:  # all barriers so far delivered
+                barriers += publish_telemetry(broker.url, ["barrier"], 1, start_seq=barriers)
+            return a.stats.received > ra and b.stats.received > rb
+
+        wait_for(both_passed_a_barrier, what="a barrier message at each collector")
+        wait_for(lambda: a.stats.received + b.stats.received >= n + barriers, what="every barrier received")
     finally:
         a.stop()
         b.stop()
-    assert a.stats.received + b.stats.received == n  # each message went to one collector only
+    assert a.stats.received + b.stats.received == n + barriers  # each message went to one collector only
     assert a.stats.received > n // 10 and b.stats.received > n // 10  # and both did work
     assert a.stats.duplicates == 0 and b.stats.duplicates == 0
-    assert FleetDB(db_path).count("telemetry") == n
+    assert FleetDB(db_path).count("telemetry") == n + barriers
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,7 +84,10 @@ def test_pg_collector_killed_before_commit_loses_nothing(pg: Postgres, broker: B
     locker = psycopg.connect(url)
     locker.execute("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")
     n = publish_telemetry(broker.url, ["k1", "k2", "k3"], 20)
-    time.sleep(1.0)  # the collector has received them by now and waits on the lock
+    # the collector has the messages and its INSERT waits on the lock: nothing acknowledged yet
+    wait_for(lambda: locker.execute("SELECT count(*) FROM pg_locks WHERE NOT granted "
+                                    "AND relation = 'telemetry'::regclass").fetchone()[0] > 0,  # type: ignore[index]
+             what="the collector's INSERT waiting on the lock")
     p.send_signal(signal.SIGKILL)
     p.wait(10)
     locker.rollback()
