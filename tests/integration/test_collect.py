@@ -18,7 +18,7 @@ from builder.cli import main
 from fleet.collect import Collector
 from fleet.db import FleetDB
 from fleet.mqtt import SyncClient, broker_config
-from tests.agent_helpers import REPO, Broker, free_port
+from tests.agent_helpers import REPO, Broker, free_port, stop_process
 from tests.fleet_helpers import dumps, event, state, telemetry, wait_for
 
 pytestmark = pytest.mark.integration
@@ -113,11 +113,13 @@ def test_collector_restart_loses_nothing(broker: Broker, tmp_path: Path) -> None
     db_path = tmp_path / "fleet.db"
     devices = [f"dev-{i}" for i in range(5)]
     p = _collect_proc(broker.url, db_path, tmp_path / "c1.log")
-    wait_for(lambda: "received" in (tmp_path / "c1.log").read_text(), what="collector progress")
-    n1 = publish_telemetry(broker.url, devices, 20)
-    wait_for(lambda: _last_stats(tmp_path / "c1.log").get("stored") == n1, what="first batch stored")
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(20) == 0
+    try:
+        wait_for(lambda: "received" in (tmp_path / "c1.log").read_text(), what="collector progress")
+        n1 = publish_telemetry(broker.url, devices, 20)
+        wait_for(lambda: _last_stats(tmp_path / "c1.log").get("stored") == n1, what="first batch stored")
+    finally:
+        rc = stop_process(p, signal.SIGTERM)
+    assert rc == 0
     final = _last_stats(tmp_path / "c1.log")
     assert final["final"] is True and final["stored"] == n1
     # while the collector is down: the broker keeps them for its persistent session
@@ -126,8 +128,8 @@ def test_collector_restart_loses_nothing(broker: Broker, tmp_path: Path) -> None
     try:
         wait_for(lambda: _last_stats(tmp_path / "c2.log").get("stored") == n2, what="backlog stored")
     finally:
-        p.send_signal(signal.SIGINT)  # Ctrl-C also stops cleanly
-        assert p.wait(20) == 0
+        rc = stop_process(p, signal.SIGINT)  # Ctrl-C also stops cleanly
+    assert rc == 0
     db = FleetDB(str(db_path))
     assert db.count("telemetry") == n1 + n2
     per_dev = db.query("SELECT device, COUNT(*) AS n, MIN(seq) AS lo, MAX(seq) AS hi FROM telemetry "
@@ -200,8 +202,7 @@ def test_fleet_watch_refreshes_from_the_broker_and_stops_on_ctrl_c(broker: Broke
             c.flush()
         wait_for(lambda: "6.75 ms" in log.read_text(errors="replace"), timeout=60, what="the telemetry row")
     finally:
-        p.send_signal(signal.SIGINT)
-        rc = p.wait(30)
+        rc = stop_process(p, signal.SIGINT, 30)
     out = log.read_text(errors="replace")
     assert rc == 0 and "Traceback" not in out
     assert "w1" in out and "rpi4" in out and "6.75 ms" in out and "77.0 °C" in out and "1/1 online" in out
