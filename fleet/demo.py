@@ -35,7 +35,7 @@ from agent.protocol import topics
 from fleet.appload import AppLoad, describe
 from fleet.localfleet import Procs, free_port, start_broker
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 MARKER = ".edgefleet-demo"
 PROFILES = ("x86-ipc", "generic-cpu")
 # Only the fast candidates: the demo shows the fleet loop, `python3 -m examples.digits` the full search.
