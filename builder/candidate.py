@@ -30,13 +30,13 @@ from agent.protocol.manifest import (
 )
 from agent.protocol.profile import DeviceProfile
 from agent.runtime import InferenceSession, load_session
+from builder.compression_report import build_report
 from builder.data import Feeds, Split
 from builder.evaluate.accuracy import UserMetric, compare, run_batched
 from builder.evaluate.latency import measure_latency
 from builder.evaluate.memory import measure_peak_rss
 from builder.package import file_entry, write_artifact
 from builder.passes import ModelHandle
-from builder.report import build_report
 
 # Tolerance of the on-device self-test against this candidate's host outputs, relative to
 # the largest output magnitude: runtimes on other CPUs round differently, int8 most of all.

@@ -158,7 +158,7 @@ def _table(results: list[Any]) -> Any:
     from rich.markup import escape
     from rich.table import Table
 
-    from builder.report import accuracy_cells
+    from builder.compression_report import accuracy_cells
 
     t = Table(title="edgefleet build (size: model file; p50 / p95 at batch 1, interleaved with fp32)")
     cols = ("profile", "runtime", "candidate", "precision", "size", "accuracy", "vs fp32", "p50 / p95 (b1)", "peak RSS", "verdict")
@@ -308,7 +308,7 @@ def inspect_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
 
     va = verify_artifact(artifact, [load_public_key(k) for k in keys])
     m = va.manifest
-    from builder.report import read_report, summary_lines
+    from builder.compression_report import read_report, summary_lines
 
     report = read_report(artifact, m)
     if as_json:

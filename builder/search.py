@@ -15,6 +15,7 @@ from agent.errors import BudgetError, EdgefleetError, ModelError
 from agent.protocol.profile import DeviceProfile
 from agent.runtime.base import IOSpec
 from builder.candidate import Candidate, Reference, evaluate_and_pack
+from builder.compression_report_html import write_html_report
 from builder.config import BuildConfig, effective_profile
 from builder.data import DataBundle, check_labels, check_split, read_npz
 from builder.evaluate.accuracy import run_batched
@@ -22,7 +23,6 @@ from builder.package import ensure_writable_dir
 from builder.passes import ModelHandle, ModelKind, PassContext
 from builder.pipeline import Pipeline, plan
 from builder.recipes import EXPORT, NEEDS_STUDENT, SIMPLIFY, TORCH_ONLY, recipe_steps
-from builder.report_html import write_html_report
 
 log = logging.getLogger(__name__)
 

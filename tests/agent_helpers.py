@@ -266,6 +266,19 @@ def make_multi_artifact(
 
 # ------------------------------------------------------------------------------ broker
 
+def stop_process(p: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+    """Send ``sig`` and wait for the exit code; a process still running after ``timeout`` s is
+    killed (so a test never leaves it behind) and None is returned for the test to assert on."""
+    if p.poll() is None:
+        p.send_signal(sig)
+    try:
+        return p.wait(timeout * TIME_SCALE)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(10)
+        return None
+
+
 class Broker:
     """A real mosquitto on a loopback port, with persistence so retained messages survive restarts."""
 
@@ -300,16 +313,12 @@ class Broker:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"mosquitto exited: {(self.dir / 'mosquitto.log').read_text()[-500:]}") from None
                 time.sleep(0.05)
+        self.stop()  # a test whose broker never listened does not leave it running
         raise RuntimeError("mosquitto did not start")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # SIGTERM: mosquitto saves its persistence db
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGTERM, 10)  # SIGTERM: mosquitto saves its persistence db
         self.proc = None
 
     def restart(self) -> None:
@@ -437,12 +446,8 @@ class AgentProcess:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGTERM, 10)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -96,15 +96,19 @@ def load_profile(path: Path) -> DeviceProfile:
     return profile
 
 
+SHIPPED_PROFILES_DIR = Path(__file__).resolve().parent / "device_profiles"
+"""The profiles that ship in the package (wheel package data; a checkout links ./device_profiles here)."""
+
+
 def default_profiles_dir() -> Path:
-    """$EDGEFLEET_PROFILES, else ./device_profiles, else the one beside the source tree."""
+    """$EDGEFLEET_PROFILES, else ./device_profiles, else the profiles shipped in the package."""
     env = os.environ.get("EDGEFLEET_PROFILES")
     if env:
         return Path(env)
     cwd = Path.cwd() / "device_profiles"
     if cwd.is_dir():
         return cwd
-    return Path(__file__).resolve().parents[2] / "device_profiles"
+    return SHIPPED_PROFILES_DIR
 
 
 def load_profiles(directory: Path | None = None) -> dict[str, DeviceProfile]:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from builder.cli import main
 from fleet.collect import Collector
 from fleet.db import FleetDB
 from fleet.mqtt import SyncClient, broker_config
-from tests.agent_helpers import REPO, Broker, free_port
+from tests.agent_helpers import REPO, Broker, free_port, stop_process
 from tests.fleet_helpers import dumps, event, state, telemetry, wait_for
 
 pytestmark = pytest.mark.integration
@@ -68,17 +69,24 @@ def test_collector_stores_state_events_telemetry_results_and_rejects(broker: Bro
     assert rows["d1"]["online"] is True and rows["d1"]["p95_ms"] == 3.5 and rows["d2"]["online"] is False
     # and live from the broker: retained state plus telemetry while listening
     with SyncClient(broker_config(broker.url)) as c:
-        def later() -> None:
-            time.sleep(0.6)
-            c.publish(T.format("d1", "telemetry"), dumps(telemetry("d1", 99, p95=9.25)), retain=False)
-            c.flush()
+        listened = threading.Event()
 
-        import threading
+        def until_listened() -> None:
+            # telemetry every 0.1 s until the command returns: whenever it subscribes, one arrives
+            seq = 99
+            while not listened.is_set():
+                c.publish(T.format("d1", "telemetry"), dumps(telemetry("d1", seq, p95=9.25)), retain=False)
+                c.flush()
+                seq += 1
+                listened.wait(0.1)
 
-        th = threading.Thread(target=later)
+        th = threading.Thread(target=until_listened)
         th.start()
-        assert main(["fleet", "status", "--broker", broker.url, "--listen", "1.5", "--json"]) == 0
-        th.join()
+        try:
+            assert main(["fleet", "status", "--broker", broker.url, "--listen", "1.5", "--json"]) == 0
+        finally:
+            listened.set()
+            th.join()
     live = {r["device"]: r for r in json.loads(capsys.readouterr().out)}
     assert live["d1"]["p95_ms"] == 9.25 and live["d2"]["online"] is False
 
@@ -105,11 +113,13 @@ def test_collector_restart_loses_nothing(broker: Broker, tmp_path: Path) -> None
     db_path = tmp_path / "fleet.db"
     devices = [f"dev-{i}" for i in range(5)]
     p = _collect_proc(broker.url, db_path, tmp_path / "c1.log")
-    wait_for(lambda: "received" in (tmp_path / "c1.log").read_text(), what="collector progress")
-    n1 = publish_telemetry(broker.url, devices, 20)
-    wait_for(lambda: _last_stats(tmp_path / "c1.log").get("stored") == n1, what="first batch stored")
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(20) == 0
+    try:
+        wait_for(lambda: "received" in (tmp_path / "c1.log").read_text(), what="collector progress")
+        n1 = publish_telemetry(broker.url, devices, 20)
+        wait_for(lambda: _last_stats(tmp_path / "c1.log").get("stored") == n1, what="first batch stored")
+    finally:
+        rc = stop_process(p, signal.SIGTERM)
+    assert rc == 0
     final = _last_stats(tmp_path / "c1.log")
     assert final["final"] is True and final["stored"] == n1
     # while the collector is down: the broker keeps them for its persistent session
@@ -118,8 +128,8 @@ def test_collector_restart_loses_nothing(broker: Broker, tmp_path: Path) -> None
     try:
         wait_for(lambda: _last_stats(tmp_path / "c2.log").get("stored") == n2, what="backlog stored")
     finally:
-        p.send_signal(signal.SIGINT)  # Ctrl-C also stops cleanly
-        assert p.wait(20) == 0
+        rc = stop_process(p, signal.SIGINT)  # Ctrl-C also stops cleanly
+    assert rc == 0
     db = FleetDB(str(db_path))
     assert db.count("telemetry") == n1 + n2
     per_dev = db.query("SELECT device, COUNT(*) AS n, MIN(seq) AS lo, MAX(seq) AS hi FROM telemetry "
@@ -135,14 +145,26 @@ def test_two_collectors_share_the_stream_exactly_once(broker: Broker, tmp_path: 
     try:
         n = publish_telemetry(broker.url, [f"d{i}" for i in range(20)], 20)
         wait_for(lambda: a.stats.received + b.stats.received >= n, what="all messages received")
-        time.sleep(0.5)  # a duplicate delivery would show up here
+        # A duplicate of those would reach its collector before anything published later (mosquitto
+        # keeps each client's order): publish barrier messages until each collector has one.
+        ra, rb = a.stats.received, b.stats.received
+        barriers = 0
+
+        def both_passed_a_barrier() -> bool:
+            nonlocal barriers
+            if a.stats.received + b.stats.received - ra - rb >= barriers:  # all barriers so far delivered
+                barriers += publish_telemetry(broker.url, ["barrier"], 1, start_seq=barriers)
+            return a.stats.received > ra and b.stats.received > rb
+
+        wait_for(both_passed_a_barrier, what="a barrier message at each collector")
+        wait_for(lambda: a.stats.received + b.stats.received >= n + barriers, what="every barrier received")
     finally:
         a.stop()
         b.stop()
-    assert a.stats.received + b.stats.received == n  # each message went to one collector only
+    assert a.stats.received + b.stats.received == n + barriers  # each message went to one collector only
     assert a.stats.received > n // 10 and b.stats.received > n // 10  # and both did work
     assert a.stats.duplicates == 0 and b.stats.duplicates == 0
-    assert FleetDB(db_path).count("telemetry") == n
+    assert FleetDB(db_path).count("telemetry") == n + barriers
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -180,8 +202,7 @@ def test_fleet_watch_refreshes_from_the_broker_and_stops_on_ctrl_c(broker: Broke
             c.flush()
         wait_for(lambda: "6.75 ms" in log.read_text(errors="replace"), timeout=60, what="the telemetry row")
     finally:
-        p.send_signal(signal.SIGINT)
-        rc = p.wait(30)
+        rc = stop_process(p, signal.SIGINT, 30)
     out = log.read_text(errors="replace")
     assert rc == 0 and "Traceback" not in out
     assert "w1" in out and "rpi4" in out and "6.75 ms" in out and "77.0 °C" in out and "1/1 online" in out

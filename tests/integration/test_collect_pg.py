@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from builder.cli import main
 from fleet.collect import Collector
 from fleet.db import FleetDB
 from fleet.mqtt import broker_config
-from tests.agent_helpers import REPO, Broker
+from tests.agent_helpers import REPO, Broker, stop_process
 from tests.fleet_helpers import Postgres, pg_bin_dir, wait_for
 from tests.integration.test_collect import publish_telemetry
 
@@ -80,20 +79,24 @@ def test_pg_collector_killed_before_commit_loses_nothing(pg: Postgres, broker: B
                                 stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
     p = start()
-    wait_for(lambda: '"received"' in log.read_text(), what="collector running")
-    # Hold a lock so the collector's INSERT waits: it has the messages but has not committed.
     locker = psycopg.connect(url)
-    locker.execute("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")
-    n = publish_telemetry(broker.url, ["k1", "k2", "k3"], 20)
-    time.sleep(1.0)  # the collector has received them by now and waits on the lock
-    p.send_signal(signal.SIGKILL)
-    p.wait(10)
-    locker.rollback()
-    locker.close()
+    try:
+        wait_for(lambda: '"received"' in log.read_text(), what="collector running")
+        # Hold a lock so the collector's INSERT waits: it has the messages but has not committed.
+        locker.execute("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")
+        n = publish_telemetry(broker.url, ["k1", "k2", "k3"], 20)
+        # the collector has the messages and its INSERT waits on the lock: nothing acknowledged yet
+        wait_for(lambda: locker.execute("SELECT count(*) FROM pg_locks WHERE NOT granted "
+                                        "AND relation = 'telemetry'::regclass").fetchone()[0] > 0,  # type: ignore[index]
+                 what="the collector's INSERT waiting on the lock")
+    finally:
+        stop_process(p, signal.SIGKILL, 10)  # killed before the lock goes, so it never commits
+        locker.rollback()
+        locker.close()
     assert FleetDB(url).count("telemetry") == 0
     p = start()  # same client id: the broker redelivers everything that was never acknowledged
     try:
         wait_for(lambda: FleetDB(url).count("telemetry") == n, what="redelivered messages stored")
     finally:
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(20) == 0
+        rc = stop_process(p, signal.SIGTERM)
+    assert rc == 0

@@ -3,6 +3,7 @@ it started survives its end or a Ctrl-C."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -17,7 +18,7 @@ import psutil
 import pytest
 
 from fleet.localfleet import mosquitto_path
-from tests.agent_helpers import REPO
+from tests.agent_helpers import REPO, stop_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,9 +38,21 @@ class Watched:
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   preexec_fn=_deliver_sigint)
         self.seen: dict[int, str] = {}
+        self._procs: dict[int, psutil.Process] = {}  # psutil refuses to signal a reused pid
         self.err: list[str] = []
         self.out = ""
         threading.Thread(target=self._read_err, daemon=True).start()
+
+    def __enter__(self) -> Watched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Whatever the test's outcome, the demo and every descendant it was seen with are gone."""
+        self.snapshot()
+        stop_process(self.p, signal.SIGTERM, 30)
+        for c in self._procs.values():
+            with contextlib.suppress(psutil.Error):
+                c.kill()
 
     def _read_err(self) -> None:
         assert self.p.stderr is not None
@@ -50,6 +63,7 @@ class Watched:
         try:
             for c in psutil.Process(self.p.pid).children(recursive=True):
                 self.seen.setdefault(c.pid, " ".join(c.cmdline())[:200])
+                self._procs.setdefault(c.pid, c)
         except psutil.Error:
             pass
 
@@ -88,41 +102,41 @@ IMPLS = ["amqtt"] + (["mosquitto"] if mosquitto_path() else [])
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_demo_runs_the_whole_loop_and_leaves_nothing(tmp_path: Path, impl: str) -> None:
-    w = Watched("--out", str(tmp_path / "demo"), "--broker-impl", impl, "--json")
-    rc = w.wait(180)
-    assert rc == 0, "".join(w.err)[-4000:]
-    s = json.loads(w.out.strip().splitlines()[-1])
-    assert s["ok"] and s["broker"].startswith(impl)
-    assert s["rollouts"]["good_x86-ipc"]["phase"] == "done" and s["rollouts"]["good_x86-ipc"]["canaries"] == ["dev-1"]
-    assert s["rollouts"]["good_generic-cpu"]["phase"] == "done"
-    broken = s["rollouts"]["broken"]
-    assert broken["phase"] == "halted" and "self-test failed" in broken["reason"]
-    assert s["rollouts"]["upgrade"]["phase"] == "done" and s["rollouts"]["upgrade"]["canaries"] == ["dev-1"]
-    # the broken 1.1.0 never replaced the upgrade anywhere
-    assert {d: v["active"] for d, v in s["devices"].items()} == {"dev-1": "1.0.1", "dev-2": "1.0.1", "dev-3": "1.0.0"}
-    report = Path(s["report"]).read_text()
-    assert all(d in report for d in ("dev-1", "dev-2", "dev-3"))
-    # the application called every device once its first model was active, and not one request failed
-    # across the canary rollouts, the upgrade's model swap and the halted broken artifact
-    app = s["app"]
-    assert set(app["devices"]) == {"dev-1", "dev-2", "dev-3"}
-    for d, a in app["devices"].items():
-        assert a["ready_s"] is not None and a["ok"] > 0 and a["failed"] == 0, (d, a)
-        assert a["ok"] == a["requests"] and a["correct"] > 0.9 * a["ok"], (d, a)
-    assert app["failed"] == 0 and app["ok"] == sum(a["ok"] for a in app["devices"].values())
-    # so the agents' telemetry carried latency windows: every device has some in the collector's db,
-    # the demo's summary shows the latest p50/p95, and the report's fleet summary has a median p95
-    with sqlite3.connect(s["db"]) as db:
-        windows = dict(db.execute("SELECT device, COUNT(*) FROM telemetry WHERE count > 0 AND p95_ms > 0 "
-                                  "AND p50_ms <= p95_ms GROUP BY device").fetchall())
-    assert set(windows) == {"dev-1", "dev-2", "dev-3"} and min(windows.values()) >= 3, windows
-    assert all(v["p50_ms"] is not None and v["p95_ms"] is not None for v in s["devices"].values()), s["devices"]
-    assert re.search(r"<b[^>]*>[0-9.]+ ms</b><span>median p95</span>", report), "the report has no median p95"
-    charts = re.findall(r'aria-label="inference latency">(.*?)</svg>', report)
-    assert len(charts) == 3 and all("no data" not in c and c.count("<polyline") == 2 for c in charts), charts
-    # broker, collector and three agents ran as children, and none outlived the demo
-    assert len(w.seen) >= 5, w.seen
-    assert w.survivors() == []
+    with Watched("--out", str(tmp_path / "demo"), "--broker-impl", impl, "--json") as w:
+        rc = w.wait(180)
+        assert rc == 0, "".join(w.err)[-4000:]
+        s = json.loads(w.out.strip().splitlines()[-1])
+        assert s["ok"] and s["broker"].startswith(impl)
+        assert s["rollouts"]["good_x86-ipc"]["phase"] == "done" and s["rollouts"]["good_x86-ipc"]["canaries"] == ["dev-1"]
+        assert s["rollouts"]["good_generic-cpu"]["phase"] == "done"
+        broken = s["rollouts"]["broken"]
+        assert broken["phase"] == "halted" and "self-test failed" in broken["reason"]
+        assert s["rollouts"]["upgrade"]["phase"] == "done" and s["rollouts"]["upgrade"]["canaries"] == ["dev-1"]
+        # the broken 1.1.0 never replaced the upgrade anywhere
+        assert {d: v["active"] for d, v in s["devices"].items()} == {"dev-1": "1.0.1", "dev-2": "1.0.1", "dev-3": "1.0.0"}
+        report = Path(s["report"]).read_text()
+        assert all(d in report for d in ("dev-1", "dev-2", "dev-3"))
+        # the application called every device once its first model was active, and not one request failed
+        # across the canary rollouts, the upgrade's model swap and the halted broken artifact
+        app = s["app"]
+        assert set(app["devices"]) == {"dev-1", "dev-2", "dev-3"}
+        for d, a in app["devices"].items():
+            assert a["ready_s"] is not None and a["ok"] > 0 and a["failed"] == 0, (d, a)
+            assert a["ok"] == a["requests"] and a["correct"] > 0.9 * a["ok"], (d, a)
+        assert app["failed"] == 0 and app["ok"] == sum(a["ok"] for a in app["devices"].values())
+        # so the agents' telemetry carried latency windows: every device has some in the collector's db,
+        # the demo's summary shows the latest p50/p95, and the report's fleet summary has a median p95
+        with sqlite3.connect(s["db"]) as db:
+            windows = dict(db.execute("SELECT device, COUNT(*) FROM telemetry WHERE count > 0 AND p95_ms > 0 "
+                                      "AND p50_ms <= p95_ms GROUP BY device").fetchall())
+        assert set(windows) == {"dev-1", "dev-2", "dev-3"} and min(windows.values()) >= 3, windows
+        assert all(v["p50_ms"] is not None and v["p95_ms"] is not None for v in s["devices"].values()), s["devices"]
+        assert re.search(r"<b[^>]*>[0-9.]+ ms</b><span>median p95</span>", report), "the report has no median p95"
+        charts = re.findall(r'aria-label="inference latency">(.*?)</svg>', report)
+        assert len(charts) == 3 and all("no data" not in c and c.count("<polyline") == 2 for c in charts), charts
+        # broker, collector and three agents ran as children, and none outlived the demo
+        assert len(w.seen) >= 5, w.seen
+        assert w.survivors() == []
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 130), (signal.SIGKILL, -9)])
@@ -130,21 +144,21 @@ def test_ctrl_c_or_kill_stops_every_process(tmp_path: Path, sig: signal.Signals,
     """Ctrl-C and SIGTERM unwind through the cleanup; even SIGKILL leaves nothing (PDEATHSIG)."""
     if sig == signal.SIGKILL and sys.platform != "linux":
         pytest.skip("parent-death signal is Linux only")
-    w = Watched("--out", str(tmp_path / "demo"), "--broker-impl", "amqtt")
-    assert w.wait(120, until="[2/7]") is None, "".join(w.err)
-    end = time.monotonic() + 10  # a just-forked child shows the demo's command line until it execs
-    while True:
-        w.seen.clear()
-        w.snapshot()
-        agents = [c for c in w.seen.values() if "agent" in c and "run" in c]
-        if len(agents) == 3 or time.monotonic() > end:
-            break
-        time.sleep(0.2)
-    assert len(agents) == 3, w.seen
-    w.p.send_signal(sig)
-    rc = w.wait(60)
-    assert rc == code, "".join(w.err)[-2000:]
-    assert w.survivors() == []
+    with Watched("--out", str(tmp_path / "demo"), "--broker-impl", "amqtt") as w:
+        assert w.wait(120, until="[2/7]") is None, "".join(w.err)
+        end = time.monotonic() + 10  # a just-forked child shows the demo's command line until it execs
+        while True:
+            w.seen.clear()
+            w.snapshot()
+            agents = [c for c in w.seen.values() if "agent" in c and "run" in c]
+            if len(agents) == 3 or time.monotonic() > end:
+                break
+            time.sleep(0.2)
+        assert len(agents) == 3, w.seen
+        w.p.send_signal(sig)
+        rc = w.wait(60)
+        assert rc == code, "".join(w.err)[-2000:]
+        assert w.survivors() == []
 
 
 def test_auto_broker_falls_back_to_amqtt_without_mosquitto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -133,7 +133,7 @@ def test_dynamic_range_keeps_float_io(tflite_models: dict[str, ModelHandle], bui
 
 
 def test_report_layers_attribute_int8_weights(tflite_models: dict[str, ModelHandle]) -> None:
-    from builder.report import tflite_layers
+    from builder.compression_report import tflite_layers
 
     assert tflite_models["none"].path is not None and tflite_models["int8"].path is not None
     f, q = tflite_layers(tflite_models["none"].path), tflite_layers(tflite_models["int8"].path)

@@ -17,8 +17,8 @@ from rich.console import Console
 from builder.cli import main
 from fleet.collect import add_message
 from fleet.db import Batch, FleetDB
+from fleet.fleet_report import deployment_history, downsample, render
 from fleet.mqtt import broker_config
-from fleet.report import deployment_history, downsample, render
 from fleet.view import LiveFleet, render_table, rows_from_db
 from tests.fleet_helpers import dumps, event, state, telemetry
 

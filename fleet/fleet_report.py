@@ -5,7 +5,6 @@ and memory over time, and the deployment history with outcomes and reasons.
 
 from __future__ import annotations
 
-import html
 import json
 import time
 from collections import defaultdict
@@ -15,16 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import UsageError
+from agent.htmlkit import esc
 from agent.protocol.states import FAILED, SERVING, TERMINAL
 from fleet.db import FleetDB
 from fleet.view import COLUMNS, NUMERIC_COLUMNS, DeviceRow, cells, rows_from_db
 
 MAX_POINTS = 400  # per series; longer series are averaged into buckets
 _OUTCOME_CLASS = {**{s: "ok" for s in SERVING}, **{s: "bad" for s in FAILED}}
-
-
-def esc(v: Any) -> str:
-    return html.escape(str(v), quote=True)
 
 
 def _fmt_time(ts: float | None, with_date: bool = True) -> str:
