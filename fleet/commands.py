@@ -105,9 +105,9 @@ def deploy_cmd(spec: str, device: str | None, group: str | None, profile: str | 
     from fleet.deploy import deploy
 
     if canary is not None or wait:
-        from agent.errors import UsageError
+        from agent.errors import RolloutHalted, UsageError
         from fleet.deploy import RolloutDisplay, staged_rollout
-        from fleet.rollout import Gate, RolloutHalted
+        from fleet.rollout import Gate
 
         if group is None or device is not None:
             raise UsageError("--canary and --wait need --group G (and no --device)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import queue
 import re
 import time
 import uuid
@@ -18,16 +17,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from agent.config import BrokerConfig
-from agent.errors import UsageError
+from agent.broker import BrokerConfig
+from agent.errors import RolloutHalted, UsageError
 from agent.protocol import topics
 from agent.protocol.manifest import VERSION_RE
 from agent.protocol.messages import Command, Deployment, IndexEntry, MessageError, decode, encode
-from fleet.mqtt import SyncClient, connect
+from fleet.mqtt import Message, SyncClient, connect
 from fleet.rollout import (
     Gate,
     Rollout,
-    RolloutHalted,
     group_members,
     parse_canary,
     select_canaries,
@@ -127,26 +125,10 @@ class _Feed:
     PATTERNS = ("state", "events", "telemetry", "cmd/result")
 
     def __init__(self, c: SyncClient) -> None:
-        self.c, self.q = c, queue.Queue[tuple[str, bytes]](100_000)
-        subs = [(f"{topics.PREFIX}/devices/+/{leaf}", 1) for leaf in self.PATTERNS]
+        self.listener = c.listen([(f"{topics.PREFIX}/devices/+/{leaf}", 1) for leaf in self.PATTERNS])
 
-        def on_message(client: Any, userdata: Any, msg: Any) -> None:
-            with contextlib.suppress(queue.Full):
-                self.q.put_nowait((msg.topic, bytes(msg.payload)))
-
-        def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-            if not rc.is_failure:
-                client.subscribe(subs)  # a reconnect renews the subscriptions
-
-        c.c.on_message = on_message
-        c.c.on_connect = on_connect
-        c.c.subscribe(subs)
-
-    def get(self, timeout: float) -> tuple[str, bytes] | None:
-        try:
-            return self.q.get(timeout=timeout)
-        except queue.Empty:
-            return None
+    def get(self, timeout: float) -> Message | None:
+        return self.listener.get(timeout)
 
 
 def _pump(feed: _Feed, ro: Rollout, seconds: float, on_change: Callable[[Rollout], None],
@@ -158,7 +140,7 @@ def _pump(feed: _Feed, ro: Rollout, seconds: float, on_change: Callable[[Rollout
         item = feed.get(min(left, 0.2))
         if item is None:
             break
-        topic, payload = item
+        topic, payload = item.topic, item.payload
         if results is not None and topic.endswith("/cmd/result"):
             with contextlib.suppress(ValueError):
                 doc = json.loads(payload)

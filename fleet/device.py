@@ -8,8 +8,6 @@ is sent once (a repeated rollback would roll back twice).
 from __future__ import annotations
 
 import json
-import queue
-import threading
 import time
 import uuid
 from typing import Any
@@ -17,8 +15,8 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from agent.config import BrokerConfig
-from agent.errors import EdgefleetError, UsageError
+from agent.broker import BrokerConfig
+from agent.errors import CommandFailed, NoAnswerError, UsageError
 from agent.protocol import topics
 from agent.protocol.messages import (
     COMMAND_OPS,
@@ -29,21 +27,9 @@ from agent.protocol.messages import (
     encode,
 )
 from fleet.commands import _broker, broker_options
-from fleet.mqtt import BrokerError, SyncClient, connect
+from fleet.mqtt import SyncClient, connect
 
 CONNECT_TRIES = 3
-
-
-class NoAnswerError(EdgefleetError):
-    """The device did not answer the command in time."""
-
-    exit_code = 9
-
-
-class CommandFailed(EdgefleetError):
-    """The device answered ``ok: false``."""
-
-    exit_code = 10
 
 
 def _device_online(c: SyncClient, device: str) -> str:
@@ -66,23 +52,17 @@ def send_command(cfg: BrokerConfig, device: str, cmd: Command, timeout: float) -
         result_topic = topics.device_topic(device, "cmd/result")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    answers: queue.Queue[bytes] = queue.Queue()
-    subscribed = threading.Event()
     c = connect(cfg, CONNECT_TRIES, timeout=5.0)
     try:
-        c.c.message_callback_add(result_topic, lambda _c, _u, msg: answers.put(bytes(msg.payload)))
-        c.c.on_subscribe = lambda *_a: subscribed.set()
-        c.c.subscribe(result_topic, qos=1)
-        if not subscribed.wait(c.timeout):
-            raise BrokerError(f"{cfg.url}: subscription to {result_topic} not acknowledged")
+        answers = c.listen([(result_topic, 1)], wait=True)
         c.publish(cmd_topic, encode(cmd), retain=False)
         c.flush()
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            try:
-                payload = answers.get(timeout=left)
-            except queue.Empty:
+            item = answers.get(left)
+            if item is None:
                 break
+            payload = item.payload
             try:
                 res = decode(CommandResult, payload)
             except MessageError:

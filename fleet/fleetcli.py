@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from agent.errors import UsageError
+from agent.errors import DatabaseError, UsageError
 from fleet.commands import _broker, broker_options, broker_options_with
 
 DB_HELP = "Fleet database: a file path (SQLite) or postgresql://USER@HOST:PORT/DB."
@@ -52,7 +52,7 @@ def collect_cmd(db_target: str, share_group: str | None, client_id: str | None, 
       edgefleet collect --broker mqtt://broker.lan:1883 --db postgresql://edge@db/fleet --share-group collectors
     """
     from fleet.collect import Collector
-    from fleet.db import DatabaseError, FleetDB
+    from fleet.db import FleetDB
 
     broker = _broker(kw)
     db = FleetDB(db_target)

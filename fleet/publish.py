@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.config import BrokerConfig
-from agent.errors import IntegrityError, UsageError
+from agent.broker import BrokerConfig
+from agent.errors import BrokerError, IntegrityError, UsageError
 from agent.protocol import topics
 from agent.protocol.manifest import MANIFEST_NAME, SIGNATURE_NAME, parse_manifest
 from agent.protocol.messages import ArtifactAnnouncement, ChunkRef, IndexEntry, encode
-from fleet.mqtt import BrokerError, SyncClient
+from fleet.mqtt import SyncClient
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 

@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from agent.errors import EdgefleetError, UsageError
+from agent.errors import UsageError
 from agent.protocol import topics
 from agent.protocol.messages import Event, MessageError, StateMessage, Telemetry, decode
 
@@ -27,12 +27,6 @@ DONE_STATES = ("HEALTHY", "ROLLED_BACK", "REJECTED", "FAILED")
 # The reason of a device that ran the artifact before the rollout began (it is neither judged
 # nor rolled back); compared against, so spelled once.
 ALREADY_ACTIVE = "already active before the rollout"
-
-
-class RolloutHalted(EdgefleetError):
-    """The canaries did not prove the artifact healthy: the rollout stopped (and rolled back)."""
-
-    exit_code = 11  # 8 broker, 9 database / no answer, 10 command refused (fleet/)
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from agent.errors import UsageError
+from agent.errors import BrokerError, UsageError
 from agent.protocol import topics
 from fleet.deploy import deploy as fleet_deploy
-from fleet.mqtt import BrokerError, broker_config
+from fleet.mqtt import broker_config
 from fleet.publish import publish_artifact
 from tests.agent_helpers import Broker, Listener, deploy, free_port
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from agent.errors import UsageError
+from agent.errors import BrokerError, UsageError
 from agent.protocol import topics
 from fleet.deploy import staged_rollout
-from fleet.mqtt import BrokerError, SyncClient, broker_config
+from fleet.mqtt import SyncClient, broker_config
 from fleet.rollout import Gate, Rollout
 from tests.agent_helpers import REPO, Broker, Listener, active_sha, deploy, free_port, publish
 
