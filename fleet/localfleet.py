@@ -20,7 +20,7 @@ from pathlib import Path
 
 from agent.errors import EdgefleetError, UsageError, missing_dependency
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec

@@ -33,7 +33,7 @@ class Watched:
     """The demo as a child process; remembers every descendant it ever saw, and its stderr."""
 
     def __init__(self, *args: str) -> None:
-        self.p = subprocess.Popen([sys.executable, "-m", "builder.cli", "demo", *args], cwd=REPO,
+        self.p = subprocess.Popen([sys.executable, "-m", "agent.clikit", "demo", *args], cwd=REPO,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   preexec_fn=_deliver_sigint)
         self.seen: dict[int, str] = {}

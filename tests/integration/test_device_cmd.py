@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from agent.clikit import main as edgefleet
 from agent.protocol import topics
-from builder.cli import main as edgefleet
 from tests.agent_helpers import REPO, Broker, Listener, active_sha, deploy, free_port, publish, send
 
 pytestmark = pytest.mark.integration
@@ -121,7 +121,7 @@ def test_device_commands(broker: Broker, listener: Listener, agents: Any, artifa
 
 def test_cli_errors_are_one_line(broker: Broker) -> None:
     """Through the real entry point: a device that never answers, and a broker that is not there."""
-    base = [sys.executable, "-m", "builder.cli", "device", "cmd"]
+    base = [sys.executable, "-m", "agent.clikit", "device", "cmd"]
     p = subprocess.run([*base, "ghost", "status", "--broker", broker.url, "--timeout", "1"],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.returncode == 9 and p.stdout == ""

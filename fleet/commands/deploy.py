@@ -1,74 +1,13 @@
-"""`edgefleet publish` and `edgefleet deploy` (registered in the edgefleet CLI)."""
+"""`edgefleet deploy`: the desired model of a device or a group, at once or as a staged rollout."""
 
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def broker_options_with(broker_help: str = "Broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT.",
-                        required: bool = True) -> Callable[[F], F]:
-    """--broker plus its TLS and login options, shared by every command that talks to a broker."""
-    def deco(f: F) -> F:
-        opts = [
-            click.option("--broker", required=required, default=None, help=broker_help),
-            click.option("--ca-file", default=None, help="CA certificate (PEM) for mqtts://."),
-            click.option("--cert-file", default=None, help="Client certificate (PEM) for mqtts://."),
-            click.option("--key-file", default=None, help="Client key (PEM) for mqtts://."),
-            click.option("--username", default=None, help="Broker user name."),
-            click.option("--password", default=None, envvar="EDGEFLEET_BROKER_PASSWORD",
-                         help="Broker password (or $EDGEFLEET_BROKER_PASSWORD)."),
-        ]
-        for o in reversed(opts):
-            f = o(f)
-        return f
-    return deco
-
-
-broker_options = broker_options_with()
-
-
-def _broker(kw: dict[str, Any]) -> Any:
-    from fleet.mqtt import broker_config
-
-    return broker_config(kw.pop("broker"), kw.pop("ca_file"), kw.pop("cert_file"), kw.pop("key_file"),
-                         kw.pop("username"), kw.pop("password"))
-
-
-@click.command("publish")
-@click.argument("artifact", type=click.Path(path_type=Path))
-@broker_options
-@click.option("--chunk-size", default=1 << 20, show_default=True, type=int, help="Bytes per chunk message.")
-@click.option("--force", is_flag=True, help="Publish again even if the broker already holds this artifact.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def publish_cmd(artifact: Path, chunk_size: int, force: bool, as_json: bool, **kw: Any) -> None:
-    """Publish ARTIFACT (.efa) to the broker as retained chunks plus a manifest, so devices can
-    fetch it. Safe to repeat: an artifact already on the broker is left as it is.
-    """
-    from agent.errors import UsageError
-    from fleet.publish import chunk_count, publish_artifact
-
-    broker = _broker(kw)
-    if not artifact.is_file():
-        raise UsageError(f"{artifact}: no such artifact file")
-    total = chunk_count(artifact, chunk_size)
-    # sys.stderr, not click.get_text_stream: deprecated in click 8.5 (and untyped there)
-    with click.progressbar(length=total, label=f"publishing {artifact.name}", file=sys.stderr) as bar:
-        res = publish_artifact(artifact, broker, chunk_size, force, progress=bar.update)
-    if as_json:
-        click.echo(json.dumps(res.__dict__))
-    elif res.skipped:
-        click.echo(f"already published: {res.name} {res.version} for {res.profile} (sha256 {res.sha256[:16]})")
-    else:
-        click.echo(f"published {res.name} {res.version} for {res.profile}: {res.chunks} chunks, "
-                   f"{res.size / 1e6:.1f} MB in {res.seconds:.1f}s (sha256 {res.sha256[:16]})")
+from fleet.commands.options import broker_from_options, broker_options
 
 
 @click.command("deploy")
@@ -106,14 +45,15 @@ def deploy_cmd(spec: str, device: str | None, group: str | None, profile: str | 
 
     if canary is not None or wait:
         from agent.errors import RolloutHalted, UsageError
-        from fleet.deploy import RolloutDisplay, staged_rollout
-        from fleet.rollout import Gate
+        from fleet.rollout.display import RolloutDisplay
+        from fleet.rollout.policy import Gate
+        from fleet.rollout.runner import staged_rollout
 
         if group is None or device is not None:
             raise UsageError("--canary and --wait need --group G (and no --device)")
         gate = Gate(max_p95_regression_pct, p95_slack_ms, observe)
         with RolloutDisplay(f"deploy --group {group}") as show:
-            ro = staged_rollout(_broker(kw), spec, group, canary, profile, gate, wait, timeout, show)
+            ro = staged_rollout(broker_from_options(kw), spec, group, canary, profile, gate, wait, timeout, show)
         if as_json:
             click.echo(ro.json())
         else:
@@ -124,7 +64,7 @@ def deploy_cmd(spec: str, device: str | None, group: str | None, profile: str | 
         if ro.phase != "done":
             raise RolloutHalted(f"rollout {ro.phase}: {ro.reason}")
         return
-    res = deploy(_broker(kw), spec, device=device, group=group, profile=profile)
+    res = deploy(broker_from_options(kw), spec, device=device, group=group, profile=profile)
     if as_json:
         click.echo(json.dumps({"topic": res.topic, "deployment": res.deployment.model_dump()}))
     else:
