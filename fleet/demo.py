@@ -28,7 +28,7 @@ from typing import Any
 
 from agent.errors import EdgefleetError, UsageError
 from agent.protocol import topics
-from fleet.appload import AppLoad, describe
+from fleet.appload import AppLoad
 from fleet.localfleet import Procs, free_port, start_broker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,12 +295,12 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
         gate = Gate(max_p95_regression_pct=50.0, p95_slack_ms=5.0)
         results: dict[str, Any] = {}
 
-        def rollout(spec: str, prof: str, key_: str) -> None:
+        def rollout(spec: str, prof: str) -> None:
             members = [d for d, p in devices.items() if p == prof]
             canary = "1" if len(members) > 1 else None
             with RolloutDisplay(f"group {prof}", live=live) as show:
                 ro = staged_rollout(cfg, spec, prof, canary, gate=gate, wait=True, timeout=90, on_change=show)
-            results[key_] = ro.summary()
+            results[f"{spec} to group {prof}"] = ro.summary()
             if ro.phase != "done":
                 raise EdgefleetError(f"rollout of {spec} to {prof} {ro.phase}: {ro.reason}")
             p95 = "; ".join(f"{d} p95 {v.p95_ms:.3f} ms vs {v.current_p95_ms:.3f} ms before"
@@ -310,17 +310,17 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
                 + (f"; on-device {p95}" if p95 else ""))
 
         for prof in PROFILES:
-            rollout("digits@1.0.0", prof, f"good_{prof}")
+            rollout("digits@1.0.0", prof)
         up = build_artifacts(run / "artifacts", out / "cache", work, lambda m: None, "1.0.1", PROFILES[:1])
         _publish(up[PROFILES[0]], cfg, amqtt)
         say(f"[5/7] upgrade digits@1.0.1 on {PROFILES[0]}: the canary's p95 is measured against the model it replaces")
-        rollout("digits@1.0.1", PROFILES[0], "upgrade")
+        rollout("digits@1.0.1", PROFILES[0])
         broken = make_broken(up[PROFILES[0]], run / "artifacts", key, "1.1.0")
         _publish(broken, cfg, amqtt)
         say(f"[6/7] broken artifact {broken.name} (golden vectors off by 5.0, validly signed): canary rollout")
         with RolloutDisplay(f"group {PROFILES[0]}", live=live) as show:
             bad = staged_rollout(cfg, "digits@1.1.0", PROFILES[0], "1", gate=gate, timeout=90, on_change=show)
-        results["broken"] = bad.summary()
+        results[f"digits@1.1.0 to group {PROFILES[0]}"] = bad.summary()
         if bad.phase != "halted":
             raise EdgefleetError(f"the broken artifact was not stopped: rollout {bad.phase}")
         say(f"  halted as it should: {bad.reason}")
@@ -337,7 +337,6 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
         if rep.returncode != 0:
             raise EdgefleetError(f"fleet report failed: {rep.stderr.strip().splitlines()[-1:] or rep.returncode}")
         say(f"[7/7] report written: {report}")
-        say(f"  {describe(app.summary())}")
         summary = {
             "ok": True, "broker": impl, "seconds": round(time.monotonic() - t_start, 1), "report": str(report),
             "logs": str(run / "logs"),

@@ -7,6 +7,7 @@ asked for (--profile), else the device's (from its retained state), else the gro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -28,6 +29,7 @@ SPEC_RE = re.compile(r"^([a-z0-9][a-z0-9._-]{0,62})@(\S+)$")
 class DeployResult:
     topic: str
     deployment: Deployment
+    warnings: tuple[str, ...] = ()
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -96,10 +98,23 @@ def deploy(broker: BrokerConfig, spec: str, device: str | None = None, group: st
                          deployed_at=now_iso())
         c.publish(topic, encode(dep), retain=True)
         c.flush()
+        warnings = () if group is None else _unfollowed(c, group)
     finally:
         if own:
             c.close()
-    return DeployResult(topic, dep)
+    return DeployResult(topic, dep, warnings)
+
+
+def _unfollowed(c: SyncClient, group: str) -> tuple[str, ...]:
+    """A warning when no device's retained state lists ``group`` (a typo, or none connected yet)."""
+    states = c.retained(f"{topics.PREFIX}/devices/+/state", quiet=0.3, limit=3.0)
+    for payload in states.values():
+        with contextlib.suppress(ValueError):
+            doc = json.loads(payload)
+            if isinstance(doc, dict) and group in (doc.get("groups") or []):
+                return ()
+    return (f"no device on {c.cfg.url} follows group '{group}' (none lists it in its state); "
+            f"devices that join it later will pick the deployment up",)
 
 
 def now_iso() -> str:

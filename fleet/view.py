@@ -72,6 +72,7 @@ class LiveFleet:
     def __init__(self, broker: BrokerConfig, timeout: float = 10.0) -> None:
         self._lock = threading.Lock()
         self.rows: dict[str, DeviceRow] = {}
+        self.telemetry_from: set[str] = set()  # devices whose telemetry arrived while listening
         self.client = SyncClient(broker, timeout=timeout)
         self._listener: Listener | None = None
 
@@ -101,6 +102,8 @@ class LiveFleet:
                               throttled=msg.throttled, last_seen=received)
                 if row.model is None and msg.active is not None:
                     row = replace(row, model=msg.active.name, version=msg.active.version)
+            if isinstance(msg, Telemetry):
+                self.telemetry_from.add(t.device)
             self.rows[t.device] = row
 
     def start(self) -> LiveFleet:
@@ -114,6 +117,12 @@ class LiveFleet:
         if self._listener is not None:
             for m in self._listener.drain():
                 self.apply(m.topic, m.payload, m.received)
+
+    def waiting_for(self) -> list[str]:
+        """Online devices that have not sent telemetry yet."""
+        self.poll()
+        with self._lock:
+            return sorted(d for d, r in self.rows.items() if r.online and d not in self.telemetry_from)
 
     def snapshot(self) -> list[DeviceRow]:
         self.poll()

@@ -65,6 +65,8 @@ def deploy_cmd(spec: str, device: str | None, group: str | None, profile: str | 
             raise RolloutHalted(f"rollout {ro.phase}: {ro.reason}")
         return
     res = deploy(broker_from_options(kw), spec, device=device, group=group, profile=profile)
+    for w in res.warnings:
+        click.echo(f"warning: {w}", err=True)
     if as_json:
         click.echo(json.dumps({"topic": res.topic, "deployment": res.deployment.model_dump()}))
     else:

@@ -47,8 +47,7 @@ def cmd_cmd(device_id: str, op: str, version: str | None, runs: int | None, name
     if timeout <= 0:
         raise UsageError("--timeout must be positive")
     if op not in COMMAND_OPS:
-        # still sent: a newer agent may know it; an older one answers ok:false with a reason
-        click.echo(f"warning: '{op}' is not one of {', '.join(COMMAND_OPS)}", err=True)
+        raise UsageError(f"unknown op '{op}': one of {', '.join(COMMAND_OPS)}")
     broker = broker_from_options(kw)
     if op == "deploy" and name and version and not sha256:
         sha256 = resolve_sha(broker, device_id, name, version)

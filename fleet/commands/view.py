@@ -50,12 +50,17 @@ def _source_options(f: Any) -> Any:
     return broker_options_with("Broker URL: read retained state and live telemetry.", required=False)(f)
 
 
+DEFAULT_LISTEN_S = 12.0  # the agent's default telemetry interval (10 s) and some slack
+RETAINED_S = 1.0  # enough for the retained state messages of a fleet
+
+
 @fleet_grp.command("status")
 @_source_options
-@click.option("--listen", default=3.0, show_default=True, type=click.FloatRange(0.2, 600),
-              help="With --broker: seconds to listen for telemetry before printing.")
+@click.option("--listen", default=None, type=click.FloatRange(0.2, 3600),
+              help="With --broker: listen this many seconds (default: until every online device "
+                   "has sent telemetry, at most one default telemetry interval, 12 s).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON list.")
-def status_cmd(db_target: str | None, listen: float, as_json: bool, **kw: Any) -> None:
+def status_cmd(db_target: str | None, listen: float | None, as_json: bool, **kw: Any) -> None:
     """One row per device: online/offline, profile, active model, last p50/p95, RSS, CPU, max
     temperature, throttling and when it was last heard from."""
     from fleet.view import LiveFleet, render_table, rows_json
@@ -66,10 +71,19 @@ def status_cmd(db_target: str | None, listen: float, as_json: bool, **kw: Any) -
     else:
         live = LiveFleet(broker_from_options(kw)).start()
         try:
-            time.sleep(listen)
+            t0 = time.monotonic()
+            limit = listen if listen is not None else DEFAULT_LISTEN_S
+            time.sleep(min(RETAINED_S, limit))  # the retained states arrive first
+            while time.monotonic() - t0 < limit and (listen is not None or live.waiting_for()):
+                time.sleep(0.2)
+            missing = live.waiting_for()
             rows = live.snapshot()
         finally:
             live.close()
+        if missing:
+            click.echo(f"note: no telemetry within {time.monotonic() - t0:.0f}s from {', '.join(missing)} "
+                       "(online, but their latency and load columns are empty; a longer --listen may "
+                       "see them)", err=True)
     if as_json:
         click.echo(rows_json(rows))
     else:

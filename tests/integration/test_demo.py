@@ -93,11 +93,13 @@ def test_demo_runs_the_whole_loop_and_leaves_nothing(tmp_path: Path, impl: str) 
     assert rc == 0, "".join(w.err)[-4000:]
     s = json.loads(w.out.strip().splitlines()[-1])
     assert s["ok"] and s["broker"].startswith(impl)
-    assert s["rollouts"]["good_x86-ipc"]["phase"] == "done" and s["rollouts"]["good_x86-ipc"]["canaries"] == ["dev-1"]
-    assert s["rollouts"]["good_generic-cpu"]["phase"] == "done"
-    broken = s["rollouts"]["broken"]
+    good = s["rollouts"]["digits@1.0.0 to group x86-ipc"]
+    assert good["phase"] == "done" and good["canaries"] == ["dev-1"]
+    assert s["rollouts"]["digits@1.0.0 to group generic-cpu"]["phase"] == "done"
+    broken = s["rollouts"]["digits@1.1.0 to group x86-ipc"]
     assert broken["phase"] == "halted" and "self-test failed" in broken["reason"]
-    assert s["rollouts"]["upgrade"]["phase"] == "done" and s["rollouts"]["upgrade"]["canaries"] == ["dev-1"]
+    upgrade = s["rollouts"]["digits@1.0.1 to group x86-ipc"]
+    assert upgrade["phase"] == "done" and upgrade["canaries"] == ["dev-1"]
     # the broken 1.1.0 never replaced the upgrade anywhere
     assert {d: v["active"] for d, v in s["devices"].items()} == {"dev-1": "1.0.1", "dev-2": "1.0.1", "dev-3": "1.0.0"}
     report = Path(s["report"]).read_text()
