@@ -8,6 +8,10 @@ HTML report at the end. Throughout, an "application" (fleet/appload.py) calls ev
 v2 endpoint, so telemetry carries latency and no request is seen failing across model swaps.
 Every process it starts has its own process group and is stopped on exit, Ctrl-C or SIGTERM (and,
 on Linux, if the demo itself dies).
+
+The one place the fleet imports the builder (lazily, in build_artifacts and make_broken): the
+demo builds the digits example itself. `edgefleet demo` therefore needs `edgefleet[builder]`;
+every other fleet command runs with `edgefleet[fleet]` alone (docs/architecture.md).
 """
 
 from __future__ import annotations
