@@ -138,7 +138,7 @@ def test_ctrl_c_or_kill_stops_every_process(tmp_path: Path, sig: signal.Signals,
     while True:
         w.seen.clear()
         w.snapshot()
-        agents = [c for c in w.seen.values() if "agent" in c and "run" in c]
+        agents = [c for c in w.seen.values() if "agent.toml" in c]  # the agents, not agent.clikit collect
         if len(agents) == 3 or time.monotonic() > end:
             break
         time.sleep(0.2)
