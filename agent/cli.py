@@ -61,7 +61,7 @@ def check_config_cmd(config: Path, as_json: bool) -> None:
     """
     from agent.config import AgentConfig
     from agent.deploy.policy import Policy
-    from agent.errors import DependencyError
+    from agent.errors import missing_dependency
 
     cfg, policy = _load(config)
     assert isinstance(cfg, AgentConfig) and isinstance(policy, Policy)
@@ -81,9 +81,11 @@ def check_config_cmd(config: Path, as_json: bool) -> None:
         for w in policy.warnings:
             click.echo(f"WARNING: {w} (arch_check = \"refuse\" makes this an error)")
     if missing:
-        extras = {"onnxruntime": "onnxruntime (or NVIDIA's onnxruntime-gpu on a Jetson)", "litert": "litert"}
-        raise DependencyError(f"{config}: runtime {', '.join(missing)} not installed here: pip install "
-                              f"'edgefleet[agent,{missing[0]}]' (extra {extras.get(missing[0], missing[0])})")
+        package = {"onnxruntime": "onnxruntime", "litert": "ai-edge-litert"}.get(missing[0], missing[0])
+        jetson = "NVIDIA's onnxruntime-gpu on a Jetson" if missing[0] == "onnxruntime" else ""
+        raise missing_dependency(package, f"agent,{missing[0]}",
+                                 f"{config}: runtime {', '.join(missing)} is not installed here; it",
+                                 alternative=jetson)
     if not as_json:
         click.echo(f"OK {config}: device {cfg.device_id}, profile {cfg.profile}, broker {cfg.broker.url}, "
                    f"{len(policy.keys)} trusted key(s), runtimes {', '.join(policy.runtimes) or 'none'}, "

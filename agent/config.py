@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
-from urllib.parse import unquote, urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from agent.broker import BrokerConfig
 from agent.errors import ConfigError
 from agent.protocol.topics import SEGMENT_RE
 from agent.protocol.validation import load_toml, parse_model
@@ -16,54 +16,6 @@ from agent.protocol.validation import load_toml, parse_model
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BrokerConfig(_Strict):
-    url: str = "mqtt://localhost:1883"
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    username: str | None = None
-    password: str | None = None
-    protocol: Literal["3.1.1", "5"] = "3.1.1"
-    keepalive_s: int = Field(default=30, ge=5, le=3600)
-    reconnect_min_s: int = Field(default=1, ge=1, le=60)
-    reconnect_max_s: int = Field(default=30, ge=1, le=3600)
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        u = urlparse(v)
-        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-            raise ValueError("must look like mqtt://HOST:PORT or mqtts://HOST:PORT")
-        try:
-            _ = u.port
-        except ValueError:
-            raise ValueError("port is not a number") from None
-        return v
-
-    @model_validator(mode="after")
-    def _tls(self) -> BrokerConfig:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together")
-        return self
-
-    @property
-    def host(self) -> str:
-        return urlparse(self.url).hostname or "localhost"
-
-    @property
-    def tls(self) -> bool:
-        return urlparse(self.url).scheme == "mqtts"
-
-    @property
-    def port(self) -> int:
-        return urlparse(self.url).port or (8883 if self.tls else 1883)
-
-    @property
-    def url_username(self) -> str | None:
-        u = urlparse(self.url).username
-        return unquote(u) if u else None
 
 
 class TransferConfig(_Strict):

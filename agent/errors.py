@@ -1,7 +1,16 @@
-"""One exception hierarchy for both halves; each error carries the exit code of the CLI.
+"""One exception hierarchy for every command (agent, builder, fleet): each error carries the
+exit code of the CLI, and every exit code is defined here.
 
 A user error is printed as one line and the command exits with its code; anything else that
-escapes is a bug and keeps its traceback.
+escapes is a bug and keeps its traceback. Part of the shared core (docs/architecture.md).
+
+    0 ok                      6 integrity (signature, hash, tampering)
+    1 other user error        7 missing optional dependency (names the extra to install)
+    2 usage / config          8 broker unreachable or refusing
+    3 data                    9 database error, or a device that did not answer in time
+    4 model                  10 a device refused a command
+    5 no candidate in budget 11 a rollout halted or failed
+  130 interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
@@ -74,8 +83,42 @@ class DependencyError(EdgefleetError):
     exit_code = 7
 
 
-def missing_dependency(package: str, extra: str, what: str) -> DependencyError:
-    """Build the error for an optional import that failed, naming what to install."""
+class BrokerError(EdgefleetError):
+    """The MQTT broker cannot be reached or refused us."""
+
+    exit_code = 8
+
+
+class DatabaseError(EdgefleetError):
+    """The fleet database cannot be opened, written or read."""
+
+    exit_code = 9
+
+
+class NoAnswerError(EdgefleetError):
+    """A device did not answer a command in time."""
+
+    exit_code = 9
+
+
+class CommandFailed(EdgefleetError):
+    """A device answered a command with ``ok: false``."""
+
+    exit_code = 10
+
+
+class RolloutHalted(EdgefleetError):
+    """A staged rollout stopped: a canary failed, or no device could act as one."""
+
+    exit_code = 11
+
+
+def missing_dependency(package: str, extra: str, what: str, alternative: str = "") -> DependencyError:
+    """The one wording of "install this": ``what`` needs ``package``, from ``edgefleet[extra]``.
+
+    ``alternative`` is appended in parentheses (another way to get it, such as a system package).
+    """
+    also = f" (or {alternative})" if alternative else ""
     return DependencyError(
-        f"{what} needs the Python package '{package}': pip install 'edgefleet[{extra}]'"
+        f"{what} needs the Python package '{package}': pip install 'edgefleet[{extra}]'{also}"
     )

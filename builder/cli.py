@@ -1,4 +1,5 @@
-"""edgefleet: the workstation command line (build, inspect, keys, profiles, fleet)."""
+"""The builder's commands (profiles, passes, keys, build, inspect); the `edgefleet` command
+(agent/clikit.py) gathers them with the fleet's."""
 
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ def _console(stderr: bool = True) -> Any:
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="edgefleet")
 def cli() -> None:
-    """edgefleet: compress a trained model for each kind of edge device, measure it against
-    the fp32 original, and pack the candidate that meets the device's budgets into a signed
-    artifact.
+    """edgefleet builder: compress a trained model for each kind of edge device, measure it
+    against the fp32 original, and pack the candidate that meets the device's budgets into a
+    signed artifact.
 
     \b
     Typical first steps:
@@ -38,12 +39,6 @@ def cli() -> None:
       edgefleet keys generate --out keys/     # a signing key pair
       edgefleet build edgefleet.toml --all-profiles --key keys/edgefleet.key
       edgefleet inspect out/NAME-VERSION-PROFILE.efa --key keys/edgefleet.pub
-
-    \b
-    Then to the devices, and watching them:
-      edgefleet demo                          # the whole loop on this machine, in under a minute
-      edgefleet publish X.efa --broker URL; edgefleet deploy NAME@VERSION --group G --canary 1 --broker URL
-      edgefleet collect --broker URL --db fleet.db; edgefleet fleet watch --db fleet.db
     """
 
 
@@ -354,31 +349,11 @@ def inspect_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
-# ---------------------------------------------------------------- fleet
-
-from fleet.commands import deploy_cmd, publish_cmd  # noqa: E402
-
-cli.add_command(publish_cmd)
-cli.add_command(deploy_cmd)
-
-from fleet.device import device_grp  # noqa: E402
-
-cli.add_command(device_grp)
-
-from fleet.fleetcli import collect_cmd, fleet_grp  # noqa: E402
-
-cli.add_command(collect_cmd)
-cli.add_command(fleet_grp)
-
-from fleet.demo import demo_cmd  # noqa: E402
-
-cli.add_command(demo_cmd)
-
-
 # ---------------------------------------------------------------- entry point
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI: user errors print one line and exit with their code; bugs keep tracebacks."""
+    """The builder's commands alone (`edgefleet`, in agent/clikit.py, gathers them with the
+    fleet's): user errors print one line and exit with their code; bugs keep tracebacks."""
     return run_cli(cli, argv, "edgefleet")
 
 

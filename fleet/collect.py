@@ -1,12 +1,19 @@
 """The collector: subscribes to every device's state, events, telemetry and command results and
 stores them in the fleet database.
 
-Delivery: QoS 1, a persistent session (clean_session=False, a stable client id) and manual
-acks: paho's network thread only enqueues; a worker decodes a batch, commits it in one
+Delivery: QoS 1, a persistent session (a stable client id) and manual acks through paho's
+public API: paho's network thread only enqueues; a worker decodes a batch, commits it in one
 transaction and only then acknowledges each message. A crash before the commit leaves the
 messages unacknowledged, so the broker sends them again; inserts are idempotent (unique
 (device, seq)), so a redelivered message is not stored twice. Collectors scale out with an
 MQTT shared subscription ($share/GROUP/...): each message goes to one member of the group.
+
+Backpressure: the broker sends a client only so many unacknowledged messages (its
+max_inflight_messages; with MQTT 5 our Receive Maximum), and nothing is acknowledged before it
+is committed, so a slow database holds the broker back. Should the queue still reach
+``max_queued`` (a broker without that limit), paho's thread never waits: the message is left
+unacknowledged and not queued, and once the worker has caught up it reconnects, which makes
+the broker send every unacknowledged message again.
 """
 
 from __future__ import annotations
@@ -17,17 +24,16 @@ import json
 import logging
 import queue
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel, ValidationError
 
-from agent.config import BrokerConfig
+from agent.broker import BrokerConfig, ack_messages, connect, make_client, no_delay
+from agent.errors import BrokerError, DatabaseError, UsageError
 from agent.protocol import topics
 from agent.protocol.messages import (
     CommandResult,
@@ -37,16 +43,13 @@ from agent.protocol.messages import (
     Telemetry,
     decode,
 )
-from agent.transport.mqtt import apply_login_and_tls
-from fleet.db import Batch, DatabaseError, FleetDB
-from fleet.mqtt import BrokerError
+from fleet.db import Batch, FleetDB
 
 log = logging.getLogger("edgefleet.collect")
 
 MAX_PAYLOAD = 64 * 1024   # larger messages on these topics are rejected, not parsed
 PREFIX_CHARS = 200        # how much of a rejected payload is kept
-_PUBACK = struct.Struct("!BBH")  # PUBACK: fixed header, remaining length 2, packet id
-MAX_QUEUED = 50_000       # received but not yet committed; beyond it the network thread waits
+MAX_QUEUED = 50_000       # received but not yet committed; beyond it messages wait on the broker
 LEAVES = ("state", "events", "telemetry", "cmd/result")
 _MODELS: dict[str, type[BaseModel]] = {"state": StateMessage, "events": Event, "telemetry": Telemetry,
                                        "cmd_result": CommandResult}
@@ -138,6 +141,7 @@ class Stats:
     rejected: int = 0
     batches: int = 0
     connects: int = 0
+    deferred: int = 0      # left unacknowledged while the queue was full; the broker sends them again
     first_received: float | None = None
     last_commit: float | None = None
     error: str | None = None
@@ -152,46 +156,43 @@ class Collector:
 
     def __init__(self, broker: BrokerConfig, db: FleetDB | str, share_group: str | None = None,
                  client_id: str | None = None, batch_max: int = 5000, connect_attempts: int = 4,
-                 keepalive: int = 30) -> None:
+                 max_queued: int = MAX_QUEUED) -> None:
         self.broker = broker
         self.db = db if isinstance(db, FleetDB) else FleetDB(db)
         if share_group is not None and not topics.SEGMENT_RE.match(share_group):
-            from agent.errors import UsageError
-
             raise UsageError(f"--share-group {share_group!r}: letters, digits, '.', '_' or '-'")
         self.share_group = share_group
         self.client_id = client_id or default_client_id(self.db.label, share_group)
-        self.batch_max, self.connect_attempts, self.keepalive = batch_max, connect_attempts, keepalive
+        self.batch_max, self.connect_attempts, self.max_queued = batch_max, connect_attempts, max_queued
         self.stats = Stats()
         self.q: queue.SimpleQueue[tuple[str, bytes, int, int, float]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._done = threading.Event()
         self._connected = threading.Event()
+        self._overflow = threading.Event()
         self._refused: str | None = None
         self._worker: threading.Thread | None = None
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
-                             manual_ack=True)
-        self.c.max_inflight_messages_set(1000)
-        self.c.reconnect_delay_set(1, 10)
-        apply_login_and_tls(self.c, broker)
+        self.c = make_client(broker, self.client_id, persistent=True, manual_ack=True, max_inflight=1000)
         self.c.on_connect = self._on_connect
         self.c.on_message = self._on_message
 
-    # -- paho callbacks: enqueue only ------------------------------------------------------
+    # -- paho callbacks (network thread): enqueue only, never wait --------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
             self._refused = str(rc)
             self._connected.set()
             return
+        no_delay(client)
         self.stats.connects += 1
         client.subscribe([(f, 1) for f in subscriptions(self.share_group)])
         self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        # Backpressure: while the database is behind, stop reading the socket (TCP then holds the
-        # broker back) instead of letting a backlog fill memory.
-        while self.q.qsize() >= MAX_QUEUED and not self._done.is_set():
-            time.sleep(0.005)
+        if msg.qos > 0 and self.q.qsize() >= self.max_queued:
+            # not acked: the broker keeps it and sends it again after the worker's reconnect
+            self.stats.deferred += 1
+            self._overflow.set()
+            return
         self.q.put((msg.topic, bytes(msg.payload), msg.mid, msg.qos, time.time()))
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -201,21 +202,18 @@ class Collector:
             if attempt:
                 time.sleep(min(0.5 * 2 ** (attempt - 1), 4.0))
             try:
-                self.c.connect(self.broker.host, self.broker.port, keepalive=self.keepalive)
+                connect(self.c, self.broker, persistent=True, receive_maximum=self.max_queued)
                 break
             except OSError as exc:
                 last = exc.strerror or str(exc)
         else:
             raise BrokerError(f"cannot connect to {self.broker.url} after {self.connect_attempts} "
                               f"attempts: {last}")
-        with contextlib.suppress(OSError):
-            sock: Any = self.c.socket()
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.c.loop_start()
-        if not self._connected.wait(15):
+        wait_s = 15.0
+        if not self._connected.wait(wait_s):
             self.c.loop_stop()
-            raise BrokerError(f"{self.broker.url}: no answer within 15s")
+            raise BrokerError(f"{self.broker.url}: no answer within {wait_s:g}s")
         if self._refused:
             self.c.loop_stop()
             raise BrokerError(f"{self.broker.url} refused the connection: {self._refused}")
@@ -247,11 +245,30 @@ class Collector:
     def failed(self) -> str | None:
         return self.stats.error
 
+    def _resync(self) -> None:
+        """After an overflow (worker thread, queue drained): reconnect, so that the broker sends
+        again what was left unacknowledged. paho's thread is stopped first, so only this thread
+        touches the connection; the persistent session keeps subscriptions and messages."""
+        self._overflow.clear()
+        log.info("caught up after %d deferred messages; reconnecting to receive them again",
+                 self.stats.deferred)
+        with contextlib.suppress(Exception):
+            self.c.disconnect()
+        self.c.loop_stop()
+        self._connected.clear()
+        try:
+            self.c.reconnect()
+        except OSError as exc:
+            log.warning("reconnect after an overflow failed (%s); paho keeps trying", exc)
+        self.c.loop_start()
+
     # -- worker -----------------------------------------------------------------------------
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._flush(ack=True, wait=0.2)
+                n = self._flush(ack=True, wait=0.2)
+                if self._overflow.is_set() and n < self.batch_max and self.q.qsize() == 0:
+                    self._resync()
             # stopping: what was received until now, even if more keeps arriving
             for _ in range(self.q.qsize() // self.batch_max + 1):
                 if not self._flush(ack=True):
@@ -291,21 +308,6 @@ class Collector:
             if rows:
                 s.by_table[table] = s.by_table.get(table, 0) + len(rows)
         if ack:
-            self._ack([(mid, qos) for _t, _p, mid, qos, _r in items if qos > 0])
+            # public manual-ack API: one PUBACK per QoS 1 message, queued once its batch is committed
+            ack_messages(self.c, ((mid, qos) for _t, _p, mid, qos, _r in items))
         return len(items)
-
-    def _ack(self, mids: list[tuple[int, int]]) -> None:
-        """PUBACK every QoS 1 message of a committed batch.
-
-        paho's ``ack()`` queues one packet per message, and its network thread then makes one
-        send() per packet; here the batch's PUBACKs (4 bytes each in MQTT 3.1.1) go to paho's
-        output queue as one buffer: one send() per batch. Falls back to ``ack()`` if that private
-        method is missing (paho is pinned <3) or for QoS 2.
-        """
-        queue_packet = getattr(self.c, "_packet_queue", None)
-        if queue_packet is None or any(q != 1 for _m, q in mids):
-            for mid, qos in mids:
-                self.c.ack(mid, qos)
-            return
-        if mids:
-            queue_packet(mqtt.PUBACK, b"".join(_PUBACK.pack(mqtt.PUBACK, 2, m) for m, _q in mids), 0, 1)

@@ -13,15 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import DependencyError, EdgefleetError, UsageError
+from agent.errors import DatabaseError, UsageError, missing_dependency
 
 SCHEMA_VERSION = 1
-
-
-class DatabaseError(EdgefleetError):
-    """The database cannot be opened, written or read."""
-
-    exit_code = 9
 
 
 # Column kinds map to one SQL type per dialect.
@@ -180,8 +174,7 @@ class FleetDB:
         try:
             import psycopg
         except ImportError:
-            raise DependencyError("PostgreSQL needs the Python package 'psycopg': "
-                                  "pip install 'edgefleet[postgres]'") from None
+            raise missing_dependency("psycopg", "postgres", "a postgresql:// database") from None
         try:
             return psycopg.connect(target, connect_timeout=10)
         except psycopg.Error as exc:

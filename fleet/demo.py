@@ -8,6 +8,10 @@ HTML report at the end. Throughout, an "application" (fleet/appload.py) calls ev
 v2 endpoint, so telemetry carries latency and no request is seen failing across model swaps.
 Every process it starts has its own process group and is stopped on exit, Ctrl-C or SIGTERM (and,
 on Linux, if the demo itself dies).
+
+The one place the fleet imports the builder (lazily, in build_artifacts and make_broken): the
+demo builds the digits example itself. `edgefleet demo` therefore needs `edgefleet[builder]`;
+every other fleet command runs with `edgefleet[fleet]` alone (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -17,22 +21,18 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import click
-
 from agent.errors import EdgefleetError, UsageError
 from agent.protocol import topics
-from fleet.appload import AppLoad, describe
+from fleet.appload import AppLoad
 from fleet.localfleet import Procs, free_port, start_broker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +166,7 @@ port = {port}
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "builder.cli", *args]
+    return [sys.executable, "-m", "agent.clikit", *args]
 
 
 def _agent_argv(config: Path) -> list[str]:
@@ -261,9 +261,10 @@ def _latest_latency(db: Path) -> dict[str, dict[str, float | None]]:
 
 def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], None],
              live: bool | None = None) -> dict[str, Any]:
-    from fleet.deploy import RolloutDisplay, staged_rollout
     from fleet.mqtt import broker_config
-    from fleet.rollout import Gate
+    from fleet.rollout.display import RolloutDisplay
+    from fleet.rollout.policy import Gate
+    from fleet.rollout.runner import staged_rollout
 
     t_start = time.monotonic()
     run = _prepare_out(out)
@@ -298,12 +299,12 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
         gate = Gate(max_p95_regression_pct=50.0, p95_slack_ms=5.0)
         results: dict[str, Any] = {}
 
-        def rollout(spec: str, prof: str, key_: str) -> None:
+        def rollout(spec: str, prof: str) -> None:
             members = [d for d, p in devices.items() if p == prof]
             canary = "1" if len(members) > 1 else None
             with RolloutDisplay(f"group {prof}", live=live) as show:
                 ro = staged_rollout(cfg, spec, prof, canary, gate=gate, wait=True, timeout=90, on_change=show)
-            results[key_] = ro.summary()
+            results[f"{spec} to group {prof}"] = ro.summary()
             if ro.phase != "done":
                 raise EdgefleetError(f"rollout of {spec} to {prof} {ro.phase}: {ro.reason}")
             p95 = "; ".join(f"{d} p95 {v.p95_ms:.3f} ms vs {v.current_p95_ms:.3f} ms before"
@@ -313,17 +314,17 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
                 + (f"; on-device {p95}" if p95 else ""))
 
         for prof in PROFILES:
-            rollout("digits@1.0.0", prof, f"good_{prof}")
+            rollout("digits@1.0.0", prof)
         up = build_artifacts(run / "artifacts", out / "cache", work, lambda m: None, "1.0.1", PROFILES[:1])
         _publish(up[PROFILES[0]], cfg, amqtt)
         say(f"[5/7] upgrade digits@1.0.1 on {PROFILES[0]}: the canary's p95 is measured against the model it replaces")
-        rollout("digits@1.0.1", PROFILES[0], "upgrade")
+        rollout("digits@1.0.1", PROFILES[0])
         broken = make_broken(up[PROFILES[0]], run / "artifacts", key, "1.1.0")
         _publish(broken, cfg, amqtt)
         say(f"[6/7] broken artifact {broken.name} (golden vectors off by 5.0, validly signed): canary rollout")
         with RolloutDisplay(f"group {PROFILES[0]}", live=live) as show:
             bad = staged_rollout(cfg, "digits@1.1.0", PROFILES[0], "1", gate=gate, timeout=90, on_change=show)
-        results["broken"] = bad.summary()
+        results[f"digits@1.1.0 to group {PROFILES[0]}"] = bad.summary()
         if bad.phase != "halted":
             raise EdgefleetError(f"the broken artifact was not stopped: rollout {bad.phase}")
         say(f"  halted as it should: {bad.reason}")
@@ -340,7 +341,6 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
         if rep.returncode != 0:
             raise EdgefleetError(f"fleet report failed: {rep.stderr.strip().splitlines()[-1:] or rep.returncode}")
         say(f"[7/7] report written: {report}")
-        say(f"  {describe(app.summary())}")
         summary = {
             "ok": True, "broker": impl, "seconds": round(time.monotonic() - t_start, 1), "report": str(report),
             "logs": str(run / "logs"),
@@ -357,72 +357,3 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
         if app is not None:
             app.stop()
         procs.stop_all()
-
-
-@click.command("demo")
-@click.option("--out", "out", type=click.Path(path_type=Path), default=Path("edgefleet-demo"), show_default=True,
-              help="Working directory (artifacts, device state, logs, database, report).")
-@click.option("--devices", "n_devices", default=3, show_default=True, type=click.IntRange(2, 20),
-              help="Agent processes to start (the last one serves the second profile).")
-@click.option("--broker-impl", type=click.Choice(["auto", "mosquitto", "amqtt"]), default="auto", show_default=True,
-              help="auto: mosquitto when installed, else the embedded amqtt broker.")
-@click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON on stdout.")
-def demo_cmd(out: Path, n_devices: int, broker_impl: str, as_json: bool) -> None:
-    """Run a whole fleet on this machine: a broker, agent processes, the collector; build the
-    digits example for two profiles, publish it, roll it out with a canary, upgrade it (the
-    canary's p95 judged against the model it replaces), then watch a deliberately broken
-    artifact be rejected and the rollout halt. Meanwhile a small application load calls each
-    agent's v2 endpoint (counted in the summary). Ends with an HTML report.
-
-    Every process it starts is stopped at the end or on Ctrl-C. Under a minute on a laptop.
-    """
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        console = Console(stderr=True, width=160)  # piped: don't wrap lines at 80 columns
-
-    # Ctrl-C / SIGTERM raise KeyboardInterrupt, which unwinds through run_demo's cleanup. Code deep
-    # in the build can swallow it (seen: an interrupt during an import turned into "onnxruntime is
-    # not installed", or lost entirely), so the flag is also checked at every progress line.
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stopping.set()
-        raise KeyboardInterrupt
-
-    def say(msg: str) -> None:
-        if stopping.is_set():
-            raise KeyboardInterrupt
-        console.print(msg, highlight=False, markup=False)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
-        signal.signal(signal.SIGINT, on_signal)
-    try:
-        summary = run_demo(out, n_devices, broker_impl, say)
-    except EdgefleetError:
-        if stopping.is_set():  # an error caused by the interrupt: report the interrupt
-            raise KeyboardInterrupt from None
-        raise
-    if stopping.is_set():
-        raise KeyboardInterrupt
-    if as_json:
-        click.echo(json.dumps(summary))
-        return
-    from rich.table import Table
-
-    t = Table(title=f"edgefleet demo: done in {summary['seconds']}s ({summary['broker']})")
-    for col in ("device", "profile", "online", "active model", "p50", "p95", "app requests", "app failed"):
-        t.add_column(col, justify="right" if col in ("p50", "p95", "app requests", "app failed") else "left")
-    app = summary["app"]
-    for d, s in summary["devices"].items():
-        a = app["devices"].get(d, {})
-        t.add_row(d, s["profile"], "yes" if s["online"] else "no", f"digits {s['active']}" if s["active"] else "-",
-                  *("-" if s.get(k) is None else f"{s[k]:.2f} ms" for k in ("p50_ms", "p95_ms")),
-                  str(a.get("requests", "-")), str(a.get("failed", "-")))
-    Console(width=None if sys.stdout.isatty() else 160).print(t)
-    click.echo(describe(app))
-    for name, r in summary["rollouts"].items():
-        click.echo(f"rollout {name}: {r['phase']}" + (f" - {r['reason']}" if r["reason"] else ""))
-    click.echo(f"report: {summary['report']}")

@@ -8,42 +8,24 @@ is sent once (a repeated rollback would roll back twice).
 from __future__ import annotations
 
 import json
-import queue
-import threading
 import time
 import uuid
-from typing import Any
 
-import click
 from pydantic import ValidationError
 
-from agent.config import BrokerConfig
-from agent.errors import EdgefleetError, UsageError
+from agent.broker import BrokerConfig
+from agent.errors import NoAnswerError, UsageError
 from agent.protocol import topics
 from agent.protocol.messages import (
-    COMMAND_OPS,
     Command,
     CommandResult,
     MessageError,
     decode,
     encode,
 )
-from fleet.commands import _broker, broker_options
-from fleet.mqtt import BrokerError, SyncClient, connect
+from fleet.mqtt import SyncClient, connect
 
 CONNECT_TRIES = 3
-
-
-class NoAnswerError(EdgefleetError):
-    """The device did not answer the command in time."""
-
-    exit_code = 9
-
-
-class CommandFailed(EdgefleetError):
-    """The device answered ``ok: false``."""
-
-    exit_code = 10
 
 
 def _device_online(c: SyncClient, device: str) -> str:
@@ -66,23 +48,17 @@ def send_command(cfg: BrokerConfig, device: str, cmd: Command, timeout: float) -
         result_topic = topics.device_topic(device, "cmd/result")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    answers: queue.Queue[bytes] = queue.Queue()
-    subscribed = threading.Event()
     c = connect(cfg, CONNECT_TRIES, timeout=5.0)
     try:
-        c.c.message_callback_add(result_topic, lambda _c, _u, msg: answers.put(bytes(msg.payload)))
-        c.c.on_subscribe = lambda *_a: subscribed.set()
-        c.c.subscribe(result_topic, qos=1)
-        if not subscribed.wait(c.timeout):
-            raise BrokerError(f"{cfg.url}: subscription to {result_topic} not acknowledged")
+        answers = c.listen([(result_topic, 1)], wait=True)
         c.publish(cmd_topic, encode(cmd), retain=False)
         c.flush()
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            try:
-                payload = answers.get(timeout=left)
-            except queue.Empty:
+            item = answers.get(left)
+            if item is None:
                 break
+            payload = item.payload
             try:
                 res = decode(CommandResult, payload)
             except MessageError:
@@ -95,7 +71,7 @@ def send_command(cfg: BrokerConfig, device: str, cmd: Command, timeout: float) -
         c.close()
 
 
-def _resolve_sha(cfg: BrokerConfig, device: str, name: str, version: str) -> str:
+def resolve_sha(cfg: BrokerConfig, device: str, name: str, version: str) -> str:
     """deploy without --sha256: the published artifact of NAME@VERSION for the device's profile."""
     from fleet.deploy import resolve
 
@@ -116,7 +92,7 @@ def build_command(op: str, version: str | None, runs: int | None, name: str | No
         raise UsageError(f"--{'.'.join(str(p) for p in e['loc'])}: {e['msg']}") from None
 
 
-def _human(op: str, res: CommandResult) -> str:
+def human(op: str, res: CommandResult) -> str:
     d = res.detail
     if op == "benchmark" and "p95_ms" in d:
         th = d.get("thermal", {})
@@ -136,52 +112,3 @@ def _human(op: str, res: CommandResult) -> str:
     if op == "rollback":
         return f"rolled back; active: {d.get('active') or 'none'}"
     return f"{op}: ok" + (f" {json.dumps(d)}" if d else "")
-
-
-@click.group("device")
-def device_grp() -> None:
-    """Talk to one device through the broker."""
-
-
-@device_grp.command("cmd")
-@click.argument("device_id", metavar="ID")
-@click.argument("op", metavar="OP")
-@click.option("--version", "version", default=None,
-              help="rollback: the kept version to go back to (default: the previous one); deploy: the version.")
-@click.option("--runs", type=int, default=None, help="benchmark: how many inferences (the device caps it).")
-@click.option("--name", default=None, help="deploy: model name.")
-@click.option("--sha256", default=None,
-              help="deploy: artifact sha256 (default: looked up among the published NAME@VERSION).")
-@broker_options
-@click.option("--timeout", type=float, default=30.0, show_default=True,
-              help="Seconds to wait for the device's answer.")
-@click.option("--json", "as_json", is_flag=True, help="Print the device's answer as one JSON object.")
-def cmd_cmd(device_id: str, op: str, version: str | None, runs: int | None, name: str | None,
-            sha256: str | None, timeout: float, as_json: bool, **kw: Any) -> None:
-    """Send command OP to device ID and print its answer.
-
-    \b
-    OP is one of: deploy, rollback, benchmark, rebirth, status. Examples:
-      edgefleet device cmd rpi-07 status --broker mqtt://broker.lan:1883
-      edgefleet device cmd rpi-07 rollback --version 1.1.0 --broker mqtt://broker.lan:1883
-      edgefleet device cmd rpi-07 benchmark --runs 200 --broker mqtt://broker.lan:1883 --json
-
-    Exits 0 when the device answered ok, 10 when it refused (the reason is printed),
-    9 when it did not answer in time, 8 when the broker cannot be reached.
-    """
-    if timeout <= 0:
-        raise UsageError("--timeout must be positive")
-    if op not in COMMAND_OPS:
-        # still sent: a newer agent may know it; an older one answers ok:false with a reason
-        click.echo(f"warning: '{op}' is not one of {', '.join(COMMAND_OPS)}", err=True)
-    broker = _broker(kw)
-    if op == "deploy" and name and version and not sha256:
-        sha256 = _resolve_sha(broker, device_id, name, version)
-    cmd = build_command(op, version, runs, name, sha256)
-    res = send_command(broker, device_id, cmd, timeout)
-    if as_json:
-        click.echo(json.dumps(res.model_dump(mode="json")))
-    elif res.ok:
-        click.echo(_human(op, res))
-    if not res.ok:
-        raise CommandFailed(f"device {device_id} refused '{op}': {res.reason}")

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.errors import DependencyError, EdgefleetError, UsageError
+from agent.errors import EdgefleetError, UsageError, missing_dependency
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,8 +98,8 @@ def start_broker(procs: Procs, run: Path, impl: str) -> tuple[str, str]:
         try:
             import amqtt  # noqa: F401
         except ImportError:
-            raise DependencyError("no mosquitto on PATH and the embedded broker needs 'amqtt': "
-                                  "pip install -e '.[builder]' (or apt-get install mosquitto)") from None
+            raise missing_dependency("amqtt", "builder", "without mosquitto on PATH, the embedded broker",
+                                     alternative="apt-get install mosquitto") from None
         p = procs.start("broker", [sys.executable, "-m", "fleet.localfleet", "amqtt", str(port)])
         chosen = "amqtt (embedded, MQTT 3.1.1)"
     _wait_port(port, p, chosen)

@@ -1,33 +1,35 @@
-"""A small synchronous paho wrapper for workstation commands (publish, deploy)."""
+"""A small synchronous MQTT client for workstation commands (publish, deploy, device, views).
+
+Built on the shared factory (agent.broker). paho's thread only enqueues: what a command
+subscribes to arrives in a ``Listener`` (a queue) that the command reads in its own thread.
+Subscriptions are renewed in on_connect, so a reconnect keeps them.
+"""
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import queue
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
-from agent.config import BrokerConfig
-from agent.errors import EdgefleetError, UsageError
-from agent.transport.mqtt import apply_login_and_tls
+from agent.broker import BrokerConfig, make_client, no_delay
+from agent.broker import connect as broker_connect
+from agent.errors import BrokerError, UsageError
 
-
-class BrokerError(EdgefleetError):
-    """The broker cannot be reached or refused us."""
-
-    exit_code = 8
+LISTEN_QUEUE = 100_000  # messages a listener holds before new ones are dropped (and counted)
 
 
 def broker_config(url: str, ca_file: str | None = None, cert_file: str | None = None,
                   key_file: str | None = None, username: str | None = None,
                   password: str | None = None) -> BrokerConfig:
+    """A BrokerConfig from --broker and its TLS/login options; a bad value is a usage error."""
     try:
         return BrokerConfig(url=url, ca_file=Path(ca_file) if ca_file else None,
                             cert_file=Path(cert_file) if cert_file else None,
@@ -39,40 +41,110 @@ def broker_config(url: str, ca_file: str | None = None, cert_file: str | None = 
         raise UsageError(f"--broker {url}: {where}: {e['msg']}") from None
 
 
+class Message(NamedTuple):
+    topic: str
+    payload: bytes
+    received: float  # time.time() when paho handed it over
+
+
+class Listener:
+    """Messages on some topic filters, queued by paho's thread for the caller to read."""
+
+    def __init__(self, filters: list[tuple[str, int]]) -> None:
+        self.filters = filters
+        self.q: queue.Queue[Message] = queue.Queue(LISTEN_QUEUE)
+        self.dropped = 0
+        self.subscribed = threading.Event()
+
+    def matches(self, topic: str) -> bool:
+        return any(mqtt.topic_matches_sub(f, topic) for f, _q in self.filters)
+
+    def put(self, topic: str, payload: bytes) -> None:
+        try:
+            self.q.put_nowait(Message(topic, payload, time.time()))
+        except queue.Full:
+            self.dropped += 1
+
+    def get(self, timeout: float) -> Message | None:
+        """The next message, waiting up to ``timeout`` s; None if none came."""
+        try:
+            return self.q.get(timeout=timeout) if timeout > 0 else self.q.get_nowait()
+        except queue.Empty:
+            return None
+
+    def drain(self) -> list[Message]:
+        out = []
+        while (item := self.get(0)) is not None:
+            out.append(item)
+        return out
+
+
 class SyncClient:
     """Connects (blocking, with a timeout), publishes QoS 1 with a bounded window of unacked
-    messages, and reads retained messages."""
+    messages, reads retained messages, and hands subscribed messages to Listeners."""
 
     def __init__(self, cfg: BrokerConfig, client_id: str = "", timeout: float = 10.0) -> None:
         self.cfg, self.timeout = cfg, timeout
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
-        self.c.max_inflight_messages_set(64)
-        apply_login_and_tls(self.c, cfg)
+        self._c = make_client(cfg, client_id, max_inflight=64)
         self._connected = threading.Event()
         self._refused: str | None = None
         self._lock = threading.Lock()
-        self.messages: dict[str, bytes] = {}
-        self._last_msg = 0.0
-        self.c.on_connect = self._on_connect
-        self.c.on_message = self._on_message
+        self._listeners: list[Listener] = []
+        self._suback: dict[int, Listener] = {}
+        self._early_subacks: set[int] = set()
         self._pending: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
+        self._c.on_connect = self._on_connect
+        self._c.on_message = self._on_message
+        self._c.on_subscribe = self._on_subscribe
 
+    # -- paho callbacks (network thread): bookkeeping and enqueueing only ----------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
             self._refused = str(rc)
+            self._connected.set()
+            return
+        no_delay(client)
+        with self._lock:
+            listeners = list(self._listeners)
+        for li in listeners:  # a reconnect renews every subscription
+            self._subscribe(li)
         self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
-            self.messages[msg.topic] = bytes(msg.payload)
-            self._last_msg = time.monotonic()
+            listeners = [li for li in self._listeners if li.matches(msg.topic)]
+        for li in listeners:
+            li.put(msg.topic, bytes(msg.payload))
 
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
+                      props: Any) -> None:
+        with self._lock:
+            li = self._suback.pop(mid, None)
+            if li is None:
+                self._early_subacks.add(mid)  # the SUBACK beat _subscribe's bookkeeping
+        if li is not None:
+            li.subscribed.set()
+
+    def _subscribe(self, li: Listener) -> None:
+        # not under self._lock: paho may hold its callback lock while it calls _on_message
+        rc, mid = self._c.subscribe(li.filters)
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            return
+        with self._lock:
+            early = mid in self._early_subacks
+            self._early_subacks.discard(mid)
+            if not early:
+                self._suback[mid] = li
+        if early:
+            li.subscribed.set()
+
+    # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> SyncClient:
         try:
-            self.c.connect(self.cfg.host, self.cfg.port, keepalive=30)
+            broker_connect(self._c, self.cfg)
         except OSError as exc:
             raise BrokerError(f"cannot connect to {self.cfg.url}: {exc.strerror or exc}") from None
-        self.c.loop_start()
+        self._c.loop_start()
         if not self._connected.wait(self.timeout):
             self.close()
             raise BrokerError(f"{self.cfg.url}: no answer within {self.timeout:g}s")
@@ -86,12 +158,62 @@ class SyncClient:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.c.disconnect()
-        self.c.loop_stop()
+            self._c.disconnect()
+        self._c.loop_stop()
 
+    # -- subscribing ----------------------------------------------------------------------------
+    def listen(self, filters: list[tuple[str, int]], wait: bool = False) -> Listener:
+        """Subscribe to ``filters`` (kept across reconnects); messages arrive in the Listener.
+
+        ``wait`` blocks until the broker acknowledged the subscription, so nothing published
+        afterwards can be missed.
+        """
+        li = Listener(filters)
+        with self._lock:
+            self._listeners.append(li)
+        self._subscribe(li)
+        if wait and not li.subscribed.wait(self.timeout):
+            self.unlisten(li)
+            raise BrokerError(f"{self.cfg.url}: subscription to {filters[0][0]} not acknowledged")
+        return li
+
+    def unlisten(self, li: Listener) -> None:
+        with self._lock:
+            if li in self._listeners:
+                self._listeners.remove(li)
+            others = {f for other in self._listeners for f, _q in other.filters}
+        gone = [f for f, _q in li.filters if f not in others]
+        if gone:
+            self._c.unsubscribe(gone)
+
+    def retained_one(self, topic: str, limit: float = 5.0) -> bytes | None:
+        """The retained message on one exact ``topic``, waiting for it up to ``limit`` s; None if none came."""
+        li = self.listen([(topic, 1)])
+        try:
+            item = li.get(limit)
+            return (item.payload or None) if item is not None else None
+        finally:
+            self.unlisten(li)
+
+    def retained(self, pattern: str, quiet: float = 0.5, limit: float = 3.0) -> dict[str, bytes]:
+        """Retained messages matching ``pattern``: wait until none arrived for ``quiet`` s."""
+        li = self.listen([(pattern, 1)])
+        got: dict[str, bytes] = {}
+        end = time.monotonic() + limit
+        try:
+            while (left := end - time.monotonic()) > 0:
+                item = li.get(min(quiet, left))
+                if item is None:
+                    break
+                got[item.topic] = item.payload
+        finally:
+            self.unlisten(li)
+        return {t: p for t, p in got.items() if p}
+
+    # -- publishing -----------------------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, retain: bool = True, window: int = 32) -> None:
         """QoS 1; waits for acks so that at most ``window`` messages are unacknowledged."""
-        info = self.c.publish(topic, payload, qos=1, retain=retain)
+        info = self._c.publish(topic, payload, qos=1, retain=retain)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise BrokerError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
         self._pending.append(info)
@@ -109,38 +231,6 @@ class SyncClient:
             raise BrokerError(f"publish failed: {exc}") from None
         if not info.is_published():
             raise BrokerError(f"{self.cfg.url}: publish not acknowledged within {self.timeout * 3:g}s")
-
-    def retained_one(self, topic: str, limit: float = 5.0) -> bytes | None:
-        """The retained message on one exact ``topic``, waiting for it up to ``limit`` s; None if none came."""
-        with self._lock:
-            self.messages.pop(topic, None)
-        self.c.subscribe(topic, qos=1)
-        deadline = time.monotonic() + limit
-        try:
-            while time.monotonic() < deadline:
-                with self._lock:
-                    if topic in self.messages:
-                        return self.messages[topic] or None
-                time.sleep(0.01)
-            return None
-        finally:
-            self.c.unsubscribe(topic)
-
-    def retained(self, pattern: str, quiet: float = 0.5, limit: float = 3.0) -> dict[str, bytes]:
-        """Retained messages matching ``pattern``: wait until none arrived for ``quiet`` s."""
-        with self._lock:
-            self.messages.clear()
-            self._last_msg = time.monotonic()
-        self.c.subscribe(pattern, qos=1)
-        start = time.monotonic()
-        while time.monotonic() - start < limit:
-            time.sleep(0.05)
-            with self._lock:
-                if time.monotonic() - self._last_msg > quiet:
-                    break
-        self.c.unsubscribe(pattern)
-        with self._lock:
-            return {t: p for t, p in self.messages.items() if p}
 
 
 def connect(cfg: BrokerConfig, tries: int = 3, client_id: str = "", timeout: float = 10.0) -> SyncClient:

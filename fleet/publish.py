@@ -10,17 +10,27 @@ import json
 import math
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.config import BrokerConfig
-from agent.errors import IntegrityError, UsageError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.broker import BrokerConfig
+from agent.errors import BrokerError, IntegrityError, UsageError
 from agent.protocol import topics
+from agent.protocol.artifact import verify_artifact
 from agent.protocol.manifest import MANIFEST_NAME, SIGNATURE_NAME, parse_manifest
-from agent.protocol.messages import ArtifactAnnouncement, ChunkRef, IndexEntry, encode
-from fleet.mqtt import BrokerError, SyncClient
+from agent.protocol.messages import (
+    ArtifactAnnouncement,
+    ChunkRef,
+    IndexEntry,
+    MessageError,
+    decode,
+    encode,
+)
+from fleet.mqtt import SyncClient
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 
@@ -88,15 +98,26 @@ def publish_artifact(
     force: bool = False,
     progress: Callable[[int], None] | None = None,
     client: SyncClient | None = None,
+    trusted: Sequence[Ed25519PublicKey] = (),
 ) -> PublishResult:
-    """Publish ``path``; ``progress(n)`` is called with the number of chunks just sent."""
+    """Publish ``path``; ``progress(n)`` is called with the number of chunks just sent.
+
+    With ``trusted`` keys the artifact is verified first (signature, every file hash, canonical
+    tar), as a device would. Re-pointing an index entry (NAME VERSION PROFILE already published
+    as another artifact) moves every device that follows it, so it needs that verification,
+    unless ``force``.
+    """
     if chunk_size < 1024 or chunk_size > 16 * 1024 * 1024:
         raise UsageError("--chunk-size must be between 1 KiB and 16 MiB")
     t0 = time.monotonic()
+    if trusted:
+        verify_artifact(path, list(trusted))
     ann = announcement(path, chunk_size)
     own = client is None
     c = client or SyncClient(broker, client_id="").__enter__()
     try:
+        if not force and not trusted:
+            _refuse_unverified_repoint(c, ann)
         if not force:
             old = c.retained(topics.artifact_manifest(ann.sha256), quiet=0.3, limit=2.0)
             if old:
@@ -126,6 +147,21 @@ def publish_artifact(
             c.close()
     return PublishResult(ann.sha256, ann.name, ann.version, ann.profile, len(ann.chunks), ann.size, False,
                          time.monotonic() - t0)
+
+
+def _refuse_unverified_repoint(c: SyncClient, ann: ArtifactAnnouncement) -> None:
+    current = c.retained_one(topics.artifact_index(ann.name, ann.version, ann.profile), limit=1.0)
+    if current is None:
+        return
+    try:
+        old = decode(IndexEntry, current)
+    except MessageError:
+        return
+    if old.sha256 != ann.sha256:
+        raise UsageError(
+            f"{ann.name} {ann.version} for {ann.profile} is already published as another artifact "
+            f"(sha256 {old.sha256[:16]}); replacing it re-points every device that follows it: give "
+            f"--key PUB to verify this one first (or --force)")
 
 
 def _confirm_retained(c: SyncClient, broker: BrokerConfig, heads: dict[str, bytes]) -> None:

@@ -12,10 +12,11 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from agent.config import BrokerConfig
+from agent.broker import BrokerConfig
 from agent.protocol import topics
 from agent.protocol.messages import MessageError, StateMessage, Telemetry, decode
 from fleet.db import FleetDB
+from fleet.mqtt import Listener, SyncClient
 
 
 @dataclass(frozen=True)
@@ -69,24 +70,11 @@ class LiveFleet:
     """Keeps a DeviceRow per device from retained state and telemetry seen on the broker."""
 
     def __init__(self, broker: BrokerConfig, timeout: float = 10.0) -> None:
-        from fleet.mqtt import SyncClient
-
         self._lock = threading.Lock()
         self.rows: dict[str, DeviceRow] = {}
+        self.telemetry_from: set[str] = set()  # devices whose telemetry arrived while listening
         self.client = SyncClient(broker, timeout=timeout)
-        self.client.c.on_message = self._on_message
-        first: Any = self.client.c.on_connect
-
-        def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-            first(client, userdata, flags, rc, props)
-            if not rc.is_failure:  # (re)subscribe on every connect: the session is not kept
-                prefix = f"{topics.PREFIX}/devices/+"
-                client.subscribe([(f"{prefix}/state", 1), (f"{prefix}/telemetry", 0)])
-
-        self.client.c.on_connect = on_connect
-
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        self.apply(msg.topic, bytes(msg.payload), time.time())
+        self._listener: Listener | None = None
 
     def apply(self, topic: str, payload: bytes, received: float) -> None:
         """Fold one message into the rows; anything that does not decode is ignored here."""
@@ -114,13 +102,30 @@ class LiveFleet:
                               throttled=msg.throttled, last_seen=received)
                 if row.model is None and msg.active is not None:
                     row = replace(row, model=msg.active.name, version=msg.active.version)
+            if isinstance(msg, Telemetry):
+                self.telemetry_from.add(t.device)
             self.rows[t.device] = row
 
     def start(self) -> LiveFleet:
         self.client.__enter__()
+        prefix = f"{topics.PREFIX}/devices/+"
+        self._listener = self.client.listen([(f"{prefix}/state", 1), (f"{prefix}/telemetry", 0)])
         return self
 
+    def poll(self) -> None:
+        """Fold in what arrived since the last call (the caller's thread does the decoding)."""
+        if self._listener is not None:
+            for m in self._listener.drain():
+                self.apply(m.topic, m.payload, m.received)
+
+    def waiting_for(self) -> list[str]:
+        """Online devices that have not sent telemetry yet."""
+        self.poll()
+        with self._lock:
+            return sorted(d for d, r in self.rows.items() if r.online and d not in self.telemetry_from)
+
     def snapshot(self) -> list[DeviceRow]:
+        self.poll()
         with self._lock:
             return [self.rows[k] for k in sorted(self.rows)]
 

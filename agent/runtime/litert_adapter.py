@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.errors import DependencyError, ModelError
+from agent.errors import ModelError, missing_dependency
 from agent.runtime.base import InferenceSession, IOSpec
 
 
@@ -54,7 +54,7 @@ class LiteRtSession(InferenceSession):
     def __init__(self, path: Path, threads: int) -> None:
         cls = _interpreter_class()
         if cls is None:
-            raise DependencyError("LiteRT is not installed: pip install 'edgefleet[tflite]'")
+            raise missing_dependency("ai-edge-litert", "agent,litert", "the LiteRT runtime")
         try:
             self._interp = cls(model_path=str(path), num_threads=threads)
             self._interp.allocate_tensors()

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.errors import DependencyError, ModelError, RuntimeTooOldError
+from agent.errors import ModelError, RuntimeTooOldError, missing_dependency
 from agent.runtime.base import InferenceSession, IOSpec
 from agent.runtime.onnx_versions import too_new
 
@@ -52,7 +52,8 @@ class OrtSession(InferenceSession):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise DependencyError("onnxruntime is not installed: pip install onnxruntime") from None
+            raise missing_dependency("onnxruntime", "agent,onnxruntime", "the ONNX Runtime adapter",
+                                     alternative="NVIDIA's onnxruntime-gpu on a Jetson") from None
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -1,55 +1,31 @@
 """paho-mqtt 2.x transport, used as its README intends: VERSION2 callbacks, connect_async +
 loop_start, reconnect with backoff, subscriptions renewed in on_connect, callbacks only enqueue.
+The client comes from the shared factory (agent.broker), like every other MQTT client here.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import logging
-import socket
-import ssl
 import threading
-import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from agent.config import BrokerConfig
+from agent.broker import BrokerConfig, connect, make_client, no_delay
 from agent.transport.base import ConnectCallback, MessageCallback, Will
 
 log = logging.getLogger(__name__)
 
 
-def _no_delay(client: mqtt.Client) -> None:
-    """Send small packets (SUBSCRIBE, PUBACK) at once: with Nagle's algorithm they wait for the
-    broker's delayed ACK (40 ms on Linux), which stalls a windowed chunk transfer."""
-    sock = client.socket()
-    if isinstance(sock, socket.socket):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+RECENT_ACKS = 4096  # PUBACKed message ids remembered for deliveries that raced a disconnect
 
-
-
-def apply_login_and_tls(c: mqtt.Client, broker: BrokerConfig) -> None:
-    """User name/password (from the config or the URL) and TLS with the configured certificates;
-    every MQTT client of the project (agent, publisher, collector) sets itself up through this."""
-    user = broker.username or broker.url_username
-    if user:
-        c.username_pw_set(user, broker.password)
-    if broker.tls:
-        c.tls_set(
-            ca_certs=str(broker.ca_file) if broker.ca_file else None,
-            certfile=str(broker.cert_file) if broker.cert_file else None,
-            keyfile=str(broker.key_file) if broker.key_file else None,
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
-        )
 
 class _PahoDelivery:
     """Delivery over paho's MQTTMessageInfo (is_published is set by the PUBACK)."""
 
-    def __init__(self, info: mqtt.MQTTMessageInfo) -> None:
-        self._info = info
+    def __init__(self, info: mqtt.MQTTMessageInfo, transport: MqttTransport) -> None:
+        self._info, self._t = info, transport
 
     def acked(self) -> bool:
         try:
@@ -58,8 +34,8 @@ class _PahoDelivery:
             return False
         except RuntimeError:
             # publish() raced a disconnect: paho reports NO_CONN yet keeps the message and sends it
-            # after the reconnect; is_published() then raises forever, so read the flag it guards.
-            return bool(getattr(self._info, "_published", False))
+            # after the reconnect; is_published() then raises forever, so ask on_publish's record.
+            return self._t.was_acked(self._info.mid)
 
     def wait(self, timeout: float) -> bool:
         try:
@@ -67,36 +43,28 @@ class _PahoDelivery:
         except ValueError:
             return False
         except RuntimeError:
-            deadline = time.monotonic() + timeout
-            while not self.acked() and time.monotonic() < deadline:
-                time.sleep(0.01)
+            return self._t.wait_acked(self._info.mid, timeout)
         return self.acked()
 
 
 class MqttTransport:
     def __init__(self, broker: BrokerConfig, client_id: str) -> None:
         self._cfg = broker
-        v5 = broker.protocol == "5"
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if v5 else True,
-        )
+        self._client = make_client(broker, client_id, max_inflight=32)
         self._subs: set[str] = set()
         self._lock = threading.Lock()
         self._on_message: MessageCallback | None = None
         self._on_connect: ConnectCallback | None = None
         self.connected = threading.Event()
         self._connects = 0
+        self._stopping = False
+        self._acks = threading.Condition()
+        self._recent_acks: collections.OrderedDict[int, None] = collections.OrderedDict()
         c = self._client
-        c.max_inflight_messages_set(32)
-        c.max_queued_messages_set(0)
-        c.reconnect_delay_set(min_delay=broker.reconnect_min_s, max_delay=broker.reconnect_max_s)
-        apply_login_and_tls(c, broker)
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
         c.on_message = self._handle_message
+        c.on_publish = self._handle_publish
 
     # -- paho callbacks (network thread): only bookkeeping and enqueueing --------------------
     def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
@@ -105,7 +73,7 @@ class MqttTransport:
             log.warning("broker refused the connection: %s", reason_code)
             return
         log.info("connected to %s:%s", self._cfg.host, self._cfg.port)
-        _no_delay(client)
+        no_delay(client)
         with self._lock:
             subs = sorted(self._subs)
         if subs:
@@ -118,7 +86,19 @@ class MqttTransport:
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                            properties: Any) -> None:
         self.connected.clear()
-        log.info("disconnected (%s); reconnecting with backoff", reason_code)
+        if self._stopping:
+            log.info("disconnected from %s:%s", self._cfg.host, self._cfg.port)
+        else:
+            log.info("disconnected (%s); reconnecting with backoff", reason_code)
+
+    def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any,
+                        properties: Any) -> None:
+        with self._acks:
+            self._recent_acks[mid] = None
+            self._recent_acks.move_to_end(mid)
+            while len(self._recent_acks) > RECENT_ACKS:
+                self._recent_acks.popitem(last=False)
+            self._acks.notify_all()
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if self._on_message is not None:
@@ -130,7 +110,7 @@ class MqttTransport:
 
     def start(self, on_message: MessageCallback, on_connect: ConnectCallback) -> None:
         self._on_message, self._on_connect = on_message, on_connect
-        self._client.connect_async(self._cfg.host, self._cfg.port, keepalive=self._cfg.keepalive_s)
+        connect(self._client, self._cfg, wait=False)
         self._client.loop_start()
 
     def subscribe(self, topics: list[str]) -> None:
@@ -152,7 +132,16 @@ class MqttTransport:
 
     def publish_tracked(self, topic: str, payload: bytes) -> _PahoDelivery:
         # paho keeps an unacknowledged QoS 1 message and resends it, in order, after a reconnect
-        return _PahoDelivery(self._client.publish(topic, payload, qos=1, retain=False))
+        return _PahoDelivery(self._client.publish(topic, payload, qos=1, retain=False), self)
+
+    def was_acked(self, mid: int) -> bool:
+        """Whether the broker acknowledged message ``mid`` recently (on_publish saw its PUBACK)."""
+        with self._acks:
+            return mid in self._recent_acks
+
+    def wait_acked(self, mid: int, timeout: float) -> bool:
+        with self._acks:
+            return self._acks.wait_for(lambda: mid in self._recent_acks, timeout)
 
     def is_connected(self) -> bool:
         return self.connected.is_set()
@@ -162,6 +151,7 @@ class MqttTransport:
         return self._connects
 
     def stop(self) -> None:
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from agent.errors import ConfigError, DependencyError
+from agent.errors import ConfigError, missing_dependency
 from builder.passes.base import ModelHandle, ModelKind, Pass, PassConfig, PassContext
 
 REGISTRY: dict[str, tuple[str, str]] = {
@@ -32,9 +32,7 @@ def get_pass(name: str) -> Pass:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise DependencyError(
-            f"pass '{name}' needs '{exc.name}', which is not installed: pip install 'edgefleet[{extra}]'"
-        ) from None
+        raise missing_dependency(exc.name or module_name, extra, f"pass '{name}'") from None
     cls: type[Pass] = getattr(module, cls_name)
     return cls()
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from agent.errors import DataError, DependencyError, ModelError
+from agent.errors import DataError, ModelError, missing_dependency
 from builder.parity import check_parity
 from builder.passes.base import ModelHandle, ModelKind, Pass, PassConfig, PassContext
 
@@ -74,7 +74,7 @@ class ExportTflitePass(Pass):
             # devices) gave wrong outputs for a dynamic-range model.
             import ai_edge_litert  # noqa: F401
         except ImportError:
-            raise DependencyError("pass 'export_tflite' checks models with ai-edge-litert: pip install 'edgefleet[builder]'") from None
+            raise missing_dependency("ai-edge-litert", "builder", "pass 'export_tflite' (to check its models)") from None
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         ctx.say(f"export_tflite: converting with litert-torch ({config.quantization})")
         float_path = ctx.workdir / "float.tflite"
@@ -101,7 +101,7 @@ class ExportTflitePass(Pass):
             with _quiet():
                 import litert_torch
         except ImportError:
-            raise DependencyError("pass 'export_tflite' needs litert-torch: pip install 'edgefleet[builder]'") from None
+            raise missing_dependency("litert-torch", "builder", "pass 'export_tflite'") from None
         from builder.torchio import to_torch
 
         if not ctx.data.eval.batchable or ctx.data.eval.n < config.convert_batch:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.cli import main
+from agent.clikit import main
 from fleet.collect import Collector
 from fleet.db import FleetDB
 from fleet.mqtt import SyncClient, broker_config
@@ -98,7 +98,7 @@ def _sigint_at_default() -> None:  # runs in the child between fork and exec
 
 
 def _collect_proc(url: str, db: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "builder.cli", "collect", "--broker", url, "--db", str(db),
+    return subprocess.Popen([sys.executable, "-m", "agent.clikit", "collect", "--broker", url, "--db", str(db),
                              "--client-id", "restart-test", "--json-stats", "--stats-every", "0.5", *extra],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, preexec_fn=_sigint_at_default)
@@ -189,7 +189,7 @@ def test_fleet_watch_refreshes_from_the_broker_and_stops_on_ctrl_c(broker: Broke
     log = tmp_path / "watch.log"
     # TTY_COMPATIBLE/TTY_INTERACTIVE: rich draws every refresh into the log (not only the last frame), so the test
     # waits on what the table shows instead of a fixed sleep while the process is still importing.
-    p = subprocess.Popen([sys.executable, "-m", "builder.cli", "fleet", "watch", "--broker", broker.url,
+    p = subprocess.Popen([sys.executable, "-m", "agent.clikit", "fleet", "watch", "--broker", broker.url,
                           "--refresh", "0.3"], cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "180",
                               "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1"},

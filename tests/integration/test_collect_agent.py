@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from builder.cli import main
+from agent.clikit import main
 from fleet.collect import Collector
 from fleet.db import FleetDB
 from fleet.mqtt import broker_config

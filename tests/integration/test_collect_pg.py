@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.cli import main
+from agent.clikit import main
 from fleet.collect import Collector
 from fleet.db import FleetDB
 from fleet.mqtt import broker_config
@@ -73,7 +73,7 @@ def test_pg_collector_killed_before_commit_loses_nothing(pg: Postgres, broker: B
     log = tmp_path / "c.log"
 
     def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "builder.cli", "collect", "--broker", broker.url, "--db", url,
+        return subprocess.Popen([sys.executable, "-m", "agent.clikit", "collect", "--broker", broker.url, "--db", url,
                                  "--client-id", "pg-kill", "--json-stats", "--stats-every", "0.5"],
                                 cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                 stdout=log.open("ab"), stderr=subprocess.STDOUT)

@@ -34,7 +34,7 @@ class Watched:
     """The demo as a child process; remembers every descendant it ever saw, and its stderr."""
 
     def __init__(self, *args: str) -> None:
-        self.p = subprocess.Popen([sys.executable, "-m", "builder.cli", "demo", *args], cwd=REPO,
+        self.p = subprocess.Popen([sys.executable, "-m", "agent.clikit", "demo", *args], cwd=REPO,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   preexec_fn=_deliver_sigint)
         self.seen: dict[int, str] = {}
@@ -107,11 +107,13 @@ def test_demo_runs_the_whole_loop_and_leaves_nothing(tmp_path: Path, impl: str) 
         assert rc == 0, "".join(w.err)[-4000:]
         s = json.loads(w.out.strip().splitlines()[-1])
         assert s["ok"] and s["broker"].startswith(impl)
-        assert s["rollouts"]["good_x86-ipc"]["phase"] == "done" and s["rollouts"]["good_x86-ipc"]["canaries"] == ["dev-1"]
-        assert s["rollouts"]["good_generic-cpu"]["phase"] == "done"
-        broken = s["rollouts"]["broken"]
+        good = s["rollouts"]["digits@1.0.0 to group x86-ipc"]
+        assert good["phase"] == "done" and good["canaries"] == ["dev-1"]
+        assert s["rollouts"]["digits@1.0.0 to group generic-cpu"]["phase"] == "done"
+        broken = s["rollouts"]["digits@1.1.0 to group x86-ipc"]
         assert broken["phase"] == "halted" and "self-test failed" in broken["reason"]
-        assert s["rollouts"]["upgrade"]["phase"] == "done" and s["rollouts"]["upgrade"]["canaries"] == ["dev-1"]
+        upgrade = s["rollouts"]["digits@1.0.1 to group x86-ipc"]
+        assert upgrade["phase"] == "done" and upgrade["canaries"] == ["dev-1"]
         # the broken 1.1.0 never replaced the upgrade anywhere
         assert {d: v["active"] for d, v in s["devices"].items()} == {"dev-1": "1.0.1", "dev-2": "1.0.1", "dev-3": "1.0.0"}
         report = Path(s["report"]).read_text()
@@ -150,7 +152,7 @@ def test_ctrl_c_or_kill_stops_every_process(tmp_path: Path, sig: signal.Signals,
         while True:
             w.seen.clear()
             w.snapshot()
-            agents = [c for c in w.seen.values() if "agent" in c and "run" in c]
+            agents = [c for c in w.seen.values() if "agent.toml" in c]  # the agents, not agent.clikit collect
             if len(agents) == 3 or time.monotonic() > end:
                 break
             time.sleep(0.2)

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from agent.clikit import main as edgefleet
 from agent.protocol import topics
-from builder.cli import main as edgefleet
 from tests.agent_helpers import REPO, Broker, Listener, active_sha, deploy, free_port, publish, send
 
 pytestmark = pytest.mark.integration
@@ -94,9 +94,11 @@ def test_device_commands(broker: Broker, listener: Listener, agents: Any, artifa
     reborn = listener.wait_message(state_topic, lambda s: s["seq"] > seq, timeout=10)
     assert reborn["online"] is True and reborn["active"]["version"] == "2.0.0"
 
-    # refused: unknown op, out-of-range runs, an argument the op does not take
+    # refused here: an unknown op (exit 2, nothing sent); by the device: out-of-range runs, an
+    # argument the op does not take
     rc, res, err = _cmd(capsys, broker, "dev1", "reboot")
-    assert rc == 10 and "unknown op 'reboot'" in res["reason"] and "warning:" in err
+    assert rc == 2 and res is None and err.strip() == (
+        "error: unknown op 'reboot': one of deploy, rollback, benchmark, rebirth, status")
     rc, res, _ = _cmd(capsys, broker, "dev1", "benchmark", "--runs", "5000")
     assert rc == 10 and "runs must be between 1 and 1000" in res["reason"]
     rc, res, _ = _cmd(capsys, broker, "dev1", "status", "--runs", "3")
@@ -121,7 +123,7 @@ def test_device_commands(broker: Broker, listener: Listener, agents: Any, artifa
 
 def test_cli_errors_are_one_line(broker: Broker) -> None:
     """Through the real entry point: a device that never answers, and a broker that is not there."""
-    base = [sys.executable, "-m", "builder.cli", "device", "cmd"]
+    base = [sys.executable, "-m", "agent.clikit", "device", "cmd"]
     p = subprocess.run([*base, "ghost", "status", "--broker", broker.url, "--timeout", "1"],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.returncode == 9 and p.stdout == ""

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
-from agent.errors import UsageError
+from agent.errors import BrokerError, UsageError
 from agent.protocol import topics
 from fleet.deploy import deploy as fleet_deploy
-from fleet.mqtt import BrokerError, broker_config
+from fleet.mqtt import broker_config
 from fleet.publish import publish_artifact
 from tests.agent_helpers import Broker, Listener, deploy, free_port
 
@@ -45,3 +46,42 @@ def test_publish_is_idempotent_and_deploy_errors(broker: Broker, artifacts: Any)
     assert res.deployment.sha256 == first.sha256 and res.topic == topics.group_deployment("lab")
     with pytest.raises(BrokerError, match="cannot connect"):
         publish_artifact(art, broker_config(f"mqtt://127.0.0.1:{free_port()}"))
+
+
+def test_publish_verifies_before_it_repoints_an_index_entry(broker: Broker, artifacts: Any, keys: Any,
+                                                            other_keys: Any) -> None:
+    from agent.errors import IntegrityError
+    from agent.protocol.signing import load_public_key
+
+    cfg = broker_config(broker.url)
+    first = publish_artifact(artifacts(version="2.0.0"), cfg, chunk_size=4096)
+    other = artifacts(version="2.0.0", seed=7)  # another model under the same name, version, profile
+    with pytest.raises(UsageError, match="already published as another artifact"):
+        publish_artifact(other, cfg, chunk_size=4096)
+    with pytest.raises(IntegrityError):  # signed by a key the operator does not trust
+        publish_artifact(other, cfg, chunk_size=4096, trusted=[load_public_key(other_keys.public)])
+    res = publish_artifact(other, cfg, chunk_size=4096, trusted=[load_public_key(keys.public)])
+    assert res.sha256 != first.sha256 and fleet_deploy(cfg, "tiny@2.0.0", device="x").deployment.sha256 == res.sha256
+
+
+def test_deploy_to_a_group_no_device_follows_warns(broker: Broker, artifacts: Any) -> None:
+    cfg = broker_config(broker.url)
+    publish_artifact(artifacts(version="1.0.0"), cfg, chunk_size=4096)
+    res = fleet_deploy(cfg, "tiny@1.0.0", group="nobody-here")
+    assert len(res.warnings) == 1 and "no device" in res.warnings[0] and "'nobody-here'" in res.warnings[0]
+
+
+def test_fleet_status_says_which_online_devices_sent_no_telemetry(broker: Broker,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.clikit import main
+    from fleet.mqtt import SyncClient
+    from tests.fleet_helpers import dumps, state
+
+    with SyncClient(broker_config(broker.url)) as c:
+        c.publish(topics.device_topic("quiet", "state"), dumps(state("quiet", 1)), retain=True)
+        c.flush()
+    capsys.readouterr()
+    assert main(["fleet", "status", "--broker", broker.url, "--listen", "1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "no telemetry within" in err and "quiet" in err
+    assert [r["device"] for r in json.loads(out)] == ["quiet"]

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from agent.errors import UsageError
+from agent.errors import BrokerError, UsageError
 from agent.protocol import topics
-from fleet.deploy import staged_rollout
-from fleet.mqtt import BrokerError, SyncClient, broker_config
-from fleet.rollout import Gate, Rollout
+from fleet.mqtt import SyncClient, broker_config
+from fleet.rollout.policy import Gate, Rollout
+from fleet.rollout.runner import staged_rollout
 from tests.agent_helpers import REPO, Broker, Listener, active_sha, deploy, free_port, publish
 
 pytestmark = pytest.mark.integration
@@ -82,7 +82,7 @@ def test_halted_rollouts_roll_canaries_back(broker: Broker, listener: Listener, 
         listener.wait_state(d, "HEALTHY", sha1, timeout=30)
 
     # 1. broken golden vectors: the canary's self-test rejects it, the group never sees it
-    proc = subprocess.run([sys.executable, "-m", "builder.cli", "deploy", "tiny@1.1.0", "--group", "lab",
+    proc = subprocess.run([sys.executable, "-m", "agent.clikit", "deploy", "tiny@1.1.0", "--group", "lab",
                            "--canary", "1", "--timeout", "60", "--broker", broker.url, "--json"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 11, proc.stderr

@@ -138,7 +138,7 @@ def test_check_config_names_runtimes_found_and_needed(tmp_path: Path, capsys: py
     monkeypatch.setitem(agent.device._RUNTIME_DISTS, "onnxruntime", ("no-such-distribution",))
     assert main(["check-config", str(cfg)]) == 7
     err = capsys.readouterr().err
-    assert "runtime onnxruntime not installed here" in err and "edgefleet[agent,onnxruntime]" in err
+    assert "runtime onnxruntime is not installed here" in err and "edgefleet[agent,onnxruntime]" in err
 
 
 def test_status_reports_the_device(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

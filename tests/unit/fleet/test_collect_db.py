@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import UsageError
+from agent.errors import DatabaseError, UsageError
 from fleet.collect import MAX_PAYLOAD, add_message, subscriptions
-from fleet.db import Batch, DatabaseError, FleetDB, columns, ddl
+from fleet.db import Batch, FleetDB, columns, ddl
 from tests.fleet_helpers import dumps, event, state, telemetry
 
 T = "edgefleet/v1/devices/{}/{}"

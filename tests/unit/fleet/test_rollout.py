@@ -14,7 +14,7 @@ from agent.protocol.messages import (
     Telemetry,
     encode,
 )
-from fleet.rollout import (
+from fleet.rollout.policy import (
     DeviceView,
     Gate,
     Rollout,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from builder.cli import main
+from agent.clikit import main
 from fleet.collect import add_message
 from fleet.db import Batch, FleetDB
 from fleet.fleet_report import deployment_history, downsample, render

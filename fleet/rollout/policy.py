@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from agent.errors import EdgefleetError, UsageError
+from agent.errors import UsageError
 from agent.protocol import topics
 from agent.protocol.messages import Event, MessageError, StateMessage, Telemetry, decode
 from agent.protocol.states import FAILED, IN_PROGRESS, INSTALLING, SERVING, TERMINAL, p95_regressed
@@ -31,12 +31,6 @@ BAD_STATES = (*FAILED, ROLLBACK_FAILED)
 # The reason of a device that ran the artifact before the rollout began (it is neither judged
 # nor rolled back); compared against, so spelled once.
 ALREADY_ACTIVE = "already active before the rollout"
-
-
-class RolloutHalted(EdgefleetError):
-    """The canaries did not prove the artifact healthy: the rollout stopped (and rolled back)."""
-
-    exit_code = 11  # 8 broker, 9 database / no answer, 10 command refused (fleet/)
 
 
 @dataclass(frozen=True)
