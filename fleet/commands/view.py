@@ -132,7 +132,7 @@ def report_cmd(db_target: str, out: Path, as_json: bool) -> None:
     """Write one self-contained HTML page (no network needed): fleet summary, per-device plots of
     latency, temperature and memory, and the deployment history with outcomes and reasons."""
     from fleet.db import FleetDB
-    from fleet.report import write_report
+    from fleet.fleet_report import write_report
 
     db = FleetDB(db_target, readonly=True)
     try:

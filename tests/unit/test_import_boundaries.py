@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-SHARED_CORE = {"agent", "agent.errors", "agent.clikit", "agent.broker"}
+SHARED_CORE = {"agent", "agent.errors", "agent.clikit", "agent.broker", "agent.htmlkit"}
 AGENT_PUBLIC = ("agent.protocol", "agent.runtime")
 FLEET_MAY_IMPORT_BUILDER = {"fleet/demo.py"}
 
