@@ -79,8 +79,14 @@ class BrokerConfig(BaseModel):
         return unquote(u) if u else None
 
 
-def make_client(cfg: BrokerConfig, client_id: str = "", *, persistent: bool = False,
-                manual_ack: bool = False, max_inflight: int = 20) -> mqtt.Client:
+def make_client(
+    cfg: BrokerConfig,
+    client_id: str = "",
+    *,
+    persistent: bool = False,
+    manual_ack: bool = False,
+    max_inflight: int = 20,
+) -> mqtt.Client:
     """A paho client set up from ``cfg``; the caller sets its callbacks and connects with ``connect``.
 
     ``persistent`` asks the broker to keep the session (subscriptions and unacknowledged QoS 1
@@ -111,8 +117,14 @@ def make_client(cfg: BrokerConfig, client_id: str = "", *, persistent: bool = Fa
     return c
 
 
-def connect(c: mqtt.Client, cfg: BrokerConfig, *, persistent: bool = False, wait: bool = True,
-            receive_maximum: int | None = None) -> None:
+def connect(
+    c: mqtt.Client,
+    cfg: BrokerConfig,
+    *,
+    persistent: bool = False,
+    wait: bool = True,
+    receive_maximum: int | None = None,
+) -> None:
     """Connect ``c`` (made by ``make_client``) with the keepalive and session settings of ``cfg``.
 
     ``wait=True`` opens the TCP connection now (an OSError says why it failed: a command fails

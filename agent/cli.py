@@ -24,8 +24,14 @@ def cli() -> None:
 
 @cli.command("verify")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--key", "keys", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="Trusted ed25519 public key (PEM); repeat for several.")
+@click.option(
+    "--key",
+    "keys",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Trusted ed25519 public key (PEM); repeat for several.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the verified manifest as JSON.")
 def verify_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
     """Verify ARTIFACT's signature and file hashes against trusted keys."""
@@ -35,10 +41,16 @@ def verify_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
     va = verify_artifact(artifact, [load_public_key(k) for k in keys])
     m = va.manifest
     if as_json:
-        click.echo(json.dumps({"ok": True, "sha256": va.sha256, "key_id": va.key_id, "manifest": m.to_dict()}))
+        click.echo(
+            json.dumps(
+                {"ok": True, "sha256": va.sha256, "key_id": va.key_id, "manifest": m.to_dict()}
+            )
+        )
     else:
-        click.echo(f"OK {artifact.name}: {m.name} {m.version} for {m.profile} ({m.runtime}, {m.precision}), "
-                   f"signed by {va.key_id}, sha256 {va.sha256[:16]}")
+        click.echo(
+            f"OK {artifact.name}: {m.name} {m.version} for {m.profile} ({m.runtime}, {m.precision}), "
+            f"signed by {va.key_id}, sha256 {va.sha256[:16]}"
+        )
 
 
 def _load(config: Path) -> tuple[object, object]:
@@ -68,33 +80,60 @@ def check_config_cmd(config: Path, as_json: bool) -> None:
     found = policy.device.runtimes
     missing = [r for r in policy.runtimes if r not in found]
     if as_json:
-        click.echo(json.dumps({"ok": not missing, "config": str(config), "device_id": cfg.device_id,
-                               "profile": cfg.profile, "broker": cfg.broker.url, "keys": len(policy.keys),
-                               "runtimes_accepted": list(policy.runtimes), "runtimes_found": found,
-                               "profile_runtime": policy.profile_runtime, "max_p95_ms": policy.max_p95_ms,
-                               "device": policy.device.to_dict(), "warnings": list(policy.warnings)}))
+        click.echo(
+            json.dumps(
+                {
+                    "ok": not missing,
+                    "config": str(config),
+                    "device_id": cfg.device_id,
+                    "profile": cfg.profile,
+                    "broker": cfg.broker.url,
+                    "keys": len(policy.keys),
+                    "runtimes_accepted": list(policy.runtimes),
+                    "runtimes_found": found,
+                    "profile_runtime": policy.profile_runtime,
+                    "max_p95_ms": policy.max_p95_ms,
+                    "device": policy.device.to_dict(),
+                    "warnings": list(policy.warnings),
+                }
+            )
+        )
     else:
         click.echo(f"device: {policy.device.line()}")
-        click.echo(f"runtimes found: {', '.join(found.values()) or 'none'}; profile {cfg.profile} needs "
-                   f"{policy.profile_runtime or '(no profile file)'}; this agent accepts "
-                   f"{', '.join(policy.runtimes) or 'none'}")
+        click.echo(
+            f"runtimes found: {', '.join(found.values()) or 'none'}; profile {cfg.profile} needs "
+            f"{policy.profile_runtime or '(no profile file)'}; this agent accepts "
+            f"{', '.join(policy.runtimes) or 'none'}"
+        )
         for w in policy.warnings:
-            click.echo(f"WARNING: {w} (arch_check = \"refuse\" makes this an error)")
+            click.echo(f'WARNING: {w} (arch_check = "refuse" makes this an error)')
     if missing:
-        package = {"onnxruntime": "onnxruntime", "litert": "ai-edge-litert"}.get(missing[0], missing[0])
+        package = {"onnxruntime": "onnxruntime", "litert": "ai-edge-litert"}.get(
+            missing[0], missing[0]
+        )
         jetson = "NVIDIA's onnxruntime-gpu on a Jetson" if missing[0] == "onnxruntime" else ""
-        raise missing_dependency(package, f"agent,{missing[0]}",
-                                 f"{config}: runtime {', '.join(missing)} is not installed here; it",
-                                 alternative=jetson)
+        raise missing_dependency(
+            package,
+            f"agent,{missing[0]}",
+            f"{config}: runtime {', '.join(missing)} is not installed here; it",
+            alternative=jetson,
+        )
     if not as_json:
-        click.echo(f"OK {config}: device {cfg.device_id}, profile {cfg.profile}, broker {cfg.broker.url}, "
-                   f"{len(policy.keys)} trusted key(s), runtimes {', '.join(policy.runtimes) or 'none'}, "
-                   f"max p95 {policy.max_p95_ms:g} ms")
+        click.echo(
+            f"OK {config}: device {cfg.device_id}, profile {cfg.profile}, broker {cfg.broker.url}, "
+            f"{len(policy.keys)} trusted key(s), runtimes {', '.join(policy.runtimes) or 'none'}, "
+            f"max p95 {policy.max_p95_ms:g} ms"
+        )
 
 
 @cli.command("run")
-@click.option("--config", "config", required=True, type=click.Path(path_type=Path),
-              help="Agent config (TOML); check it first with `edgefleet-agent check-config`.")
+@click.option(
+    "--config",
+    "config",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Agent config (TOML); check it first with `edgefleet-agent check-config`.",
+)
 def run_cmd(config: Path) -> None:
     """Run the agent: connect to the broker, follow the desired deployment, keep the model healthy,
     and serve the active model on the local inference endpoint ([serve] in the config).
@@ -115,10 +154,12 @@ def run_cmd(config: Path) -> None:
 
     cfg, policy = _load(config)
     assert isinstance(cfg, AgentConfig) and isinstance(policy, Policy)
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("agent").info("device: %s", policy.device.line())
     for w in policy.warnings:
-        logging.getLogger("agent").warning("%s (arch_check = \"refuse\" makes this an error)", w)
+        logging.getLogger("agent").warning('%s (arch_check = "refuse" makes this an error)', w)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -138,15 +179,29 @@ def run_cmd(config: Path) -> None:
 
 
 @cli.command("install-service")
-@click.option("--root", type=click.Path(path_type=Path), default=Path("/"), show_default=True,
-              help="Install under this root (a staging or image directory); files go to ROOT/etc/...")
-@click.option("--user", default=None,
-              help="Run as this existing user (User=/Group=) instead of a transient DynamicUser.")
-@click.option("--exec", "executable", default=None,
-              help="Path of the edgefleet-agent executable for ExecStart (default: this one).")
+@click.option(
+    "--root",
+    type=click.Path(path_type=Path),
+    default=Path("/"),
+    show_default=True,
+    help="Install under this root (a staging or image directory); files go to ROOT/etc/...",
+)
+@click.option(
+    "--user",
+    default=None,
+    help="Run as this existing user (User=/Group=) instead of a transient DynamicUser.",
+)
+@click.option(
+    "--exec",
+    "executable",
+    default=None,
+    help="Path of the edgefleet-agent executable for ExecStart (default: this one).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing config with the skeleton.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as one JSON object.")
-def install_service_cmd(root: Path, user: str | None, executable: str | None, force: bool, as_json: bool) -> None:
+def install_service_cmd(
+    root: Path, user: str | None, executable: str | None, force: bool, as_json: bool
+) -> None:
     """Write the systemd unit (ROOT/etc/systemd/system/edgefleet-agent.service) and a config
     skeleton (ROOT/etc/edgefleet/agent.toml; an existing one is kept unless --force).
 
@@ -160,16 +215,30 @@ def install_service_cmd(root: Path, user: str | None, executable: str | None, fo
         click.echo(json.dumps(res))
         return
     click.echo(f"wrote {res['unit']}")
-    click.echo(f"wrote {res['config']}" if res["config_written"] else
-               f"kept {res['config']} (exists; --force replaces it with the skeleton)")
-    click.echo("next: edit the config, then `systemctl daemon-reload && systemctl enable --now edgefleet-agent`")
+    click.echo(
+        f"wrote {res['config']}"
+        if res["config_written"]
+        else f"kept {res['config']} (exists; --force replaces it with the skeleton)"
+    )
+    click.echo(
+        "next: edit the config, then `systemctl daemon-reload && systemctl enable --now edgefleet-agent`"
+    )
 
 
 @cli.command("status")
-@click.option("--config", "config", type=click.Path(path_type=Path), default=None,
-              help="Agent config; its state_dir is read.")
-@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
-              help="State directory to read (instead of --config).")
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Agent config; its state_dir is read.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="State directory to read (instead of --config).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
 def status_cmd(config: Path | None, state_dir: Path | None, as_json: bool) -> None:
     """Show the active model, installed versions, downloads and rejections (reads the state dir)."""
@@ -198,7 +267,9 @@ def status_cmd(config: Path | None, state_dir: Path | None, as_json: bool) -> No
     if s["install"]:
         click.echo(f"install in progress: {s['install']}")
     for d in s["downloads"]:
-        click.echo(f"download {d['sha256'][:16]}: {'complete' if d['complete'] else str(d['chunks_done']) + ' chunks'}")
+        click.echo(
+            f"download {d['sha256'][:16]}: {'complete' if d['complete'] else str(d['chunks_done']) + ' chunks'}"
+        )
     for sha, r in s["rejected"].items():
         click.echo(f"rejected {sha[:16]}: {r.get('reason', '')}")
 

@@ -52,8 +52,11 @@ class GatheredGroup(click.Group):
             try:
                 group = getattr(importlib.import_module(module), attr)
             except ImportError as exc:
-                click.echo(f"note: the {module.split('.')[0]} commands are unavailable ({exc}): "
-                           f"pip install 'edgefleet[{extra}]'", err=True)
+                click.echo(
+                    f"note: the {module.split('.')[0]} commands are unavailable ({exc}): "
+                    f"pip install 'edgefleet[{extra}]'",
+                    err=True,
+                )
                 group = None
             self._loaded[target] = group
         return self._loaded[target]

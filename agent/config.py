@@ -57,7 +57,9 @@ class ServeConfig(_Strict):
     port: int = Field(default=8000, ge=0, le=65535)  # 8000: Triton's and tritonclient's default
     unix_socket: Path | None = None  # listen on this unix socket instead of host:port
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=2**31)
-    request_timeout_s: float = Field(default=10.0, gt=0, le=3600)  # a whole request: wait, head and body
+    request_timeout_s: float = Field(
+        default=10.0, gt=0, le=3600
+    )  # a whole request: wait, head and body
     max_connections: int = Field(default=64, ge=1, le=10_000)
 
 
@@ -113,22 +115,30 @@ def load_config(path: Path) -> AgentConfig:
     """Read and validate; relative paths are relative to the config file's directory."""
     cfg = parse_model(AgentConfig, load_toml(path), str(path))
     base = path.resolve().parent
-    broker = cfg.broker.model_copy(update={
-        "ca_file": _resolve(base, cfg.broker.ca_file),
-        "cert_file": _resolve(base, cfg.broker.cert_file),
-        "key_file": _resolve(base, cfg.broker.key_file),
-    })
-    cfg = cfg.model_copy(update={
-        "state_dir": _resolve(base, cfg.state_dir),
-        "trusted_keys": [_resolve(base, k) for k in cfg.trusted_keys],
-        "profiles_dir": _resolve(base, cfg.profiles_dir),
-        "broker": broker,
-        "serve": cfg.serve.model_copy(update={"unix_socket": _resolve(base, cfg.serve.unix_socket)}),
-        "telemetry": cfg.telemetry.model_copy(update={
-            "sysfs_root": _resolve(base, cfg.telemetry.sysfs_root),
-            "buffer_dir": _resolve(base, cfg.telemetry.buffer_dir),
-        }),
-    })
+    broker = cfg.broker.model_copy(
+        update={
+            "ca_file": _resolve(base, cfg.broker.ca_file),
+            "cert_file": _resolve(base, cfg.broker.cert_file),
+            "key_file": _resolve(base, cfg.broker.key_file),
+        }
+    )
+    cfg = cfg.model_copy(
+        update={
+            "state_dir": _resolve(base, cfg.state_dir),
+            "trusted_keys": [_resolve(base, k) for k in cfg.trusted_keys],
+            "profiles_dir": _resolve(base, cfg.profiles_dir),
+            "broker": broker,
+            "serve": cfg.serve.model_copy(
+                update={"unix_socket": _resolve(base, cfg.serve.unix_socket)}
+            ),
+            "telemetry": cfg.telemetry.model_copy(
+                update={
+                    "sysfs_root": _resolve(base, cfg.telemetry.sysfs_root),
+                    "buffer_dir": _resolve(base, cfg.telemetry.buffer_dir),
+                }
+            ),
+        }
+    )
     for i, key in enumerate(cfg.trusted_keys):
         if not key.is_file():
             raise ConfigError(f"{path}: trusted_keys.{i}: file not found ({key})")

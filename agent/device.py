@@ -11,13 +11,24 @@ import platform
 from dataclasses import dataclass
 
 # The name platform.machine() gives -> the name device profiles use (hardware.arch).
-_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8l": "aarch64",
-                 "armv7": "armv7l", "armhf": "armv7l"}
+_ARCH_ALIASES = {
+    "amd64": "x86_64",
+    "x64": "x86_64",
+    "arm64": "aarch64",
+    "armv8l": "aarch64",
+    "armv7": "armv7l",
+    "armhf": "armv7l",
+}
 
 # runtime name -> distributions that provide its import package, first installed one is reported
 # (onnxruntime-gpu is what NVIDIA ships for Jetson; it installs the same `onnxruntime` module).
 _RUNTIME_DISTS = {
-    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml"),
+    "onnxruntime": (
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "onnxruntime-openvino",
+        "onnxruntime-directml",
+    ),
     "litert": ("ai-edge-litert", "ai-edge-litert-nightly", "tflite-runtime"),
 }
 
@@ -52,8 +63,12 @@ class DeviceFacts:
     runtimes: dict[str, str]
 
     def to_dict(self) -> dict[str, object]:
-        return {"machine": self.machine, "python": self.python, "system": self.system,
-                "runtimes": dict(self.runtimes)}
+        return {
+            "machine": self.machine,
+            "python": self.python,
+            "system": self.system,
+            "runtimes": dict(self.runtimes),
+        }
 
     def line(self) -> str:
         rts = ", ".join(self.runtimes.values()) or "no runtime"
@@ -61,8 +76,12 @@ class DeviceFacts:
 
 
 def facts() -> DeviceFacts:
-    return DeviceFacts(machine(), platform.python_version(), f"{platform.system()} {platform.release()}",
-                       runtime_versions())
+    return DeviceFacts(
+        machine(),
+        platform.python_version(),
+        f"{platform.system()} {platform.release()}",
+        runtime_versions(),
+    )
 
 
 def arch_problem(profile_name: str, profile_arch: str, here: str | None = None) -> str | None:
@@ -70,5 +89,7 @@ def arch_problem(profile_name: str, profile_arch: str, here: str | None = None) 
     here = here or machine()
     if here == profile_arch:
         return None
-    return (f"profile '{profile_name}' is for {profile_arch} (hardware.arch) but this machine is {here}: "
-            "its artifacts were built and budgeted for other hardware")
+    return (
+        f"profile '{profile_name}' is for {profile_arch} (hardware.arch) but this machine is {here}: "
+        "its artifacts were built and budgeted for other hardware"
+    )

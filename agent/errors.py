@@ -113,7 +113,9 @@ class RolloutHalted(EdgefleetError):
     exit_code = 11
 
 
-def missing_dependency(package: str, extra: str, what: str, alternative: str = "") -> DependencyError:
+def missing_dependency(
+    package: str, extra: str, what: str, alternative: str = ""
+) -> DependencyError:
     """The one wording of "install this": ``what`` needs ``package``, from ``edgefleet[extra]``.
 
     ``alternative`` is appended in parentheses (another way to get it, such as a system package).

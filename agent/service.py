@@ -53,8 +53,9 @@ class Notifier:
         try:
             if self._sock is None:
                 # non-blocking: a reader that falls behind must never stall the agent's main loop
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
-                                           | socket.SOCK_NONBLOCK)
+                self._sock = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                )
             data, deadline = "\n".join(fields).encode(), time.monotonic() + wait_s
             while True:
                 try:
@@ -177,13 +178,17 @@ port = 8000
 """
 
 
-def render_unit(executable: str, config: str = "/etc/edgefleet/agent.toml", user: str | None = None) -> str:
+def render_unit(
+    executable: str, config: str = "/etc/edgefleet/agent.toml", user: str | None = None
+) -> str:
     """The unit text: DynamicUser by default, or a fixed ``user`` (which must exist)."""
     user_lines = "DynamicUser=yes" if user is None else f"User={user}\nGroup={user}"
     return UNIT_TEMPLATE.format(exec_start=executable, config=config, user_lines=user_lines)
 
 
-def install_service(root: Path, user: str | None, executable: str | None, force: bool) -> dict[str, Any]:
+def install_service(
+    root: Path, user: str | None, executable: str | None, force: bool
+) -> dict[str, Any]:
     """Write the unit and (unless one exists and not ``force``) the config skeleton under ``root``."""
     if user is not None and not SEGMENT_RE.match(user):
         raise UsageError(f"--user {user!r}: not a valid user name")
@@ -198,12 +203,22 @@ def install_service(root: Path, user: str | None, executable: str | None, force:
         written = force or not config.exists()
         if written:
             config.parent.mkdir(parents=True, exist_ok=True)
-            device = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64].lstrip("._-") or "device"
-            config.write_text(CONFIG_SKELETON.format(config="/etc/edgefleet/agent.toml", device=device))
+            device = (
+                re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64].lstrip("._-") or "device"
+            )
+            config.write_text(
+                CONFIG_SKELETON.format(config="/etc/edgefleet/agent.toml", device=device)
+            )
             config.chmod(0o640)
     except OSError as exc:
         raise UsageError(f"cannot write under {root}: {exc.strerror or exc}") from None
-    return {"unit": str(unit), "config": str(config), "config_written": written, "exec": exe, "user": user}
+    return {
+        "unit": str(unit),
+        "config": str(config),
+        "config_written": written,
+        "exec": exe,
+        "user": user,
+    }
 
 
 def trim_memory() -> None:

@@ -35,8 +35,13 @@ sys.path.insert(0, str(REPO))
 
 from tests.agent_helpers import Broker, free_port, make_keys  # noqa: E402
 
-TARGETS = {"inproc_overhead_ratio": 1.05, "http_overhead_ms": 0.5, "idle_rss_mb": 60.0,
-           "idle_cpu_percent": 1.0, "ready_s": 2.0}
+TARGETS = {
+    "inproc_overhead_ratio": 1.05,
+    "http_overhead_ms": 0.5,
+    "idle_rss_mb": 60.0,
+    "idle_cpu_percent": 1.0,
+    "ready_s": 2.0,
+}
 
 
 def say(*a: object) -> None:
@@ -52,24 +57,44 @@ def digits_cnn(path: Path, seed: int = 0) -> None:
 
     def w(name: str, *shape: int) -> onnx.TensorProto:
         fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]
-        return numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32), name)
+        return numpy_helper.from_array(
+            (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32), name
+        )
 
-    inits = [w("c1", 32, 1, 3, 3), w("b1", 32), w("c2", 64, 32, 3, 3), w("b2", 64), w("c3", 128, 64, 3, 3),
-             w("b3", 128), w("f1", 128, 512), w("g1", 128), w("f2", 10, 128), w("g2", 10)]
+    inits = [
+        w("c1", 32, 1, 3, 3),
+        w("b1", 32),
+        w("c2", 64, 32, 3, 3),
+        w("b2", 64),
+        w("c3", 128, 64, 3, 3),
+        w("b3", 128),
+        w("f1", 128, 512),
+        w("g1", 128),
+        w("f2", 10, 128),
+        w("g2", 10),
+    ]
     pads = [1, 1, 1, 1]
     nodes = [
-        helper.make_node("Conv", ["x", "c1", "b1"], ["h1"], pads=pads), helper.make_node("Relu", ["h1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "c2", "b2"], ["h2"], pads=pads), helper.make_node("Relu", ["h2"], ["r2"]),
+        helper.make_node("Conv", ["x", "c1", "b1"], ["h1"], pads=pads),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "c2", "b2"], ["h2"], pads=pads),
+        helper.make_node("Relu", ["h2"], ["r2"]),
         helper.make_node("MaxPool", ["r2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Conv", ["p2", "c3", "b3"], ["h3"], pads=pads), helper.make_node("Relu", ["h3"], ["r3"]),
+        helper.make_node("Conv", ["p2", "c3", "b3"], ["h3"], pads=pads),
+        helper.make_node("Relu", ["h3"], ["r3"]),
         helper.make_node("MaxPool", ["r3"], ["p3"], kernel_shape=[2, 2], strides=[2, 2]),
         helper.make_node("Flatten", ["p3"], ["fl"]),
-        helper.make_node("Gemm", ["fl", "f1", "g1"], ["d1"], transB=1), helper.make_node("Relu", ["d1"], ["e1"]),
+        helper.make_node("Gemm", ["fl", "f1", "g1"], ["d1"], transB=1),
+        helper.make_node("Relu", ["d1"], ["e1"]),
         helper.make_node("Gemm", ["e1", "f2", "g2"], ["y"], transB=1),
     ]
-    graph = helper.make_graph(nodes, "digits_cnn",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "digits_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
@@ -104,16 +129,31 @@ def build_artifact(work: Path, key: Path) -> Path:
     y = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
     GoldenSet({"x": x}, {"y": y}, {"y": y}).save(golden)
     m = Manifest(
-        format_version=FORMAT_VERSION, name="digits", version="1.0.0", profile="bench-cpu", runtime="onnxruntime",
-        precision="fp32", task="classification", created="2026-01-01T00:00:00Z", builder_version="bench",
-        model=ModelInfo(file="model.onnx", inputs=[TensorSpec(name="x", dtype="float32", shape=["batch", 1, 8, 8])],
-                        outputs=[TensorSpec(name="y", dtype="float32", shape=["batch", 10])]),
+        format_version=FORMAT_VERSION,
+        name="digits",
+        version="1.0.0",
+        profile="bench-cpu",
+        runtime="onnxruntime",
+        precision="fp32",
+        task="classification",
+        created="2026-01-01T00:00:00Z",
+        builder_version="bench",
+        model=ModelInfo(
+            file="model.onnx",
+            inputs=[TensorSpec(name="x", dtype="float32", shape=["batch", 1, 8, 8])],
+            outputs=[TensorSpec(name="y", dtype="float32", shape=["batch", 10])],
+        ),
         files={"model.onnx": file_entry(model), "golden.npz": file_entry(golden)},
-        metrics={}, recipe=Recipe(name="bench", steps=[]),
+        metrics={},
+        recipe=Recipe(name="bench", steps=[]),
         golden=Golden(file="golden.npz", count=8, atol=1e-4, rtol=1e-4, min_top1_agreement=0.9),
     )
-    return write_artifact(work / "digits-1.0.0.efa", m, {"model.onnx": model, "golden.npz": golden},
-                          load_private_key(key))
+    return write_artifact(
+        work / "digits-1.0.0.efa",
+        m,
+        {"model.onnx": model, "golden.npz": golden},
+        load_private_key(key),
+    )
 
 
 def install(artifact: Path, state: Path, pub: Path) -> None:
@@ -127,12 +167,26 @@ def install(artifact: Path, state: Path, pub: Path) -> None:
 
 
 def write_config(path: Path, state: Path, pub: Path, broker: str, port: int) -> None:
-    path.write_text("\n".join([
-        'device_id = "bench"', 'profile = "bench-cpu"', f'state_dir = "{state}"',
-        f'trusted_keys = ["{pub}"]', 'runtimes = ["onnxruntime"]', "threads = 1",
-        "[broker]", f'url = "{broker}"', "[install]", "max_p95_ms = 1000.0", "probation_s = 0",
-        "[serve]", f"port = {port}",
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                'device_id = "bench"',
+                'profile = "bench-cpu"',
+                f'state_dir = "{state}"',
+                f'trusted_keys = ["{pub}"]',
+                'runtimes = ["onnxruntime"]',
+                "threads = 1",
+                "[broker]",
+                f'url = "{broker}"',
+                "[install]",
+                "max_p95_ms = 1000.0",
+                "probation_s = 0",
+                "[serve]",
+                f"port = {port}",
+            ]
+        )
+        + "\n"
+    )
 
 
 def start_agent(config: Path, notify: Path, log: Path) -> tuple[subprocess.Popen[bytes], float]:
@@ -142,8 +196,12 @@ def start_agent(config: Path, notify: Path, log: Path) -> tuple[subprocess.Popen
     s.settimeout(60)
     env = {**os.environ, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": str(notify)}
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-                            env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         while True:
             msg = s.recv(4096).decode()
@@ -164,8 +222,13 @@ print(int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group
 
 def floor_rss_mb(model: Path) -> float:
     """RSS of a bare python that imports numpy + onnxruntime and runs the same model: the floor."""
-    out = subprocess.run([sys.executable, "-c", FLOOR, str(model)], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", FLOOR, str(model)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     return int(out.split()[-1]) / 1024
 
 
@@ -177,8 +240,18 @@ def rss_split_mb(pid: int) -> dict[str, float]:
 class HttpClient:
     def __init__(self, port: int, x: np.ndarray) -> None:
         self.c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        self.body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape),
-                                            "data": x.ravel().tolist()}]}).encode()
+        self.body = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": list(x.shape),
+                        "data": x.ravel().tolist(),
+                    }
+                ]
+            }
+        ).encode()
         self.headers = {"Content-Type": "application/json"}
 
     def __call__(self) -> None:
@@ -190,10 +263,14 @@ class HttpClient:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rounds", type=int, default=40, help="interleaved rounds (default 40)")
     ap.add_argument("--calls", type=int, default=50, help="calls per path per round (default 50)")
-    ap.add_argument("--idle-s", type=float, default=30.0, help="seconds of idle CPU measurement (default 30)")
+    ap.add_argument(
+        "--idle-s", type=float, default=30.0, help="seconds of idle CPU measurement (default 30)"
+    )
     args = ap.parse_args()
     import onnxruntime as ort
     import psutil
@@ -231,19 +308,27 @@ def main() -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        raw_sess = ort.InferenceSession(str(state / "active" / "model.onnx"), sess_options=opts,
-                                        providers=["CPUExecutionProvider"])
+        raw_sess = ort.InferenceSession(
+            str(state / "active" / "model.onnx"),
+            sess_options=opts,
+            providers=["CPUExecutionProvider"],
+        )
         client = HttpClient(port, x)
-        paths: dict[str, Callable[[], object]] = {"raw": lambda: raw_sess.run(["y"], feeds), "inproc": lambda: agent.infer(feeds), "http": client}
-        np.testing.assert_allclose(np.asarray(agent.infer(feeds)["y"]), raw_sess.run(["y"], feeds)[0],
-                                   rtol=1e-5, atol=1e-6)
+        paths: dict[str, Callable[[], object]] = {
+            "raw": lambda: raw_sess.run(["y"], feeds),
+            "inproc": lambda: agent.infer(feeds),
+            "http": client,
+        }
+        np.testing.assert_allclose(
+            np.asarray(agent.infer(feeds)["y"]), raw_sess.run(["y"], feeds)[0], rtol=1e-5, atol=1e-6
+        )
         for fn in paths.values():  # warm-up
             for _ in range(50):
                 fn()
         times: dict[str, list[float]] = {k: [] for k in paths}
         order = list(paths)
         for r in range(args.rounds):
-            for name in order[r % 3:] + order[:r % 3]:  # rotate the order each round
+            for name in order[r % 3 :] + order[: r % 3]:  # rotate the order each round
                 fn, out = paths[name], times[name]
                 for _ in range(args.calls):
                     t0 = time.perf_counter()
@@ -265,19 +350,28 @@ def main() -> None:
         time.sleep(args.idle_s)
         c1, w1 = p.cpu_times(), time.monotonic()
         cpu = 100.0 * ((c1.user - c0.user) + (c1.system - c0.system)) / (w1 - w0)
-        say(f"agent idle: RSS {rss_mb:.1f} MB (anon {split['RssAnon']:.1f}, file {split['RssFile']:.1f}; "
-            f"bare python + numpy + onnxruntime + this model: {floor:.1f} MB), CPU {cpu:.2f}% over {w1 - w0:.0f} s")
+        say(
+            f"agent idle: RSS {rss_mb:.1f} MB (anon {split['RssAnon']:.1f}, file {split['RssFile']:.1f}; "
+            f"bare python + numpy + onnxruntime + this model: {floor:.1f} MB), CPU {cpu:.2f}% over {w1 - w0:.0f} s"
+        )
         result: dict[str, object] = {
             "bench": "agent_overhead",
             "model": "digits_cnn fp32 batch 1",
-            "raw_p50_ms": round(p50["raw"], 4), "inproc_p50_ms": round(p50["inproc"], 4),
-            "http_p50_ms": round(p50["http"], 4), "http_p95_ms": round(p95["http"], 4),
+            "raw_p50_ms": round(p50["raw"], 4),
+            "inproc_p50_ms": round(p50["inproc"], 4),
+            "http_p50_ms": round(p50["http"], 4),
+            "http_p95_ms": round(p95["http"], 4),
             "inproc_overhead_ratio": round(p50["inproc"] / p50["raw"], 4),
             "http_overhead_ms": round(p50["http"] - p50["raw"], 4),
-            "idle_rss_mb": round(rss_mb, 1), "idle_rss_anon_mb": round(split["RssAnon"], 1),
-            "idle_rss_file_mb": round(split["RssFile"], 1), "floor_rss_mb": round(floor, 1),
-            "idle_cpu_percent": round(cpu, 3), "ready_s": round(ready_s, 3),
-            "recorded_inproc": rec.count, "rounds": args.rounds, "calls_per_round": args.calls,
+            "idle_rss_mb": round(rss_mb, 1),
+            "idle_rss_anon_mb": round(split["RssAnon"], 1),
+            "idle_rss_file_mb": round(split["RssFile"], 1),
+            "floor_rss_mb": round(floor, 1),
+            "idle_cpu_percent": round(cpu, 3),
+            "ready_s": round(ready_s, 3),
+            "recorded_inproc": rec.count,
+            "rounds": args.rounds,
+            "calls_per_round": args.calls,
             "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],
         }
         met = {k: float(result[k]) <= t for k, t in TARGETS.items()}  # type: ignore[arg-type]

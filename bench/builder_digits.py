@@ -62,9 +62,15 @@ def log(msg: str) -> None:
 
 # ------------------------------------------------------------------ latency, interleaved
 
+
 def interleaved_p95(
-    sessions: dict[str, Any], feeds: dict[str, np.ndarray], *, rounds: int, iters: int,
-    warmup: int = 10, max_block_s: float = 4.0,
+    sessions: dict[str, Any],
+    feeds: dict[str, np.ndarray],
+    *,
+    rounds: int,
+    iters: int,
+    warmup: int = 10,
+    max_block_s: float = 4.0,
 ) -> dict[str, dict[str, float]]:
     """Latency of every session on the same input, measured in alternating rounds.
 
@@ -79,7 +85,7 @@ def interleaved_p95(
             sessions[n].infer(feeds)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         if r % 2:
             order.reverse()
         for n in order:
@@ -98,8 +104,10 @@ def lat_table(title: str, lat: dict[str, dict[str, float]], base: str) -> None:
     say(f"\n{title}")
     say(f"  {'model':<22}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'n':>6}{'p95 / ' + base:>16}")
     for n, v in lat.items():
-        say(f"  {n:<22}{v['p50_ms']:>10.4f}{v['p95_ms']:>10.4f}{v['p99_ms']:>10.4f}{v['n']:>6}"
-            f"{v['p95_ms'] / lat[base]['p95_ms']:>16.3f}")
+        say(
+            f"  {n:<22}{v['p50_ms']:>10.4f}{v['p95_ms']:>10.4f}{v['p99_ms']:>10.4f}{v['n']:>6}"
+            f"{v['p95_ms'] / lat[base]['p95_ms']:>16.3f}"
+        )
 
 
 class _NoSpinSession:
@@ -125,6 +133,7 @@ class _NoSpinSession:
 
 # ------------------------------------------------------------------ digits build
 
+
 def build_digits(tmp: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Build the digits example for x86-ipc with the three recipes; returns what was built."""
     from agent.protocol.profile import DeviceProfile, get_profile
@@ -139,7 +148,9 @@ def build_digits(tmp: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
     doc = base.model_dump(mode="json")
     doc["build"]["candidates"] = list(RECIPES)
     # Generous budgets: every candidate is measured and packaged, none is gated out.
-    doc["budgets"].update(max_artifact_kb=1e9, max_accuracy_drop_pt=100.0, max_p95_ms=1e6, max_ram_mb=1e6)
+    doc["budgets"].update(
+        max_artifact_kb=1e9, max_accuracy_drop_pt=100.0, max_p95_ms=1e6, max_ram_mb=1e6
+    )
     profile = DeviceProfile.model_validate(doc)
     key = load_private_key(cfg.resolve(cfg.signing_key or "work/keys/edgefleet.key"))
     builder = Builder(cfg, key, tmp / "cache", progress=log)
@@ -160,7 +171,11 @@ def candidate_model_path(builder: Any, profile: Any, recipe: str) -> Path:
 
     src = builder.source()
     custom = getattr(builder, "custom_recipes", None)  # recipes defined in the build config
-    steps = recipe_steps(recipe, profile, False, custom) if custom else recipe_steps(recipe, profile, False)
+    steps = (
+        recipe_steps(recipe, profile, False, custom)
+        if custom
+        else recipe_steps(recipe, profile, False)
+    )
     run = builder.pipeline.run(src, plan(steps, src.kind, recipe))
     if not all(s.cached for s in run.steps):
         raise RuntimeError(f"{recipe}: expected every step to come from the build's cache")
@@ -169,6 +184,7 @@ def candidate_model_path(builder: Any, profile: Any, recipe: str) -> Path:
 
 
 # ------------------------------------------------------------------ MobileNetV2
+
 
 def build_mnv2(tmp: Path, calib_n: int, quant: dict[str, Any]) -> tuple[Path, Path, dict[str, Any]]:
     """fp32 (export -> simplify) and int8 (-> quantize) ONNX files of the MobileNetV2 net."""
@@ -182,30 +198,62 @@ def build_mnv2(tmp: Path, calib_n: int, quant: dict[str, Any]) -> tuple[Path, Pa
     x = rng.standard_normal((calib_n, *MNV2_SHAPE)).astype(np.float32)
     x = (x + np.roll(x, 1, axis=2) + np.roll(x, 1, axis=3) + np.roll(x, (1, 1), axis=(2, 3))) / 2.0
     data = DataBundle(eval=Split(x[:8], None, "synthetic"), calibration=Split(x, None, "synthetic"))
-    pipe = Pipeline(tmp / "mnv2-cache", lambda wd: PassContext(workdir=wd, data=data, task="regression", progress=log))
-    load: tuple[str, dict[str, Any]] = ("load", {"factory": "model.py:build_mobilenetv2", "input_shape": list(MNV2_SHAPE),
-                     "base_dir": str(EXAMPLE)})
-    fp32_steps: list[tuple[str, dict[str, Any]]] = [load, ("export_onnx", {"parity_samples": 4}), ("simplify", {})]
+    pipe = Pipeline(
+        tmp / "mnv2-cache",
+        lambda wd: PassContext(workdir=wd, data=data, task="regression", progress=log),
+    )
+    load: tuple[str, dict[str, Any]] = (
+        "load",
+        {
+            "factory": "model.py:build_mobilenetv2",
+            "input_shape": list(MNV2_SHAPE),
+            "base_dir": str(EXAMPLE),
+        },
+    )
+    fp32_steps: list[tuple[str, dict[str, Any]]] = [
+        load,
+        ("export_onnx", {"parity_samples": 4}),
+        ("simplify", {}),
+    ]
     t0 = time.perf_counter()
     fp32 = pipe.run(None, plan(fp32_steps, None, "mnv2 fp32")).model
-    int8 = pipe.run(None, plan([*fp32_steps, ("quantize", dict(quant, mode="static"))], None, "mnv2 int8")).model
+    int8 = pipe.run(
+        None, plan([*fp32_steps, ("quantize", dict(quant, mode="static"))], None, "mnv2 int8")
+    ).model
     assert fp32.path is not None and int8.path is not None
-    info = {"mnv2_build_seconds": round(time.perf_counter() - t0, 1),
-            "mnv2_fp32_bytes": fp32.path.stat().st_size, "mnv2_int8_bytes": int8.path.stat().st_size,
-            "mnv2_params": int(fp32.notes.get("params", 0)), "mnv2_quantize": dict(quant, mode="static")}
+    info = {
+        "mnv2_build_seconds": round(time.perf_counter() - t0, 1),
+        "mnv2_fp32_bytes": fp32.path.stat().st_size,
+        "mnv2_int8_bytes": int8.path.stat().st_size,
+        "mnv2_params": int(fp32.notes.get("params", 0)),
+        "mnv2_quantize": dict(quant, mode="static"),
+    }
     return fp32.path, int8.path, info
 
 
 # ------------------------------------------------------------------ main
 
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds per comparison (default 10)")
-    ap.add_argument("--iters-b1", type=int, default=200, help="calls per model per round at batch 1")
-    ap.add_argument("--iters-b64", type=int, default=40, help="calls per model per round at batch 64")
-    ap.add_argument("--iters-mnv2", type=int, default=25, help="MobileNetV2 calls per model per round")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=10, help="interleaved rounds per comparison (default 10)"
+    )
+    ap.add_argument(
+        "--iters-b1", type=int, default=200, help="calls per model per round at batch 1"
+    )
+    ap.add_argument(
+        "--iters-b64", type=int, default=40, help="calls per model per round at batch 64"
+    )
+    ap.add_argument(
+        "--iters-mnv2", type=int, default=25, help="MobileNetV2 calls per model per round"
+    )
     ap.add_argument("--calib", type=int, default=32, help="MobileNetV2 calibration inputs")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary directory and print its path")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory and print its path"
+    )
     args = ap.parse_args(argv)
 
     from agent.runtime import load_session
@@ -220,15 +268,25 @@ def main(argv: list[str] | None = None) -> int:
         failed = {r: c.error for r, c in cands.items() if c.error}
         if failed:
             raise SystemExit(f"candidates failed: {failed}")
-        fp, q, pr = cands["fp32"].metrics, cands["int8_static"].metrics, cands["pruned_int8_static"].metrics
+        fp, q, pr = (
+            cands["fp32"].metrics,
+            cands["int8_static"].metrics,
+            cands["pruned_int8_static"].metrics,
+        )
         notes = cands["pruned_int8_static"].notes
 
-        say(f"\ndigits on {PROFILE} (onnxruntime, {threads} threads), build {extra['build_seconds']} s")
-        say(f"  {'candidate':<22}{'artifact':>12}{'model':>12}{'params':>10}{'top-1':>9}{'drop pt':>9}{'build p95':>11}")
+        say(
+            f"\ndigits on {PROFILE} (onnxruntime, {threads} threads), build {extra['build_seconds']} s"
+        )
+        say(
+            f"  {'candidate':<22}{'artifact':>12}{'model':>12}{'params':>10}{'top-1':>9}{'drop pt':>9}{'build p95':>11}"
+        )
         for r in RECIPES:
             m = cands[r].metrics
-            say(f"  {r:<22}{m['artifact_bytes']:>12,}{m['model_bytes']:>12,}{m.get('params', 0):>10,}"
-                f"{m['top1'] * 100:>8.2f}%{m['top1_drop_pt']:>9.2f}{m['latency_b1']['p95_ms']:>9.3f}ms")
+            say(
+                f"  {r:<22}{m['artifact_bytes']:>12,}{m['model_bytes']:>12,}{m.get('params', 0):>10,}"
+                f"{m['top1'] * 100:>8.2f}%{m['top1_drop_pt']:>9.2f}{m['latency_b1']['p95_ms']:>9.3f}ms"
+            )
 
         paths = {r: candidate_model_path(builder, profile, r) for r in RECIPES}
         for r in RECIPES:  # the files measured are the ones that were packed
@@ -238,10 +296,17 @@ def main(argv: list[str] | None = None) -> int:
         name = builder.source().input_name
         sessions = {r: load_session("onnxruntime", paths[r], threads=threads) for r in RECIPES}
         log("latency, digits, batch 1")
-        b1 = interleaved_p95(sessions, {name: np.ascontiguousarray(ev[:1])}, rounds=args.rounds, iters=args.iters_b1)
+        b1 = interleaved_p95(
+            sessions, {name: np.ascontiguousarray(ev[:1])}, rounds=args.rounds, iters=args.iters_b1
+        )
         lat_table("digits latency, batch 1 (interleaved)", b1, "fp32")
         log("latency, digits, batch 64")
-        b64 = interleaved_p95(sessions, {name: np.ascontiguousarray(ev[:64])}, rounds=args.rounds, iters=args.iters_b64)
+        b64 = interleaved_p95(
+            sessions,
+            {name: np.ascontiguousarray(ev[:64])},
+            rounds=args.rounds,
+            iters=args.iters_b64,
+        )
         lat_table("digits latency, batch 64 (interleaved)", b64, "fp32")
         for s in sessions.values():
             s.close()
@@ -249,23 +314,36 @@ def main(argv: list[str] | None = None) -> int:
         log("MobileNetV2: export, simplify, quantize")
         quant = {"per_channel": True, "activation_type": "uint8", "calibration_samples": args.calib}
         mf, mq, minfo = build_mnv2(tmp, args.calib, quant)
-        xm = {"input": np.random.default_rng(1).standard_normal((1, *MNV2_SHAPE)).astype(np.float32)}
+        xm = {
+            "input": np.random.default_rng(1).standard_normal((1, *MNV2_SHAPE)).astype(np.float32)
+        }
         shape = "x".join(map(str, MNV2_SHAPE))
         mlat: dict[int | str, dict[str, dict[str, float]]] = {}
         # Headline: the profile's threads, sessions as the agent loads them. Then two
         # diagnostics on the same files: 1 thread, and the profile's threads with the intra-op
         # thread pool not spinning (a session option the agent's adapter does not set).
         variants: list[tuple[int | str, Any]] = [
-            (threads, lambda p: load_session("onnxruntime", p, threads=threads))]
+            (threads, lambda p: load_session("onnxruntime", p, threads=threads))
+        ]
         if threads != 1:
             variants.append((1, lambda p: load_session("onnxruntime", p, threads=1)))
         variants.append(("nospin", lambda p: _NoSpinSession(p, threads)))
         for label, loader in variants:
             msess = {"mnv2_fp32": loader(mf), "mnv2_int8_static": loader(mq)}
             log(f"latency, MobileNetV2, batch 1, {label}")
-            mlat[label] = interleaved_p95(msess, xm, rounds=args.rounds, iters=args.iters_mnv2, warmup=5)
-            what = f"{label} thread(s)" if isinstance(label, int) else f"{threads} threads, no spinning (diagnostic)"
-            lat_table(f"MobileNetV2 1x{shape} latency, batch 1, {what} (interleaved)", mlat[label], "mnv2_fp32")
+            mlat[label] = interleaved_p95(
+                msess, xm, rounds=args.rounds, iters=args.iters_mnv2, warmup=5
+            )
+            what = (
+                f"{label} thread(s)"
+                if isinstance(label, int)
+                else f"{threads} threads, no spinning (diagnostic)"
+            )
+            lat_table(
+                f"MobileNetV2 1x{shape} latency, batch 1, {what} (interleaved)",
+                mlat[label],
+                "mnv2_fp32",
+            )
             for s in msess.values():
                 s.close()
         say(f"  sizes: fp32 {minfo['mnv2_fp32_bytes']:,} B, int8 {minfo['mnv2_int8_bytes']:,} B")
@@ -274,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
             return round(a / b, 4)
 
         res: dict[str, Any] = {
-            "bench": "builder_digits", "profile": PROFILE, "threads": threads,
+            "bench": "builder_digits",
+            "profile": PROFILE,
+            "threads": threads,
             "cpu_count": os.cpu_count(),
             "int8_size_ratio": ratio(q["artifact_bytes"], fp["artifact_bytes"]),
             "int8_model_size_ratio": ratio(q["model_bytes"], fp["model_bytes"]),
@@ -284,19 +364,34 @@ def main(argv: list[str] | None = None) -> int:
             "pruned_param_ratio": ratio(notes["params_after"], notes["params_before"]),
             # pruned = the pruned_int8_static candidate (50% structured pruning, fine-tuned, int8)
             "pruned_p95_ratio": ratio(b1["pruned_int8_static"]["p95_ms"], b1["fp32"]["p95_ms"]),
-            "pruned_p95_ratio_b64": ratio(b64["pruned_int8_static"]["p95_ms"], b64["fp32"]["p95_ms"]),
-            "pruned_vs_int8_p95_ratio_b64": ratio(b64["pruned_int8_static"]["p95_ms"], b64["int8_static"]["p95_ms"]),
+            "pruned_p95_ratio_b64": ratio(
+                b64["pruned_int8_static"]["p95_ms"], b64["fp32"]["p95_ms"]
+            ),
+            "pruned_vs_int8_p95_ratio_b64": ratio(
+                b64["pruned_int8_static"]["p95_ms"], b64["int8_static"]["p95_ms"]
+            ),
             "pruned_top1_drop_pt": pr["top1_drop_pt"],
             "pruned_size_ratio": ratio(pr["artifact_bytes"], fp["artifact_bytes"]),
             "pruned_finetune": notes.get("finetune"),
-            "mnv2_int8_p95_ratio_b1": ratio(mlat[threads]["mnv2_int8_static"]["p95_ms"], mlat[threads]["mnv2_fp32"]["p95_ms"]),
-            "mnv2_int8_p50_ratio_b1": ratio(mlat[threads]["mnv2_int8_static"]["p50_ms"], mlat[threads]["mnv2_fp32"]["p50_ms"]),
+            "mnv2_int8_p95_ratio_b1": ratio(
+                mlat[threads]["mnv2_int8_static"]["p95_ms"], mlat[threads]["mnv2_fp32"]["p95_ms"]
+            ),
+            "mnv2_int8_p50_ratio_b1": ratio(
+                mlat[threads]["mnv2_int8_static"]["p50_ms"], mlat[threads]["mnv2_fp32"]["p50_ms"]
+            ),
             "mnv2_diagnostics": {
-                f"p95_ratio_b1_{k}": ratio(v["mnv2_int8_static"]["p95_ms"], v["mnv2_fp32"]["p95_ms"])
-                for k, v in mlat.items() if k != threads
-            } | {
-                f"p50_ratio_b1_{k}": ratio(v["mnv2_int8_static"]["p50_ms"], v["mnv2_fp32"]["p50_ms"])
-                for k, v in mlat.items() if k != threads
+                f"p95_ratio_b1_{k}": ratio(
+                    v["mnv2_int8_static"]["p95_ms"], v["mnv2_fp32"]["p95_ms"]
+                )
+                for k, v in mlat.items()
+                if k != threads
+            }
+            | {
+                f"p50_ratio_b1_{k}": ratio(
+                    v["mnv2_int8_static"]["p50_ms"], v["mnv2_fp32"]["p50_ms"]
+                )
+                for k, v in mlat.items()
+                if k != threads
             },
             "int8_p50_ratio_b1": ratio(b1["int8_static"]["p50_ms"], b1["fp32"]["p50_ms"]),
             "int8_p50_ratio_b64": ratio(b64["int8_static"]["p50_ms"], b64["fp32"]["p50_ms"]),
@@ -304,12 +399,16 @@ def main(argv: list[str] | None = None) -> int:
             "p95_ms": {
                 "b1": {k: v["p95_ms"] for k, v in b1.items()},
                 "b64": {k: v["p95_ms"] for k, v in b64.items()},
-                **{f"mnv2_b1_{k}": {n: v["p95_ms"] for n, v in lat.items()} for k, lat in mlat.items()},
+                **{
+                    f"mnv2_b1_{k}": {n: v["p95_ms"] for n, v in lat.items()}
+                    for k, lat in mlat.items()
+                },
             },
             "artifact_bytes": {r: cands[r].metrics["artifact_bytes"] for r in RECIPES},
             "rounds": args.rounds,
             "loadavg_1m": {"start": load0, "end": round(os.getloadavg()[0], 2)},
-            **extra, **minfo,
+            **extra,
+            **minfo,
         }
         met = {}
         for k, (op, lim) in TARGETS.items():
@@ -322,8 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         say("\ntargets")
         for k, (op, lim) in TARGETS.items():
             say(f"  {k:<26}{res[k]:>10.4f}  {op} {lim:<5} {'ok' if met[k] else 'MISSED'}")
-        say(f"  int8_p95_ratio_b1 (no target) {res['int8_p95_ratio_b1']:.4f}; "
-            f"pruned_p95_ratio (pruned int8 / fp32, batch 1) {res['pruned_p95_ratio']:.4f}")
+        say(
+            f"  int8_p95_ratio_b1 (no target) {res['int8_p95_ratio_b1']:.4f}; "
+            f"pruned_p95_ratio (pruned int8 / fp32, batch 1) {res['pruned_p95_ratio']:.4f}"
+        )
         if args.keep:
             say(f"kept: {tmp}")
         print(json.dumps(res, default=str), flush=True)

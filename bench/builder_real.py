@@ -48,17 +48,34 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def build(example: str, profiles: list[str], out: Path, cache: Path) -> tuple[dict[str, Any] | None, str, int]:
+def build(
+    example: str, profiles: list[str], out: Path, cache: Path
+) -> tuple[dict[str, Any] | None, str, int]:
     """Run `edgefleet build` for ``example``; (the --json document, stderr, exit code)."""
     mod = __import__(f"examples.{example}.prepare", fromlist=["prepare"])
     mod.prepare()
     cfg = ROOT / "examples" / example / "edgefleet.toml"
     prof = [a for p in profiles for a in ("-p", p)] if profiles else ["--all-profiles"]
-    cmd = [sys.executable, "-m", "builder.cli", "build", str(cfg), *prof, "--out", str(out),
-           "--cache-dir", str(cache), "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "builder.cli",
+        "build",
+        str(cfg),
+        *prof,
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        "--json",
+    ]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    say(f"  {example}: edgefleet build exited {proc.returncode} after {time.monotonic() - t0:.0f} s")
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    say(
+        f"  {example}: edgefleet build exited {proc.returncode} after {time.monotonic() - t0:.0f} s"
+    )
     doc = None
     for line in reversed(proc.stdout.strip().splitlines()):
         try:
@@ -96,7 +113,9 @@ def main() -> int:
     results: dict[str, Any] = {}
     runs: dict[str, tuple[dict[str, Any] | None, str, int]] = {}
     say("== transformer (textenc: all-MiniLM-L6-v2) for x86-ipc and generic-cpu")
-    runs["textenc"] = build("textenc", [] if args.all else ["x86-ipc", "generic-cpu"], work / "textenc", cache)
+    runs["textenc"] = build(
+        "textenc", [] if args.all else ["x86-ipc", "generic-cpu"], work / "textenc", cache
+    )
     if args.all:
         for ex in ("vad", "digits"):
             say(f"== {ex} for every profile")
@@ -104,18 +123,35 @@ def main() -> int:
 
     doc = runs["textenc"][0] or {"profiles": []}
     tx = [p for p in doc["profiles"] if p["profile"] in ("x86-ipc", "generic-cpu")]
-    say(f"{'profile':12} {'candidate':18} {'prec':12} {'MB':>7} {'cos min':>8} {'cos mean':>8} {'p95 ms':>8} {'x fp32':>7}  verdict")
+    say(
+        f"{'profile':12} {'candidate':18} {'prec':12} {'MB':>7} {'cos min':>8} {'cos mean':>8} {'p95 ms':>8} {'x fp32':>7}  verdict"
+    )
     for p in tx:
         for c in p["candidates"]:
             m = c["metrics"] or {}
             lat = m.get("latency_b1", {})
-            verdict = "CHOSEN" if c["recipe"] == p["chosen"] else ("fits" if c["fits"] else (c["error"] or "; ".join(c["violations"])))
-            say(f"{p['profile']:12} {c['recipe']:18} {c['precision'] or '-':12} "
+            verdict = (
+                "CHOSEN"
+                if c["recipe"] == p["chosen"]
+                else ("fits" if c["fits"] else (c["error"] or "; ".join(c["violations"])))
+            )
+            say(
+                f"{p['profile']:12} {c['recipe']:18} {c['precision'] or '-':12} "
                 f"{m.get('model_bytes', 0) / 1e6:7.1f} {m.get('cosine_min', float('nan')):8.4f} "
                 f"{m.get('cosine_mean', float('nan')):8.4f} {lat.get('p95_ms', float('nan')):8.2f} "
-                f"{lat.get('p95_ratio') or float('nan'):7.2f}  {verdict[:90]}")
-    chosen = [(p, next(c for c in p["candidates"] if c["recipe"] == p["chosen"])) for p in tx if p["chosen"]]
-    fp32 = {p["profile"]: next((c for c in p["candidates"] if c["recipe"] == "fp32" and c["metrics"]), None) for p in tx}
+                f"{lat.get('p95_ratio') or float('nan'):7.2f}  {verdict[:90]}"
+            )
+    chosen = [
+        (p, next(c for c in p["candidates"] if c["recipe"] == p["chosen"]))
+        for p in tx
+        if p["chosen"]
+    ]
+    fp32 = {
+        p["profile"]: next(
+            (c for c in p["candidates"] if c["recipe"] == "fp32" and c["metrics"]), None
+        )
+        for p in tx
+    }
     if chosen:
         results["tx_chosen_cosine_min"] = min(c["metrics"]["cosine_min"] for _, c in chosen)
         results["tx_chosen_precision"] = sorted({c["precision"] for _, c in chosen})
@@ -126,9 +162,13 @@ def main() -> int:
         results["tx_int8_p95_ratio_b1"] = c["metrics"]["latency_b1"].get("p95_ratio")
         ref = fp32.get(p["profile"])
         ref_bytes = ref["metrics"]["model_bytes"] if ref else None
-        results["tx_int8_size_ratio"] = round(c["metrics"]["model_bytes"] / ref_bytes, 4) if ref_bytes else None
+        results["tx_int8_size_ratio"] = (
+            round(c["metrics"]["model_bytes"] / ref_bytes, 4) if ref_bytes else None
+        )
         results["tx_int8_recipe"] = f"{p['profile']}/{c['recipe']}"
-    static = [c for p in tx for c in p["candidates"] if c["precision"] == "int8_static" and c["metrics"]]
+    static = [
+        c for p in tx for c in p["candidates"] if c["precision"] == "int8_static" and c["metrics"]
+    ]
     if static:
         best = max(static, key=lambda c: c["metrics"]["cosine_min"])
         results["tx_static_int8_cosine_min"] = best["metrics"]["cosine_min"]
@@ -139,14 +179,20 @@ def main() -> int:
     for ex, (d, err, rc) in runs.items():
         if "Traceback" in err or d is None:
             broken += 1
-            say(f"  {ex}: no JSON or a traceback (exit {rc}): {err.strip().splitlines()[-1:] }")
+            say(f"  {ex}: no JSON or a traceback (exit {rc}): {err.strip().splitlines()[-1:]}")
             continue
         key_pub = ROOT / "examples" / ex / "work" / "keys" / "edgefleet.pub"
         for p in d["profiles"]:
             if p["artifact"]:
                 m = p["metrics"] or {}
-                acc = (f"top-1 {m['top1'] * 100:.2f}%" if "top1" in m else f"min cosine {m.get('cosine_min', float('nan')):.4f}")
-                say(f"  packaged {ex}/{p['profile']}: {p['chosen']} ({p['precision']}, {m.get('model_bytes', 0) / 1e6:.2f} MB, {acc})")
+                acc = (
+                    f"top-1 {m['top1'] * 100:.2f}%"
+                    if "top1" in m
+                    else f"min cosine {m.get('cosine_min', float('nan')):.4f}"
+                )
+                say(
+                    f"  packaged {ex}/{p['profile']}: {p['chosen']} ({p['precision']}, {m.get('model_bytes', 0) / 1e6:.2f} MB, {acc})"
+                )
                 built += 1
                 problems = regate(Path(p["artifact"]), key_pub)
                 if problems:
@@ -154,11 +200,17 @@ def main() -> int:
                     say(f"  SHIPPED OVER BUDGET {ex}/{p['profile']}: {problems}")
             elif p["error"] or p["candidates"]:
                 refused += 1
-                reasons = p["error"] or "; ".join(f"{c['recipe']}: {c['error'] or ', '.join(c['violations'])}"
-                                                  for c in p["candidates"])
+                reasons = p["error"] or "; ".join(
+                    f"{c['recipe']}: {c['error'] or ', '.join(c['violations'])}"
+                    for c in p["candidates"]
+                )
                 say(f"  refused {ex}/{p['profile']}: {reasons[:300]}")
     results["shipped_over_budget"] = over
-    results["examples_built"] = {"packaged": built, "refused_with_reason": refused, "broken": broken}
+    results["examples_built"] = {
+        "packaged": built,
+        "refused_with_reason": refused,
+        "broken": broken,
+    }
     say("")
     for k, (op, target) in TARGETS.items():
         v = results.get(k)

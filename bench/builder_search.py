@@ -80,10 +80,21 @@ def model_of(builder: Any, profile: Any, recipe: str) -> Any:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=10, help="interleaved latency rounds (default 10)")
-    ap.add_argument("--iters", type=int, default=200, help="calls per model per round (default 200)")
-    ap.add_argument("--threads", type=int, default=None, help="LiteRT threads (default: rpi4's, capped at the CPUs here)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=10, help="interleaved latency rounds (default 10)"
+    )
+    ap.add_argument(
+        "--iters", type=int, default=200, help="calls per model per round (default 200)"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="LiteRT threads (default: rpi4's, capped at the CPUs here)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary build directory")
     args = ap.parse_args()
 
@@ -107,15 +118,19 @@ def main() -> int:
         build_s = time.perf_counter() - t0
 
         say(f"build of every profile: {build_s:.1f} s")
-        say(f"  {'profile':<18}{'runtime':<13}{'chosen':<24}{'size KB':>9}{'top-1':>8}{'p95 ms':>9}")
+        say(
+            f"  {'profile':<18}{'runtime':<13}{'chosen':<24}{'size KB':>9}{'top-1':>8}{'p95 ms':>9}"
+        )
         for name, r in results.items():
             c = r.chosen
             if c is None:
                 say(f"  {name:<18}{r.profile.runtime.name:<13}NOTHING FITS")
                 continue
             m = c.metrics
-            say(f"  {name:<18}{c.runtime:<13}{c.recipe:<24}{m['artifact_bytes'] / 1024:>9.1f}"
-                f"{m.get('top1', float('nan')) * 100:>8.2f}{m['latency_b1']['p95_ms']:>9.3f}")
+            say(
+                f"  {name:<18}{c.runtime:<13}{c.recipe:<24}{m['artifact_bytes'] / 1024:>9.1f}"
+                f"{m.get('top1', float('nan')) * 100:>8.2f}{m['latency_b1']['p95_ms']:>9.3f}"
+            )
         fitted = sorted(n for n, r in results.items() if r.artifact is not None)
 
         # TFLite fp32 vs full int8 (rpi4 candidates), side by side.
@@ -130,13 +145,21 @@ def main() -> int:
         x1 = builder.data.eval.x[:1]
         sessions = {r: load_session("litert", p, threads=threads) for r, p in paths.items()}
         if threads != 1:  # one thread too, in the same rounds: a tiny model gains nothing from more
-            sessions.update({f"{r}_1t": load_session("litert", p, threads=1) for r, p in paths.items()})
+            sessions.update(
+                {f"{r}_1t": load_session("litert", p, threads=1) for r, p in paths.items()}
+            )
         lat = interleaved_p95(sessions, {"input": x1}, rounds=args.rounds, iters=args.iters)
-        lat_table(f"TFLite at batch 1, ai-edge-litert, {threads} thread(s) (_1t: 1 thread), interleaved", lat, "tflite_fp32")
+        lat_table(
+            f"TFLite at batch 1, ai-edge-litert, {threads} thread(s) (_1t: 1 thread), interleaved",
+            lat,
+            "tflite_fp32",
+        )
         size_ratio = i8.metrics["artifact_bytes"] / f32.metrics["artifact_bytes"]
         top1_drop = (f32.metrics["top1"] - i8.metrics["top1"]) * 100
-        say(f"  size: fp32 {f32.metrics['artifact_bytes'] / 1024:.1f} KB, int8 {i8.metrics['artifact_bytes'] / 1024:.1f} KB "
-            f"(x{size_ratio:.3f}); top-1 fp32 {f32.metrics['top1'] * 100:.2f}%, int8 {i8.metrics['top1'] * 100:.2f}%")
+        say(
+            f"  size: fp32 {f32.metrics['artifact_bytes'] / 1024:.1f} KB, int8 {i8.metrics['artifact_bytes'] / 1024:.1f} KB "
+            f"(x{size_ratio:.3f}); top-1 fp32 {f32.metrics['top1'] * 100:.2f}%, int8 {i8.metrics['top1'] * 100:.2f}%"
+        )
 
         # Teacher vs distilled student (torch), side by side.
         student_handle = model_of(builder, rpi.profile, "distilled_tflite_int8")
@@ -144,28 +167,53 @@ def main() -> int:
         from builder.pipeline import plan
 
         src = builder.source()
-        distill_step = [s for s in builder._steps("distilled_tflite_int8", rpi.profile, False) if s[0] == "distill"]
+        distill_step = [
+            s
+            for s in builder._steps("distilled_tflite_int8", rpi.profile, False)
+            if s[0] == "distill"
+        ]
         student = builder.pipeline.run(src, plan(distill_step, src.kind, "distill")).model.module
-        tlat = interleaved_p95({"teacher": TorchSession(src.module), "student": TorchSession(student)},
-                               {"input": x1}, rounds=args.rounds, iters=args.iters)
+        tlat = interleaved_p95(
+            {"teacher": TorchSession(src.module), "student": TorchSession(student)},
+            {"input": x1},
+            rounds=args.rounds,
+            iters=args.iters,
+        )
         lat_table("teacher vs distilled student, torch, batch 1, interleaved", tlat, "teacher")
-        say(f"  params: teacher {d['teacher_params']}, student {d['student_params']} (x{d['param_ratio']:.3f}); "
-            f"top-1 teacher {d['teacher_top1'] * 100:.2f}%, student {d['student_top1'] * 100:.2f}%")
+        say(
+            f"  params: teacher {d['teacher_params']}, student {d['student_params']} (x{d['param_ratio']:.3f}); "
+            f"top-1 teacher {d['teacher_top1'] * 100:.2f}%, student {d['student_top1'] * 100:.2f}%"
+        )
 
         out: dict[str, Any] = {
             "tflite_int8_size_ratio": round(size_ratio, 4),
             "tflite_int8_top1_drop_pt": round(top1_drop, 3),
-            "tflite_int8_p95_ratio": round(lat["tflite_int8"]["p95_ms"] / lat["tflite_fp32"]["p95_ms"], 4),
-            "tflite_int8_p50_ratio": round(lat["tflite_int8"]["p50_ms"] / lat["tflite_fp32"]["p50_ms"], 4),
-            **({"tflite_int8_p95_ratio_1t": round(lat["tflite_int8_1t"]["p95_ms"] / lat["tflite_fp32_1t"]["p95_ms"], 4)}
-               if "tflite_int8_1t" in lat else {}),
+            "tflite_int8_p95_ratio": round(
+                lat["tflite_int8"]["p95_ms"] / lat["tflite_fp32"]["p95_ms"], 4
+            ),
+            "tflite_int8_p50_ratio": round(
+                lat["tflite_int8"]["p50_ms"] / lat["tflite_fp32"]["p50_ms"], 4
+            ),
+            **(
+                {
+                    "tflite_int8_p95_ratio_1t": round(
+                        lat["tflite_int8_1t"]["p95_ms"] / lat["tflite_fp32_1t"]["p95_ms"], 4
+                    )
+                }
+                if "tflite_int8_1t" in lat
+                else {}
+            ),
             "student_param_ratio": round(d["param_ratio"], 4),
             "student_top1_drop_pt": round((d["teacher_top1"] - d["student_top1"]) * 100, 3),
             "student_p95_ratio": round(tlat["student"]["p95_ms"] / tlat["teacher"]["p95_ms"], 4),
             "profiles_fitted": f"{len(fitted)}/{len(profiles)}",
             "profiles": {n: (r.chosen.recipe if r.chosen else None) for n, r in results.items()},
-            "p95_ms": {**{k: v["p95_ms"] for k, v in lat.items()}, **{k: v["p95_ms"] for k, v in tlat.items()}},
-            "tflite_threads": threads, "build_seconds": round(build_s, 1),
+            "p95_ms": {
+                **{k: v["p95_ms"] for k, v in lat.items()},
+                **{k: v["p95_ms"] for k, v in tlat.items()},
+            },
+            "tflite_threads": threads,
+            "build_seconds": round(build_s, 1),
         }
         met = {k: (out[k] <= lim) for k, (_, lim) in TARGETS.items()}
         met["profiles_fitted"] = len(fitted) == len(profiles)

@@ -55,8 +55,9 @@ class Monitor:
         self.failures: dict[str, str] = {}
         self.lock = threading.Lock()
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2)
-        self.c.on_connect = lambda c, u, f, rc, p: c.subscribe([("edgefleet/v1/devices/+/state", 1),
-                                                                  ("edgefleet/v1/devices/+/events", 1)])
+        self.c.on_connect = lambda c, u, f, rc, p: c.subscribe(
+            [("edgefleet/v1/devices/+/state", 1), ("edgefleet/v1/devices/+/events", 1)]
+        )
         self.c.on_message = self._msg
         self.c.connect(host, int(port))
         self.c.loop_start()
@@ -97,7 +98,9 @@ class Monitor:
         self.c.loop_stop()
 
 
-def start_workers(n: int, procs: int, url: str, key: Path, root: Path, max_s: float) -> list[subprocess.Popen[bytes]]:
+def start_workers(
+    n: int, procs: int, url: str, key: Path, root: Path, max_s: float
+) -> list[subprocess.Popen[bytes]]:
     out = []
     per = -(-n // procs)
     for p in range(procs):
@@ -105,12 +108,33 @@ def start_workers(n: int, procs: int, url: str, key: Path, root: Path, max_s: fl
         if count <= 0:
             break
         log = (root / f"worker-{p}.log").open("wb")
-        out.append(subprocess.Popen(
-            [sys.executable, str(REPO / "bench" / "fleetsim.py"), "--broker", url, "--key", str(key),
-             "--dir", str(root / "devices"), "--start", str(start), "--count", str(count),
-             "--group", "fleet", "--max-s", str(max_s)],
-            cwd=REPO, stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": str(REPO)},
-            start_new_session=True))
+        out.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(REPO / "bench" / "fleetsim.py"),
+                    "--broker",
+                    url,
+                    "--key",
+                    str(key),
+                    "--dir",
+                    str(root / "devices"),
+                    "--start",
+                    str(start),
+                    "--count",
+                    str(count),
+                    "--group",
+                    "fleet",
+                    "--max-s",
+                    str(max_s),
+                ],
+                cwd=REPO,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+                start_new_session=True,
+            )
+        )
     return out
 
 
@@ -130,9 +154,13 @@ def run_ingest(args: argparse.Namespace) -> dict[str, Any]:
     """The collector's telemetry ingest, measured by the collector engineer's bench module."""
     # a regular import (not from a file spec): its worker processes unpickle functions by module name
     mod = importlib.import_module("bench.fleet_ingest")
-    say(f"ingest: {args.devices} devices x {args.ingest_per_device} telemetry messages into the collector "
-        "(bench/fleet_ingest.py)")
-    res: dict[str, Any] = mod.measure_ingest(devices=args.devices, msgs_per_device=args.ingest_per_device)
+    say(
+        f"ingest: {args.devices} devices x {args.ingest_per_device} telemetry messages into the collector "
+        "(bench/fleet_ingest.py)"
+    )
+    res: dict[str, Any] = mod.measure_ingest(
+        devices=args.devices, msgs_per_device=args.ingest_per_device
+    )
     return {k if k.startswith("ingest_") else f"ingest_{k}": v for k, v in res.items()}
 
 
@@ -143,7 +171,12 @@ def main() -> None:
     ap.add_argument("--size-mb", type=float, default=5.0)
     ap.add_argument("--chunk-kb", type=int, default=1024)
     ap.add_argument("--timeout", type=float, default=300.0, help="bound on each wait")
-    ap.add_argument("--ingest-per-device", type=int, default=50, help="telemetry messages per device (ingest part)")
+    ap.add_argument(
+        "--ingest-per-device",
+        type=int,
+        default=50,
+        help="telemetry messages per device (ingest part)",
+    )
     ap.add_argument("--skip-ingest", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     args = ap.parse_args()
@@ -160,12 +193,22 @@ def main() -> None:
     result: dict[str, Any] = {}
     try:
         keys = make_keys(tmp / "keys")
-        art = make_artifact(tmp / "art", keys, name="fleetbench", version="1.0.0", profile=PROFILE,
-                            extra_params=int(args.size_mb * 1e6 / 4))
+        art = make_artifact(
+            tmp / "art",
+            keys,
+            name="fleetbench",
+            version="1.0.0",
+            profile=PROFILE,
+            extra_params=int(args.size_mb * 1e6 / 4),
+        )
         size = art.stat().st_size
-        say(f"artifact: {size / 1e6:.2f} MB; starting {args.devices} simulated devices in {args.procs} processes")
+        say(
+            f"artifact: {size / 1e6:.2f} MB; starting {args.devices} simulated devices in {args.procs} processes"
+        )
         t_start = time.monotonic()
-        workers = start_workers(args.devices, args.procs, broker.url, keys.public, tmp, args.timeout * 3)
+        workers = start_workers(
+            args.devices, args.procs, broker.url, keys.public, tmp, args.timeout * 3
+        )
         ok = mon.wait(lambda: len(mon.online) >= args.devices, args.timeout, "device births")
         online = len(mon.online)
         say(f"{online}/{args.devices} devices online after {time.monotonic() - t_start:.1f}s")
@@ -177,32 +220,53 @@ def main() -> None:
         mon.sha = pub.sha256
         deploy(cfg, "fleetbench@1.0.0", group="fleet")
         t_deploy = time.monotonic()
-        done = mon.wait(lambda: mon.count("ACTIVE") + len(mon.failures) >= online, args.timeout, "ACTIVE events")
+        done = mon.wait(
+            lambda: mon.count("ACTIVE") + len(mon.failures) >= online, args.timeout, "ACTIVE events"
+        )
         active = mon.count("ACTIVE")
         with mon.lock:
             act_times = sorted(s["ACTIVE"] - t0 for s in mon.first.values() if "ACTIVE" in s)
         fanout = act_times[-1] if act_times and active >= online else None
-        say(f"publish {pub.seconds:.2f}s ({size / max(pub.seconds, 1e-9) / 1e6:.0f} MB/s); deploy set after "
-            f"{t_deploy - t0:.2f}s")
+        say(
+            f"publish {pub.seconds:.2f}s ({size / max(pub.seconds, 1e-9) / 1e6:.0f} MB/s); deploy set after "
+            f"{t_deploy - t0:.2f}s"
+        )
         if act_times:
-            say(f"ACTIVE on {active}/{online} devices: first {act_times[0]:.2f}s, median "
+            say(
+                f"ACTIVE on {active}/{online} devices: first {act_times[0]:.2f}s, median "
                 f"{statistics.median(act_times):.2f}s, last {act_times[-1]:.2f}s after the publish started; "
-                f"{len(mon.failures)} failed" + ("" if done else " (TIMED OUT)"))
+                f"{len(mon.failures)} failed" + ("" if done else " (TIMED OUT)")
+            )
         if mon.failures:
             say(f"  e.g. {next(iter(mon.failures.items()))}")
-        say(f"fan-out: {online} x {size / 1e6:.1f} MB = {online * size / 1e9:.2f} GB delivered"
-            + (f", {online * size / 1e6 / fanout:.0f} MB/s aggregate" if fanout else ""))
-        result = {"devices": online, "devices_target": args.devices, "artifact_mb": round(size / 1e6, 2),
-                  "devices_active": active, "devices_failed": len(mon.failures),
-                  "fanout_all_active_s": round(fanout, 2) if fanout else None,
-                  "fanout_median_active_s": round(statistics.median(act_times), 2) if act_times else None,
-                  "publish_s": round(pub.seconds, 3)}
+        say(
+            f"fan-out: {online} x {size / 1e6:.1f} MB = {online * size / 1e9:.2f} GB delivered"
+            + (f", {online * size / 1e6 / fanout:.0f} MB/s aggregate" if fanout else "")
+        )
+        result = {
+            "devices": online,
+            "devices_target": args.devices,
+            "artifact_mb": round(size / 1e6, 2),
+            "devices_active": active,
+            "devices_failed": len(mon.failures),
+            "fanout_all_active_s": round(fanout, 2) if fanout else None,
+            "fanout_median_active_s": round(statistics.median(act_times), 2) if act_times else None,
+            "publish_s": round(pub.seconds, 3),
+        }
     finally:
         stop_workers(workers)
         mon.close()
         broker.stop()
-    ingest = {"ingest_msgs_per_s": None, "ingest_lost": None, "ingest_ratio": None, "ingest_note": "skipped"} \
-        if args.skip_ingest else run_ingest(args)
+    ingest = (
+        {
+            "ingest_msgs_per_s": None,
+            "ingest_lost": None,
+            "ingest_ratio": None,
+            "ingest_note": "skipped",
+        }
+        if args.skip_ingest
+        else run_ingest(args)
+    )
     result.update(ingest)
     result["loadavg_1m"] = round(os.getloadavg()[0], 2)
     if args.keep:

@@ -52,7 +52,9 @@ class NoopSession(InferenceSession):
     def outputs(self) -> list[IOSpec]:
         return []
 
-    def infer(self, feeds: dict[str, npt.NDArray[np.generic]]) -> dict[str, npt.NDArray[np.generic]]:
+    def infer(
+        self, feeds: dict[str, npt.NDArray[np.generic]]
+    ) -> dict[str, npt.NDArray[np.generic]]:
         return {"y": np.zeros((1, 1), np.float32)}
 
 
@@ -63,8 +65,12 @@ def stub_runtime() -> None:
         return NoopSession()
 
     def check(session: Any, inst: Any, *a: Any, **k: Any) -> selftest.CheckResult:
-        return selftest.CheckResult(True, "", selftest.Latency(0.0, 0.0, 0), {"p50_ms": 0.0, "p95_ms": 0.0,
-                                                                             "simulated": True})
+        return selftest.CheckResult(
+            True,
+            "",
+            selftest.Latency(0.0, 0.0, 0),
+            {"p50_ms": 0.0, "p95_ms": 0.0, "simulated": True},
+        )
 
     selftest.load = load
     selftest.check_candidate = check
@@ -73,12 +79,24 @@ def stub_runtime() -> None:
 
 def device_config(device: str, broker: str, key: Path, state_dir: Path, group: str) -> AgentConfig:
     doc: dict[str, Any] = {
-        "device_id": device, "profile": PROFILE, "groups": [group], "state_dir": str(state_dir),
-        "trusted_keys": [str(key)], "keep_versions": 1, "runtimes": ["onnxruntime"], "log_level": "warning",
+        "device_id": device,
+        "profile": PROFILE,
+        "groups": [group],
+        "state_dir": str(state_dir),
+        "trusted_keys": [str(key)],
+        "keep_versions": 1,
+        "runtimes": ["onnxruntime"],
+        "log_level": "warning",
         "broker": {"url": broker, "reconnect_min_s": 1, "reconnect_max_s": 5},
         "transfer": {"window": 8, "stall_s": 20.0},
-        "install": {"bench_runs": 5, "max_p95_ms": 1000.0, "probation_s": 0.5, "probation_interval_s": 0.5},
-        "telemetry": {"enabled": False}, "serve": {"enabled": False},
+        "install": {
+            "bench_runs": 5,
+            "max_p95_ms": 1000.0,
+            "probation_s": 0.5,
+            "probation_interval_s": 0.5,
+        },
+        "telemetry": {"enabled": False},
+        "serve": {"enabled": False},
     }
     return AgentConfig.model_validate(doc)
 
@@ -86,15 +104,18 @@ def device_config(device: str, broker: str, key: Path, state_dir: Path, group: s
 class SimFleet:
     """``count`` agents, each with its own paho client and worker thread."""
 
-    def __init__(self, broker: str, key: Path, root: Path, prefix: str, start: int, count: int,
-                 group: str) -> None:
+    def __init__(
+        self, broker: str, key: Path, root: Path, prefix: str, start: int, count: int, group: str
+    ) -> None:
         self.stop_ev = threading.Event()
         self.threads: list[threading.Thread] = []
         self.agents: list[Agent] = []
         for i in range(start, start + count):
             dev = f"{prefix}-{i:04d}"
             cfg = device_config(dev, broker, key, root / dev, group)
-            self.agents.append(Agent(cfg, resolve_policy(cfg), MqttTransport(cfg.broker, cfg.client_id)))
+            self.agents.append(
+                Agent(cfg, resolve_policy(cfg), MqttTransport(cfg.broker, cfg.client_id))
+            )
 
     def start(self) -> None:
         for a in self.agents:
@@ -118,11 +139,15 @@ def main() -> int:
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--count", type=int, default=100)
     ap.add_argument("--group", default="fleet")
-    ap.add_argument("--max-s", type=float, default=600.0, help="stop after this long whatever happens")
+    ap.add_argument(
+        "--max-s", type=float, default=600.0, help="stop after this long whatever happens"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     stub_runtime()
-    fleet = SimFleet(args.broker, args.key, args.dir, args.prefix, args.start, args.count, args.group)
+    fleet = SimFleet(
+        args.broker, args.key, args.dir, args.prefix, args.start, args.count, args.group
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())

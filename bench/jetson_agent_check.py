@@ -85,7 +85,9 @@ class Watch:
         self.c.connect(host, int(port))
         self.c.loop_start()
 
-    def wait(self, leaf: str, pred: Any, timeout: float, after: float = 0.0) -> tuple[float, dict[str, Any]]:
+    def wait(
+        self, leaf: str, pred: Any, timeout: float, after: float = 0.0
+    ) -> tuple[float, dict[str, Any]]:
         end = time.monotonic() + timeout
         with self.cv:
             while True:
@@ -93,7 +95,9 @@ class Watch:
                     if lf == leaf and t >= after and pred(doc):
                         return t, doc
                 if time.monotonic() >= end:
-                    raise EdgefleetError(f"no matching {leaf} message from {DEVICE} within {timeout:g}s")
+                    raise EdgefleetError(
+                        f"no matching {leaf} message from {DEVICE} within {timeout:g}s"
+                    )
                 self.cv.wait(0.2)
 
     def close(self) -> None:
@@ -105,10 +109,10 @@ def agent_config(run: Path, url: str, pub: Path, port: int, threads: int) -> Pat
     """Profile jetson-orin-nano (its providers and latency budget), endpoint on, short probation."""
     text = f"""device_id = "{DEVICE}"
 profile = "jetson-orin-nano"
-state_dir = "{run / 'state'}"
+state_dir = "{run / "state"}"
 trusted_keys = ["{pub.resolve()}"]
 threads = {threads}
-profiles_dir = "{ROOT / 'device_profiles'}"
+profiles_dir = "{ROOT / "device_profiles"}"
 log_level = "info"
 broker = {{url = "{url}", reconnect_min_s = 1, reconnect_max_s = 2}}
 install = {{bench_runs = 50, probation_s = 2.0, probation_interval_s = 0.5}}
@@ -125,8 +129,16 @@ def pct(v: list[float]) -> dict[str, float]:
     return {"p50_ms": round(p50, 4), "p95_ms": round(p95, 4), "n": len(v)}
 
 
-def http_run(port: int, model: str, golden: GoldenSet, dtypes: dict[str, str], batch: int, n: int,
-             atol: float, rtol: float) -> dict[str, Any]:
+def http_run(
+    port: int,
+    model: str,
+    golden: GoldenSet,
+    dtypes: dict[str, str],
+    batch: int,
+    n: int,
+    atol: float,
+    rtol: float,
+) -> dict[str, Any]:
     """``n`` keep-alive JSON v2 infer calls at ``batch`` rows (golden inputs, cycled); every
     answer is checked: top-1 against the reference, values against the expected outputs."""
     count = next(iter(golden.inputs.values())).shape[0]
@@ -134,8 +146,15 @@ def http_run(port: int, model: str, golden: GoldenSet, dtypes: dict[str, str], b
     for i in range(max(1, count // batch) if batch <= count else 1):
         idx = (np.arange(batch) + i * batch) % count
         rows.append(idx)
-        inputs = [{"name": k, "shape": list(v[idx].shape), "datatype": dtypes[k],
-                   "data": v[idx].astype(NP_DTYPES[dtypes[k]]).ravel().tolist()} for k, v in golden.inputs.items()]
+        inputs = [
+            {
+                "name": k,
+                "shape": list(v[idx].shape),
+                "datatype": dtypes[k],
+                "data": v[idx].astype(NP_DTYPES[dtypes[k]]).ravel().tolist(),
+            }
+            for k, v in golden.inputs.items()
+        ]
         bodies.append(json.dumps({"inputs": inputs}).encode())
     out_name = next(iter(golden.reference))
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -146,7 +165,9 @@ def http_run(port: int, model: str, golden: GoldenSet, dtypes: dict[str, str], b
         for i in range(n + 5):
             j = i % len(bodies)
             t0 = time.perf_counter()
-            conn.request("POST", f"/v2/models/{model}/infer", bodies[j], {"Content-Type": "application/json"})
+            conn.request(
+                "POST", f"/v2/models/{model}/infer", bodies[j], {"Content-Type": "application/json"}
+            )
             resp = conn.getresponse()
             data = resp.read()
             dt = time.perf_counter() - t0
@@ -154,8 +175,10 @@ def http_run(port: int, model: str, golden: GoldenSet, dtypes: dict[str, str], b
                 raise EdgefleetError(f"HTTP {resp.status} at batch {batch}: {data[:300]!r}")
             if i >= 5:  # the first 5: warm-up, checked but not timed
                 times.append(dt)
-            outs = {o["name"]: np.asarray(o["data"], np.float64).reshape(o["shape"])
-                    for o in json.loads(data)["outputs"]}
+            outs = {
+                o["name"]: np.asarray(o["data"], np.float64).reshape(o["shape"])
+                for o in json.loads(data)["outputs"]
+            }
             got, exp = outs[out_name], np.asarray(golden.expected[out_name][rows[j]], np.float64)
             agree += int(np.sum(got.argmax(-1) == golden.reference[out_name][rows[j]].argmax(-1)))
             total += batch
@@ -163,8 +186,12 @@ def http_run(port: int, model: str, golden: GoldenSet, dtypes: dict[str, str], b
             within = within and bool(np.all(np.abs(got - exp) <= atol + rtol * np.abs(exp)))
     finally:
         conn.close()
-    return {**pct(times), "top1_agreement": round(agree / total, 4), "max_abs_diff": round(max_diff, 6),
-            "within_tolerance": within}
+    return {
+        **pct(times),
+        "top1_agreement": round(agree / total, 4),
+        "max_abs_diff": round(max_diff, 6),
+        "within_tolerance": within,
+    }
 
 
 def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, Any]:
@@ -178,9 +205,13 @@ def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, Any]:
     m = va.manifest
     extract_verified(va, tmp / "model")
     golden = GoldenSet.load(tmp / "model" / m.golden.file)
-    print(f"artifact {args.artifact.name}: {m.name} {m.version} {m.profile} {m.precision} (key {va.key_id})")
+    print(
+        f"artifact {args.artifact.name}: {m.name} {m.version} {m.profile} {m.precision} (key {va.key_id})"
+    )
     if m.profile != profile.name:
-        print(f"note: the artifact was built for {m.profile}, the agent runs profile {profile.name}")
+        print(
+            f"note: the artifact was built for {m.profile}, the agent runs profile {profile.name}"
+        )
 
     url, impl = start_broker(procs, tmp, args.broker_impl)
     print(f"broker: {impl} on {url}")
@@ -192,8 +223,10 @@ def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, Any]:
         procs.start("agent", [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg_path)])
         t_ready, _ = watch.wait("state", lambda d: d.get("online") is True, 60)
         ready_s = t_ready - t0
-        print(f"agent online after {ready_s:.2f} s (profile {profile.name}, providers asked: "
-              f"{list(profile.runtime.execution_providers)}, threads {profile.runtime.threads})")
+        print(
+            f"agent online after {ready_s:.2f} s (profile {profile.name}, providers asked: "
+            f"{list(profile.runtime.execution_providers)}, threads {profile.runtime.threads})"
+        )
         cfg = broker_config(url)
         _publish(args.artifact, cfg, verify=impl.startswith("amqtt"))
         t_dep = time.monotonic()
@@ -207,7 +240,9 @@ def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, Any]:
             raise EdgefleetError(f"deployment {ev['state']}: {ev.get('reason')}")
         active_s = t_act - t_dep
         selftest = ev.get("detail", {})
-        print(f"ACTIVE after {active_s:.2f} s; on-device self-test + benchmark: {json.dumps(selftest)}")
+        print(
+            f"ACTIVE after {active_s:.2f} s; on-device self-test + benchmark: {json.dumps(selftest)}"
+        )
         t_h, ev = watch.wait("events", state_is("HEALTHY", "ROLLED_BACK"), 60, t_dep)
         if ev["state"] != "HEALTHY":
             raise EdgefleetError(f"probation ended {ev['state']}: {ev.get('reason')}")
@@ -217,14 +252,19 @@ def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, Any]:
         text = (tmp / "agent.log").read_text(errors="replace")
         found = PROVIDERS_RE.findall(text)
         session_providers = list(ast.literal_eval(found[-1])) if found else []
-        fallback = [ln.strip() for ln in text.splitlines()
-                    if "WARNING" in ln and ("running on" in ln or "retrying on" in ln)]
+        fallback = [
+            ln.strip()
+            for ln in text.splitlines()
+            if "WARNING" in ln and ("running on" in ln or "retrying on" in ln)
+        ]
         print(f"session providers (agent log): {session_providers or 'NOT FOUND in the log'}")
         for ln in fallback:
             print(f"fallback warning: {ln}")
         on_cpu = session_providers[:1] == ["CPUExecutionProvider"]
         if on_cpu:
-            print("note: the session runs on the CPU here (no GPU provider loadable on this machine)")
+            print(
+                "note: the session runs on the CPU here (no GPU provider loadable on this machine)"
+            )
 
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("GET", f"/v2/models/{m.name}")
@@ -234,52 +274,101 @@ def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, Any]:
         t_http = time.time()
         http_res = {}
         for b in (1, 64):
-            r = http_res[b] = http_run(port, m.name, golden, dtypes, b, args.requests, m.golden.atol, m.golden.rtol)
-            print(f"HTTP batch {b:>2}: p50 {r['p50_ms']:.3f} ms  p95 {r['p95_ms']:.3f} ms  ({r['n']} calls); "
-                  f"top-1 agreement {r['top1_agreement']}, max |diff| {r['max_abs_diff']:.3g} "
-                  f"(atol {m.golden.atol:g}) {'ok' if r['within_tolerance'] else 'OUT OF TOLERANCE'}")
+            r = http_res[b] = http_run(
+                port, m.name, golden, dtypes, b, args.requests, m.golden.atol, m.golden.rtol
+            )
+            print(
+                f"HTTP batch {b:>2}: p50 {r['p50_ms']:.3f} ms  p95 {r['p95_ms']:.3f} ms  ({r['n']} calls); "
+                f"top-1 agreement {r['top1_agreement']}, max |diff| {r['max_abs_diff']:.3g} "
+                f"(atol {m.golden.atol:g}) {'ok' if r['within_tolerance'] else 'OUT OF TOLERANCE'}"
+            )
 
-        res = send_command(cfg, DEVICE, build_command("benchmark", None, min(args.requests, MAX_BENCH_RUNS), None, None), 120)
+        res = send_command(
+            cfg,
+            DEVICE,
+            build_command("benchmark", None, min(args.requests, MAX_BENCH_RUNS), None, None),
+            120,
+        )
         bench = res.detail
         t_bench = time.monotonic()
-        print(f"benchmark command: {'ok' if res.ok else 'refused: ' + res.reason}; {json.dumps(bench)}")
+        print(
+            f"benchmark command: {'ok' if res.ok else 'refused: ' + res.reason}; {json.dumps(bench)}"
+        )
         _, tel = watch.wait("telemetry", lambda d: True, 15, t_bench)
         window = tel.get("latency", {})
         with watch.cv:
-            counted = sum(d.get("latency", {}).get("count", 0) for _, lf, d in watch.msgs
-                          if lf == "telemetry" and d.get("ts", 0) >= t_http)
+            counted = sum(
+                d.get("latency", {}).get("count", 0)
+                for _, lf, d in watch.msgs
+                if lf == "telemetry" and d.get("ts", 0) >= t_http
+            )
         sent = 2 * (args.requests + 5) + int(bench.get("runs", 0))
-        print(f"telemetry after the benchmark: {json.dumps(window)}; inferences counted in telemetry since "
-              f"the HTTP load: {counted} of {sent}")
+        print(
+            f"telemetry after the benchmark: {json.dumps(window)}; inferences counted in telemetry since "
+            f"the HTTP load: {counted} of {sent}"
+        )
     finally:
         watch.close()
 
-    all_ok = bool(session_providers and all(r["within_tolerance"] and r["top1_agreement"] >=
-                                            (m.golden.min_top1_agreement or 0.0) for r in http_res.values())
-                  and res.ok and counted >= sent)
+    all_ok = bool(
+        session_providers
+        and all(
+            r["within_tolerance"] and r["top1_agreement"] >= (m.golden.min_top1_agreement or 0.0)
+            for r in http_res.values()
+        )
+        and res.ok
+        and counted >= sent
+    )
     return {
-        "providers_in_session": session_providers, "providers_asked": list(profile.runtime.execution_providers),
-        "session_on_cpu": on_cpu, "fallback_warnings": fallback, "broker": impl,
-        "ready_s": round(ready_s, 3), "active_s": round(active_s, 3), "healthy_s": round(healthy_s, 3),
+        "providers_in_session": session_providers,
+        "providers_asked": list(profile.runtime.execution_providers),
+        "session_on_cpu": on_cpu,
+        "fallback_warnings": fallback,
+        "broker": impl,
+        "ready_s": round(ready_s, 3),
+        "active_s": round(active_s, 3),
+        "healthy_s": round(healthy_s, 3),
         "selftest": selftest,
-        **{f"http_{k}_b{b}": r[k] for b, r in http_res.items()
-           for k in ("p50_ms", "p95_ms", "top1_agreement", "max_abs_diff", "within_tolerance")},
-        "benchmark_cmd_p50_ms": bench.get("p50_ms"), "benchmark_cmd_p95_ms": bench.get("p95_ms"),
+        **{
+            f"http_{k}_b{b}": r[k]
+            for b, r in http_res.items()
+            for k in ("p50_ms", "p95_ms", "top1_agreement", "max_abs_diff", "within_tolerance")
+        },
+        "benchmark_cmd_p50_ms": bench.get("p50_ms"),
+        "benchmark_cmd_p95_ms": bench.get("p95_ms"),
         "benchmark_cmd_runs": bench.get("runs"),
-        "telemetry_latency": {k: window.get(k) for k in ("count", "errors", "throughput_per_s", "p50_ms",
-                                                         "p95_ms", "p99_ms", "max_ms")},
-        "telemetry_counted": counted, "inferences_sent": sent, "requests": args.requests,
-        "precision": m.precision, "all_ok": all_ok,
+        "telemetry_latency": {
+            k: window.get(k)
+            for k in ("count", "errors", "throughput_per_s", "p50_ms", "p95_ms", "p99_ms", "max_ms")
+        },
+        "telemetry_counted": counted,
+        "inferences_sent": sent,
+        "requests": args.requests,
+        "precision": m.precision,
+        "all_ok": all_ok,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--artifact", type=Path, required=True, help="a built .efa (e.g. for jetson-orin-nano)")
-    ap.add_argument("--key", type=Path, required=True, help="the trusted public key the agent verifies with")
-    ap.add_argument("--broker-impl", choices=["auto", "mosquitto", "amqtt"], default="auto",
-                    help="auto: mosquitto when installed, else the embedded amqtt")
-    ap.add_argument("--requests", type=int, default=300, help="timed HTTP calls per batch size (and benchmark command runs, at most 1000)")
+    ap.add_argument(
+        "--artifact", type=Path, required=True, help="a built .efa (e.g. for jetson-orin-nano)"
+    )
+    ap.add_argument(
+        "--key", type=Path, required=True, help="the trusted public key the agent verifies with"
+    )
+    ap.add_argument(
+        "--broker-impl",
+        choices=["auto", "mosquitto", "amqtt"],
+        default="auto",
+        help="auto: mosquitto when installed, else the embedded amqtt",
+    )
+    ap.add_argument(
+        "--requests",
+        type=int,
+        default=300,
+        help="timed HTTP calls per batch size (and benchmark command runs, at most 1000)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the working directory (logs, state)")
     args = ap.parse_args(argv)
     if not 1 <= args.requests <= 100_000:
@@ -300,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         ok = bool(out["all_ok"])
     except (EdgefleetError, KeyboardInterrupt) as exc:
         agent_log = tmp / "agent.log"
-        tail = agent_log.read_text(errors="replace").splitlines()[-15:] if agent_log.exists() else []
+        tail = (
+            agent_log.read_text(errors="replace").splitlines()[-15:] if agent_log.exists() else []
+        )
         print("\n".join(f"agent log: {ln}" for ln in tail), file=sys.stderr)
         msg = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
         print(json.dumps({"all_ok": False, "error": msg, "logs": str(tmp)}))

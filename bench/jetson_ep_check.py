@@ -77,11 +77,20 @@ def gpu_name() -> str:
     if not exe:
         return "none (no nvidia-smi)"
     try:
-        out = subprocess.run([exe, "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=False)
+        out = subprocess.run(
+            [exe, "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         return f"unknown ({exc})"
-    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else f"unknown ({out.stderr.strip()})"
+    return (
+        out.stdout.strip().splitlines()[0]
+        if out.stdout.strip()
+        else f"unknown ({out.stderr.strip()})"
+    )
 
 
 def batch_feeds(golden: GoldenSet, session: Any, batch: int) -> dict[str, np.ndarray]:
@@ -95,8 +104,13 @@ def batch_feeds(golden: GoldenSet, session: Any, batch: int) -> dict[str, np.nda
     return feeds
 
 
-def interleaved(sessions: dict[str, Any], feeds: dict[str, dict[str, np.ndarray]],
-                rounds: int, iters: int, warmup: int) -> dict[str, dict[str, float]]:
+def interleaved(
+    sessions: dict[str, Any],
+    feeds: dict[str, dict[str, np.ndarray]],
+    rounds: int,
+    iters: int,
+    warmup: int,
+) -> dict[str, dict[str, float]]:
     """Per session: p50/p95/mean in ms over all rounds; the order rotates each round."""
     names = list(sessions)
     for n in names:
@@ -104,7 +118,7 @@ def interleaved(sessions: dict[str, Any], feeds: dict[str, dict[str, np.ndarray]
             sessions[n].infer(feeds[n])
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             s, f, out = sessions[n], feeds[n], samples[n]
             for _ in range(iters):
@@ -114,17 +128,27 @@ def interleaved(sessions: dict[str, Any], feeds: dict[str, dict[str, np.ndarray]
     res = {}
     for n, v in samples.items():
         a = np.asarray(v) * 1e3
-        res[n] = {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
-                  "mean": float(a.mean()), "n": int(a.size)}
+        res[n] = {
+            "p50": float(np.percentile(a, 50)),
+            "p95": float(np.percentile(a, 95)),
+            "mean": float(a.mean()),
+            "n": int(a.size),
+        }
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", type=Path, required=True)
-    ap.add_argument("--key", type=Path, required=True, action="append", help="trusted public key (repeatable)")
-    ap.add_argument("--profile", type=Path, default=ROOT / "device_profiles" / "jetson-orin-nano.toml")
-    ap.add_argument("--iters", type=int, default=200, help="timed inferences per session per round at batch 1")
+    ap.add_argument(
+        "--key", type=Path, required=True, action="append", help="trusted public key (repeatable)"
+    )
+    ap.add_argument(
+        "--profile", type=Path, default=ROOT / "device_profiles" / "jetson-orin-nano.toml"
+    )
+    ap.add_argument(
+        "--iters", type=int, default=200, help="timed inferences per session per round at batch 1"
+    )
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
 
@@ -137,13 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"onnxruntime {ort.__version__} ({ort.__file__})")
     available = list(ort.get_available_providers())
     print(f"available providers: {available}")
-    print(f"profile {profile.name}: threads {profile.runtime.threads}, "
-          f"providers {list(profile.runtime.execution_providers)}")
+    print(
+        f"profile {profile.name}: threads {profile.runtime.threads}, "
+        f"providers {list(profile.runtime.execution_providers)}"
+    )
 
     va = verify_artifact(args.artifact, [load_public_key(k) for k in args.key])
     m = va.manifest
-    print(f"verified {args.artifact.name}: key {va.key_id}, {m.name} {m.version} {m.profile} "
-          f"{m.precision}, task {m.task}")
+    print(
+        f"verified {args.artifact.name}: key {va.key_id}, {m.name} {m.version} {m.profile} "
+        f"{m.precision}, task {m.task}"
+    )
 
     res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="jetson-ep-") as tmpd:
@@ -155,8 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         ort_log: list[str] = []
         t0 = time.perf_counter()
         with capture_output(ort_log):
-            accel = load_session("onnxruntime", model_path, threads=profile.runtime.threads,
-                                 providers=tuple(profile.runtime.execution_providers))
+            accel = load_session(
+                "onnxruntime",
+                model_path,
+                threads=profile.runtime.threads,
+                providers=tuple(profile.runtime.execution_providers),
+            )
         load_s = time.perf_counter() - t0
         session_providers = list(getattr(accel, "providers", []))
         print(f"agent session providers: {session_providers} (load {load_s:.2f} s)")
@@ -164,32 +196,52 @@ def main(argv: list[str] | None = None) -> int:
         for ln in trt_msgs:
             print(f"TensorRT message: {ln}")
 
-        cpu = load_session("onnxruntime", model_path, threads=profile.runtime.threads,
-                           providers=("CPUExecutionProvider",))
+        cpu = load_session(
+            "onnxruntime",
+            model_path,
+            threads=profile.runtime.threads,
+            providers=("CPUExecutionProvider",),
+        )
         print(f"model inputs: {[(s.name, s.dtype, s.shape) for s in accel.inputs]}")
 
         st = self_test(accel, golden, m.golden, classification=m.task == "classification")
         st_max = max(st.max_abs_diff.values(), default=float("nan"))
-        print(f"self-test on {session_providers[0] if session_providers else '?'}: "
-              f"{'ok' if st.ok else 'FAILED'}, max |diff| {st_max:.3g} (atol {m.golden.atol}), "
-              f"top-1 agreement {st.top1_agreement} {st.reason}")
+        print(
+            f"self-test on {session_providers[0] if session_providers else '?'}: "
+            f"{'ok' if st.ok else 'FAILED'}, max |diff| {st_max:.3g} (atol {m.golden.atol}), "
+            f"top-1 agreement {st.top1_agreement} {st.reason}"
+        )
         st_cpu = self_test(cpu, golden, m.golden, classification=m.task == "classification")
-        print(f"self-test on CPU: {'ok' if st_cpu.ok else 'FAILED'}, "
-              f"max |diff| {max(st_cpu.max_abs_diff.values(), default=float('nan')):.3g}")
+        print(
+            f"self-test on CPU: {'ok' if st_cpu.ok else 'FAILED'}, "
+            f"max |diff| {max(st_cpu.max_abs_diff.values(), default=float('nan')):.3g}"
+        )
 
         lat: dict[int, dict[str, dict[str, float]]] = {}
         for batch, iters in ((1, args.iters), (64, max(10, args.iters // 4))):
             try:
                 f_acc, f_cpu = batch_feeds(golden, accel, batch), batch_feeds(golden, cpu, batch)
-                lat[batch] = interleaved({"accel": accel, "cpu": cpu}, {"accel": f_acc, "cpu": f_cpu},
-                                         rounds=args.rounds, iters=iters, warmup=max(10, iters // 10))
+                lat[batch] = interleaved(
+                    {"accel": accel, "cpu": cpu},
+                    {"accel": f_acc, "cpu": f_cpu},
+                    rounds=args.rounds,
+                    iters=iters,
+                    warmup=max(10, iters // 10),
+                )
             except Exception as exc:  # e.g. a model exported with a fixed batch of 1
                 print(f"batch {batch}: cannot run ({type(exc).__name__}: {exc})")
                 continue
             a, c = lat[batch]["accel"], lat[batch]["cpu"]
-            print(f"batch {batch:>2}  {'session':<12}{'p50 ms':>10}{'p95 ms':>10}{'mean ms':>10}{'n':>7}")
-            for label, v in ((session_providers[0] if session_providers else "accel", a), ("CPU only", c)):
-                print(f"          {label[:22]:<22}{v['p50']:>8.3f}{v['p95']:>10.3f}{v['mean']:>10.3f}{v['n']:>7}")
+            print(
+                f"batch {batch:>2}  {'session':<12}{'p50 ms':>10}{'p95 ms':>10}{'mean ms':>10}{'n':>7}"
+            )
+            for label, v in (
+                (session_providers[0] if session_providers else "accel", a),
+                ("CPU only", c),
+            ):
+                print(
+                    f"          {label[:22]:<22}{v['p50']:>8.3f}{v['p95']:>10.3f}{v['mean']:>10.3f}{v['n']:>7}"
+                )
             print(f"          cpu/accel p50 ratio: {c['p50'] / a['p50']:.2f}")
 
         def fig(batch: int, who: str, key: str = "p50") -> float | None:

@@ -57,7 +57,9 @@ class Candidate:
     artifact: Path | None = None
     steps: list[dict[str, Any]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
-    runtime: str = ""  # runtime that serves its model file (onnxruntime for .onnx, litert for .tflite)
+    runtime: str = (
+        ""  # runtime that serves its model file (onnxruntime for .onnx, litert for .tflite)
+    )
     skipped: bool = False  # not built at all (error says why); not a failure of the recipe
     report: dict[str, Any] = field(default_factory=dict)  # report.json as packed into its artifact
 
@@ -67,9 +69,15 @@ class Candidate:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "recipe": self.recipe, "runtime": self.runtime, "precision": self.precision, "fits": self.fits,
-            "skipped": self.skipped, "error": self.error,
-            "violations": self.violations, "metrics": self.metrics, "steps": self.steps,
+            "recipe": self.recipe,
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "fits": self.fits,
+            "skipped": self.skipped,
+            "error": self.error,
+            "violations": self.violations,
+            "metrics": self.metrics,
+            "steps": self.steps,
         }
 
 
@@ -116,7 +124,9 @@ def gate(metrics: dict[str, Any], profile: DeviceProfile, task: str) -> list[str
         if b.max_rel_err is not None and metrics.get("max_rel_err", 0.0) > b.max_rel_err:
             v.append(f"max rel error {metrics['max_rel_err']:.4g} > {b.max_rel_err:g}")
     if metrics.get("exact_match", 1.0) < 1.0:
-        v.append(f"integer outputs differ from fp32 on {(1 - metrics['exact_match']) * 100:.1f}% of samples")
+        v.append(
+            f"integer outputs differ from fp32 on {(1 - metrics['exact_match']) * 100:.1f}% of samples"
+        )
     if "metric_drop" in metrics and metrics["metric_drop"] > b.max_metric_drop:
         v.append(f"metric drop {metrics['metric_drop']:.4g} > {b.max_metric_drop:g}")
     p95 = metrics["latency_b1"]["p95_ms"]
@@ -128,13 +138,19 @@ def gate(metrics: dict[str, Any], profile: DeviceProfile, task: str) -> list[str
     return v
 
 
-def _specs(session: InferenceSession, model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def _specs(
+    session: InferenceSession, model_path: Path
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
     quant = _tflite_io_quantization(model_path) if model_path.suffix == ".tflite" else {}
 
     def conv(s: Any) -> TensorSpec:
         q = quant.get(s.name)
-        return TensorSpec(name=s.name, dtype=s.dtype, shape=list(s.shape),
-                          quantization=Quantization(scale=q[0], zero_point=q[1]) if q else None)
+        return TensorSpec(
+            name=s.name,
+            dtype=s.dtype,
+            shape=list(s.shape),
+            quantization=Quantization(scale=q[0], zero_point=q[1]) if q else None,
+        )
 
     return [conv(s) for s in session.inputs], [conv(s) for s in session.outputs]
 
@@ -159,20 +175,32 @@ def _providers(cand: Candidate, profile: DeviceProfile) -> tuple[str, ...]:
     return ("CPUExecutionProvider",)
 
 
-def measure(cand: Candidate, model: ModelHandle, profile: DeviceProfile, data: Split, ref: Reference) -> dict[str, Any]:
+def measure(
+    cand: Candidate, model: ModelHandle, profile: DeviceProfile, data: Split, ref: Reference
+) -> dict[str, Any]:
     """Accuracy on ``data`` against ``ref``, latency beside the reference, peak RSS, size."""
     assert model.path is not None
     threads = profile.runtime.threads
     runtime = cand.runtime or profile.runtime.name
     one = data.feeds(0, 1)
-    with load_session(runtime, model.path, threads=threads, providers=_providers(cand, profile)) as sess:
+    with load_session(
+        runtime, model.path, threads=threads, providers=_providers(cand, profile)
+    ) as sess:
         outputs = run_batched(sess, data, model.batch_axes)
         metrics = compare(ref.outputs, outputs, data.y, ref.task, ref.metric, ref.metric_value)
         # The fp32 ONNX is the side-by-side reference for ONNX candidates (a .tflite candidate
         # against an onnxruntime model would compare runtimes, not the compression).
-        if runtime == "onnxruntime" and ref.latency_model is not None and ref.latency_model != model.path:
-            with load_session("onnxruntime", ref.latency_model, threads=threads,
-                              providers=_providers(cand, profile)) as base:
+        if (
+            runtime == "onnxruntime"
+            and ref.latency_model is not None
+            and ref.latency_model != model.path
+        ):
+            with load_session(
+                "onnxruntime",
+                ref.latency_model,
+                threads=threads,
+                providers=_providers(cand, profile),
+            ) as base:
                 metrics["latency_b1"] = measure_latency(sess, one, reference=base)
         else:
             metrics["latency_b1"] = measure_latency(sess, one)
@@ -187,7 +215,9 @@ def measure(cand: Candidate, model: ModelHandle, profile: DeviceProfile, data: S
 def golden_count(data: Split, ref: Reference, model_bytes: int, wanted: int) -> int:
     """How many golden samples to ship: ``wanted``, fewer when samples are large (so the
     vectors stay under 1 MB or 10% of the model, whichever is larger)."""
-    per_sample = sum(v[:1].nbytes for v in data.inputs.values()) + 2 * sum(v[:1].nbytes for v in ref.outputs.values())
+    per_sample = sum(v[:1].nbytes for v in data.inputs.values()) + 2 * sum(
+        v[:1].nbytes for v in ref.outputs.values()
+    )
     limit = max(GOLDEN_MAX_BYTES, model_bytes // 10)
     return max(1, min(wanted, data.n, limit // max(1, per_sample)))
 
@@ -202,9 +232,20 @@ def _device_layout(arrays: Feeds, model: ModelHandle) -> Feeds:
 
 
 def pack(
-    cand: Candidate, model: ModelHandle, profile: DeviceProfile, metrics: dict[str, Any], *, name: str,
-    version: str, task: str, data: Split, ref: Reference, golden_wanted: int,
-    recipe_steps: list[tuple[str, dict[str, Any]]], key: Any, workdir: Path,
+    cand: Candidate,
+    model: ModelHandle,
+    profile: DeviceProfile,
+    metrics: dict[str, Any],
+    *,
+    name: str,
+    version: str,
+    task: str,
+    data: Split,
+    ref: Reference,
+    golden_wanted: int,
+    recipe_steps: list[tuple[str, dict[str, Any]]],
+    key: Any,
+    workdir: Path,
 ) -> Path:
     """Golden vectors, report.json and the signed artifact for a measured candidate."""
     assert model.path is not None
@@ -219,16 +260,34 @@ def pack(
         for a, b in spans:
             feed = data.feeds(a, b)
             expected = {k: np.asarray(v) for k, v in sess.infer(feed).items()}
-            cases.append(GoldenCase(feed, _device_layout({k: v[a:b] for k, v in ref.outputs.items()}, model), expected))
+            cases.append(
+                GoldenCase(
+                    feed,
+                    _device_layout({k: v[a:b] for k, v in ref.outputs.items()}, model),
+                    expected,
+                )
+            )
         inputs, outs = _specs(sess, model.path)
-    golden = GoldenSet(cases[0].inputs, cases[0].reference, cases[0].expected) if batched else GoldenSet.of_cases(cases)
+    golden = (
+        GoldenSet(cases[0].inputs, cases[0].reference, cases[0].expected)
+        if batched
+        else GoldenSet.of_cases(cases)
+    )
     rel = _SELF_TEST_RTOL.get(model.precision, _SELF_TEST_RTOL_INT8)
-    floats = [np.abs(v.astype(np.float64)) for c in cases for v in c.expected.values() if v.dtype.kind == "f" and v.size]
+    floats = [
+        np.abs(v.astype(np.float64))
+        for c in cases
+        for v in c.expected.values()
+        if v.dtype.kind == "f" and v.size
+    ]
     scale = max((float(np.max(f)) for f in floats), default=0.0)
     min_agree = None
     if task == "classification":
         first = outs[0].name
-        agree = sum(int(np.sum(np.argmax(c.expected[first], -1) == np.argmax(c.reference[first], -1))) for c in cases)
+        agree = sum(
+            int(np.sum(np.argmax(c.expected[first], -1) == np.argmax(c.reference[first], -1)))
+            for c in cases
+        )
         min_agree = max(0, agree - 1) / count  # the device may flip one borderline sample
     workdir.mkdir(parents=True, exist_ok=True)
     golden_path = workdir / "golden.npz"
@@ -237,20 +296,43 @@ def pack(
     model_copy = workdir / model_file
     shutil.copyfile(model.path, model_copy)
     report_path = workdir / "report.json"
-    cand.report = build_report(cand.recipe, runtime, model.precision, model.path, data.feeds(0, 1),
-                               metrics, model.notes, cand.steps, profile.runtime.threads)
+    cand.report = build_report(
+        cand.recipe,
+        runtime,
+        model.precision,
+        model.path,
+        data.feeds(0, 1),
+        metrics,
+        model.notes,
+        cand.steps,
+        profile.runtime.threads,
+    )
     report_path.write_text(json.dumps(cand.report, indent=2, default=str))
     files = {model_file: model_copy, "golden.npz": golden_path, "report.json": report_path}
     manifest = Manifest(
-        format_version=FORMAT_VERSION, name=name, version=version, profile=profile.name,
-        runtime=runtime, precision=model.precision, task=task,  # type: ignore[arg-type]
+        format_version=FORMAT_VERSION,
+        name=name,
+        version=version,
+        profile=profile.name,
+        runtime=runtime,  # type: ignore[arg-type]
+        precision=model.precision,
+        task=task,  # type: ignore[arg-type]
         created=dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         builder_version=__version__,
         model=ModelInfo(file=model_file, inputs=inputs, outputs=outs),
         files={k: file_entry(p) for k, p in files.items()},
         metrics=metrics,
-        recipe=Recipe(name=cand.recipe, steps=[RecipeStep.model_validate({"pass": s, "config": c}) for s, c in recipe_steps]),
-        golden=Golden(file="golden.npz", count=count, atol=rel * scale + 1e-6, rtol=0.0, min_top1_agreement=min_agree),
+        recipe=Recipe(
+            name=cand.recipe,
+            steps=[RecipeStep.model_validate({"pass": s, "config": c}) for s, c in recipe_steps],
+        ),
+        golden=Golden(
+            file="golden.npz",
+            count=count,
+            atol=rel * scale + 1e-6,
+            rtol=0.0,
+            min_top1_agreement=min_agree,
+        ),
         budgets=profile.budgets.model_dump(),
     )
     out = workdir / manifest.artifact_name
@@ -259,9 +341,19 @@ def pack(
 
 
 def evaluate_and_pack(
-    cand: Candidate, model: ModelHandle, profile: DeviceProfile, *, name: str, version: str, task: str,
-    data: Split, ref: Reference, golden_wanted: int, recipe_steps: list[tuple[str, dict[str, Any]]],
-    key: Any, workdir: Path,
+    cand: Candidate,
+    model: ModelHandle,
+    profile: DeviceProfile,
+    *,
+    name: str,
+    version: str,
+    task: str,
+    data: Split,
+    ref: Reference,
+    golden_wanted: int,
+    recipe_steps: list[tuple[str, dict[str, Any]]],
+    key: Any,
+    workdir: Path,
 ) -> None:
     """Measure, gate and (only when it fits) pack ``cand``: nothing over a budget is signed."""
     metrics = measure(cand, model, profile, data, ref)
@@ -271,7 +363,19 @@ def evaluate_and_pack(
     cand.violations = gate(metrics, profile, task)
     if cand.violations:
         return
-    cand.artifact = pack(cand, model, profile, metrics, name=name, version=version, task=task, data=data,
-                         ref=ref, golden_wanted=golden_wanted, recipe_steps=recipe_steps, key=key,
-                         workdir=workdir)
+    cand.artifact = pack(
+        cand,
+        model,
+        profile,
+        metrics,
+        name=name,
+        version=version,
+        task=task,
+        data=data,
+        ref=ref,
+        golden_wanted=golden_wanted,
+        recipe_steps=recipe_steps,
+        key=key,
+        workdir=workdir,
+    )
     metrics["artifact_bytes"] = cand.artifact.stat().st_size

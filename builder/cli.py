@@ -44,9 +44,15 @@ def cli() -> None:
 
 # ---------------------------------------------------------------- profiles / passes
 
+
 @cli.command("profiles")
-@click.option("--dir", "directory", type=click.Path(path_type=Path), default=None,
-              help="Directory of profile .toml files (default: ./device_profiles or $EDGEFLEET_PROFILES).")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Directory of profile .toml files (default: ./device_profiles or $EDGEFLEET_PROFILES).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
 def profiles_cmd(directory: Path | None, as_json: bool) -> None:
     """List device profiles with their runtime, candidates and budgets (validates every file)."""
@@ -59,13 +65,33 @@ def profiles_cmd(directory: Path | None, as_json: bool) -> None:
     from rich.table import Table
 
     t = Table(title="device profiles")
-    for col in ("profile", "arch", "runtime", "threads", "candidates", "select", "max size", "max drop", "max p95", "max RAM"):
+    for col in (
+        "profile",
+        "arch",
+        "runtime",
+        "threads",
+        "candidates",
+        "select",
+        "max size",
+        "max drop",
+        "max p95",
+        "max RAM",
+    ):
         t.add_column(col)
     for p in profiles.values():
         b = p.budgets
-        t.add_row(p.name, p.hardware.arch, p.runtime.name, str(p.runtime.threads), ", ".join(p.build.candidates),
-                  p.build.select, f"{b.max_artifact_kb:g} KB", f"{b.max_accuracy_drop_pt:g} pt",
-                  f"{b.max_p95_ms:g} ms", f"{b.max_ram_mb:g} MB")
+        t.add_row(
+            p.name,
+            p.hardware.arch,
+            p.runtime.name,
+            str(p.runtime.threads),
+            ", ".join(p.build.candidates),
+            p.build.select,
+            f"{b.max_artifact_kb:g} KB",
+            f"{b.max_accuracy_drop_pt:g} pt",
+            f"{b.max_p95_ms:g} ms",
+            f"{b.max_ram_mb:g} MB",
+        )
     _console(stderr=False).print(t)
 
 
@@ -91,10 +117,17 @@ def passes_cmd(name: str | None, as_json: bool) -> None:
             default = None if f.is_required() else f.get_default(call_default_factory=True)
             ann = f.annotation
             text = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
-            options.append({"name": key, "type": text,
-                            "required": f.is_required(), "default": default})
-        docs.append({"name": n, "accepts": [k.value for k in p.accepts], "description": p.description,
-                     "options": options})
+            options.append(
+                {"name": key, "type": text, "required": f.is_required(), "default": default}
+            )
+        docs.append(
+            {
+                "name": n,
+                "accepts": [k.value for k in p.accepts],
+                "description": p.description,
+                "options": options,
+            }
+        )
     if as_json:
         click.echo(json.dumps(docs, indent=2, default=str))
         return
@@ -114,14 +147,21 @@ def passes_cmd(name: str | None, as_json: bool) -> None:
 
 # ---------------------------------------------------------------- keys
 
+
 @cli.group("keys")
 def keys_grp() -> None:
     """Manage the ed25519 keys that sign artifacts."""
 
 
 @keys_grp.command("generate")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("keys"), show_default=True,
-              help="Directory to write NAME.key (private, mode 0600) and NAME.pub into.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("keys"),
+    show_default=True,
+    help="Directory to write NAME.key (private, mode 0600) and NAME.pub into.",
+)
 @click.option("--name", default="edgefleet", show_default=True, help="Base name of the key files.")
 @click.option("--force", is_flag=True, help="Replace existing key files.")
 def keys_generate(out_dir: Path, name: str, force: bool) -> None:
@@ -132,10 +172,13 @@ def keys_generate(out_dir: Path, name: str, force: bool) -> None:
         priv, pub = generate_keypair(out_dir, name, force)
     except PermissionError as exc:
         raise UsageError(f"{out_dir}: cannot write keys ({exc.strerror})") from None
-    click.echo(f"private key: {priv}\npublic key:  {pub}\nkey id:      {key_id(load_public_key(pub))}")
+    click.echo(
+        f"private key: {priv}\npublic key:  {pub}\nkey id:      {key_id(load_public_key(pub))}"
+    )
 
 
 # ---------------------------------------------------------------- build
+
 
 def _speed(m: dict[str, Any]) -> str:
     """p50/p95 at batch 1, and the ratio to fp32 timed side by side ("only buys size" when slower)."""
@@ -155,14 +198,42 @@ def _table(results: list[Any]) -> Any:
 
     from builder.compression_report import accuracy_cells
 
-    t = Table(title="edgefleet build (size: model file; p50 / p95 at batch 1, interleaved with fp32)")
-    cols = ("profile", "runtime", "candidate", "precision", "size", "accuracy", "vs fp32", "p50 / p95 (b1)", "peak RSS", "verdict")
+    t = Table(
+        title="edgefleet build (size: model file; p50 / p95 at batch 1, interleaved with fp32)"
+    )
+    cols = (
+        "profile",
+        "runtime",
+        "candidate",
+        "precision",
+        "size",
+        "accuracy",
+        "vs fp32",
+        "p50 / p95 (b1)",
+        "peak RSS",
+        "verdict",
+    )
     for col in cols:
-        t.add_column(col, justify="right" if col in ("size", "accuracy", "vs fp32", "p50 / p95 (b1)", "peak RSS") else "left")
+        t.add_column(
+            col,
+            justify="right"
+            if col in ("size", "accuracy", "vs fp32", "p50 / p95 (b1)", "peak RSS")
+            else "left",
+        )
     for r in results:
         if r.error:
-            t.add_row(r.profile.name, r.profile.runtime.name, "-", "-", "-", "-", "-", "-", "-",
-                      f"[red]profile not built: {escape(r.error)}[/red]")
+            t.add_row(
+                r.profile.name,
+                r.profile.runtime.name,
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                f"[red]profile not built: {escape(r.error)}[/red]",
+            )
         for c in r.candidates:
             m = c.metrics
             chosen = r.chosen is c
@@ -176,9 +247,16 @@ def _table(results: list[Any]) -> Any:
                 verdict = "[bold green]CHOSEN[/bold green]" if chosen else "fits"
             acc, drop = accuracy_cells(m)
             t.add_row(
-                r.profile.name, c.runtime or r.profile.runtime.name, c.recipe, c.precision or "-",
-                f"{m['model_bytes'] / 1024:.1f} KB" if m else "-", acc, drop, _speed(m),
-                f"{m['peak_rss_mb']:.0f} MB" if m else "-", verdict,
+                r.profile.name,
+                c.runtime or r.profile.runtime.name,
+                c.recipe,
+                c.precision or "-",
+                f"{m['model_bytes'] / 1024:.1f} KB" if m else "-",
+                acc,
+                drop,
+                _speed(m),
+                f"{m['peak_rss_mb']:.0f} MB" if m else "-",
+                verdict,
             )
     return t
 
@@ -198,27 +276,69 @@ def _quiet_libraries() -> None:
 
 
 def _step_times(steps: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{s['pass']} " + ("cached" if s["cached"] else f"{s['seconds']:.2f}s") for s in steps)
+    return ", ".join(
+        f"{s['pass']} " + ("cached" if s["cached"] else f"{s['seconds']:.2f}s") for s in steps
+    )
 
 
 @cli.command("build")
 @click.argument("config", type=click.Path(path_type=Path))
-@click.option("--profile", "-p", "profile_names", multiple=True,
-              help="Device profile name or .toml path; repeat for several.")
-@click.option("--all-profiles", is_flag=True, help="Build for every profile in the profiles directory.")
-@click.option("--profiles-dir", type=click.Path(path_type=Path), default=None,
-              help="Where profile names are looked up (default: ./device_profiles).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out"), show_default=True,
-              help="Directory for the artifacts (NAME-VERSION-PROFILE.efa).")
-@click.option("--key", type=click.Path(path_type=Path), default=None,
-              help="ed25519 private key (PEM) that signs the artifacts (default: signing_key in CONFIG).")
+@click.option(
+    "--profile",
+    "-p",
+    "profile_names",
+    multiple=True,
+    help="Device profile name or .toml path; repeat for several.",
+)
+@click.option(
+    "--all-profiles", is_flag=True, help="Build for every profile in the profiles directory."
+)
+@click.option(
+    "--profiles-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where profile names are looked up (default: ./device_profiles).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("out"),
+    show_default=True,
+    help="Directory for the artifacts (NAME-VERSION-PROFILE.efa).",
+)
+@click.option(
+    "--key",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="ed25519 private key (PEM) that signs the artifacts (default: signing_key in CONFIG).",
+)
 @click.option("--version", "version", default=None, help="Override the version in CONFIG.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path(".edgefleet-cache"), show_default=True,
-              help="Where pass results are cached between candidates and builds.")
-@click.option("--check", is_flag=True, help="Only validate CONFIG, profiles, data and recipes; build nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document on stdout.")
-def build_cmd(config: Path, profile_names: tuple[str, ...], all_profiles: bool, profiles_dir: Path | None,
-              out_dir: Path, key: Path | None, version: str | None, cache_dir: Path, check: bool, as_json: bool) -> None:
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=Path(".edgefleet-cache"),
+    show_default=True,
+    help="Where pass results are cached between candidates and builds.",
+)
+@click.option(
+    "--check", is_flag=True, help="Only validate CONFIG, profiles, data and recipes; build nothing."
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the summary as one JSON document on stdout."
+)
+def build_cmd(
+    config: Path,
+    profile_names: tuple[str, ...],
+    all_profiles: bool,
+    profiles_dir: Path | None,
+    out_dir: Path,
+    key: Path | None,
+    version: str | None,
+    cache_dir: Path,
+    check: bool,
+    as_json: bool,
+) -> None:
     """Build CONFIG (a TOML build configuration) for one or more device profiles.
 
     For each profile every candidate recipe it lists is built, measured against the fp32
@@ -241,7 +361,11 @@ def build_cmd(config: Path, profile_names: tuple[str, ...], all_profiles: bool, 
         cfg = cfg.model_copy(update={"version": version})
     if all_profiles == bool(profile_names):
         raise UsageError("name profiles with --profile NAME (repeatable) or use --all-profiles")
-    profiles = list(load_profiles(profiles_dir).values()) if all_profiles else [get_profile(n, profiles_dir) for n in profile_names]
+    profiles = (
+        list(load_profiles(profiles_dir).values())
+        if all_profiles
+        else [get_profile(n, profiles_dir) for n in profile_names]
+    )
     key_path = key or (cfg.resolve(cfg.signing_key) if cfg.signing_key else None)
     if key_path is None:
         raise UsageError("no signing key: pass --key PATH or set signing_key in the config")
@@ -251,7 +375,9 @@ def build_cmd(config: Path, profile_names: tuple[str, ...], all_profiles: bool, 
     except OSError as exc:
         raise UsageError(f"{cache_dir}: cannot create cache directory ({exc.strerror})") from None
     console = _console()
-    status: AbstractContextManager[Any] = nullcontext() if as_json or not console.is_terminal else console.status("building")
+    status: AbstractContextManager[Any] = (
+        nullcontext() if as_json or not console.is_terminal else console.status("building")
+    )
 
     def progress(msg: str) -> None:
         if hasattr(status, "update"):
@@ -266,15 +392,26 @@ def build_cmd(config: Path, profile_names: tuple[str, ...], all_profiles: bool, 
             if as_json:
                 click.echo(json.dumps({"ok": True, "checked": checked}))
             else:
-                click.echo(f"OK: {config} is valid; {len(checked)} recipe chains checked ({', '.join(checked)})")
+                click.echo(
+                    f"OK: {config} is valid; {len(checked)} recipe chains checked ({', '.join(checked)})"
+                )
             return
         results = []
         for p in profiles:
             results.append(builder.build_profile(p, out_dir))
     failed = [r for r in results if r.chosen is None]
     if as_json:
-        click.echo(json.dumps({"ok": not failed, "name": cfg.name, "version": cfg.version,
-                               "profiles": [r.summary() for r in results]}, default=str))
+        click.echo(
+            json.dumps(
+                {
+                    "ok": not failed,
+                    "name": cfg.name,
+                    "version": cfg.version,
+                    "profiles": [r.summary() for r in results],
+                },
+                default=str,
+            )
+        )
     else:
         _console(stderr=False).print(_table(results))
         for r in results:
@@ -283,18 +420,31 @@ def build_cmd(config: Path, profile_names: tuple[str, ...], all_profiles: bool, 
                     click.echo(f"  {r.profile.name}/{c.recipe}: {_step_times(c.steps)}")
         for r in results:
             if r.artifact:
-                click.echo(f"{r.profile.name}: {r.artifact}" + (f"  (report: {r.report})" if r.report else ""))
+                click.echo(
+                    f"{r.profile.name}: {r.artifact}"
+                    + (f"  (report: {r.report})" if r.report else "")
+                )
     if failed:
-        raise no_fit_error(failed[0]) if len(failed) == 1 else BudgetError(
-            "; ".join(str(no_fit_error(r)) for r in failed))
+        raise (
+            no_fit_error(failed[0])
+            if len(failed) == 1
+            else BudgetError("; ".join(str(no_fit_error(r)) for r in failed))
+        )
 
 
 # ---------------------------------------------------------------- inspect
 
+
 @cli.command("inspect")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--key", "keys", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="Trusted ed25519 public key (PEM); repeat for several.")
+@click.option(
+    "--key",
+    "keys",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Trusted ed25519 public key (PEM); repeat for several.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the verified manifest as JSON.")
 def inspect_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
     """Verify ARTIFACT (signature and every file hash) and print its manifest."""
@@ -307,8 +457,18 @@ def inspect_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
 
     report = read_report(artifact, m)
     if as_json:
-        click.echo(json.dumps({"verified": True, "sha256": va.sha256, "key_id": va.key_id, "manifest": m.to_dict(),
-                               "report": report}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "verified": True,
+                    "sha256": va.sha256,
+                    "key_id": va.key_id,
+                    "manifest": m.to_dict(),
+                    "report": report,
+                },
+                indent=2,
+            )
+        )
         return
     met = m.metrics
     lines = [
@@ -320,26 +480,45 @@ def inspect_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
     ]
     for io_kind, specs in (("input", m.model.inputs), ("output", m.model.outputs)):
         for s in specs:
-            q = f" scale={s.quantization.scale:g} zp={s.quantization.zero_point}" if s.quantization else ""
+            q = (
+                f" scale={s.quantization.scale:g} zp={s.quantization.zero_point}"
+                if s.quantization
+                else ""
+            )
             lines.append(f"{io_kind:10} {s.name} {s.dtype} {s.shape}{q}")
     if "top1" in met:
-        lines.append(f"accuracy   top-1 {met['top1'] * 100:.2f}% (fp32 {met['top1_ref'] * 100:.2f}%, drop {met['top1_drop_pt']:.2f} pt)")
+        lines.append(
+            f"accuracy   top-1 {met['top1'] * 100:.2f}% (fp32 {met['top1_ref'] * 100:.2f}%, drop {met['top1_drop_pt']:.2f} pt)"
+        )
     if "cosine_min" in met and "top1" not in met:
-        lines.append(f"accuracy   vs fp32: min cosine {met['cosine_min']:.4f}, mean {met['cosine_mean']:.4f}, "
-                     f"max abs error {met['max_abs_err']:.4g}, max rel error {met['max_rel_err']:.4g}")
+        lines.append(
+            f"accuracy   vs fp32: min cosine {met['cosine_min']:.4f}, mean {met['cosine_mean']:.4f}, "
+            f"max abs error {met['max_abs_err']:.4g}, max rel error {met['max_rel_err']:.4g}"
+        )
     if "metric" in met:
-        lines.append(f"metric     {met['metric']:.4g} (fp32 {met['metric_ref']:.4g}, drop {met['metric_drop']:.4g})")
+        lines.append(
+            f"metric     {met['metric']:.4g} (fp32 {met['metric_ref']:.4g}, drop {met['metric_drop']:.4g})"
+        )
     if m.budgets:
         b = m.budgets
-        gated = (f"top-1 drop <= {b['max_accuracy_drop_pt']:g} pt" if m.task == "classification"
-                 else f"min cosine >= {b['min_cosine']:g}")
-        lines.append(f"budgets    {gated}, model <= {b['max_artifact_kb']:g} KB, p95 <= {b['max_p95_ms']:g} ms, "
-                     f"RSS <= {b['max_ram_mb']:g} MB")
+        gated = (
+            f"top-1 drop <= {b['max_accuracy_drop_pt']:g} pt"
+            if m.task == "classification"
+            else f"min cosine >= {b['min_cosine']:g}"
+        )
+        lines.append(
+            f"budgets    {gated}, model <= {b['max_artifact_kb']:g} KB, p95 <= {b['max_p95_ms']:g} ms, "
+            f"RSS <= {b['max_ram_mb']:g} MB"
+        )
     if "latency_b1" in met:
         lat = met["latency_b1"]
-        ratio = f", x{lat['p95_ratio']:.2f} the fp32 p95" if lat.get("p95_ratio") is not None else ""
-        lines.append(f"latency    p50 {lat['p50_ms']:.3f} ms, p95 {lat['p95_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms "
-                     f"(build host, batch 1{ratio})")
+        ratio = (
+            f", x{lat['p95_ratio']:.2f} the fp32 p95" if lat.get("p95_ratio") is not None else ""
+        )
+        lines.append(
+            f"latency    p50 {lat['p50_ms']:.3f} ms, p95 {lat['p95_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms "
+            f"(build host, batch 1{ratio})"
+        )
     if "peak_rss_mb" in met:
         lines.append(f"memory     peak RSS {met['peak_rss_mb']:.1f} MB")
     lines.append(f"golden     {m.golden.count} vectors, atol {m.golden.atol:.3g}")
@@ -350,6 +529,7 @@ def inspect_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
 
 
 # ---------------------------------------------------------------- entry point
+
 
 def main(argv: list[str] | None = None) -> int:
     """The builder's commands alone (`edgefleet`, in agent/clikit.py, gathers them with the

@@ -20,17 +20,49 @@ import numpy as np
 
 REPORT_VERSION = 1
 # TFLite ops whose constant inputs are shapes, permutations or axes, not parameters.
-_SHAPE_OPS = {"RESHAPE", "TRANSPOSE", "PAD", "PADV2", "MEAN", "SUM", "SLICE", "STRIDED_SLICE", "GATHER",
-              "CONCATENATION", "BROADCAST_TO", "TILE", "SQUEEZE", "EXPAND_DIMS", "REDUCE_MAX"}
+_SHAPE_OPS = {
+    "RESHAPE",
+    "TRANSPOSE",
+    "PAD",
+    "PADV2",
+    "MEAN",
+    "SUM",
+    "SLICE",
+    "STRIDED_SLICE",
+    "GATHER",
+    "CONCATENATION",
+    "BROADCAST_TO",
+    "TILE",
+    "SQUEEZE",
+    "EXPAND_DIMS",
+    "REDUCE_MAX",
+}
 _PROFILE_RUNS = 50
 
 
 # ONNX ops whose initializer inputs are shapes, axes or indices, not parameters.
-_ONNX_SHAPE_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Slice", "Pad", "Concat", "Expand", "Tile",
-                   "ReduceMean", "ReduceSum", "Gather", "Resize", "ConstantOfShape", "Split"}
+_ONNX_SHAPE_OPS = {
+    "Reshape",
+    "Transpose",
+    "Unsqueeze",
+    "Squeeze",
+    "Slice",
+    "Pad",
+    "Concat",
+    "Expand",
+    "Tile",
+    "ReduceMean",
+    "ReduceSum",
+    "Gather",
+    "Resize",
+    "ConstantOfShape",
+    "Split",
+}
 
 
-def _add(table: dict[str, dict[str, Any]], op: str, params: int = 0, nbytes: int = 0, count: int = 0) -> None:
+def _add(
+    table: dict[str, dict[str, Any]], op: str, params: int = 0, nbytes: int = 0, count: int = 0
+) -> None:
     row = table.setdefault(op, {"op": op, "count": 0, "params": 0, "bytes": 0})
     row["count"] += count
     row["params"] += params
@@ -120,8 +152,9 @@ def tflite_layers(path: Path) -> dict[str, dict[str, Any]]:
     return table
 
 
-def tflite_op_latency(path: Path, feeds: Mapping[str, np.ndarray], threads: int, rounds: int = 7,
-                      calls: int = 30) -> dict[str, float]:
+def tflite_op_latency(
+    path: Path, feeds: Mapping[str, np.ndarray], threads: int, rounds: int = 7, calls: int = 30
+) -> dict[str, float]:
     """Ms per run spent in each op type of a .tflite model, estimated by prefix timing.
 
     The model cut after each of its operators is timed (all prefixes loaded at once, in
@@ -141,10 +174,15 @@ def tflite_op_latency(path: Path, feeds: Mapping[str, np.ndarray], threads: int,
         for i, (op, data) in enumerate(prefix_models(path.read_bytes())):
             p = Path(tmp) / f"prefix{i}.tflite"
             p.write_bytes(data)
-            it = Interpreter(model_path=str(p), num_threads=threads,
-                             experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+            it = Interpreter(
+                model_path=str(p),
+                num_threads=threads,
+                experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+            )
             details = it.get_input_details()
-            values = [feeds.get(d["name"], v) for d, v in zip(details, feeds.values(), strict=False)]
+            values = [
+                feeds.get(d["name"], v) for d, v in zip(details, feeds.values(), strict=False)
+            ]
             for d, v in zip(details, values, strict=False):
                 it.resize_tensor_input(d["index"], list(v.shape))
             it.allocate_tensors()
@@ -184,45 +222,78 @@ def accuracy_cells(m: dict[str, Any]) -> tuple[str, str]:
     if "metric" in m:
         return f"metric {m['metric']:.4g}", f"{-m['metric_drop']:+.4g}"
     if "cosine_min" in m:
-        return f"cos {m['cosine_min']:.4f}", f"mean {m['cosine_mean']:.4f}, err {m['max_abs_err']:.3g}"
+        return (
+            f"cos {m['cosine_min']:.4f}",
+            f"mean {m['cosine_mean']:.4f}, err {m['max_abs_err']:.3g}",
+        )
     if "top1_agreement" in m:
         return f"agree {m['top1_agreement'] * 100:.1f}%", "-"
     return "-", "-"
 
 
 def build_report(
-    recipe: str, runtime: str, precision: str, model_path: Path, feeds: Mapping[str, np.ndarray],
-    metrics: dict[str, Any], notes: dict[str, Any], steps: list[dict[str, Any]], threads: int,
+    recipe: str,
+    runtime: str,
+    precision: str,
+    model_path: Path,
+    feeds: Mapping[str, np.ndarray],
+    metrics: dict[str, Any],
+    notes: dict[str, Any],
+    steps: list[dict[str, Any]],
+    threads: int,
 ) -> dict[str, Any]:
     """The report.json document of one candidate."""
     if model_path.suffix == ".tflite":
         table = tflite_layers(model_path)
         lat = tflite_op_latency(model_path, feeds, threads)
-        latency_source = ("LiteRT builtin kernels (XNNPack off), batch 1, estimated by timing the model cut after each "
-                          "operator (LiteRT's Python API has no per-op profiler); compare shares, not the absolute "
-                          "times, which differ from the XNNPack run measured for the budget")
+        latency_source = (
+            "LiteRT builtin kernels (XNNPack off), batch 1, estimated by timing the model cut after each "
+            "operator (LiteRT's Python API has no per-op profiler); compare shares, not the absolute "
+            "times, which differ from the XNNPack run measured for the budget"
+        )
     else:
         table = onnx_layers(model_path)
         lat = onnx_op_latency(model_path, feeds, threads)
-        latency_source = (f"onnxruntime profiler, batch 1, mean of {5 + _PROFILE_RUNS} runs; op types as executed "
-                          "after graph fusions; profiling adds overhead, so compare shares")
+        latency_source = (
+            f"onnxruntime profiler, batch 1, mean of {5 + _PROFILE_RUNS} runs; op types as executed "
+            "after graph fusions; profiling adds overhead, so compare shares"
+        )
     total = sum(lat.values()) or 1.0
-    latency = [{"op": op, "ms": ms, "share": round(ms / total, 4)} for op, ms in sorted(lat.items(), key=lambda t: -t[1])]
+    latency = [
+        {"op": op, "ms": ms, "share": round(ms / total, 4)}
+        for op, ms in sorted(lat.items(), key=lambda t: -t[1])
+    ]
     layers = sorted(table.values(), key=lambda r: (-r["params"], -r["count"], r["op"]))
     summary = {
-        "model_bytes": metrics.get("model_bytes"), "params": notes.get("params"),
-        "top1": metrics.get("top1"), "top1_ref": metrics.get("top1_ref"), "top1_drop_pt": metrics.get("top1_drop_pt"),
-        "cosine_min": metrics.get("cosine_min"), "cosine_mean": metrics.get("cosine_mean"),
-        "max_abs_err": metrics.get("max_abs_err"), "metric": metrics.get("metric"),
-        "metric_drop": metrics.get("metric_drop"), "p95_ms": metrics.get("latency_b1", {}).get("p95_ms"),
+        "model_bytes": metrics.get("model_bytes"),
+        "params": notes.get("params"),
+        "top1": metrics.get("top1"),
+        "top1_ref": metrics.get("top1_ref"),
+        "top1_drop_pt": metrics.get("top1_drop_pt"),
+        "cosine_min": metrics.get("cosine_min"),
+        "cosine_mean": metrics.get("cosine_mean"),
+        "max_abs_err": metrics.get("max_abs_err"),
+        "metric": metrics.get("metric"),
+        "metric_drop": metrics.get("metric_drop"),
+        "p95_ms": metrics.get("latency_b1", {}).get("p95_ms"),
         "peak_rss_mb": metrics.get("peak_rss_mb"),
     }
     return {
-        "report_version": REPORT_VERSION, "recipe": recipe, "runtime": runtime, "precision": precision,
-        "summary": summary, "layers": layers, "latency_by_op": latency, "latency_source": latency_source,
-        "sensitivity": notes.get("sensitivity"), "kept_float": notes.get("kept_float"),
-        "distill": notes.get("distill"), "lowrank_layers": notes.get("lowrank_layers"),
-        "tflite": notes.get("tflite"), "notes": notes, "steps": steps,
+        "report_version": REPORT_VERSION,
+        "recipe": recipe,
+        "runtime": runtime,
+        "precision": precision,
+        "summary": summary,
+        "layers": layers,
+        "latency_by_op": latency,
+        "latency_source": latency_source,
+        "sensitivity": notes.get("sensitivity"),
+        "kept_float": notes.get("kept_float"),
+        "distill": notes.get("distill"),
+        "lowrank_layers": notes.get("lowrank_layers"),
+        "tflite": notes.get("tflite"),
+        "notes": notes,
+        "steps": steps,
     }
 
 
@@ -231,12 +302,17 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     total_p = sum(r["params"] for r in report.get("layers", [])) or 1
     for r in [x for x in report.get("layers", []) if x["params"]][:6]:
-        lines.append(f"layers     {r['op']:<18} x{r['count']:<3} {r['params']:>9} params ({100 * r['params'] / total_p:4.1f}%), "
-                     f"{r['bytes']:>9} bytes")
+        lines.append(
+            f"layers     {r['op']:<18} x{r['count']:<3} {r['params']:>9} params ({100 * r['params'] / total_p:4.1f}%), "
+            f"{r['bytes']:>9} bytes"
+        )
     lat = report.get("latency_by_op")
     if lat:
-        lines.append("time       " + ", ".join(f"{e['op']} {100 * e['share']:.0f}%" for e in lat[:5])
-                     + " (share of time at batch 1 by op type; report.json says how it was measured)")
+        lines.append(
+            "time       "
+            + ", ".join(f"{e['op']} {100 * e['share']:.0f}%" for e in lat[:5])
+            + " (share of time at batch 1 by op type; report.json says how it was measured)"
+        )
     sens = report.get("sensitivity") or []
     if sens:
         worst = ", ".join(f"{e['node']} {e['sqnr_db']:.1f} dB" for e in sens[:3])
@@ -245,10 +321,15 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"kept float {', '.join(report['kept_float']) or 'none'}")
     d = report.get("distill")
     if d:
-        acc = (f"top-1 {d['student_top1'] * 100:.2f}% vs teacher {d['teacher_top1'] * 100:.2f}%, "
-               if "student_top1" in d else "")
-        lines.append(f"distilled  {acc}params {d['student_params']} vs {d['teacher_params']} "
-                     f"(x{d['param_ratio']:.2f}), torch p50 {d['student_p50_ms_torch']:.3f} vs {d['teacher_p50_ms_torch']:.3f} ms")
+        acc = (
+            f"top-1 {d['student_top1'] * 100:.2f}% vs teacher {d['teacher_top1'] * 100:.2f}%, "
+            if "student_top1" in d
+            else ""
+        )
+        lines.append(
+            f"distilled  {acc}params {d['student_params']} vs {d['teacher_params']} "
+            f"(x{d['param_ratio']:.2f}), torch p50 {d['student_p50_ms_torch']:.3f} vs {d['teacher_p50_ms_torch']:.3f} ms"
+        )
     return lines
 
 

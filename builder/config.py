@@ -125,7 +125,10 @@ def effective_profile(profile: DeviceProfile, cfg: BuildConfig) -> DeviceProfile
     if over is not None:
         if over.candidates is not None:
             build["candidates"] = list(over.candidates)
-        build["candidates"] = [*build["candidates"], *(c for c in over.add_candidates if c not in build["candidates"])]
+        build["candidates"] = [
+            *build["candidates"],
+            *(c for c in over.add_candidates if c not in build["candidates"]),
+        ]
         if over.select:
             build["select"] = over.select
     doc = {**profile.model_dump(), "budgets": budgets, "build": build}
@@ -136,7 +139,12 @@ def effective_profile(profile: DeviceProfile, cfg: BuildConfig) -> DeviceProfile
 def check_overrides(cfg: BuildConfig, source: str) -> None:
     """Budget keys in [budgets] and [profiles.*] must be budgets a profile knows."""
     known = set(Budgets.model_fields)
-    for where, keys in [("budgets", cfg.budgets), *((f"profiles.{n}.budgets", o.budgets) for n, o in cfg.profiles.items())]:
+    for where, keys in [
+        ("budgets", cfg.budgets),
+        *((f"profiles.{n}.budgets", o.budgets) for n, o in cfg.profiles.items()),
+    ]:
         bad = sorted(set(keys) - known)
         if bad:
-            raise ConfigError(f"{source}: {where}: unknown budget {', '.join(bad)} (known: {', '.join(sorted(known))})")
+            raise ConfigError(
+                f"{source}: {where}: unknown budget {', '.join(bad)} (known: {', '.join(sorted(known))})"
+            )

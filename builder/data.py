@@ -64,7 +64,9 @@ class Split:
             if ax is None:
                 if len(part) != 1:
                     raise ValueError(f"input {name} has no batch axis: feed one sample at a time")
-                out[name] = np.asarray(part[0], order="C")  # ascontiguousarray would make a scalar (1,)
+                out[name] = np.asarray(
+                    part[0], order="C"
+                )  # ascontiguousarray would make a scalar (1,)
             else:
                 out[name] = np.ascontiguousarray(np.moveaxis(part, 0, ax) if ax else part)
         return out
@@ -77,8 +79,12 @@ class Split:
             yield i, stop, self.feeds(i, stop)
 
     def take(self, idx: npt.NDArray[np.integer[Any]] | slice) -> Split:
-        return Split({k: v[idx] for k, v in self.inputs.items()},
-                     None if self.y is None else self.y[idx], self.source, dict(self.batch_axes))
+        return Split(
+            {k: v[idx] for k, v in self.inputs.items()},
+            None if self.y is None else self.y[idx],
+            self.source,
+            dict(self.batch_axes),
+        )
 
     def head(self, count: int) -> Split:
         return self.take(slice(0, count))
@@ -118,8 +124,13 @@ def _fmt(shape: Sequence[int | str]) -> str:
 
 
 def check_split(
-    arrays: Mapping[str, npt.NDArray[Any]], path: Path, role: str, specs: Sequence[IOSpec],
-    batch_axes: Mapping[str, int | None], task: str, need_labels: bool,
+    arrays: Mapping[str, npt.NDArray[Any]],
+    path: Path,
+    role: str,
+    specs: Sequence[IOSpec],
+    batch_axes: Mapping[str, int | None],
+    task: str,
+    need_labels: bool,
 ) -> Split:
     """Match the arrays of one .npz to the model's inputs; every problem is one DataError line."""
     where = f"{role} data {path}"
@@ -131,7 +142,9 @@ def check_split(
         missing = [n for n in names if n not in arrays]
         if missing:
             found = ", ".join(k for k in arrays if k != LABELS) or "none"
-            raise DataError(f"{where}: no array for model input(s) {', '.join(missing)} (found: {found})")
+            raise DataError(
+                f"{where}: no array for model input(s) {', '.join(missing)} (found: {found})"
+            )
         inputs = {n: arrays[n] for n in names}
     n = None
     for spec in specs:
@@ -139,13 +152,21 @@ def check_split(
         ax = batch_axes.get(spec.name, 0)
         want = sample_shape(spec, ax)
         if arr.ndim == 0:
-            raise DataError(f"{where}: {spec.name} is a scalar; give one value per sample (shape (N,))")
+            raise DataError(
+                f"{where}: {spec.name} is a scalar; give one value per sample (shape (N,))"
+            )
         got = arr.shape[1:]
-        ok = len(got) == len(want) and all(isinstance(w, str) or w < 0 or w == g for w, g in zip(want, got, strict=True))
+        ok = len(got) == len(want) and all(
+            isinstance(w, str) or w < 0 or w == g for w, g in zip(want, got, strict=True)
+        )
         if not ok:
-            raise DataError(f"{where}: {spec.name} has shape {_fmt(arr.shape)}, expected {_fmt(('N', *want))}")
+            raise DataError(
+                f"{where}: {spec.name} has shape {_fmt(arr.shape)}, expected {_fmt(('N', *want))}"
+            )
         if dtype_kind(arr.dtype) != dtype_kind(spec.dtype):
-            raise DataError(f"{where}: {spec.name} has dtype {arr.dtype}, the model takes {spec.dtype}")
+            raise DataError(
+                f"{where}: {spec.name} has dtype {arr.dtype}, the model takes {spec.dtype}"
+            )
         if n is None:
             n = len(arr)
         elif len(arr) != n:
@@ -163,18 +184,24 @@ def check_split(
     return Split(inputs, y, str(path), {k: batch_axes.get(k, 0) for k in names})
 
 
-def _labels(y: npt.NDArray[Any] | None, where: str, n: int, task: str, need: bool) -> npt.NDArray[Any] | None:
+def _labels(
+    y: npt.NDArray[Any] | None, where: str, n: int, task: str, need: bool
+) -> npt.NDArray[Any] | None:
     if y is None:
         if need:
             raise DataError(f"{where}: a classifier needs labels, but there is no array named 'y'")
         return None
     if y.ndim == 0 or len(y) != n:
-        raise DataError(f"{where}: y has shape {_fmt(y.shape)}, expected {n} samples to match the inputs")
+        raise DataError(
+            f"{where}: y has shape {_fmt(y.shape)}, expected {n} samples to match the inputs"
+        )
     if task == "classification":
         if not np.issubdtype(y.dtype, np.integer):
             raise DataError(f"{where}: y has dtype {y.dtype}, expected integer class labels")
         if y.shape != (n,):
-            raise DataError(f"{where}: y has shape {_fmt(y.shape)}, expected ({n},) to match the inputs")
+            raise DataError(
+                f"{where}: y has shape {_fmt(y.shape)}, expected ({n},) to match the inputs"
+            )
         if y.min() < 0:
             raise DataError(f"{where}: y holds negative labels")
         return y.astype(np.int64)
@@ -186,8 +213,12 @@ def _labels(y: npt.NDArray[Any] | None, where: str, n: int, task: str, need: boo
 
 
 def load_split(
-    path: Path, role: str, specs: Sequence[IOSpec], batch_axes: Mapping[str, int | None] | None = None,
-    task: str = "classification", need_labels: bool = False,
+    path: Path,
+    role: str,
+    specs: Sequence[IOSpec],
+    batch_axes: Mapping[str, int | None] | None = None,
+    task: str = "classification",
+    need_labels: bool = False,
 ) -> Split:
     """Load ``path`` and check it against the model inputs ``specs``."""
     return check_split(read_npz(path, role), path, role, specs, batch_axes or {}, task, need_labels)
@@ -205,7 +236,9 @@ def check_labels(split: Split, num_classes: int) -> None:
         )
 
 
-def collect_outputs(parts: Sequence[Mapping[str, npt.NDArray[Any]]], batch_axes: Mapping[str, int | None]) -> Feeds:
+def collect_outputs(
+    parts: Sequence[Mapping[str, npt.NDArray[Any]]], batch_axes: Mapping[str, int | None]
+) -> Feeds:
     """Join per-batch runtime outputs into one array per output with samples on axis 0."""
     out: dict[str, list[npt.NDArray[Any]]] = {}
     for part in parts:

@@ -58,7 +58,9 @@ def write_artifact(
     message = manifest.canonical_bytes()
     signature = sign(message, key)
     ensure_writable_dir(out_path.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".part", dir=out_path.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{out_path.name}.", suffix=".part", dir=out_path.parent
+    )
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as raw:

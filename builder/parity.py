@@ -19,7 +19,9 @@ def max_abs_diffs(
         if act.shape != exp.shape:
             out[name] = float("inf")
         else:
-            out[name] = float(np.max(np.abs(act.astype(np.float64) - exp.astype(np.float64)), initial=0.0))
+            out[name] = float(
+                np.max(np.abs(act.astype(np.float64) - exp.astype(np.float64)), initial=0.0)
+            )
     return out
 
 
@@ -39,5 +41,7 @@ def check_parity(
             bad.append(name)
     if bad:
         listing = ", ".join(f"{n}: max |diff| {d:.3g}" for n, d in diffs.items())
-        raise ParityError(f"{what}: outputs differ beyond atol={atol:g}, rtol={rtol:g} ({listing})", diffs)
+        raise ParityError(
+            f"{what}: outputs differ beyond atol={atol:g}, rtol={rtol:g} ({listing})", diffs
+        )
     return diffs

@@ -49,7 +49,9 @@ class PipelineRun:
     steps: list[StepResult] = field(default_factory=list)
 
 
-def plan(steps: list[tuple[str, dict[str, Any]]], input_kind: ModelKind | None, where: str) -> list[PlannedStep]:
+def plan(
+    steps: list[tuple[str, dict[str, Any]]], input_kind: ModelKind | None, where: str
+) -> list[PlannedStep]:
     """Resolve passes and configs and check that each accepts what the previous produces."""
     planned = []
     kind = input_kind
@@ -58,7 +60,9 @@ def plan(steps: list[tuple[str, dict[str, Any]]], input_kind: ModelKind | None, 
         try:
             cfg = impl.config_class.model_validate(raw)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(f"{where}: step {i + 1} ({name})", exc)) from None
+            raise ConfigError(
+                format_validation_error(f"{where}: step {i + 1} ({name})", exc)
+            ) from None
         if impl.accepts and kind not in impl.accepts:
             raise ConfigError(
                 f"{where}: step {i + 1} ({name}) accepts {'/'.join(k.value for k in impl.accepts)} "
@@ -111,10 +115,16 @@ class Pipeline:
         if meta.is_file():
             doc = json.loads(meta.read_text())
             handle = ModelHandle(
-                kind=ModelKind(doc["kind"]), digest=doc["digest"], path=self.cache_dir / key / doc["file"],
-                inputs=tuple(IOSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in doc["inputs"]),
-                output_names=tuple(doc["output_names"]), batch_axes=doc["batch_axes"],
-                precision=doc["precision"], notes=doc["notes"],
+                kind=ModelKind(doc["kind"]),
+                digest=doc["digest"],
+                path=self.cache_dir / key / doc["file"],
+                inputs=tuple(
+                    IOSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in doc["inputs"]
+                ),
+                output_names=tuple(doc["output_names"]),
+                batch_axes=doc["batch_axes"],
+                precision=doc["precision"],
+                notes=doc["notes"],
             )
             self._memory[key] = handle
             return handle
@@ -136,10 +146,16 @@ class Pipeline:
                 else:
                     p.unlink()
         doc = {
-            "kind": model.kind.value, "digest": model.digest, "file": model.path.name,
-            "inputs": [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in model.inputs],
-            "output_names": list(model.output_names), "batch_axes": model.batch_axes,
-            "precision": model.precision, "notes": model.notes,
+            "kind": model.kind.value,
+            "digest": model.digest,
+            "file": model.path.name,
+            "inputs": [
+                {"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in model.inputs
+            ],
+            "output_names": list(model.output_names),
+            "batch_axes": model.batch_axes,
+            "precision": model.precision,
+            "notes": model.notes,
         }
         (workdir / "handle.json").write_text(json.dumps(doc, default=str))
         workdir.rename(final)  # atomic: a crash never leaves a half-written cache entry

@@ -31,10 +31,18 @@ RECIPES: dict[str, Any] = {
     "fp32": lambda p: [EXPORT, SIMPLIFY],
     "fp16": lambda p: [EXPORT, SIMPLIFY, ("quantize", {"mode": "fp16"})],
     # onnxruntime's default: one weight scale per tensor (MiniLM min cosine 0.91).
-    "int8_dynamic": lambda p: [EXPORT, SIMPLIFY, ("quantize", {"mode": "dynamic", "per_channel": False})],
+    "int8_dynamic": lambda p: [
+        EXPORT,
+        SIMPLIFY,
+        ("quantize", {"mode": "dynamic", "per_channel": False}),
+    ],
     "int8_static": lambda p: [EXPORT, SIMPLIFY, _static(p)],
     # Per-channel weight scales: what transformers need (MiniLM min cosine 0.91 -> 0.98).
-    "int8_dynamic_pc": lambda p: [EXPORT, SIMPLIFY, ("quantize", {"mode": "dynamic", "per_channel": True})],
+    "int8_dynamic_pc": lambda p: [
+        EXPORT,
+        SIMPLIFY,
+        ("quantize", {"mode": "dynamic", "per_channel": True}),
+    ],
     "pruned_fp32": lambda p: [_pruned(p), EXPORT, SIMPLIFY],
     "pruned_int8_static": lambda p: [_pruned(p), EXPORT, SIMPLIFY, _static(p)],
     "lowrank_fp32": lambda p: [LOWRANK, EXPORT, SIMPLIFY],
@@ -52,9 +60,18 @@ RECIPES: dict[str, Any] = {
 
 # Recipes that need the model as a torch module (not available from an .onnx input).
 TORCH_ONLY = {
-    "pruned_fp32", "pruned_int8_static", "lowrank_fp32", "lowrank_int8_static", "distilled_fp32",
-    "distilled_int8_static", "tflite_fp32", "tflite_int8_dynamic", "tflite_int8", "pruned_tflite_int8",
-    "distilled_tflite_int8", "lowrank_tflite_int8",
+    "pruned_fp32",
+    "pruned_int8_static",
+    "lowrank_fp32",
+    "lowrank_int8_static",
+    "distilled_fp32",
+    "distilled_int8_static",
+    "tflite_fp32",
+    "tflite_int8_dynamic",
+    "tflite_int8",
+    "pruned_tflite_int8",
+    "distilled_tflite_int8",
+    "lowrank_tflite_int8",
 }
 # Recipes with a distill step: built-in ones need a [distill] table in the build config.
 NEEDS_STUDENT = {r for r in RECIPES if r.startswith("distilled_")}

@@ -34,8 +34,11 @@ RUNTIME_OF = {ModelKind.ONNX: "onnxruntime", ModelKind.TFLITE: "litert"}
 SELECT_KEYS: dict[str, Callable[[Candidate], Any]] = {
     "smallest": lambda c: (c.metrics["model_bytes"], c.metrics["latency_b1"]["p95_ms"]),
     "fastest": lambda c: (c.metrics["latency_b1"]["p95_ms"], c.metrics["model_bytes"]),
-    "most_accurate": lambda c: (c.metrics.get("top1_drop_pt", 0.0), c.metrics.get("metric_drop", 0.0),
-                                -c.metrics.get("cosine_min", 0.0)),
+    "most_accurate": lambda c: (
+        c.metrics.get("top1_drop_pt", 0.0),
+        c.metrics.get("metric_drop", 0.0),
+        -c.metrics.get("cosine_min", 0.0),
+    ),
 }
 
 
@@ -51,11 +54,14 @@ class ProfileResult:
     def summary(self) -> dict[str, Any]:
         c = self.chosen
         return {
-            "profile": self.profile.name, "runtime": self.profile.runtime.name,
-            "chosen": c.recipe if c else None, "precision": c.precision if c else None,
+            "profile": self.profile.name,
+            "runtime": self.profile.runtime.name,
+            "chosen": c.recipe if c else None,
+            "precision": c.precision if c else None,
             "artifact": str(self.artifact) if self.artifact else None,
             "report": str(self.report) if self.report else None,
-            "metrics": c.metrics if c else None, "error": self.error,
+            "metrics": c.metrics if c else None,
+            "error": self.error,
             "budgets": self.profile.budgets.model_dump(),
             "candidates": [x.summary() for x in self.candidates],
         }
@@ -69,7 +75,13 @@ def _first_line(exc: BaseException) -> str:
 class Builder:
     """Holds what all profiles share: data, the loaded model, the fp32 reference, the cache."""
 
-    def __init__(self, cfg: BuildConfig, key: Any, cache_dir: Path, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: BuildConfig,
+        key: Any,
+        cache_dir: Path,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.key = key
         self.progress = progress or (lambda msg: None)
@@ -94,7 +106,15 @@ class Builder:
         self.pipeline = Pipeline(cache_dir, self._ctx)
         # A distill step's student_factory file resolves against the build config's directory.
         self.custom_recipes = {
-            k: [(s.name, {"base_dir": str(cfg.base_dir), **s.config} if s.name == "distill" else s.config) for s in v]
+            k: [
+                (
+                    s.name,
+                    {"base_dir": str(cfg.base_dir), **s.config}
+                    if s.name == "distill"
+                    else s.config,
+                )
+                for s in v
+            ]
             for k, v in cfg.recipes.items()
         }
         self.metric = None
@@ -122,7 +142,9 @@ class Builder:
                 from agent.errors import DataError
 
                 found = ", ".join(k for k in eval_arrays if k != "y") or "none"
-                raise DataError(f"eval data {self.cfg.data.eval}: no array for model input {n} (found: {found})")
+                raise DataError(
+                    f"eval data {self.cfg.data.eval}: no array for model input {n} (found: {found})"
+                )
             dims: list[int | str] = list(arr.shape[1:])
             ax = m.batch_axis(n)
             if ax is not None:
@@ -131,19 +153,31 @@ class Builder:
                 if axis >= len(dims):
                     from agent.errors import ConfigError
 
-                    raise ConfigError(f"model.dynamic_axes.{n}: axis {axis} is beyond the input's rank {len(dims)}")
+                    raise ConfigError(
+                        f"model.dynamic_axes.{n}: axis {axis} is beyond the input's rank {len(dims)}"
+                    )
                 dims[axis] = label
             specs.append(IOSpec(n, str(arr.dtype), tuple(dims)))
         return specs
 
     def _ctx(self, workdir: Path) -> PassContext:
-        return PassContext(workdir=workdir, data=self.data, task=self.cfg.task, seed=self.cfg.seed, progress=self.progress)
+        return PassContext(
+            workdir=workdir,
+            data=self.data,
+            task=self.cfg.task,
+            seed=self.cfg.seed,
+            progress=self.progress,
+        )
 
     def _load_steps(self) -> list[tuple[str, dict[str, Any]]]:
         m = self.cfg.model
         raw: dict[str, Any] = {
-            "inputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in self.specs],
-            "output_names": list(m.output_names), "batch_axes": self.batch_axes, "base_dir": str(self.cfg.base_dir),
+            "inputs": [
+                {"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in self.specs
+            ],
+            "output_names": list(m.output_names),
+            "batch_axes": self.batch_axes,
+            "base_dir": str(self.cfg.base_dir),
         }
         for k in ("factory", "weights", "pt2", "onnx"):
             v = getattr(m, k)
@@ -170,7 +204,9 @@ class Builder:
         if src.kind == ModelKind.TORCH:
             from builder.torchio import torch_outputs
 
-            outputs = torch_outputs(src.module, ev, src.input_names, src.output_names, src.batch_axes)
+            outputs = torch_outputs(
+                src.module, ev, src.input_names, src.output_names, src.batch_axes
+            )
         else:
             from agent.runtime import load_session
 
@@ -184,8 +220,10 @@ class Builder:
             try:
                 ref.metric_value = float(self.metric(outputs, outputs, ev.y))
             except Exception as exc:
-                raise ModelError(f"metric '{self.cfg.metric}' failed on the fp32 outputs: "
-                                 f"{type(exc).__name__}: {_first_line(exc)}") from None
+                raise ModelError(
+                    f"metric '{self.cfg.metric}' failed on the fp32 outputs: "
+                    f"{type(exc).__name__}: {_first_line(exc)}"
+                ) from None
         return ref
 
     def _latency_reference(self, src: ModelHandle) -> Path | None:
@@ -224,7 +262,9 @@ class Builder:
             return "no [distill] table in the build config (which student to train)"
         return None
 
-    def _steps(self, recipe: str, profile: DeviceProfile, from_onnx: bool) -> list[tuple[str, dict[str, Any]]]:
+    def _steps(
+        self, recipe: str, profile: DeviceProfile, from_onnx: bool
+    ) -> list[tuple[str, dict[str, Any]]]:
         steps = recipe_steps(recipe, profile, from_onnx, self.custom_recipes)
         if recipe in self.custom_recipes:
             return steps
@@ -242,8 +282,15 @@ class Builder:
         except Exception as exc:
             if not isinstance(exc, EdgefleetError):
                 log.debug("profile %s failed", profile.name, exc_info=True)
-            return ProfileResult(profile, [], None, None, error=_first_line(exc) if isinstance(exc, EdgefleetError)
-                                 else f"{type(exc).__name__}: {_first_line(exc)}")
+            return ProfileResult(
+                profile,
+                [],
+                None,
+                None,
+                error=_first_line(exc)
+                if isinstance(exc, EdgefleetError)
+                else f"{type(exc).__name__}: {_first_line(exc)}",
+            )
         assert self._reference is not None
         if self._reference.latency_model is None:
             self._reference.latency_model = self._latency_reference(src)
@@ -300,22 +347,42 @@ class Builder:
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 
-    def _build_one(self, cand: Candidate, profile: DeviceProfile, steps: list[tuple[str, dict[str, Any]]],
-                   chain: list[Any], src: ModelHandle, stage: Path) -> None:
+    def _build_one(
+        self,
+        cand: Candidate,
+        profile: DeviceProfile,
+        steps: list[tuple[str, dict[str, Any]]],
+        chain: list[Any],
+        src: ModelHandle,
+        stage: Path,
+    ) -> None:
         assert self._reference is not None
         try:
             run = self.pipeline.run(src, chain)
-            cand.steps = [{"pass": s.name, "seconds": s.seconds, "cached": s.cached} for s in run.steps]
+            cand.steps = [
+                {"pass": s.name, "seconds": s.seconds, "cached": s.cached} for s in run.steps
+            ]
             self.progress(f"{profile.name}: measuring {cand.recipe}")
             evaluate_and_pack(
-                cand, run.model, profile, name=self.cfg.name, version=self.cfg.version, task=self.cfg.task,
-                data=self.data.eval, ref=self._reference, golden_wanted=self.cfg.golden_count,
-                recipe_steps=steps, key=self.key, workdir=stage / cand.recipe,
+                cand,
+                run.model,
+                profile,
+                name=self.cfg.name,
+                version=self.cfg.version,
+                task=self.cfg.task,
+                data=self.data.eval,
+                ref=self._reference,
+                golden_wanted=self.cfg.golden_count,
+                recipe_steps=steps,
+                key=self.key,
+                workdir=stage / cand.recipe,
             )
         except EdgefleetError as exc:
             # One failing recipe does not stop the others; the table says why.
             cand.error = str(exc)
-        except Exception as exc:  # a converter's or runtime's own error: still this candidate's alone
+        except (
+            Exception
+        ) as exc:  # a converter's or runtime's own error: still this candidate's alone
             log.debug("candidate %s/%s failed", profile.name, cand.recipe, exc_info=True)
             cand.error = f"{type(exc).__name__}: {_first_line(exc)}"
         if cand.error:
@@ -327,7 +394,12 @@ def no_fit_error(result: ProfileResult) -> BudgetError:
     if result.error:
         return BudgetError(f"profile '{result.profile.name}': not built: {result.error}")
     built = [c for c in result.candidates if not c.skipped]
-    what = "no candidate meets the budgets" if any(not c.error for c in built) else "no candidate could be built"
-    return BudgetError(f"profile '{result.profile.name}': {what}: " + "; ".join(
-        f"{c.recipe}: {c.error or ', '.join(c.violations)}" for c in result.candidates
-    ))
+    what = (
+        "no candidate meets the budgets"
+        if any(not c.error for c in built)
+        else "no candidate could be built"
+    )
+    return BudgetError(
+        f"profile '{result.profile.name}': {what}: "
+        + "; ".join(f"{c.recipe}: {c.error or ', '.join(c.violations)}" for c in result.candidates)
+    )

@@ -46,7 +46,9 @@ def op_name(model: Any, op: Any) -> str:
     return _op_names().get(_builtin(model, op), "CUSTOM")
 
 
-def free_batch(buf: bytes, batch: int, input_names: Sequence[str], output_names: Sequence[str]) -> tuple[bytes, int]:
+def free_batch(
+    buf: bytes, batch: int, input_names: Sequence[str], output_names: Sequence[str]
+) -> tuple[bytes, int]:
     """Replace the fixed ``batch`` by -1 in RESHAPE shapes and shape signatures; rename the I/O.
 
     Returns the new model and how many RESHAPE shapes were changed.
@@ -69,11 +71,20 @@ def free_batch(buf: bytes, batch: int, input_names: Sequence[str], output_names:
                         model.buffers[t.buffer].data = np.frombuffer(shape.tobytes(), np.uint8)
                         changed += 1
             opts = op.builtinOptions
-            if isinstance(opts, s.ReshapeOptionsT) and opts.newShape is not None and len(opts.newShape) and opts.newShape[0] == batch:
+            if (
+                isinstance(opts, s.ReshapeOptionsT)
+                and opts.newShape is not None
+                and len(opts.newShape)
+                and opts.newShape[0] == batch
+            ):
                 opts.newShape[0] = -1
         for t in sub.tensors:
             if t.shape is not None and len(t.shape) and t.shape[0] == batch:
-                sig = list(t.shapeSignature) if t.shapeSignature is not None and len(t.shapeSignature) else list(t.shape)
+                sig = (
+                    list(t.shapeSignature)
+                    if t.shapeSignature is not None and len(t.shapeSignature)
+                    else list(t.shape)
+                )
                 sig[0] = -1
                 t.shapeSignature = sig
         for idx, name in zip(sub.inputs, input_names, strict=False):

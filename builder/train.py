@@ -53,13 +53,17 @@ def predict(module: Any, split: Split, names: Sequence[str], batch: int = 256) -
     return np.concatenate(parts)
 
 
-def accuracy(module: Any, split: Split, names: Sequence[str] | None = None, batch: int = 256) -> float:
+def accuracy(
+    module: Any, split: Split, names: Sequence[str] | None = None, batch: int = 256
+) -> float:
     assert split.y is not None, "accuracy needs labels"
     out = predict(module, split, names or list(split.inputs), batch)
     return float(np.mean(out.reshape(len(out), -1).argmax(1) == split.y))
 
 
-def training_targets(teacher: Any, split: Split, names: Sequence[str], task: str) -> np.ndarray | None:
+def training_targets(
+    teacher: Any, split: Split, names: Sequence[str], task: str
+) -> np.ndarray | None:
     """What a fine-tune of a copy of ``teacher`` learns: None for labelled classification
     (cross-entropy on ``y``), float targets when the data has them, else the teacher's outputs."""
     if task == "classification" and split.y is not None:
@@ -70,8 +74,16 @@ def training_targets(teacher: Any, split: Split, names: Sequence[str], task: str
 
 
 def finetune(
-    module: Any, train: Split, epochs: int, lr: float, seed: int, batch: int = 64, loss: Loss | None = None,
-    patience: int = 5, names: Sequence[str] | None = None, targets: np.ndarray | None = None,
+    module: Any,
+    train: Split,
+    epochs: int,
+    lr: float,
+    seed: int,
+    batch: int = 64,
+    loss: Loss | None = None,
+    patience: int = 5,
+    names: Sequence[str] | None = None,
+    targets: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Adam on 90% of ``train``; keeps the weights that score best on the other 10%.
 
@@ -131,5 +143,11 @@ def finetune(
     module.load_state_dict(best_state)
     eval_mode(module)
     key = "val_mse" if regression else "val_top1"
-    return {"epochs_run": epoch if epochs else 0, "best_epoch": best_epoch, key: round(abs(best), 6),
-            "targets": ("float targets" if train.y is not None else "fp32 model outputs") if regression else "labels"}
+    return {
+        "epochs_run": epoch if epochs else 0,
+        "best_epoch": best_epoch,
+        key: round(abs(best), 6),
+        "targets": ("float targets" if train.y is not None else "fp32 model outputs")
+        if regression
+        else "labels",
+    }

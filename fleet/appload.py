@@ -38,8 +38,15 @@ class AppStats:
 class AppLoad:
     """Per device, POST /v2/models/MODEL/infer at ``rate`` per second until ``stop`` or a bound."""
 
-    def __init__(self, endpoints: dict[str, int], samples: Path, model: str = "digits", rate: float = 25.0,
-                 max_seconds: float = 300.0, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        endpoints: dict[str, int],
+        samples: Path,
+        model: str = "digits",
+        rate: float = 25.0,
+        max_seconds: float = 300.0,
+        timeout: float = 5.0,
+    ) -> None:
         with np.load(samples) as d:
             self._x = np.asarray(d["x"], np.float32)
             self._y = np.asarray(d["y"], np.int64)
@@ -72,8 +79,18 @@ class AppLoad:
 
     def _body(self, i: int) -> bytes:
         x = self._x[i % len(self._x)][None]
-        return json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
-                                       "data": [round(float(v), 4) for v in x.ravel()]}]}).encode()
+        return json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "datatype": "FP32",
+                        "shape": list(x.shape),
+                        "data": [round(float(v), 4) for v in x.ravel()],
+                    }
+                ]
+            }
+        ).encode()
 
     def _run(self, dev: str, port: int) -> None:
         st = self.stats[dev]
@@ -116,7 +133,9 @@ class AppLoad:
                 st.ok += 1
                 st.correct += self._is_correct(body, i)
             else:
-                self._miss(st, f"HTTP {status}: {body[:200].decode(errors='replace')}", probe=not ready)
+                self._miss(
+                    st, f"HTTP {status}: {body[:200].decode(errors='replace')}", probe=not ready
+                )
         if conn is not None:
             conn.close()
 
@@ -136,12 +155,17 @@ class AppLoad:
 
     def summary(self) -> dict[str, Any]:
         per = {d: asdict(s) for d, s in sorted(self.stats.items())}
-        tot = {k: sum(s[k] for s in per.values()) for k in ("requests", "ok", "correct", "not_ready", "failed")}
+        tot = {
+            k: sum(s[k] for s in per.values())
+            for k in ("requests", "ok", "correct", "not_ready", "failed")
+        }
         return {**tot, "rate_per_device": self.rate, "devices": per}
 
 
 def describe(s: dict[str, Any]) -> str:
     """One line for people from ``AppLoad.summary()``."""
-    return (f"application: {s['requests']} infer requests ({s['rate_per_device']:g}/s per device), {s['ok']} answered "
-            f"({s['correct']} correct), {s['not_ready']} readiness probes answered 'no model yet', "
-            f"{s['failed']} failed once a model was active")
+    return (
+        f"application: {s['requests']} infer requests ({s['rate_per_device']:g}/s per device), {s['ok']} answered "
+        f"({s['correct']} correct), {s['not_ready']} readiness probes answered 'no model yet', "
+        f"{s['failed']} failed once a model was active"
+    )

@@ -47,12 +47,16 @@ from fleet.db import Batch, FleetDB
 
 log = logging.getLogger("edgefleet.collect")
 
-MAX_PAYLOAD = 64 * 1024   # larger messages on these topics are rejected, not parsed
-PREFIX_CHARS = 200        # how much of a rejected payload is kept
-MAX_QUEUED = 50_000       # received but not yet committed; beyond it messages wait on the broker
+MAX_PAYLOAD = 64 * 1024  # larger messages on these topics are rejected, not parsed
+PREFIX_CHARS = 200  # how much of a rejected payload is kept
+MAX_QUEUED = 50_000  # received but not yet committed; beyond it messages wait on the broker
 LEAVES = ("state", "events", "telemetry", "cmd/result")
-_MODELS: dict[str, type[BaseModel]] = {"state": StateMessage, "events": Event, "telemetry": Telemetry,
-                                       "cmd_result": CommandResult}
+_MODELS: dict[str, type[BaseModel]] = {
+    "state": StateMessage,
+    "events": Event,
+    "telemetry": Telemetry,
+    "cmd_result": CommandResult,
+}
 
 
 def subscriptions(share_group: str | None) -> list[str]:
@@ -79,8 +83,13 @@ def add_message(batch: Batch, topic: str, payload: bytes, received: float) -> bo
     """Decode one message into ``batch``; a bad one becomes a ``rejected`` row. True if accepted."""
     t = topics.parse(topic)
     if t is None or t.kind not in _MODELS or t.device is None:
-        return _reject(batch, topic, "not an edgefleet device state/events/telemetry/cmd/result topic",
-                       payload, received)
+        return _reject(
+            batch,
+            topic,
+            "not an edgefleet device state/events/telemetry/cmd/result topic",
+            payload,
+            received,
+        )
     model = _MODELS[t.kind]
     msg: Any
     try:
@@ -94,32 +103,93 @@ def add_message(batch: Batch, topic: str, payload: bytes, received: float) -> bo
         return _reject(batch, topic, str(exc), payload, received)
     dev = t.device
     if t.kind != "cmd_result" and msg.device != dev:
-        return _reject(batch, topic, f"device '{msg.device}' in the payload does not match the topic",
-                       payload, received)
+        return _reject(
+            batch,
+            topic,
+            f"device '{msg.device}' in the payload does not match the topic",
+            payload,
+            received,
+        )
     r = batch.rows
     if isinstance(msg, Telemetry):
         a, lat = msg.active, msg.latency
         temps = msg.temperatures_c
-        r["telemetry"].append((
-            dev, msg.seq, msg.ts, received, msg.interval_s, msg.uptime_s,
-            a.name if a else None, a.version if a else None, a.sha256 if a else None,
-            lat.count, lat.errors, lat.throughput_per_s, lat.p50_ms, lat.p95_ms, lat.p99_ms, lat.max_ms,
-            msg.rss_mb, msg.cpu_percent, msg.mem_available_mb, max(temps.values()) if temps else None,
-            _dumps(temps) if temps else None, msg.throttled, msg.cpu_freq_mhz,
-            msg.buffer.get("pending"), msg.buffer.get("dropped"),
-        ))
+        r["telemetry"].append(
+            (
+                dev,
+                msg.seq,
+                msg.ts,
+                received,
+                msg.interval_s,
+                msg.uptime_s,
+                a.name if a else None,
+                a.version if a else None,
+                a.sha256 if a else None,
+                lat.count,
+                lat.errors,
+                lat.throughput_per_s,
+                lat.p50_ms,
+                lat.p95_ms,
+                lat.p99_ms,
+                lat.max_ms,
+                msg.rss_mb,
+                msg.cpu_percent,
+                msg.mem_available_mb,
+                max(temps.values()) if temps else None,
+                _dumps(temps) if temps else None,
+                msg.throttled,
+                msg.cpu_freq_mhz,
+                msg.buffer.get("pending"),
+                msg.buffer.get("dropped"),
+            )
+        )
     elif isinstance(msg, StateMessage):
         a = msg.active
         model_cols = (a.name, a.version, a.sha256) if a else (None, None, None)
         groups = _dumps(msg.groups)
-        r["states"].append((dev, msg.seq, msg.ts, received, msg.online, msg.profile, msg.agent_version,
-                            groups, *model_cols))
+        r["states"].append(
+            (
+                dev,
+                msg.seq,
+                msg.ts,
+                received,
+                msg.online,
+                msg.profile,
+                msg.agent_version,
+                groups,
+                *model_cols,
+            )
+        )
         # arrival order decides the current state: a Last Will carries an older seq than later births
-        batch.device_states.append((dev, msg.online, msg.profile, msg.agent_version, groups, *model_cols,
-                                    msg.seq, msg.ts, received))
+        batch.device_states.append(
+            (
+                dev,
+                msg.online,
+                msg.profile,
+                msg.agent_version,
+                groups,
+                *model_cols,
+                msg.seq,
+                msg.ts,
+                received,
+            )
+        )
     elif isinstance(msg, Event):
-        r["events"].append((dev, msg.seq, msg.ts, received, msg.kind, msg.state, msg.name, msg.version,
-                            msg.sha256, msg.reason, _dumps(msg.detail)))
+        r["events"].append(
+            (
+                dev,
+                msg.seq,
+                msg.ts,
+                received,
+                msg.kind,
+                msg.state,
+                msg.name,
+                msg.version,
+                msg.sha256,
+                msg.reason,
+                _dumps(msg.detail),
+            )
+        )
     else:
         r["cmd_results"].append((dev, msg.id, received, msg.ok, msg.reason, _dumps(msg.detail)))
     if received > batch.seen.get(dev, 0.0):
@@ -128,7 +198,7 @@ def add_message(batch: Batch, topic: str, payload: bytes, received: float) -> bo
 
 
 def _reject(batch: Batch, topic: str, reason: str, payload: bytes, received: float) -> bool:
-    prefix = payload[:PREFIX_CHARS * 4].decode("utf-8", errors="replace")[:PREFIX_CHARS]
+    prefix = payload[: PREFIX_CHARS * 4].decode("utf-8", errors="replace")[:PREFIX_CHARS]
     batch.rows["rejected"].append((received, topic[:512], reason[:1000], len(payload), prefix))
     return False
 
@@ -136,12 +206,12 @@ def _reject(batch: Batch, topic: str, reason: str, payload: bytes, received: flo
 @dataclass
 class Stats:
     received: int = 0
-    stored: int = 0        # new rows committed (duplicates excluded)
-    duplicates: int = 0    # redelivered or already stored by another collector
+    stored: int = 0  # new rows committed (duplicates excluded)
+    duplicates: int = 0  # redelivered or already stored by another collector
     rejected: int = 0
     batches: int = 0
     connects: int = 0
-    deferred: int = 0      # left unacknowledged while the queue was full; the broker sends them again
+    deferred: int = 0  # left unacknowledged while the queue was full; the broker sends them again
     first_received: float | None = None
     last_commit: float | None = None
     error: str | None = None
@@ -154,16 +224,27 @@ class Stats:
 class Collector:
     """Broker -> database. ``start()`` connects (bounded retries), ``stop()`` flushes and disconnects."""
 
-    def __init__(self, broker: BrokerConfig, db: FleetDB | str, share_group: str | None = None,
-                 client_id: str | None = None, batch_max: int = 5000, connect_attempts: int = 4,
-                 max_queued: int = MAX_QUEUED) -> None:
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        db: FleetDB | str,
+        share_group: str | None = None,
+        client_id: str | None = None,
+        batch_max: int = 5000,
+        connect_attempts: int = 4,
+        max_queued: int = MAX_QUEUED,
+    ) -> None:
         self.broker = broker
         self.db = db if isinstance(db, FleetDB) else FleetDB(db)
         if share_group is not None and not topics.SEGMENT_RE.match(share_group):
             raise UsageError(f"--share-group {share_group!r}: letters, digits, '.', '_' or '-'")
         self.share_group = share_group
         self.client_id = client_id or default_client_id(self.db.label, share_group)
-        self.batch_max, self.connect_attempts, self.max_queued = batch_max, connect_attempts, max_queued
+        self.batch_max, self.connect_attempts, self.max_queued = (
+            batch_max,
+            connect_attempts,
+            max_queued,
+        )
         self.stats = Stats()
         self.q: queue.SimpleQueue[tuple[str, bytes, int, int, float]] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -172,12 +253,16 @@ class Collector:
         self._overflow = threading.Event()
         self._refused: str | None = None
         self._worker: threading.Thread | None = None
-        self.c = make_client(broker, self.client_id, persistent=True, manual_ack=True, max_inflight=1000)
+        self.c = make_client(
+            broker, self.client_id, persistent=True, manual_ack=True, max_inflight=1000
+        )
         self.c.on_connect = self._on_connect
         self.c.on_message = self._on_message
 
     # -- paho callbacks (network thread): enqueue only, never wait --------------------------
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
         if rc.is_failure:
             self._refused = str(rc)
             self._connected.set()
@@ -207,8 +292,10 @@ class Collector:
             except OSError as exc:
                 last = exc.strerror or str(exc)
         else:
-            raise BrokerError(f"cannot connect to {self.broker.url} after {self.connect_attempts} "
-                              f"attempts: {last}")
+            raise BrokerError(
+                f"cannot connect to {self.broker.url} after {self.connect_attempts} "
+                f"attempts: {last}"
+            )
         self.c.loop_start()
         wait_s = 15.0
         if not self._connected.wait(wait_s):
@@ -250,8 +337,10 @@ class Collector:
         again what was left unacknowledged. paho's thread is stopped first, so only this thread
         touches the connection; the persistent session keeps subscriptions and messages."""
         self._overflow.clear()
-        log.info("caught up after %d deferred messages; reconnecting to receive them again",
-                 self.stats.deferred)
+        log.info(
+            "caught up after %d deferred messages; reconnecting to receive them again",
+            self.stats.deferred,
+        )
         with contextlib.suppress(Exception):
             self.c.disconnect()
         self.c.loop_stop()

@@ -20,10 +20,22 @@ SCHEMA_VERSION = 1
 
 # Column kinds map to one SQL type per dialect.
 _TYPES = {
-    "sqlite": {"text": "TEXT", "int": "INTEGER", "float": "REAL", "bool": "INTEGER", "json": "TEXT",
-               "serial": "INTEGER PRIMARY KEY"},
-    "postgres": {"text": "TEXT", "int": "BIGINT", "float": "DOUBLE PRECISION", "bool": "BOOLEAN",
-                 "json": "TEXT", "serial": "BIGSERIAL PRIMARY KEY"},
+    "sqlite": {
+        "text": "TEXT",
+        "int": "INTEGER",
+        "float": "REAL",
+        "bool": "INTEGER",
+        "json": "TEXT",
+        "serial": "INTEGER PRIMARY KEY",
+    },
+    "postgres": {
+        "text": "TEXT",
+        "int": "BIGINT",
+        "float": "DOUBLE PRECISION",
+        "bool": "BOOLEAN",
+        "json": "TEXT",
+        "serial": "BIGSERIAL PRIMARY KEY",
+    },
 }
 
 
@@ -31,7 +43,7 @@ _TYPES = {
 class Table:
     name: str
     columns: tuple[tuple[str, str], ...]  # (name, kind)
-    key: tuple[str, ...]                  # unique key: the conflict target
+    key: tuple[str, ...]  # unique key: the conflict target
     indexes: tuple[tuple[str, ...], ...] = ()
 
     @property
@@ -42,27 +54,104 @@ class Table:
 _MSG = (("device", "text"), ("seq", "int"), ("ts", "float"), ("received", "float"))
 _MODEL = (("model", "text"), ("version", "text"), ("sha256", "text"))
 
-TABLES: dict[str, Table] = {t.name: t for t in (
-    Table("devices", (("device", "text"), ("online", "bool"), ("profile", "text"), ("agent_version", "text"),
-                      ("groups", "json"), *_MODEL, ("state_seq", "int"), ("state_ts", "float"),
-                      ("last_seen", "float")), ("device",)),
-    Table("states", (*_MSG, ("online", "bool"), ("profile", "text"), ("agent_version", "text"),
-                     ("groups", "json"), *_MODEL), ("device", "seq")),
-    Table("events", (*_MSG, ("kind", "text"), ("state", "text"), ("name", "text"), ("version", "text"),
-                     ("sha256", "text"), ("reason", "text"), ("detail", "json")), ("device", "seq"),
-          (("ts",),)),
-    Table("telemetry", (*_MSG, ("interval_s", "float"), ("uptime_s", "float"), *_MODEL,
-                        ("count", "int"), ("errors", "int"), ("throughput_per_s", "float"),
-                        ("p50_ms", "float"), ("p95_ms", "float"), ("p99_ms", "float"), ("max_ms", "float"),
-                        ("rss_mb", "float"), ("cpu_percent", "float"), ("mem_available_mb", "float"),
-                        ("temp_max_c", "float"), ("temperatures", "json"), ("throttled", "bool"),
-                        ("cpu_freq_mhz", "float"), ("buffer_pending", "int"), ("buffer_dropped", "int")),
-          ("device", "seq"), (("ts",),)),
-    Table("cmd_results", (("device", "text"), ("cmd_id", "text"), ("received", "float"), ("ok", "bool"),
-                          ("reason", "text"), ("detail", "json")), ("device", "cmd_id")),
-    Table("rejected", (("id", "serial"), ("received", "float"), ("topic", "text"), ("reason", "text"),
-                       ("size", "int"), ("payload_prefix", "text")), ()),
-)}
+TABLES: dict[str, Table] = {
+    t.name: t
+    for t in (
+        Table(
+            "devices",
+            (
+                ("device", "text"),
+                ("online", "bool"),
+                ("profile", "text"),
+                ("agent_version", "text"),
+                ("groups", "json"),
+                *_MODEL,
+                ("state_seq", "int"),
+                ("state_ts", "float"),
+                ("last_seen", "float"),
+            ),
+            ("device",),
+        ),
+        Table(
+            "states",
+            (
+                *_MSG,
+                ("online", "bool"),
+                ("profile", "text"),
+                ("agent_version", "text"),
+                ("groups", "json"),
+                *_MODEL,
+            ),
+            ("device", "seq"),
+        ),
+        Table(
+            "events",
+            (
+                *_MSG,
+                ("kind", "text"),
+                ("state", "text"),
+                ("name", "text"),
+                ("version", "text"),
+                ("sha256", "text"),
+                ("reason", "text"),
+                ("detail", "json"),
+            ),
+            ("device", "seq"),
+            (("ts",),),
+        ),
+        Table(
+            "telemetry",
+            (
+                *_MSG,
+                ("interval_s", "float"),
+                ("uptime_s", "float"),
+                *_MODEL,
+                ("count", "int"),
+                ("errors", "int"),
+                ("throughput_per_s", "float"),
+                ("p50_ms", "float"),
+                ("p95_ms", "float"),
+                ("p99_ms", "float"),
+                ("max_ms", "float"),
+                ("rss_mb", "float"),
+                ("cpu_percent", "float"),
+                ("mem_available_mb", "float"),
+                ("temp_max_c", "float"),
+                ("temperatures", "json"),
+                ("throttled", "bool"),
+                ("cpu_freq_mhz", "float"),
+                ("buffer_pending", "int"),
+                ("buffer_dropped", "int"),
+            ),
+            ("device", "seq"),
+            (("ts",),),
+        ),
+        Table(
+            "cmd_results",
+            (
+                ("device", "text"),
+                ("cmd_id", "text"),
+                ("received", "float"),
+                ("ok", "bool"),
+                ("reason", "text"),
+                ("detail", "json"),
+            ),
+            ("device", "cmd_id"),
+        ),
+        Table(
+            "rejected",
+            (
+                ("id", "serial"),
+                ("received", "float"),
+                ("topic", "text"),
+                ("reason", "text"),
+                ("size", "int"),
+                ("payload_prefix", "text"),
+            ),
+            (),
+        ),
+    )
+}
 MESSAGE_TABLES = ("states", "events", "telemetry", "cmd_results")
 
 
@@ -76,7 +165,9 @@ def ddl(dialect: str) -> list[str]:
             cols.append(f"PRIMARY KEY ({', '.join(t.key)})")
         out.append(f"CREATE TABLE IF NOT EXISTS {t.name} ({', '.join(cols)})")
         for idx in t.indexes:
-            out.append(f"CREATE INDEX IF NOT EXISTS {t.name}_{'_'.join(idx)} ON {t.name} ({', '.join(idx)})")
+            out.append(
+                f"CREATE INDEX IF NOT EXISTS {t.name}_{'_'.join(idx)} ON {t.name} ({', '.join(idx)})"
+            )
     return out
 
 
@@ -85,24 +176,32 @@ def insert_sql(table: str, ph: str) -> str:
     t = TABLES[table]
     cols = t.names
     conflict = " ON CONFLICT DO NOTHING" if t.key else ""
-    return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join([ph] * len(cols))}){conflict}"
+    return (
+        f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join([ph] * len(cols))}){conflict}"
+    )
 
 
 def _device_state_sql(ph: str) -> str:
     cols = [c for c in TABLES["devices"].names]
     sets = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in ("device", "last_seen"))
-    return (f"INSERT INTO devices ({', '.join(cols)}) VALUES ({', '.join([ph] * len(cols))}) "
-            f"ON CONFLICT (device) DO UPDATE SET {sets}, last_seen = {_later('last_seen')}")
+    return (
+        f"INSERT INTO devices ({', '.join(cols)}) VALUES ({', '.join([ph] * len(cols))}) "
+        f"ON CONFLICT (device) DO UPDATE SET {sets}, last_seen = {_later('last_seen')}"
+    )
 
 
 def _later(col: str) -> str:
-    return (f"CASE WHEN devices.{col} IS NULL OR excluded.{col} > devices.{col} "
-            f"THEN excluded.{col} ELSE devices.{col} END")
+    return (
+        f"CASE WHEN devices.{col} IS NULL OR excluded.{col} > devices.{col} "
+        f"THEN excluded.{col} ELSE devices.{col} END"
+    )
 
 
 def _seen_sql(ph: str) -> str:
-    return (f"INSERT INTO devices (device, last_seen) VALUES ({ph}, {ph}) "
-            f"ON CONFLICT (device) DO UPDATE SET last_seen = {_later('last_seen')}")
+    return (
+        f"INSERT INTO devices (device, last_seen) VALUES ({ph}, {ph}) "
+        f"ON CONFLICT (device) DO UPDATE SET last_seen = {_later('last_seen')}"
+    )
 
 
 @dataclass
@@ -136,8 +235,10 @@ class FleetDB:
             self.conn: Any = self._open_pg(target)
         elif "://" in target and not target.startswith("sqlite:///"):
             scheme = target.split("://", 1)[0]
-            raise UsageError(f"--db {target}: unknown database scheme '{scheme}://' "
-                             "(use a file path, sqlite:///PATH or postgresql://...)")
+            raise UsageError(
+                f"--db {target}: unknown database scheme '{scheme}://' "
+                "(use a file path, sqlite:///PATH or postgresql://...)"
+            )
         else:
             self.dialect, self.ph = "sqlite", "?"
             self.conn = self._open_sqlite(Path(target.removeprefix("sqlite://")), readonly)
@@ -155,7 +256,9 @@ class FleetDB:
     @staticmethod
     def _open_sqlite(path: Path, readonly: bool) -> sqlite3.Connection:
         if readonly and not path.is_file():
-            raise UsageError(f"--db {path}: no such database (start `edgefleet collect --db {path}` first)")
+            raise UsageError(
+                f"--db {path}: no such database (start `edgefleet collect --db {path}` first)"
+            )
         if not path.parent.is_dir():
             raise DatabaseError(f"--db {path}: directory {path.parent} does not exist")
         try:
@@ -163,7 +266,9 @@ class FleetDB:
             conn = sqlite3.connect(uri, uri=True, timeout=30.0, check_same_thread=False)
             if not readonly:
                 conn.execute("PRAGMA journal_mode=WAL")  # readers never block the collector
-                conn.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; no fsync per batch
+                conn.execute(
+                    "PRAGMA synchronous=NORMAL"
+                )  # durable at checkpoints; no fsync per batch
             conn.execute("PRAGMA busy_timeout=30000")
         except sqlite3.Error as exc:
             raise DatabaseError(f"--db {path}: cannot open database ({exc})") from None
@@ -194,15 +299,21 @@ class FleetDB:
                 cur = self.conn.cursor()
                 for stmt in ddl(self.dialect):
                     cur.execute(stmt)
-                cur.execute(f"INSERT INTO meta (key, value) VALUES ({self.ph}, {self.ph}) ON CONFLICT DO NOTHING",
-                            ("schema_version", str(SCHEMA_VERSION)))
+                cur.execute(
+                    f"INSERT INTO meta (key, value) VALUES ({self.ph}, {self.ph}) ON CONFLICT DO NOTHING",
+                    ("schema_version", str(SCHEMA_VERSION)),
+                )
                 self.conn.commit()
         except self._errors() as exc:
             self._rollback()
-            raise DatabaseError(f"--db {self.label}: cannot write the schema ({_first_line(exc)})") from None
+            raise DatabaseError(
+                f"--db {self.label}: cannot write the schema ({_first_line(exc)})"
+            ) from None
 
     def _rollback(self) -> None:
-        with contextlib.suppress(Exception):  # the connection may be gone; the first error is reported
+        with contextlib.suppress(
+            Exception
+        ):  # the connection may be gone; the first error is reported
             self.conn.rollback()
 
     def store(self, batch: Batch) -> int:

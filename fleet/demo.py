@@ -46,42 +46,57 @@ APP_RATE, APP_MAX_S = 25.0, 300.0
 
 # ------------------------------------------------------------------------------ artifacts
 
+
 def digits_work(say: Callable[[str], None]) -> Path:
     """examples/digits prepared (data, trained CNN, signing key); its work directory."""
     sys.path.insert(0, str(REPO))
     try:
         from examples.digits.prepare import WORK, prepare
     except ImportError:
-        raise UsageError(f"the demo builds examples/digits from the source tree, not found under {REPO} "
-                         "(install with pip install -e from a checkout)") from None
+        raise UsageError(
+            f"the demo builds examples/digits from the source tree, not found under {REPO} "
+            "(install with pip install -e from a checkout)"
+        ) from None
     if not (WORK / "digits_cnn.pt").exists():
         say("  first run: training the digits CNN (scikit-learn's bundled data, fixed seed)...")
     prepare(quiet=True)
     return WORK
 
 
-def build_artifacts(out: Path, cache: Path, work: Path, say: Callable[[str], None], version: str = "1.0.0",
-                    profiles: tuple[str, ...] = PROFILES) -> dict[str, Path]:
+def build_artifacts(
+    out: Path,
+    cache: Path,
+    work: Path,
+    say: Callable[[str], None],
+    version: str = "1.0.0",
+    profiles: tuple[str, ...] = PROFILES,
+) -> dict[str, Path]:
     """The digits example as ``version`` for ``profiles``, signed with the example's key."""
     from agent.protocol.profile import get_profile
     from agent.protocol.signing import load_private_key
     from builder.config import load_build_config
     from builder.search import Builder
 
-    cfg = load_build_config(REPO / "examples" / "digits" / "edgefleet.toml").model_copy(update={"version": version})
+    cfg = load_build_config(REPO / "examples" / "digits" / "edgefleet.toml").model_copy(
+        update={"version": version}
+    )
     builder = Builder(cfg, load_private_key(work / "keys" / "edgefleet.key"), cache)
     arts: dict[str, Path] = {}
     for name in profiles:
         prof = get_profile(name, REPO / "device_profiles")
-        prof = prof.model_copy(update={"build": prof.build.model_copy(update={"candidates": DEMO_CANDIDATES[name]})})
+        prof = prof.model_copy(
+            update={"build": prof.build.model_copy(update={"candidates": DEMO_CANDIDATES[name]})}
+        )
         t0 = time.monotonic()
         res = builder.build_profile(prof, out)
         if res.artifact is None:
             from builder.search import no_fit_error
 
             raise no_fit_error(res)
-        say(f"  built {res.artifact.name} ({res.artifact.stat().st_size / 1024:.0f} KB, "
-            f"{DEMO_CANDIDATES[name][0]}) in {time.monotonic() - t0:.1f}s")
+        say(
+            f"  built {res.artifact.name} ({res.artifact.stat().st_size / 1024:.0f} KB, "
+            f"{DEMO_CANDIDATES[name][0]}) in {time.monotonic() - t0:.1f}s"
+        )
         arts[name] = res.artifact
     return arts
 
@@ -113,12 +128,23 @@ def make_broken(good: Path, out: Path, key: Path, version: str) -> Path:
                 files[name].write_bytes(src.read())
         g = GoldenSet.load(files[m.golden.file])
         # Every case's expected outputs off by 5: the self-test fails however many cases there are.
-        off = [GoldenCase(c.inputs, c.reference, {k: np.asarray(v, np.float32) + np.float32(5.0) for k, v in c.expected.items()})
-               for c in g.cases]
+        off = [
+            GoldenCase(
+                c.inputs,
+                c.reference,
+                {k: np.asarray(v, np.float32) + np.float32(5.0) for k, v in c.expected.items()},
+            )
+            for c in g.cases
+        ]
         (replace(g, expected=off[0].expected, more=off[1:])).save(files[m.golden.file])
         entries = {n: file_entry(p) for n, p in files.items()}
-        broken = m.model_copy(update={"version": version, "files": entries,
-                                      "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+        broken = m.model_copy(
+            update={
+                "version": version,
+                "files": entries,
+                "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+        )
         dest = out / f"{m.name}-{version}-{m.profile}-broken.efa"
         return write_artifact(dest, broken, files, load_private_key(key))
     finally:
@@ -132,11 +158,11 @@ def agent_config(run: Path, device: str, profile: str, url: str, pub: Path, port
     text = f"""device_id = "{device}"
 profile = "{profile}"
 groups = ["{profile}"]
-state_dir = "{d / 'state'}"
+state_dir = "{d / "state"}"
 trusted_keys = ["{pub}"]
 keep_versions = 2
 threads = 1
-profiles_dir = "{REPO / 'device_profiles'}"
+profiles_dir = "{REPO / "device_profiles"}"
 log_level = "info"
 
 [broker]
@@ -171,16 +197,22 @@ def _cli(*args: str) -> list[str]:
 
 def _agent_argv(config: Path) -> list[str]:
     exe = shutil.which("edgefleet-agent")
-    return [exe, "run", "--config", str(config)] if exe else [sys.executable, "-m", "agent.cli", "run",
-                                                              "--config", str(config)]
+    return (
+        [exe, "run", "--config", str(config)]
+        if exe
+        else [sys.executable, "-m", "agent.cli", "run", "--config", str(config)]
+    )
 
 
 # ------------------------------------------------------------------------------ the run
 
+
 def _prepare_out(out: Path) -> Path:
     """OUT/run is recreated on every demo (a fresh fleet); OUT/cache keeps build results."""
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise UsageError(f"{out}: exists and was not made by `edgefleet demo`; choose another --out")
+        raise UsageError(
+            f"{out}: exists and was not made by `edgefleet demo`; choose another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by edgefleet demo\n")
     run = out / "run"
@@ -203,7 +235,11 @@ def _states(url: str) -> dict[str, dict[str, Any]]:
         with contextlib.suppress(ValueError):
             doc = json.loads(payload)
             # amqtt's wildcard matching is looser than mosquitto's: keep real state messages only
-            if topic.endswith("/state") and isinstance(doc, dict) and isinstance(doc.get("device"), str):
+            if (
+                topic.endswith("/state")
+                and isinstance(doc, dict)
+                and isinstance(doc.get("device"), str)
+            ):
                 out[doc["device"]] = doc
     return out
 
@@ -234,11 +270,16 @@ def _publish(art: Path, cfg: Any, verify: bool, tries: int = 3) -> None:
         res = publish_artifact(art, cfg, chunk_size=64 * 1024, force=True)
         if not verify:
             return
-        want = {index, topics.artifact_manifest(res.sha256),
-                *(topics.artifact_chunk(res.sha256, i) for i in range(res.chunks))}
+        want = {
+            index,
+            topics.artifact_manifest(res.sha256),
+            *(topics.artifact_chunk(res.sha256, i) for i in range(res.chunks)),
+        }
         c = connect(cfg)
         try:  # a generous quiet time: a pure-Python broker under load delivers a burst slowly
-            got = set(c.retained(f"{topics.PREFIX}/artifacts/{res.sha256}/#", quiet=1.0, limit=10.0))
+            got = set(
+                c.retained(f"{topics.PREFIX}/artifacts/{res.sha256}/#", quiet=1.0, limit=10.0)
+            )
             got |= set(c.retained(index, quiet=1.0, limit=5.0))
         finally:
             c.close()
@@ -259,8 +300,13 @@ def _latest_latency(db: Path) -> dict[str, dict[str, float | None]]:
         fdb.close()
 
 
-def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], None],
-             live: bool | None = None) -> dict[str, Any]:
+def run_demo(
+    out: Path,
+    n_devices: int,
+    broker_impl: str,
+    say: Callable[[str], None],
+    live: bool | None = None,
+) -> dict[str, Any]:
     from fleet.mqtt import broker_config
     from fleet.rollout.display import RolloutDisplay
     from fleet.rollout.policy import Gate
@@ -274,9 +320,14 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
     try:
         url, impl = start_broker(procs, run, broker_impl)
         say(f"[1/7] broker: {impl} on {url}")
-        devices = {f"dev-{i + 1}": (PROFILES[1] if i == n_devices - 1 else PROFILES[0]) for i in range(n_devices)}
+        devices = {
+            f"dev-{i + 1}": (PROFILES[1] if i == n_devices - 1 else PROFILES[0])
+            for i in range(n_devices)
+        }
         db = run / "fleet.db"
-        procs.start("collector", _cli("collect", "--broker", url, "--db", str(db), "--stats-every", "5"))
+        procs.start(
+            "collector", _cli("collect", "--broker", url, "--db", str(db), "--stats-every", "5")
+        )
         work = digits_work(say)
         key, pub = work / "keys" / "edgefleet.key", work / "keys" / "edgefleet.pub"
         ports = {dev: free_port() for dev in devices}
@@ -284,8 +335,10 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
             procs.start(dev, _agent_argv(agent_config(run, dev, prof, url, pub, ports[dev])))
         # the devices' application: readiness probes until a model is active, then v2 infer requests
         app = AppLoad(ports, work / "eval.npz", rate=APP_RATE, max_seconds=APP_MAX_S).start()
-        say(f"[2/7] started {n_devices} agents ({', '.join(f'{d}: {p}' for d, p in devices.items())}) "
-            f"and the collector")
+        say(
+            f"[2/7] started {n_devices} agents ({', '.join(f'{d}: {p}' for d, p in devices.items())}) "
+            f"and the collector"
+        )
         t0 = time.monotonic()
         arts = build_artifacts(run / "artifacts", out / "cache", work, say)
         say(f"[3/7] built digits 1.0.0 for {', '.join(PROFILES)} in {time.monotonic() - t0:.1f}s")
@@ -303,27 +356,42 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
             members = [d for d, p in devices.items() if p == prof]
             canary = "1" if len(members) > 1 else None
             with RolloutDisplay(f"group {prof}", live=live) as show:
-                ro = staged_rollout(cfg, spec, prof, canary, gate=gate, wait=True, timeout=90, on_change=show)
+                ro = staged_rollout(
+                    cfg, spec, prof, canary, gate=gate, wait=True, timeout=90, on_change=show
+                )
             results[f"{spec} to group {prof}"] = ro.summary()
             if ro.phase != "done":
                 raise EdgefleetError(f"rollout of {spec} to {prof} {ro.phase}: {ro.reason}")
-            p95 = "; ".join(f"{d} p95 {v.p95_ms:.3f} ms vs {v.current_p95_ms:.3f} ms before"
-                            for d, v in sorted(ro.devices.items())
-                            if v.p95_ms is not None and v.current_p95_ms is not None)
-            say(f"  group {prof}: {ro.phase}" + (f" (canary {', '.join(ro.canaries)} first)" if ro.canaries else "")
-                + (f"; on-device {p95}" if p95 else ""))
+            p95 = "; ".join(
+                f"{d} p95 {v.p95_ms:.3f} ms vs {v.current_p95_ms:.3f} ms before"
+                for d, v in sorted(ro.devices.items())
+                if v.p95_ms is not None and v.current_p95_ms is not None
+            )
+            say(
+                f"  group {prof}: {ro.phase}"
+                + (f" (canary {', '.join(ro.canaries)} first)" if ro.canaries else "")
+                + (f"; on-device {p95}" if p95 else "")
+            )
 
         for prof in PROFILES:
             rollout("digits@1.0.0", prof)
-        up = build_artifacts(run / "artifacts", out / "cache", work, lambda m: None, "1.0.1", PROFILES[:1])
+        up = build_artifacts(
+            run / "artifacts", out / "cache", work, lambda m: None, "1.0.1", PROFILES[:1]
+        )
         _publish(up[PROFILES[0]], cfg, amqtt)
-        say(f"[5/7] upgrade digits@1.0.1 on {PROFILES[0]}: the canary's p95 is measured against the model it replaces")
+        say(
+            f"[5/7] upgrade digits@1.0.1 on {PROFILES[0]}: the canary's p95 is measured against the model it replaces"
+        )
         rollout("digits@1.0.1", PROFILES[0])
         broken = make_broken(up[PROFILES[0]], run / "artifacts", key, "1.1.0")
         _publish(broken, cfg, amqtt)
-        say(f"[6/7] broken artifact {broken.name} (golden vectors off by 5.0, validly signed): canary rollout")
+        say(
+            f"[6/7] broken artifact {broken.name} (golden vectors off by 5.0, validly signed): canary rollout"
+        )
         with RolloutDisplay(f"group {PROFILES[0]}", live=live) as show:
-            bad = staged_rollout(cfg, "digits@1.1.0", PROFILES[0], "1", gate=gate, timeout=90, on_change=show)
+            bad = staged_rollout(
+                cfg, "digits@1.1.0", PROFILES[0], "1", gate=gate, timeout=90, on_change=show
+            )
         results[f"digits@1.1.0 to group {PROFILES[0]}"] = bad.summary()
         if bad.phase != "halted":
             raise EdgefleetError(f"the broken artifact was not stopped: rollout {bad.phase}")
@@ -335,21 +403,39 @@ def run_demo(out: Path, n_devices: int, broker_impl: str, say: Callable[[str], N
         app.stop()  # after the collector: the last window it stored still had traffic
         latest = _latest_latency(db)
         report = run / "report.html"
-        rep = subprocess.run(_cli("fleet", "report", "--db", str(db), "--html", str(report)), cwd=REPO,
-                             capture_output=True, text=True, timeout=120,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
+        rep = subprocess.run(
+            _cli("fleet", "report", "--db", str(db), "--html", str(report)),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         if rep.returncode != 0:
-            raise EdgefleetError(f"fleet report failed: {rep.stderr.strip().splitlines()[-1:] or rep.returncode}")
+            raise EdgefleetError(
+                f"fleet report failed: {rep.stderr.strip().splitlines()[-1:] or rep.returncode}"
+            )
         say(f"[7/7] report written: {report}")
         summary = {
-            "ok": True, "broker": impl, "seconds": round(time.monotonic() - t_start, 1), "report": str(report),
+            "ok": True,
+            "broker": impl,
+            "seconds": round(time.monotonic() - t_start, 1),
+            "report": str(report),
             "logs": str(run / "logs"),
             "db": str(db),
-            "devices": {d: {"profile": devices[d], "online": s.get("online"),
-                            "active": (s.get("active") or {}).get("version"), **latest.get(d, {})}
-                        for d, s in sorted(states.items())},
-            "rollouts": {k: {"phase": v["phase"], "canaries": v["canaries"], "reason": v["reason"]}
-                         for k, v in results.items()},
+            "devices": {
+                d: {
+                    "profile": devices[d],
+                    "online": s.get("online"),
+                    "active": (s.get("active") or {}).get("version"),
+                    **latest.get(d, {}),
+                }
+                for d, s in sorted(states.items())
+            },
+            "rollouts": {
+                k: {"phase": v["phase"], "canaries": v["canaries"], "reason": v["reason"]}
+                for k, v in results.items()
+            },
             "app": app.summary(),
         }
         return summary

@@ -51,8 +51,14 @@ def _device_profile(c: SyncClient, device: str) -> str | None:
     return None
 
 
-def resolve(c: SyncClient, name: str, version: str, profile: str | None, device: str | None,
-            group: str | None) -> IndexEntry:
+def resolve(
+    c: SyncClient,
+    name: str,
+    version: str,
+    profile: str | None,
+    device: str | None,
+    group: str | None,
+) -> IndexEntry:
     found: dict[str, IndexEntry] = {}
     # bounded retries: a broker may answer a publish before its retained copy is visible (amqtt)
     for attempt in range(LOOKUP_TRIES):
@@ -68,7 +74,9 @@ def resolve(c: SyncClient, name: str, version: str, profile: str | None, device:
         if attempt < LOOKUP_TRIES - 1:
             time.sleep(0.5)
     if not found:
-        raise UsageError(f"{name}@{version} is not published on {c.cfg.url} (run `edgefleet publish` first)")
+        raise UsageError(
+            f"{name}@{version} is not published on {c.cfg.url} (run `edgefleet publish` first)"
+        )
     if profile is None and device is not None:
         profile = _device_profile(c, device)
     if profile is None and group is not None and group in found:
@@ -76,26 +84,43 @@ def resolve(c: SyncClient, name: str, version: str, profile: str | None, device:
     if profile is None and len(found) == 1:
         profile = next(iter(found))
     if profile is None or profile not in found:
-        raise UsageError(f"{name}@{version} is published for profiles {', '.join(sorted(found))}; "
-                         f"choose one with --profile" + (f" ('{profile}' has none)" if profile else ""))
+        raise UsageError(
+            f"{name}@{version} is published for profiles {', '.join(sorted(found))}; "
+            f"choose one with --profile" + (f" ('{profile}' has none)" if profile else "")
+        )
     return found[profile]
 
 
-def deploy(broker: BrokerConfig, spec: str, device: str | None = None, group: str | None = None,
-           profile: str | None = None, client: SyncClient | None = None) -> DeployResult:
+def deploy(
+    broker: BrokerConfig,
+    spec: str,
+    device: str | None = None,
+    group: str | None = None,
+    profile: str | None = None,
+    client: SyncClient | None = None,
+) -> DeployResult:
     if (device is None) == (group is None):
         raise UsageError("give exactly one of --device ID or --group G")
     name, version = parse_spec(spec)
     try:
-        topic = topics.device_topic(device, "deployment") if device else topics.group_deployment(group or "")
+        topic = (
+            topics.device_topic(device, "deployment")
+            if device
+            else topics.group_deployment(group or "")
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     own = client is None
     c = client or SyncClient(broker).__enter__()
     try:
         entry = resolve(c, name, version, profile, device, group)
-        dep = Deployment(name=name, version=version, sha256=entry.sha256, profile=entry.profile,
-                         deployed_at=now_iso())
+        dep = Deployment(
+            name=name,
+            version=version,
+            sha256=entry.sha256,
+            profile=entry.profile,
+            deployed_at=now_iso(),
+        )
         c.publish(topic, encode(dep), retain=True)
         c.flush()
         warnings = () if group is None else _unfollowed(c, group)
@@ -113,8 +138,10 @@ def _unfollowed(c: SyncClient, group: str) -> tuple[str, ...]:
             doc = json.loads(payload)
             if isinstance(doc, dict) and group in (doc.get("groups") or []):
                 return ()
-    return (f"no device on {c.cfg.url} follows group '{group}' (none lists it in its state); "
-            f"devices that join it later will pick the deployment up",)
+    return (
+        f"no device on {c.cfg.url} follows group '{group}' (none lists it in its state); "
+        f"devices that join it later will pick the deployment up",
+    )
 
 
 def now_iso() -> str:

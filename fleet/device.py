@@ -65,8 +65,10 @@ def send_command(cfg: BrokerConfig, device: str, cmd: Command, timeout: float) -
                 continue
             if res.id == cmd.id:
                 return res
-        raise NoAnswerError(f"device {device} did not answer '{cmd.op}' within {timeout:g}s "
-                            f"({_device_online(c, device)})")
+        raise NoAnswerError(
+            f"device {device} did not answer '{cmd.op}' within {timeout:g}s "
+            f"({_device_online(c, device)})"
+        )
     finally:
         c.close()
 
@@ -82,11 +84,18 @@ def resolve_sha(cfg: BrokerConfig, device: str, name: str, version: str) -> str:
         c.close()
 
 
-def build_command(op: str, version: str | None, runs: int | None, name: str | None,
-                  sha256: str | None) -> Command:
+def build_command(
+    op: str, version: str | None, runs: int | None, name: str | None, sha256: str | None
+) -> Command:
     try:
-        return Command(id=f"cli-{uuid.uuid4().hex[:12]}", op=op, version=version, runs=runs, name=name,
-                       sha256=sha256)
+        return Command(
+            id=f"cli-{uuid.uuid4().hex[:12]}",
+            op=op,
+            version=version,
+            runs=runs,
+            name=name,
+            sha256=sha256,
+        )
     except ValidationError as exc:
         e = exc.errors()[0]
         raise UsageError(f"--{'.'.join(str(p) for p in e['loc'])}: {e['msg']}") from None
@@ -96,15 +105,20 @@ def human(op: str, res: CommandResult) -> str:
     d = res.detail
     if op == "benchmark" and "p95_ms" in d:
         th = d.get("thermal", {})
-        heat = (f", max {th['max_temp_c']:g} °C" if "max_temp_c" in th else "") + \
-            (", THROTTLED" if th.get("throttled") else "")
-        return (f"{d.get('model')}: {d['runs']} runs, p50 {d['p50_ms']:.3f} ms, p95 {d['p95_ms']:.3f} ms, "
-                f"p99 {d['p99_ms']:.3f} ms{heat}")
+        heat = (f", max {th['max_temp_c']:g} °C" if "max_temp_c" in th else "") + (
+            ", THROTTLED" if th.get("throttled") else ""
+        )
+        return (
+            f"{d.get('model')}: {d['runs']} runs, p50 {d['p50_ms']:.3f} ms, p95 {d['p95_ms']:.3f} ms, "
+            f"p99 {d['p99_ms']:.3f} ms{heat}"
+        )
     if op == "status":
         a = d.get("active")
-        lines = [f"active: {a['name']} {a['version']} ({a['sha256'][:16]})" if a else "active: none",
-                 f"kept: {', '.join(d.get('kept', [])) or 'none'}",
-                 f"probation: {'yes' if d.get('probation') else 'no'}"]
+        lines = [
+            f"active: {a['name']} {a['version']} ({a['sha256'][:16]})" if a else "active: none",
+            f"kept: {', '.join(d.get('kept', [])) or 'none'}",
+            f"probation: {'yes' if d.get('probation') else 'no'}",
+        ]
         if d.get("fetching"):
             f = d["fetching"]
             lines.append(f"fetching {f['sha256'][:16]}: {f['done']}/{f['chunks']} chunks")

@@ -32,6 +32,7 @@ def _fmt_time(ts: float | None, with_date: bool = True) -> str:
 
 # ---------------------------------------------------------------- charts
 
+
 @dataclass
 class Series:
     label: str
@@ -46,7 +47,7 @@ def downsample(points: list[tuple[float, float]], n: int = MAX_POINTS) -> list[t
     size = len(points) / n
     out = []
     for i in range(n):
-        chunk = points[int(i * size):int((i + 1) * size)] or [points[int(i * size)]]
+        chunk = points[int(i * size) : int((i + 1) * size)] or [points[int(i * size)]]
         out.append((sum(p[0] for p in chunk) / len(chunk), sum(p[1] for p in chunk) / len(chunk)))
     return out
 
@@ -66,17 +67,28 @@ def _nice_ticks(lo: float, hi: float, n: int = 4) -> list[float]:
     return ticks
 
 
-def line_chart(title: str, unit: str, series: list[Series], x_range: tuple[float, float],
-               marks: list[tuple[float, str, str]] = (), width: int = 360, height: int = 190) -> str:  # type: ignore[assignment]
+def line_chart(
+    title: str,
+    unit: str,
+    series: list[Series],
+    x_range: tuple[float, float],
+    marks: tuple[tuple[float, str, str], ...] | list[tuple[float, str, str]] = (),
+    width: int = 360,
+    height: int = 190,
+) -> str:
     """An inline SVG line chart; ``marks`` are (x, css class, label) vertical lines (deployments)."""
     left, right, top, bottom = 46, 10, 26, 26
     pw, ph = width - left - right, height - top - bottom
     pts = [p for s in series for p in s.points]
-    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" preserveAspectRatio="xMidYMid meet" '
-             f'role="img" aria-label="{esc(title)}">',
-             f'<text x="{left}" y="15" class="ct">{esc(title)}</text>']
+    parts = [
+        f'<svg class="chart" viewBox="0 0 {width} {height}" preserveAspectRatio="xMidYMid meet" '
+        f'role="img" aria-label="{esc(title)}">',
+        f'<text x="{left}" y="15" class="ct">{esc(title)}</text>',
+    ]
     if not pts:
-        parts.append(f'<text x="{width / 2}" y="{height / 2}" class="empty" text-anchor="middle">no data</text></svg>')
+        parts.append(
+            f'<text x="{width / 2}" y="{height / 2}" class="empty" text-anchor="middle">no data</text></svg>'
+        )
         return "".join(parts)
     x0, x1 = x_range
     if x1 <= x0:
@@ -94,17 +106,25 @@ def line_chart(title: str, unit: str, series: list[Series], x_range: tuple[float
 
     for tv in ticks:
         y = sy(tv)
-        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" class="grid"/>'
-                     f'<text x="{left - 5}" y="{y + 3.5:.1f}" class="tick" text-anchor="end">{tv:g}</text>')
+        parts.append(
+            f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" class="grid"/>'
+            f'<text x="{left - 5}" y="{y + 3.5:.1f}" class="tick" text-anchor="end">{tv:g}</text>'
+        )
     for frac, anchor in ((0.0, "start"), (0.5, "middle"), (1.0, "end")):
         xv = x0 + frac * (x1 - x0)
-        parts.append(f'<text x="{sx(xv):.1f}" y="{height - 8}" class="tick" text-anchor="{anchor}">'
-                     f'{_fmt_time(xv, with_date=False)}</text>')
-    parts.append(f'<text x="{left - 5}" y="{top - 6}" class="tick" text-anchor="end">{esc(unit)}</text>')
+        parts.append(
+            f'<text x="{sx(xv):.1f}" y="{height - 8}" class="tick" text-anchor="{anchor}">'
+            f"{_fmt_time(xv, with_date=False)}</text>"
+        )
+    parts.append(
+        f'<text x="{left - 5}" y="{top - 6}" class="tick" text-anchor="end">{esc(unit)}</text>'
+    )
     for x, cls, label in marks:
         if x0 <= x <= x1:
-            parts.append(f'<line x1="{sx(x):.1f}" y1="{top}" x2="{sx(x):.1f}" y2="{top + ph}" class="mark {cls}">'
-                         f'<title>{esc(label)}</title></line>')
+            parts.append(
+                f'<line x1="{sx(x):.1f}" y1="{top}" x2="{sx(x):.1f}" y2="{top + ph}" class="mark {cls}">'
+                f"<title>{esc(label)}</title></line>"
+            )
     for s in series:
         if not s.points:
             continue
@@ -113,32 +133,48 @@ def line_chart(title: str, unit: str, series: list[Series], x_range: tuple[float
             x, y = s.points[0]
             parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{s.color}"/>')
         else:
-            parts.append(f'<polyline points="{d}" fill="none" stroke="{s.color}" stroke-width="1.6" '
-                         'stroke-linejoin="round"/>')
+            parts.append(
+                f'<polyline points="{d}" fill="none" stroke="{s.color}" stroke-width="1.6" '
+                'stroke-linejoin="round"/>'
+            )
     lx = left + pw
     for s in reversed(series):
         w = 7 * len(s.label) + 16
         lx -= w
-        parts.append(f'<rect x="{lx}" y="8" width="10" height="3" fill="{s.color}"/>'
-                     f'<text x="{lx + 13}" y="13" class="tick">{esc(s.label)}</text>')
+        parts.append(
+            f'<rect x="{lx}" y="8" width="10" height="3" fill="{s.color}"/>'
+            f'<text x="{lx + 13}" y="13" class="tick">{esc(s.label)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
 
 # ---------------------------------------------------------------- data
 
+
 def deployment_history(db: FleetDB) -> list[dict[str, Any]]:
     """One entry per (device, artifact) attempt: first and last event, final state and its reason."""
-    evs = db.query("SELECT device, seq, ts, kind, state, name, version, sha256, reason FROM events "
-                   "WHERE kind = 'deployment' ORDER BY device, seq")
+    evs = db.query(
+        "SELECT device, seq, ts, kind, state, name, version, sha256, reason FROM events "
+        "WHERE kind = 'deployment' ORDER BY device, seq"
+    )
     attempts: list[dict[str, Any]] = []
     current: dict[tuple[str, str], dict[str, Any]] = {}
     for e in evs:
         key = (e["device"], e["sha256"] or f"{e['name']}@{e['version']}")
         a = current.get(key)
-        if a is None or (a["state"] in TERMINAL and e["state"] not in TERMINAL):  # tried again: a new attempt
-            a = current[key] = {"device": e["device"], "name": e["name"], "version": e["version"],
-                                "sha256": e["sha256"], "started": e["ts"], "states": [], "reason": ""}
+        if a is None or (
+            a["state"] in TERMINAL and e["state"] not in TERMINAL
+        ):  # tried again: a new attempt
+            a = current[key] = {
+                "device": e["device"],
+                "name": e["name"],
+                "version": e["version"],
+                "sha256": e["sha256"],
+                "started": e["ts"],
+                "states": [],
+                "reason": "",
+            }
             attempts.append(a)
         a["state"], a["ended"] = e["state"], e["ts"]
         if e["reason"]:
@@ -159,10 +195,16 @@ def summary(db: FleetDB, rows: list[DeviceRow], history: list[dict[str, Any]]) -
             models[f"{r.model} {r.version}"] += 1
     p95s = sorted(r.p95_ms for r in rows if r.p95_ms is not None)
     return {
-        "devices": len(rows), "online": sum(1 for r in rows if r.online),
-        "throttled": sum(1 for r in rows if r.throttled), "telemetry_messages": int(span["n"] or 0),
-        "from": span["lo"], "to": span["hi"], "events": db.count("events"), "rejected": db.count("rejected"),
-        "deployments": dict(outcomes), "models": dict(models),
+        "devices": len(rows),
+        "online": sum(1 for r in rows if r.online),
+        "throttled": sum(1 for r in rows if r.throttled),
+        "telemetry_messages": int(span["n"] or 0),
+        "from": span["lo"],
+        "to": span["hi"],
+        "events": db.count("events"),
+        "rejected": db.count("rejected"),
+        "deployments": dict(outcomes),
+        "models": dict(models),
         "median_p95_ms": p95s[len(p95s) // 2] if p95s else None,
     }
 
@@ -219,53 +261,92 @@ def _fleet_table(rows: list[DeviceRow], now: float) -> str:
 def _history_table(history: list[dict[str, Any]]) -> str:
     if not history:
         return '<p class="muted">No deployments recorded.</p>'
-    out = ["<table id=\"deployments\"><tr><th>started</th><th>device</th><th>model</th><th>outcome</th>"
-           "<th>path</th><th>reason</th></tr>"]
+    out = [
+        '<table id="deployments"><tr><th>started</th><th>device</th><th>model</th><th>outcome</th>'
+        "<th>path</th><th>reason</th></tr>"
+    ]
     for a in reversed(history):
         cls = _OUTCOME_CLASS.get(a["state"], "run")
-        out.append(f'<tr><td class="t">{_fmt_time(a["started"])}</td><td class="t">{esc(a["device"])}</td>'
-                   f'<td class="t">{esc(a["name"])} {esc(a["version"])}</td>'
-                   f'<td><span class="badge {cls}">{esc(a["state"])}</span></td>'
-                   f'<td class="muted">{esc(" → ".join(a["states"]))}</td>'
-                   f'<td class="reason">{esc(a["reason"] or "")}</td></tr>')
+        out.append(
+            f'<tr><td class="t">{_fmt_time(a["started"])}</td><td class="t">{esc(a["device"])}</td>'
+            f'<td class="t">{esc(a["name"])} {esc(a["version"])}</td>'
+            f'<td><span class="badge {cls}">{esc(a["state"])}</span></td>'
+            f'<td class="muted">{esc(" → ".join(a["states"]))}</td>'
+            f'<td class="reason">{esc(a["reason"] or "")}</td></tr>'
+        )
     out.append("</table>")
     return "".join(out)
 
 
 def _rejected_table(db: FleetDB, limit: int = 20) -> str:
-    rows = db.query(f"SELECT received, topic, reason, size, payload_prefix FROM rejected ORDER BY received DESC "
-                    f"LIMIT {int(limit)}")
+    rows = db.query(
+        f"SELECT received, topic, reason, size, payload_prefix FROM rejected ORDER BY received DESC "
+        f"LIMIT {int(limit)}"
+    )
     if not rows:
         return '<p class="muted">None.</p>'
-    body = "".join(f'<tr><td class="t">{_fmt_time(r["received"])}</td><td>{esc(r["topic"])}</td>'
-                   f'<td class="reason">{esc(r["reason"])}</td><td class="num">{r["size"]}</td>'
-                   f'<td><code>{esc(r["payload_prefix"][:80])}</code></td></tr>' for r in rows)
-    return (f'<table id="rejected"><tr><th>received</th><th>topic</th><th>reason</th><th>bytes</th>'
-            f'<th>payload (start)</th></tr>{body}</table>')
+    body = "".join(
+        f'<tr><td class="t">{_fmt_time(r["received"])}</td><td>{esc(r["topic"])}</td>'
+        f'<td class="reason">{esc(r["reason"])}</td><td class="num">{r["size"]}</td>'
+        f"<td><code>{esc(r['payload_prefix'][:80])}</code></td></tr>"
+        for r in rows
+    )
+    return (
+        f'<table id="rejected"><tr><th>received</th><th>topic</th><th>reason</th><th>bytes</th>'
+        f"<th>payload (start)</th></tr>{body}</table>"
+    )
 
 
 def _device_section(db: FleetDB, r: DeviceRow, now: float, history: list[dict[str, Any]]) -> str:
-    tel = db.query("SELECT ts, p50_ms, p95_ms, temp_max_c, rss_mb FROM telemetry WHERE device = ? "
-                   "ORDER BY ts", (r.device,))
+    tel = db.query(
+        "SELECT ts, p50_ms, p95_ms, temp_max_c, rss_mb FROM telemetry WHERE device = ? ORDER BY ts",
+        (r.device,),
+    )
     x_range = (tel[0]["ts"], tel[-1]["ts"]) if tel else (now - 60, now)
 
     def pts(col: str) -> list[tuple[float, float]]:
         return downsample([(t["ts"], float(t[col])) for t in tel if t[col] is not None])
 
-    marks = [(a["ended"], _OUTCOME_CLASS.get(a["state"], "run"), f"{a['name']} {a['version']}: {a['state']}")
-             for a in history if a["device"] == r.device and a.get("ended") is not None]
-    charts = [
-        line_chart("inference latency", "ms", [Series("p50", "#4285f4", pts("p50_ms")),
-                                               Series("p95", "#ea8600", pts("p95_ms"))], x_range, marks),
-        line_chart("max temperature", "°C", [Series("max zone", "#d93025", pts("temp_max_c"))], x_range, marks),
-        line_chart("agent memory (RSS)", "MB", [Series("RSS", "#188038", pts("rss_mb"))], x_range, marks),
+    marks = [
+        (
+            a["ended"],
+            _OUTCOME_CLASS.get(a["state"], "run"),
+            f"{a['name']} {a['version']}: {a['state']}",
+        )
+        for a in history
+        if a["device"] == r.device and a.get("ended") is not None
     ]
-    status = ("ok", "online") if r.online else (("bad", "offline") if r.online is False else ("muted", "unknown"))
+    charts = [
+        line_chart(
+            "inference latency",
+            "ms",
+            [Series("p50", "#4285f4", pts("p50_ms")), Series("p95", "#ea8600", pts("p95_ms"))],
+            x_range,
+            marks,
+        ),
+        line_chart(
+            "max temperature",
+            "°C",
+            [Series("max zone", "#d93025", pts("temp_max_c"))],
+            x_range,
+            marks,
+        ),
+        line_chart(
+            "agent memory (RSS)", "MB", [Series("RSS", "#188038", pts("rss_mb"))], x_range, marks
+        ),
+    ]
+    status = (
+        ("ok", "online")
+        if r.online
+        else (("bad", "offline") if r.online is False else ("muted", "unknown"))
+    )
     model = f"{r.model} {r.version}" if r.model else "no model"
-    return (f'<section class="dev" id="dev-{esc(r.device)}"><h3>{esc(r.device)} '
-            f'<span class="{status[0]}">● {status[1]}</span> <span class="muted">{esc(r.profile or "")} · '
-            f'{esc(model)} · {len(tel)} telemetry messages</span></h3>'
-            f'<div class="charts">{"".join(charts)}</div></section>')
+    return (
+        f'<section class="dev" id="dev-{esc(r.device)}"><h3>{esc(r.device)} '
+        f'<span class="{status[0]}">● {status[1]}</span> <span class="muted">{esc(r.profile or "")} · '
+        f"{esc(model)} · {len(tel)} telemetry messages</span></h3>"
+        f'<div class="charts">{"".join(charts)}</div></section>'
+    )
 
 
 def render(db: FleetDB, now: float | None = None, title: str = "edgefleet fleet report") -> str:
@@ -282,32 +363,44 @@ def _render(db: FleetDB, now: float | None, title: str) -> tuple[str, dict[str, 
     dep = s["deployments"]
     healthy = sum(dep.get(st, 0) for st in SERVING)
     failed = sum(dep.get(st, 0) for st in FAILED)
-    cards = "".join([
-        _card(f"{s['online']}/{s['devices']}", "devices online", "ok" if s["online"] == s["devices"] else "warn"),
-        _card(healthy, "deployments ok", "ok"),
-        _card(dep.get("ROLLED_BACK", 0), "rolled back", "bad" if dep.get("ROLLED_BACK") else ""),
-        _card(dep.get("REJECTED", 0), "rejected", "bad" if dep.get("REJECTED") else ""),
-        _card(s["throttled"], "throttled now", "warn" if s["throttled"] else ""),
-        _card("-" if s["median_p95_ms"] is None else f"{s['median_p95_ms']:.2f} ms", "median p95"),
-        _card(s["telemetry_messages"], "telemetry msgs"),
-        _card(s["rejected"], "bad messages", "warn" if s["rejected"] else ""),
-    ])
+    cards = "".join(
+        [
+            _card(
+                f"{s['online']}/{s['devices']}",
+                "devices online",
+                "ok" if s["online"] == s["devices"] else "warn",
+            ),
+            _card(healthy, "deployments ok", "ok"),
+            _card(
+                dep.get("ROLLED_BACK", 0), "rolled back", "bad" if dep.get("ROLLED_BACK") else ""
+            ),
+            _card(dep.get("REJECTED", 0), "rejected", "bad" if dep.get("REJECTED") else ""),
+            _card(s["throttled"], "throttled now", "warn" if s["throttled"] else ""),
+            _card(
+                "-" if s["median_p95_ms"] is None else f"{s['median_p95_ms']:.2f} ms", "median p95"
+            ),
+            _card(s["telemetry_messages"], "telemetry msgs"),
+            _card(s["rejected"], "bad messages", "warn" if s["rejected"] else ""),
+        ]
+    )
     models = ", ".join(f"{esc(m)} ({n})" for m, n in sorted(s["models"].items())) or "none"
     span = f"{_fmt_time(s['from'])} – {_fmt_time(s['to'])}" if s["from"] else "no telemetry yet"
     sections = "".join(_device_section(db, r, now, history) for r in rows)
     data = esc(json.dumps({"summary": s, "failed_deployments": failed}))
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
-            f'<body><header><h1>{esc(title)}</h1><p>generated {_fmt_time(now)} from {esc(db.label)} · '
-            f'telemetry {span}</p></header><main>'
-            f'<h2>Fleet summary</h2><div class="cards" id="summary" data-summary="{data}">{cards}</div>'
-            f'<p class="muted">Models running: {models}</p>'
-            f'<h2>Devices</h2>{_fleet_table(rows, now)}'
-            f'<h2>Deployment history</h2>{_history_table(history)}'
-            f'<h2>Bad messages (latest {min(20, s["rejected"])} of {s["rejected"]})</h2>{_rejected_table(db)}'
-            f'<h2>Per device</h2><p class="muted">Dashed lines mark deployment outcomes '
-            f'(green: healthy/active, red: rolled back/rejected).</p>{sections}'
-            f'</main></body></html>')
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
+        f"<body><header><h1>{esc(title)}</h1><p>generated {_fmt_time(now)} from {esc(db.label)} · "
+        f"telemetry {span}</p></header><main>"
+        f'<h2>Fleet summary</h2><div class="cards" id="summary" data-summary="{data}">{cards}</div>'
+        f'<p class="muted">Models running: {models}</p>'
+        f"<h2>Devices</h2>{_fleet_table(rows, now)}"
+        f"<h2>Deployment history</h2>{_history_table(history)}"
+        f"<h2>Bad messages (latest {min(20, s['rejected'])} of {s['rejected']})</h2>{_rejected_table(db)}"
+        f'<h2>Per device</h2><p class="muted">Dashed lines mark deployment outcomes '
+        f"(green: healthy/active, red: rolled back/rejected).</p>{sections}"
+        f"</main></body></html>"
+    )
     return page, s
 
 

@@ -38,9 +38,20 @@ class Procs:
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{name}.log").open("ab")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-        p = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=REPO, env=env,
-                             start_new_session=True, preexec_fn=_pdeathsig if sys.platform == "linux" else None)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        }
+        p = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_pdeathsig if sys.platform == "linux" else None,
+        )
         self.procs.append((name, p))
         return p
 
@@ -70,7 +81,10 @@ def free_port() -> int:
 def _wait_port(port: int, p: subprocess.Popen[bytes], what: str, timeout: float = 15.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=0.2),
+        ):
             return
         if p.poll() is not None:
             raise EdgefleetError(f"{what} exited at start (exit code {p.returncode}); see its log")
@@ -79,7 +93,9 @@ def _wait_port(port: int, p: subprocess.Popen[bytes], what: str, timeout: float 
 
 
 def mosquitto_path() -> str | None:
-    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if os.access(p, os.X_OK)), None)
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto",) if os.access(p, os.X_OK)), None
+    )
 
 
 def start_broker(procs: Procs, run: Path, impl: str) -> tuple[str, str]:
@@ -87,19 +103,27 @@ def start_broker(procs: Procs, run: Path, impl: str) -> tuple[str, str]:
     port = free_port()
     mosq = mosquitto_path()
     if impl == "mosquitto" and mosq is None:
-        raise UsageError("--broker-impl mosquitto: mosquitto is not installed (apt-get install mosquitto)")
+        raise UsageError(
+            "--broker-impl mosquitto: mosquitto is not installed (apt-get install mosquitto)"
+        )
     if impl in ("auto", "mosquitto") and mosq is not None:
         conf = run / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        "max_queued_messages 10000\n" + ("user root\n" if os.geteuid() == 0 else ""))
+        conf.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "max_queued_messages 10000\n" + ("user root\n" if os.geteuid() == 0 else "")
+        )
         p = procs.start("broker", [mosq, "-c", str(conf)])
         chosen = "mosquitto"
     else:
         try:
             import amqtt  # noqa: F401
         except ImportError:
-            raise missing_dependency("amqtt", "builder", "without mosquitto on PATH, the embedded broker",
-                                     alternative="apt-get install mosquitto") from None
+            raise missing_dependency(
+                "amqtt",
+                "builder",
+                "without mosquitto on PATH, the embedded broker",
+                alternative="apt-get install mosquitto",
+            ) from None
         p = procs.start("broker", [sys.executable, "-m", "fleet.localfleet", "amqtt", str(port)])
         chosen = "amqtt (embedded, MQTT 3.1.1)"
     _wait_port(port, p, chosen)
@@ -113,8 +137,12 @@ def run_amqtt(port: int) -> None:
     from amqtt.broker import Broker
 
     async def main() -> None:
-        cfg = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-               "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
+        cfg = {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
+        }
         broker = Broker(cfg)
         await broker.start()
         stop = asyncio.Event()

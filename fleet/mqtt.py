@@ -26,15 +26,24 @@ from agent.errors import BrokerError, UsageError
 LISTEN_QUEUE = 100_000  # messages a listener holds before new ones are dropped (and counted)
 
 
-def broker_config(url: str, ca_file: str | None = None, cert_file: str | None = None,
-                  key_file: str | None = None, username: str | None = None,
-                  password: str | None = None) -> BrokerConfig:
+def broker_config(
+    url: str,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    username: str | None = None,
+    password: str | None = None,
+) -> BrokerConfig:
     """A BrokerConfig from --broker and its TLS/login options; a bad value is a usage error."""
     try:
-        return BrokerConfig(url=url, ca_file=Path(ca_file) if ca_file else None,
-                            cert_file=Path(cert_file) if cert_file else None,
-                            key_file=Path(key_file) if key_file else None,
-                            username=username, password=password)
+        return BrokerConfig(
+            url=url,
+            ca_file=Path(ca_file) if ca_file else None,
+            cert_file=Path(cert_file) if cert_file else None,
+            key_file=Path(key_file) if key_file else None,
+            username=username,
+            password=password,
+        )
     except ValidationError as exc:
         e = exc.errors()[0]
         where = ".".join(str(p) for p in e["loc"])
@@ -98,7 +107,9 @@ class SyncClient:
         self._c.on_subscribe = self._on_subscribe
 
     # -- paho callbacks (network thread): bookkeeping and enqueueing only ----------------------
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
         if rc.is_failure:
             self._refused = str(rc)
             self._connected.set()
@@ -116,8 +127,9 @@ class SyncClient:
         for li in listeners:
             li.put(msg.topic, bytes(msg.payload))
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
-                      props: Any) -> None:
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, props: Any
+    ) -> None:
         with self._lock:
             li = self._suback.pop(mid, None)
             if li is None:
@@ -230,10 +242,14 @@ class SyncClient:
         except (RuntimeError, ValueError) as exc:
             raise BrokerError(f"publish failed: {exc}") from None
         if not info.is_published():
-            raise BrokerError(f"{self.cfg.url}: publish not acknowledged within {self.timeout * 3:g}s")
+            raise BrokerError(
+                f"{self.cfg.url}: publish not acknowledged within {self.timeout * 3:g}s"
+            )
 
 
-def connect(cfg: BrokerConfig, tries: int = 3, client_id: str = "", timeout: float = 10.0) -> SyncClient:
+def connect(
+    cfg: BrokerConfig, tries: int = 3, client_id: str = "", timeout: float = 10.0
+) -> SyncClient:
     """A connected client (the caller closes it), trying ``tries`` times with backoff: a broker
     restarting is transient."""
     for attempt in range(1, tries + 1):

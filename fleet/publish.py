@@ -56,7 +56,9 @@ def read_head(path: Path) -> tuple[dict[str, Any], str]:
                 try:
                     fh = tar.extractfile(name)
                 except KeyError:
-                    raise IntegrityError(f"{path}: {name} is missing (unsigned or not an artifact)") from None
+                    raise IntegrityError(
+                        f"{path}: {name} is missing (unsigned or not an artifact)"
+                    ) from None
                 if fh is None:
                     raise IntegrityError(f"{path}: {name} is not a regular file")
                 docs[name] = fh.read(4 * 1024 * 1024)
@@ -85,10 +87,19 @@ def announcement(path: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ArtifactAn
     size = sum(c.size for c in chunks)
     if size == 0:
         raise UsageError(f"{path}: empty file")
-    return ArtifactAnnouncement(sha256=whole.hexdigest(), size=size, chunk_size=chunk_size, chunks=chunks,
-                                name=m.name, version=m.version, profile=m.profile, runtime=m.runtime,
-                                manifest=doc, signature=sig,
-                                published=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return ArtifactAnnouncement(
+        sha256=whole.hexdigest(),
+        size=size,
+        chunk_size=chunk_size,
+        chunks=chunks,
+        name=m.name,
+        version=m.version,
+        profile=m.profile,
+        runtime=m.runtime,
+        manifest=doc,
+        signature=sig,
+        published=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
 
 
 def publish_artifact(
@@ -126,18 +137,40 @@ def publish_artifact(
                 except ValueError:
                     prev = None
                 if isinstance(prev, dict) and prev.get("chunk_size") == chunk_size:
-                    return PublishResult(ann.sha256, ann.name, ann.version, ann.profile, len(ann.chunks),
-                                         ann.size, True, time.monotonic() - t0)
+                    return PublishResult(
+                        ann.sha256,
+                        ann.name,
+                        ann.version,
+                        ann.profile,
+                        len(ann.chunks),
+                        ann.size,
+                        True,
+                        time.monotonic() - t0,
+                    )
         with path.open("rb") as fh:
             for i in range(len(ann.chunks)):
-                c.publish(topics.artifact_chunk(ann.sha256, i), fh.read(chunk_size), retain=True, window=16)
+                c.publish(
+                    topics.artifact_chunk(ann.sha256, i),
+                    fh.read(chunk_size),
+                    retain=True,
+                    window=16,
+                )
                 if progress is not None:
                     progress(1)
         c.flush()
-        entry = IndexEntry(name=ann.name, version=ann.version, profile=ann.profile, runtime=ann.runtime,
-                           sha256=ann.sha256, size=ann.size, published=ann.published)
-        heads = {topics.artifact_manifest(ann.sha256): encode(ann),
-                 topics.artifact_index(ann.name, ann.version, ann.profile): encode(entry)}
+        entry = IndexEntry(
+            name=ann.name,
+            version=ann.version,
+            profile=ann.profile,
+            runtime=ann.runtime,
+            sha256=ann.sha256,
+            size=ann.size,
+            published=ann.published,
+        )
+        heads = {
+            topics.artifact_manifest(ann.sha256): encode(ann),
+            topics.artifact_index(ann.name, ann.version, ann.profile): encode(entry),
+        }
         for topic, payload in heads.items():
             c.publish(topic, payload, retain=True)
         c.flush()
@@ -145,8 +178,16 @@ def publish_artifact(
     finally:
         if own:
             c.close()
-    return PublishResult(ann.sha256, ann.name, ann.version, ann.profile, len(ann.chunks), ann.size, False,
-                         time.monotonic() - t0)
+    return PublishResult(
+        ann.sha256,
+        ann.name,
+        ann.version,
+        ann.profile,
+        len(ann.chunks),
+        ann.size,
+        False,
+        time.monotonic() - t0,
+    )
 
 
 def _refuse_unverified_repoint(c: SyncClient, ann: ArtifactAnnouncement) -> None:
@@ -161,7 +202,8 @@ def _refuse_unverified_repoint(c: SyncClient, ann: ArtifactAnnouncement) -> None
         raise UsageError(
             f"{ann.name} {ann.version} for {ann.profile} is already published as another artifact "
             f"(sha256 {old.sha256[:16]}); replacing it re-points every device that follows it: give "
-            f"--key PUB to verify this one first (or --force)")
+            f"--key PUB to verify this one first (or --force)"
+        )
 
 
 def _confirm_retained(c: SyncClient, broker: BrokerConfig, heads: dict[str, bytes]) -> None:

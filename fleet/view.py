@@ -56,13 +56,22 @@ def rows_from_db(db: FleetDB) -> list[DeviceRow]:
     out = []
     for d in db.query("SELECT * FROM devices ORDER BY device"):
         t = tel.get(d["device"], {})
-        out.append(DeviceRow(
-            device=d["device"], online=_bool(d["online"]), profile=d["profile"],
-            model=d["model"] or t.get("model"), version=d["version"] or t.get("version"),
-            p50_ms=t.get("p50_ms"), p95_ms=t.get("p95_ms"), rss_mb=t.get("rss_mb"),
-            cpu_percent=t.get("cpu_percent"), temp_max_c=t.get("temp_max_c"),
-            throttled=_bool(t.get("throttled")), last_seen=d["last_seen"],
-        ))
+        out.append(
+            DeviceRow(
+                device=d["device"],
+                online=_bool(d["online"]),
+                profile=d["profile"],
+                model=d["model"] or t.get("model"),
+                version=d["version"] or t.get("version"),
+                p50_ms=t.get("p50_ms"),
+                p95_ms=t.get("p95_ms"),
+                rss_mb=t.get("rss_mb"),
+                cpu_percent=t.get("cpu_percent"),
+                temp_max_c=t.get("temp_max_c"),
+                throttled=_bool(t.get("throttled")),
+                last_seen=d["last_seen"],
+            )
+        )
     return out
 
 
@@ -90,16 +99,28 @@ class LiveFleet:
             row = self.rows.get(t.device, DeviceRow(t.device))
             if isinstance(msg, StateMessage):
                 a = msg.active
-                row = replace(row, online=msg.online, profile=msg.profile, model=a.name if a else None,
-                              version=a.version if a else None)
+                row = replace(
+                    row,
+                    online=msg.online,
+                    profile=msg.profile,
+                    model=a.name if a else None,
+                    version=a.version if a else None,
+                )
                 # a retained state may be old: it says nothing about when the device was last heard
                 if msg.online:
                     row = replace(row, last_seen=max(row.last_seen or 0.0, min(msg.ts, received)))
             else:
                 temps = msg.temperatures_c
-                row = replace(row, p50_ms=msg.latency.p50_ms, p95_ms=msg.latency.p95_ms, rss_mb=msg.rss_mb,
-                              cpu_percent=msg.cpu_percent, temp_max_c=max(temps.values()) if temps else None,
-                              throttled=msg.throttled, last_seen=received)
+                row = replace(
+                    row,
+                    p50_ms=msg.latency.p50_ms,
+                    p95_ms=msg.latency.p95_ms,
+                    rss_mb=msg.rss_mb,
+                    cpu_percent=msg.cpu_percent,
+                    temp_max_c=max(temps.values()) if temps else None,
+                    throttled=msg.throttled,
+                    last_seen=received,
+                )
                 if row.model is None and msg.active is not None:
                     row = replace(row, model=msg.active.name, version=msg.active.version)
             if isinstance(msg, Telemetry):
@@ -122,7 +143,9 @@ class LiveFleet:
         """Online devices that have not sent telemetry yet."""
         self.poll()
         with self._lock:
-            return sorted(d for d, r in self.rows.items() if r.online and d not in self.telemetry_from)
+            return sorted(
+                d for d, r in self.rows.items() if r.online and d not in self.telemetry_from
+            )
 
     def snapshot(self) -> list[DeviceRow]:
         self.poll()
@@ -136,9 +159,22 @@ class LiveFleet:
 
 # ---------------------------------------------------------------- rendering
 
-COLUMNS = ("device", "status", "profile", "model", "p50", "p95", "RSS", "CPU", "max temp", "throttled",
-           "last seen")
-NUMERIC_COLUMNS = frozenset({"p50", "p95", "RSS", "CPU", "max temp"})  # right-aligned in table and report
+COLUMNS = (
+    "device",
+    "status",
+    "profile",
+    "model",
+    "p50",
+    "p95",
+    "RSS",
+    "CPU",
+    "max temp",
+    "throttled",
+    "last seen",
+)
+NUMERIC_COLUMNS = frozenset(
+    {"p50", "p95", "RSS", "CPU", "max temp"}
+)  # right-aligned in table and report
 
 
 def _num(v: float | None, unit: str, fmt: str = ".1f") -> str:
@@ -161,12 +197,24 @@ def cells(r: DeviceRow, now: float) -> list[str]:
     status = "online" if r.online else ("offline" if r.online is False else "unknown")
     model = f"{r.model} {r.version}" if r.model else "-"
     throttled = "-" if r.throttled is None else ("yes" if r.throttled else "no")
-    return [r.device, status, r.profile or "-", model, _num(r.p50_ms, " ms", ".2f"), _num(r.p95_ms, " ms", ".2f"),
-            _num(r.rss_mb, " MB"), _num(r.cpu_percent, "%"), _num(r.temp_max_c, " °C"), throttled,
-            ago(r.last_seen, now)]
+    return [
+        r.device,
+        status,
+        r.profile or "-",
+        model,
+        _num(r.p50_ms, " ms", ".2f"),
+        _num(r.p95_ms, " ms", ".2f"),
+        _num(r.rss_mb, " MB"),
+        _num(r.cpu_percent, "%"),
+        _num(r.temp_max_c, " °C"),
+        throttled,
+        ago(r.last_seen, now),
+    ]
 
 
-def render_table(rows: list[DeviceRow], now: float | None = None, title: str = "edgefleet fleet") -> Any:
+def render_table(
+    rows: list[DeviceRow], now: float | None = None, title: str = "edgefleet fleet"
+) -> Any:
     """A rich Table of the rows, online green, offline red, throttled yellow."""
     from rich.table import Table
 
@@ -174,11 +222,12 @@ def render_table(rows: list[DeviceRow], now: float | None = None, title: str = "
     online = sum(1 for r in rows if r.online)
     t = Table(title=f"{title} — {online}/{len(rows)} online", title_justify="left")
     for col in COLUMNS:
-        t.add_column(col, justify="right" if col in NUMERIC_COLUMNS else "left",
-                     no_wrap=True)
+        t.add_column(col, justify="right" if col in NUMERIC_COLUMNS else "left", no_wrap=True)
     for r in rows:
         c = cells(r, now)
-        c[1] = {"online": "[green]● online[/green]", "offline": "[red]○ offline[/red]"}.get(c[1], c[1])
+        c[1] = {"online": "[green]● online[/green]", "offline": "[red]○ offline[/red]"}.get(
+            c[1], c[1]
+        )
         if r.throttled:
             c[9] = "[bold yellow]yes[/bold yellow]"
         t.add_row(*c)

@@ -34,7 +34,10 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 # ------------------------------------------------------------------------------ artifacts
 
-def make_onnx(path: Path, seed: int, n_in: int = 64, n_out: int = 10, extra_params: int = 0) -> None:
+
+def make_onnx(
+    path: Path, seed: int, n_in: int = 64, n_out: int = 10, extra_params: int = 0
+) -> None:
     """MatMul + Add (n_in -> n_out); ``extra_params`` float32 zeros added to the bias path make it big."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -42,12 +45,18 @@ def make_onnx(path: Path, seed: int, n_in: int = 64, n_out: int = 10, extra_para
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n_in, n_out)).astype(np.float32) / 8
     b = rng.standard_normal(n_out).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "B"], ["y"])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"]),
+        helper.make_node("Add", ["h", "B"], ["y"]),
+    ]
     inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]
     if extra_params:
         # A large initializer that only feeds a ReduceSum multiplied by 0: the model grows, outputs do not.
         pad = rng.standard_normal(extra_params).astype(np.float32)
-        inits += [numpy_helper.from_array(pad, "P"), numpy_helper.from_array(np.zeros(1, np.float32), "Z")]
+        inits += [
+            numpy_helper.from_array(pad, "P"),
+            numpy_helper.from_array(np.zeros(1, np.float32), "Z"),
+        ]
         nodes = [
             helper.make_node("MatMul", ["x", "W"], ["h0"]),
             helper.make_node("ReduceSum", ["P"], ["s"], keepdims=1),
@@ -56,7 +65,8 @@ def make_onnx(path: Path, seed: int, n_in: int = 64, n_out: int = 10, extra_para
             helper.make_node("Add", ["h", "B"], ["y"]),
         ]
     graph = helper.make_graph(
-        nodes, "tiny",
+        nodes,
+        "tiny",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n_in])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n_out])],
         inits,
@@ -85,8 +95,15 @@ def make_keys(directory: Path, name: str = "test") -> Keys:
 
 
 def make_artifact(
-    out_dir: Path, keys: Keys, name: str = "tiny", version: str = "1.0.0", profile: str = "test-cpu",
-    runtime: str = "onnxruntime", seed: int = 0, bad_golden: bool = False, extra_params: int = 0,
+    out_dir: Path,
+    keys: Keys,
+    name: str = "tiny",
+    version: str = "1.0.0",
+    profile: str = "test-cpu",
+    runtime: str = "onnxruntime",
+    seed: int = 0,
+    bad_golden: bool = False,
+    extra_params: int = 0,
     ir_version: int | None = None,
 ) -> Path:
     """A signed artifact built with the real manifest/golden/package code. ``ir_version`` restamps
@@ -109,18 +126,32 @@ def make_artifact(
         proto.ir_version = ir_version
         onnx.save(proto, str(model))
     manifest = Manifest(
-        format_version=FORMAT_VERSION, name=name, version=version, profile=profile, runtime=runtime,  # type: ignore[arg-type]
-        precision="fp32", task="classification", created="2026-01-01T00:00:00Z", builder_version="test",
-        model=ModelInfo(file="model.onnx",
-                        inputs=[TensorSpec(name="x", dtype="float32", shape=["batch", 64])],
-                        outputs=[TensorSpec(name="y", dtype="float32", shape=["batch", 10])]),
+        format_version=FORMAT_VERSION,
+        name=name,
+        version=version,
+        profile=profile,
+        runtime=runtime,  # type: ignore[arg-type]
+        precision="fp32",
+        task="classification",
+        created="2026-01-01T00:00:00Z",
+        builder_version="test",
+        model=ModelInfo(
+            file="model.onnx",
+            inputs=[TensorSpec(name="x", dtype="float32", shape=["batch", 64])],
+            outputs=[TensorSpec(name="y", dtype="float32", shape=["batch", 10])],
+        ),
         files={"model.onnx": file_entry(model), "golden.npz": file_entry(golden)},
-        metrics={}, recipe=Recipe(name="test", steps=[]),
+        metrics={},
+        recipe=Recipe(name="test", steps=[]),
         golden=Golden(file="golden.npz", count=8, atol=1e-4, rtol=1e-4, min_top1_agreement=0.9),
     )
-    out = out_dir / f"{name}-{version}-{profile}-{seed}{'-bad' if bad_golden else ''}{f'-ir{ir_version}' if ir_version else ''}.efa"
-    return write_artifact(out, manifest, {"model.onnx": model, "golden.npz": golden},
-                          load_private_key(keys.private))
+    out = (
+        out_dir
+        / f"{name}-{version}-{profile}-{seed}{'-bad' if bad_golden else ''}{f'-ir{ir_version}' if ir_version else ''}.efa"
+    )
+    return write_artifact(
+        out, manifest, {"model.onnx": model, "golden.npz": golden}, load_private_key(keys.private)
+    )
 
 
 # A model with the inputs real models have: int64 ids and mask with a dynamic sequence axis,
@@ -151,11 +182,17 @@ def make_multi_onnx(path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    types = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
-             "bool": TensorProto.BOOL}
+    types = {
+        "float32": TensorProto.FLOAT,
+        "float16": TensorProto.FLOAT16,
+        "int64": TensorProto.INT64,
+        "bool": TensorProto.BOOL,
+    }
     node = helper.make_node
-    consts = [numpy_helper.from_array(np.array(v, np.int64), n)
-              for n, v in (("ax1", [1]), ("ax02", [0, 2]), ("keep_above", MULTI_KEEP_ABOVE))]
+    consts = [
+        numpy_helper.from_array(np.array(v, np.int64), n)
+        for n, v in (("ax1", [1]), ("ax02", [0, 2]), ("keep_above", MULTI_KEEP_ABOVE))
+    ]
     consts.append(numpy_helper.from_array(np.array(0.5, np.float32), "half"))
     nodes = [
         node("Mul", ["input_ids", "attention_mask"], ["masked"]),
@@ -176,7 +213,8 @@ def make_multi_onnx(path: Path) -> None:
         node("Add", ["state_half", "score_u"], ["stateN"]),
     ]
     graph = helper.make_graph(
-        nodes, "multi",
+        nodes,
+        "multi",
         [helper.make_tensor_value_info(t.name, types[t.dtype], t.shape) for t in MULTI_INPUTS],
         [helper.make_tensor_value_info(t.name, types[t.dtype], t.shape) for t in MULTI_OUTPUTS],
         consts,
@@ -187,7 +225,9 @@ def make_multi_onnx(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def multi_feeds(rng: np.random.Generator, batch: int, seq: int, sr: int | None = None) -> dict[str, np.ndarray]:
+def multi_feeds(
+    rng: np.random.Generator, batch: int, seq: int, sr: int | None = None
+) -> dict[str, np.ndarray]:
     """Random feeds for the multi-input model (ids 0..19, a mask with trailing padding)."""
     lengths = rng.integers(1, seq + 1, batch)
     return {
@@ -205,9 +245,14 @@ def multi_reference(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     total = (feeds["input_ids"] * feeds["attention_mask"]).sum(1) + feeds["sr"]
     emb = total.astype(np.float16)[:, None] * feeds["scale"]
     score = emb.astype(np.float32).sum(1) + feeds["state"].sum((0, 2))
-    return {"score": score, "embedding": emb, "total": total, "best": feeds["scale"].argmax(1),
-            "keep": feeds["flag"] & (total > MULTI_KEEP_ABOVE),
-            "stateN": feeds["state"] * np.float32(0.5) + score[None, :, None]}
+    return {
+        "score": score,
+        "embedding": emb,
+        "total": total,
+        "best": feeds["scale"].argmax(1),
+        "keep": feeds["flag"] & (total > MULTI_KEEP_ABOVE),
+        "stateN": feeds["state"] * np.float32(0.5) + score[None, :, None],
+    }
 
 
 def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -233,8 +278,13 @@ def multi_golden(model: Path, cases: int = 3, seed: int = 0) -> GoldenSet:
 
 
 def make_multi_artifact(
-    out_dir: Path, keys: Keys, name: str = "multi", version: str = "1.0.0", profile: str = "test-cpu",
-    cases: int = 3, corrupt: str | None = None,
+    out_dir: Path,
+    keys: Keys,
+    name: str = "multi",
+    version: str = "1.0.0",
+    profile: str = "test-cpu",
+    cases: int = 3,
+    corrupt: str | None = None,
 ) -> Path:
     """A signed artifact of the multi-input model; ``corrupt``: an output whose expected golden
     values are off by one (an exact-match failure for an integer output)."""
@@ -252,21 +302,33 @@ def make_multi_artifact(
     golden = work / "golden.npz"
     golden_set.save(golden)
     manifest = Manifest(
-        format_version=FORMAT_VERSION, name=name, version=version, profile=profile, runtime="onnxruntime",
-        precision="fp32", task="regression", created="2026-01-01T00:00:00Z", builder_version="test",
+        format_version=FORMAT_VERSION,
+        name=name,
+        version=version,
+        profile=profile,
+        runtime="onnxruntime",
+        precision="fp32",
+        task="regression",
+        created="2026-01-01T00:00:00Z",
+        builder_version="test",
         model=ModelInfo(file="model.onnx", inputs=MULTI_INPUTS, outputs=MULTI_OUTPUTS),
         files={"model.onnx": file_entry(model), "golden.npz": file_entry(golden)},
-        metrics={}, recipe=Recipe(name="test", steps=[]),
+        metrics={},
+        recipe=Recipe(name="test", steps=[]),
         golden=Golden(file="golden.npz", count=cases, atol=1e-3, rtol=1e-3),
     )
     out = out_dir / f"{name}-{version}-{profile}{'-' + corrupt if corrupt else ''}.efa"
-    return write_artifact(out, manifest, {"model.onnx": model, "golden.npz": golden},
-                          load_private_key(keys.private))
+    return write_artifact(
+        out, manifest, {"model.onnx": model, "golden.npz": golden}, load_private_key(keys.private)
+    )
 
 
 # ------------------------------------------------------------------------------ broker
 
-def stop_process(p: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+
+def stop_process(
+    p: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 20.0
+) -> int | None:
     """Send ``sig`` and wait for the exit code; a process still running after ``timeout`` s is
     killed (so a test never leaves it behind) and None is returned for the test to assert on."""
     if p.poll() is None:
@@ -291,9 +353,8 @@ class Broker:
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
             f"persistence true\npersistence_location {self.dir}/\nautosave_interval 1\n"
-            f"max_queued_messages {max_queued}\n"
+            f"max_queued_messages {max_queued}\n" + ("user root\n" if os.geteuid() == 0 else "")
             # as root, mosquitto drops to user 'mosquitto', which cannot write its db here
-            + ("user root\n" if os.geteuid() == 0 else "")
         )
 
     @property
@@ -311,14 +372,18 @@ class Broker:
                     return
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited: {(self.dir / 'mosquitto.log').read_text()[-500:]}") from None
+                    raise RuntimeError(
+                        f"mosquitto exited: {(self.dir / 'mosquitto.log').read_text()[-500:]}"
+                    ) from None
                 time.sleep(0.05)
         self.stop()  # a test whose broker never listened does not leave it running
         raise RuntimeError("mosquitto did not start")
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_process(self.proc, signal.SIGTERM, 10)  # SIGTERM: mosquitto saves its persistence db
+            stop_process(
+                self.proc, signal.SIGTERM, 10
+            )  # SIGTERM: mosquitto saves its persistence db
         self.proc = None
 
     def restart(self) -> None:
@@ -327,6 +392,7 @@ class Broker:
 
 
 # ------------------------------------------------------------------------------ listener
+
 
 class Listener:
     """Collects every message under edgefleet/v1/devices/# (and extra topics) for assertions."""
@@ -364,7 +430,9 @@ class Listener:
                 out.append(json.loads(p))
         return out
 
-    def wait_event(self, device: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
+    def wait_event(
+        self, device: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0
+    ) -> dict[str, Any]:
         timeout *= TIME_SCALE
         deadline = time.monotonic() + timeout
         while True:
@@ -373,16 +441,27 @@ class Listener:
                     return ev
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no matching event for {device} within {timeout}s; got: "
-                                     + json.dumps([(e['kind'], e.get('state'), e.get('reason')) for e in self.events(device)])[-3000:])
+                raise AssertionError(
+                    f"no matching event for {device} within {timeout}s; got: "
+                    + json.dumps(
+                        [(e["kind"], e.get("state"), e.get("reason")) for e in self.events(device)]
+                    )[-3000:]
+                )
             with self._cv:
                 self._cv.wait(min(left, 0.2))
 
-    def wait_state(self, device: str, state: str, sha: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
-        return self.wait_event(device, lambda e: e.get("state") == state and (sha is None or e.get("sha256") == sha),
-                               timeout)
+    def wait_state(
+        self, device: str, state: str, sha: str | None = None, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        return self.wait_event(
+            device,
+            lambda e: e.get("state") == state and (sha is None or e.get("sha256") == sha),
+            timeout,
+        )
 
-    def wait_message(self, topic: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
+    def wait_message(
+        self, topic: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0
+    ) -> dict[str, Any]:
         timeout *= TIME_SCALE
         deadline = time.monotonic() + timeout
         while True:
@@ -404,25 +483,55 @@ class Listener:
 
 # ------------------------------------------------------------------------------ agent process
 
-def write_config(path: Path, device: str, broker_url: str, keys: list[Path], state_dir: Path,
-                 profile: str = "test-cpu", groups: tuple[str, ...] = (), protocol: str = "3.1.1",
-                 runtimes: tuple[str, ...] = ("onnxruntime",), serve: dict[str, Any] | None = None,
-                 telemetry: dict[str, Any] | None = None, keep_versions: int = 1, **install: Any) -> Path:
+
+def write_config(
+    path: Path,
+    device: str,
+    broker_url: str,
+    keys: list[Path],
+    state_dir: Path,
+    profile: str = "test-cpu",
+    groups: tuple[str, ...] = (),
+    protocol: str = "3.1.1",
+    runtimes: tuple[str, ...] = ("onnxruntime",),
+    serve: dict[str, Any] | None = None,
+    telemetry: dict[str, Any] | None = None,
+    keep_versions: int = 1,
+    **install: Any,
+) -> Path:
     """``serve``: the [serve] section; default disabled, so agents in one test do not share a port.
     ``telemetry``: the [telemetry] section (default: the agent's defaults)."""
-    inst = {"bench_runs": 10, "max_p95_ms": 1000.0, "max_p95_regression_pct": 500.0,
-            "probation_s": 1.0, "probation_interval_s": 0.3, **install}
+    inst = {
+        "bench_runs": 10,
+        "max_p95_ms": 1000.0,
+        "max_p95_regression_pct": 500.0,
+        "probation_s": 1.0,
+        "probation_interval_s": 0.3,
+        **install,
+    }
     lines = [
-        f'device_id = "{device}"', f'profile = "{profile}"',
-        f"groups = {json.dumps(list(groups))}", f'state_dir = "{state_dir}"',
-        f"trusted_keys = {json.dumps([str(k) for k in keys])}", f"keep_versions = {keep_versions}",
-        f"runtimes = {json.dumps(list(runtimes))}", 'log_level = "debug"',
-        "[broker]", f'url = "{broker_url}"', "reconnect_min_s = 1", "reconnect_max_s = 2",
+        f'device_id = "{device}"',
+        f'profile = "{profile}"',
+        f"groups = {json.dumps(list(groups))}",
+        f'state_dir = "{state_dir}"',
+        f"trusted_keys = {json.dumps([str(k) for k in keys])}",
+        f"keep_versions = {keep_versions}",
+        f"runtimes = {json.dumps(list(runtimes))}",
+        'log_level = "debug"',
+        "[broker]",
+        f'url = "{broker_url}"',
+        "reconnect_min_s = 1",
+        "reconnect_max_s = 2",
         f'protocol = "{protocol}"',
-        "[transfer]", "window = 8", "stall_s = 5.0",
-        "[install]", *[f"{k} = {json.dumps(v)}" for k, v in inst.items()],
-        "[serve]", *[f"{k} = {json.dumps(v)}" for k, v in (serve or {"enabled": False}).items()],
-        "[telemetry]", *[f"{k} = {json.dumps(v)}" for k, v in (telemetry or {}).items()],
+        "[transfer]",
+        "window = 8",
+        "stall_s = 5.0",
+        "[install]",
+        *[f"{k} = {json.dumps(v)}" for k, v in inst.items()],
+        "[serve]",
+        *[f"{k} = {json.dumps(v)}" for k, v in (serve or {"enabled": False}).items()],
+        "[telemetry]",
+        *[f"{k} = {json.dumps(v)}" for k, v in (telemetry or {}).items()],
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -436,8 +545,13 @@ class AgentProcess:
 
     def start(self) -> AgentProcess:
         fh = self.log.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(self.config)],
-                                     cwd=REPO, env=self.env, stdout=fh, stderr=fh)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config)],
+            cwd=REPO,
+            env=self.env,
+            stdout=fh,
+            stderr=fh,
+        )
         return self
 
     def kill(self) -> None:
@@ -457,7 +571,9 @@ def publish(broker_url: str, artifact: Path, chunk_size: int = 1024) -> str:
     from fleet.mqtt import broker_config
     from fleet.publish import publish_artifact
 
-    return publish_artifact(artifact, broker_config(broker_url), chunk_size=chunk_size, force=True).sha256
+    return publish_artifact(
+        artifact, broker_config(broker_url), chunk_size=chunk_size, force=True
+    ).sha256
 
 
 def deploy(broker_url: str, spec: str, device: str | None = None, group: str | None = None) -> str:
@@ -494,8 +610,12 @@ def send(broker_url: str, topic: str, payload: bytes, retain: bool = False) -> N
         c.flush()
 
 
-def rewrite_tar(src: Path, dst: Path, change: Callable[[str, bytes], bytes | None],
-                extra: dict[str, bytes] | None = None) -> Path:
+def rewrite_tar(
+    src: Path,
+    dst: Path,
+    change: Callable[[str, bytes], bytes | None],
+    extra: dict[str, bytes] | None = None,
+) -> Path:
     """Copy an artifact tar member by member; ``change`` may alter a member's bytes (None drops it)."""
     import io
     import tarfile
@@ -528,7 +648,9 @@ def publish_partial(broker_url: str, artifact: Path, chunk_size: int, indices: l
     data = artifact.read_bytes()
     with SyncClient(broker_config(broker_url)) as c:
         for i in indices:
-            c.publish(topics.artifact_chunk(ann.sha256, i), data[i * chunk_size:(i + 1) * chunk_size])
+            c.publish(
+                topics.artifact_chunk(ann.sha256, i), data[i * chunk_size : (i + 1) * chunk_size]
+            )
         c.publish(topics.artifact_manifest(ann.sha256), encode(ann))
         c.flush()
     return ann.sha256

@@ -23,8 +23,11 @@ def _hypothesis_profiles() -> None:
         from hypothesis import HealthCheck, settings
     except ImportError:  # an agent-only environment without the test extra
         return
-    settings.register_profile("machine-scaled", deadline=None,
-                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile(
+        "machine-scaled",
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     settings.register_profile("strict", deadline=200)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "machine-scaled"))
 
@@ -54,7 +57,13 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsProject:
     if (src_work / "digits_cnn.pt").exists() and (src_work / "eval.npz").exists():
         shutil.copytree(src_work, work, ignore=shutil.ignore_patterns("keys"))
     prepare(work, quiet=True)
-    return DigitsProject(d, d / "edgefleet.toml", work, work / "keys" / "edgefleet.key", work / "keys" / "edgefleet.pub")
+    return DigitsProject(
+        d,
+        d / "edgefleet.toml",
+        work,
+        work / "keys" / "edgefleet.key",
+        work / "keys" / "edgefleet.pub",
+    )
 
 
 @pytest.fixture

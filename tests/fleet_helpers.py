@@ -46,15 +46,40 @@ class Postgres:
         cmd = (["runuser", "-u", "postgres", "--"] if self.as_root else []) + list(args)
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
-            raise RuntimeError(f"{' '.join(args[:2])} failed: {res.stderr[-800:] or res.stdout[-800:]}")
+            raise RuntimeError(
+                f"{' '.join(args[:2])} failed: {res.stderr[-800:] or res.stdout[-800:]}"
+            )
 
     def start(self) -> Postgres:
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
-                  "--no-sync", "-E", "UTF8")
-        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off")
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.dir / "pg.log"),
-                  "-w", "-t", "60", "start")
+        self._run(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        )
+        opts = (
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off"
+        )
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            opts,
+            "-l",
+            str(self.dir / "pg.log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         return self
 
     def url(self, db: str = "postgres") -> str:
@@ -70,20 +95,42 @@ class Postgres:
 
     def stop(self) -> None:
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            self._run(
+                str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"
+            )
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def telemetry(device: str, seq: int, ts: float | None = None, p50: float = 1.0, p95: float = 2.0,
-              temp: float | None = 50.0, rss: float | None = 80.0, throttled: bool | None = False,
-              model: tuple[str, str] | None = ("tiny", "1.0.0")) -> dict[str, Any]:
+def telemetry(
+    device: str,
+    seq: int,
+    ts: float | None = None,
+    p50: float = 1.0,
+    p95: float = 2.0,
+    temp: float | None = 50.0,
+    rss: float | None = 80.0,
+    throttled: bool | None = False,
+    model: tuple[str, str] | None = ("tiny", "1.0.0"),
+) -> dict[str, Any]:
     """A Telemetry message as the agent sends it; sensors passed as None are left out."""
     doc: dict[str, Any] = {
-        "device": device, "seq": seq, "ts": time.time() if ts is None else ts, "interval_s": 1.0,
+        "device": device,
+        "seq": seq,
+        "ts": time.time() if ts is None else ts,
+        "interval_s": 1.0,
         "uptime_s": 10.0 + seq,
-        "latency": {"count": 10, "errors": 0, "throughput_per_s": 10.0, "p50_ms": p50, "p95_ms": p95,
-                    "p99_ms": p95 * 1.2, "max_ms": p95 * 1.5},
-        "cpu_percent": 12.5, "mem_available_mb": 900.0, "buffer": {"pending": 0, "dropped": 0},
+        "latency": {
+            "count": 10,
+            "errors": 0,
+            "throughput_per_s": 10.0,
+            "p50_ms": p50,
+            "p95_ms": p95,
+            "p99_ms": p95 * 1.2,
+            "max_ms": p95 * 1.5,
+        },
+        "cpu_percent": 12.5,
+        "mem_available_mb": 900.0,
+        "buffer": {"pending": 0, "dropped": 0},
     }
     if model:
         doc["active"] = {"name": model[0], "version": model[1], "sha256": "ab" * 32}
@@ -96,17 +143,47 @@ def telemetry(device: str, seq: int, ts: float | None = None, p50: float = 1.0, 
     return doc
 
 
-def state(device: str, seq: int, online: bool = True, profile: str = "test-cpu",
-          model: tuple[str, str] | None = ("tiny", "1.0.0"), ts: float | None = None) -> dict[str, Any]:
-    return {"device": device, "online": online, "agent_version": "0.1.0", "profile": profile, "groups": ["lab"],
-            "active": {"name": model[0], "version": model[1], "sha256": "ab" * 32} if model else None,
-            "seq": seq, "ts": time.time() if ts is None else ts}
+def state(
+    device: str,
+    seq: int,
+    online: bool = True,
+    profile: str = "test-cpu",
+    model: tuple[str, str] | None = ("tiny", "1.0.0"),
+    ts: float | None = None,
+) -> dict[str, Any]:
+    return {
+        "device": device,
+        "online": online,
+        "agent_version": "0.1.0",
+        "profile": profile,
+        "groups": ["lab"],
+        "active": {"name": model[0], "version": model[1], "sha256": "ab" * 32} if model else None,
+        "seq": seq,
+        "ts": time.time() if ts is None else ts,
+    }
 
 
-def event(device: str, seq: int, state_: str, version: str = "1.0.0", reason: str = "",
-          ts: float | None = None, sha: str = "ab" * 32) -> dict[str, Any]:
-    return {"device": device, "seq": seq, "ts": time.time() if ts is None else ts, "kind": "deployment",
-            "state": state_, "name": "tiny", "version": version, "sha256": sha, "reason": reason, "detail": {}}
+def event(
+    device: str,
+    seq: int,
+    state_: str,
+    version: str = "1.0.0",
+    reason: str = "",
+    ts: float | None = None,
+    sha: str = "ab" * 32,
+) -> dict[str, Any]:
+    return {
+        "device": device,
+        "seq": seq,
+        "ts": time.time() if ts is None else ts,
+        "kind": "deployment",
+        "state": state_,
+        "name": "tiny",
+        "version": version,
+        "sha256": sha,
+        "reason": reason,
+        "detail": {},
+    }
 
 
 def dumps(doc: dict[str, Any]) -> bytes:

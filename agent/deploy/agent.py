@@ -72,9 +72,16 @@ class Agent:
         self.out = Outbox(cfg, policy, transport, self.file, lambda: self.installer.active)
         self.machine = Machine(cfg.state_dir, self.out.deployment)
         self.installer = Installer(cfg, policy, self.machine, self.out, self.holder, self)
-        self.fetcher = Fetcher(cfg, policy, transport, self.machine, self.out, lambda: self.installer.active,
-                               lambda dep, reason, detail: self.reject(dep, reason, detail=detail or None),
-                               self.installer.install)
+        self.fetcher = Fetcher(
+            cfg,
+            policy,
+            transport,
+            self.machine,
+            self.out,
+            lambda: self.installer.active,
+            lambda dep, reason, detail: self.reject(dep, reason, detail=detail or None),
+            self.installer.install,
+        )
 
     # -- what the parts hold, read by commands, telemetry and tests ----------------------------------
     @property
@@ -112,7 +119,9 @@ class Agent:
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self.installer.recover()
-        self.t.set_will(Will(topics.device_topic(self.dev, "state"), self.out.state_payload(online=False)))
+        self.t.set_will(
+            Will(topics.device_topic(self.dev, "state"), self.out.state_payload(online=False))
+        )
         base = [topics.device_topic(self.dev, "deployment"), topics.device_topic(self.dev, "cmd")]
         base += [topics.group_deployment(g) for g in self.cfg.groups]
         self.t.subscribe(base)
@@ -145,7 +154,9 @@ class Agent:
         """Handle one queued item (waiting up to ``timeout``), then timers. True if one was handled."""
         handled = False
         try:
-            kind, topic, payload = self.q.get(timeout=timeout) if timeout > 0 else self.q.get_nowait()
+            kind, topic, payload = (
+                self.q.get(timeout=timeout) if timeout > 0 else self.q.get_nowait()
+            )
         except queue.Empty:
             pass
         else:
@@ -205,7 +216,9 @@ class Agent:
             self.reconcile()
         elif t.kind == "group_deployment" and t.group in self.cfg.groups:
             assert t.group is not None
-            self.desired_groups[t.group] = self._deployment(topic, payload, self.desired_groups.get(t.group))
+            self.desired_groups[t.group] = self._deployment(
+                topic, payload, self.desired_groups.get(t.group)
+            )
             self.reconcile()
         elif t.kind == "manifest":
             if job is None or t.sha256 != job.sha or job.ann is not None:
@@ -232,8 +245,12 @@ class Agent:
             return old
         if dep.profile is not None and dep.profile != self.cfg.profile:
             # A refused message, not a step of the machine: whatever is in flight goes on.
-            self.out.event("deployment", "REJECTED", f"deployment is for profile '{dep.profile}', "
-                           f"this device is '{self.cfg.profile}'", dep)
+            self.out.event(
+                "deployment",
+                "REJECTED",
+                f"deployment is for profile '{dep.profile}', this device is '{self.cfg.profile}'",
+                dep,
+            )
             return old
         rej = self.rejected.get(dep.sha256)
         if rej is not None and dep.deployed_at and rej.get("deployed_at") != dep.deployed_at:
@@ -256,14 +273,22 @@ class Agent:
         if self.installer.probation is not None:
             return  # picked up again when probation ends
         active = self.installer.active
-        if desired is None or (active is not None and active.sha256 == desired.sha256) \
-                or desired.sha256 in self.rejected:
+        if (
+            desired is None
+            or (active is not None and active.sha256 == desired.sha256)
+            or desired.sha256 in self.rejected
+        ):
             self.fetcher.cancel()
             return
         self.fetcher.start(desired)
 
-    def reject(self, dep: Deployment, reason: str, phase: Phase = Phase.REJECTED,
-               detail: dict[str, Any] | None = None) -> None:
+    def reject(
+        self,
+        dep: Deployment,
+        reason: str,
+        phase: Phase = Phase.REJECTED,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
         """The attempt at ``dep`` ends in ``phase`` (REJECTED or ROLLED_BACK): remembered, not retried."""
         self.rejected[dep.sha256] = {"reason": reason, "deployed_at": dep.deployed_at}
         self.file.save()

@@ -43,7 +43,11 @@ def command_id(payload: bytes) -> str | None:
 
 def _args_problem(cmd: Command) -> str | None:
     """Arguments that the op does not take (a typo is refused rather than ignored)."""
-    takes = {"deploy": {"name", "version", "sha256"}, "rollback": {"version"}, "benchmark": {"runs"}}
+    takes = {
+        "deploy": {"name", "version", "sha256"},
+        "rollback": {"version"},
+        "benchmark": {"runs"},
+    }
     given = {k for k in ("name", "version", "sha256", "runs") if getattr(cmd, k) is not None}
     extra = given - takes.get(cmd.op, set())
     return f"{cmd.op} does not take {', '.join(sorted(extra))}" if extra else None
@@ -68,11 +72,20 @@ def _benchmark(agent: Agent, cmd: Command) -> tuple[bool, str, dict[str, Any]]:
     if after.detail:
         thermal["detail"] = after.detail
     a = agent.active
-    return True, "", {
-        "runs": lat.runs, "requested_runs": runs, "p50_ms": round(lat.p50_ms, 4),
-        "p95_ms": round(lat.p95_ms, 4), "p99_ms": round(lat.p99_ms, 4), "max_ms": round(lat.max_ms, 4),
-        "model": a.label if a else None, "thermal": thermal,
-    }
+    return (
+        True,
+        "",
+        {
+            "runs": lat.runs,
+            "requested_runs": runs,
+            "p50_ms": round(lat.p50_ms, 4),
+            "p95_ms": round(lat.p95_ms, 4),
+            "p99_ms": round(lat.p99_ms, 4),
+            "max_ms": round(lat.max_ms, 4),
+            "model": a.label if a else None,
+            "thermal": thermal,
+        },
+    )
 
 
 def handle_command(agent: Agent, cmd: Command) -> CommandResult:
@@ -97,8 +110,12 @@ def handle_command(agent: Agent, cmd: Command) -> CommandResult:
             ok, reason = False, "deploy needs name, version and sha256"
         else:
             try:
-                dep = Deployment(name=cmd.name, version=cmd.version, sha256=cmd.sha256,
-                                 deployed_at=f"cmd:{cmd.id}")
+                dep = Deployment(
+                    name=cmd.name,
+                    version=cmd.version,
+                    sha256=cmd.sha256,
+                    deployed_at=f"cmd:{cmd.id}",
+                )
             except ValueError as exc:
                 ok, reason = False, f"invalid deploy command: {str(exc).splitlines()[-1].strip()}"
             else:
@@ -115,13 +132,17 @@ def on_command(agent: Agent, topic: str, payload: bytes) -> None:
         agent.out.bad(topic, str(exc))
         cmd_id = command_id(payload)
         if cmd_id is not None:  # the sender waits for this id: tell it why
-            agent.t.publish(result_topic, encode(CommandResult(id=cmd_id, ok=False, reason=str(exc))))
+            agent.t.publish(
+                result_topic, encode(CommandResult(id=cmd_id, ok=False, reason=str(exc)))
+            )
         return
     try:
         res = handle_command(agent, cmd)
     except Exception as exc:  # a bug: answer, keep serving
         log.exception("command %s failed", cmd.op)
-        res = CommandResult(id=cmd.id, ok=False, reason=f"internal error: {type(exc).__name__}: {exc}")
+        res = CommandResult(
+            id=cmd.id, ok=False, reason=f"internal error: {type(exc).__name__}: {exc}"
+        )
     agent.t.publish(result_topic, encode(res))
 
 
@@ -136,7 +157,9 @@ def rollback(agent: Agent, cmd_id: str, version: str | None = None) -> tuple[boo
         if target is None:
             kept = ", ".join(i.label for i in agent.versions.kept()) or "none"
             return False, f"version {version} is not kept on this device (kept: {kept})"
-    if agent.installer.rollback(f"rollback requested by command {cmd_id}", by_command=True, target=target):
+    if agent.installer.rollback(
+        f"rollback requested by command {cmd_id}", by_command=True, target=target
+    ):
         return True, ""
     if target is not None:
         return False, f"{target.label} does not load; it was removed"
@@ -150,8 +173,9 @@ def status(agent: Agent) -> dict[str, Any]:
         "active": a.model_dump() if (a := agent.out.active_model()) else None,
         "probation": agent.probation is not None,
         "phase": agent.machine.phase.value,
-        "fetching": None if job is None or job.store is None else
-        {"sha256": job.sha, "done": job.store.count_done, "chunks": len(job.store.done)},
+        "fetching": None
+        if job is None or job.store is None
+        else {"sha256": job.sha, "done": job.store.count_done, "chunks": len(job.store.done)},
         "dropped_messages": agent.dropped,
         "kept": [i.label for i in agent.versions.kept()],
     }

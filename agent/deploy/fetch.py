@@ -112,9 +112,17 @@ class Fetcher:
     (a refused artifact; a finished download to install).
     """
 
-    def __init__(self, cfg: AgentConfig, policy: Policy, transport: Transport, machine: Machine, out: Outbox,
-                 active: Callable[[], Installed | None], reject: Callable[[Deployment, str, dict[str, Any]], None],
-                 complete: Callable[[FetchJob], None]) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        policy: Policy,
+        transport: Transport,
+        machine: Machine,
+        out: Outbox,
+        active: Callable[[], Installed | None],
+        reject: Callable[[Deployment, str, dict[str, Any]], None],
+        complete: Callable[[FetchJob], None],
+    ) -> None:
         self.cfg, self.policy, self.t, self.machine, self.out = cfg, policy, transport, machine, out
         self.active, self.reject, self.complete = active, reject, complete
         self.downloads = cfg.state_dir / "downloads"
@@ -149,8 +157,10 @@ class Fetcher:
                 raise MessageError(f"chunk table does not add up: {problem}")
             m = self.policy.check_signed(ann.manifest, ann.signature, self.active())
             if (m.name, m.version) != (job.desired.name, job.desired.version):
-                raise IntegrityError(f"deployment names {job.desired.name}@{job.desired.version} "
-                                     f"but the artifact is {m.name}@{m.version}")
+                raise IntegrityError(
+                    f"deployment names {job.desired.name}@{job.desired.version} "
+                    f"but the artifact is {m.name}@{m.version}"
+                )
             store = ChunkStore(self.downloads, ann)
         except (EdgefleetError, OSError) as exc:
             self.reject(job.desired, str(exc), {})
@@ -158,8 +168,12 @@ class Fetcher:
         job.ann, job.manifest, job.store = ann, m, store
         self.t.unsubscribe([topics.artifact_manifest(job.sha)])
         job.started = job.last_progress = time.monotonic()
-        self.machine.enter(Phase.FETCHING, job.desired, "",
-                           {"chunks": len(ann.chunks), "size": ann.size, "resumed_chunks": store.resumed_chunks})
+        self.machine.enter(
+            Phase.FETCHING,
+            job.desired,
+            "",
+            {"chunks": len(ann.chunks), "size": ann.size, "resumed_chunks": store.resumed_chunks},
+        )
         self._continue(job)
 
     def on_chunk(self, job: FetchJob, index: int, payload: bytes) -> None:
@@ -208,5 +222,9 @@ class Fetcher:
     def tick(self, now: float) -> None:
         job = self.job
         if job is not None and job.inflight and now - job.last_progress > self.cfg.transfer.stall_s:
-            log.info("no chunk for %.0fs; asking again for %d chunks", self.cfg.transfer.stall_s, len(job.inflight))
+            log.info(
+                "no chunk for %.0fs; asking again for %d chunks",
+                self.cfg.transfer.stall_s,
+                len(job.inflight),
+            )
             job.resubscribe(self.t)

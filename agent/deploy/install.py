@@ -40,8 +40,13 @@ class Probation:
 class Owner(Protocol):
     """What the installer asks of the worker that owns it (the agent)."""
 
-    def reject(self, dep: Deployment, reason: str, phase: Phase = Phase.REJECTED,
-               detail: dict[str, Any] | None = None) -> None: ...
+    def reject(
+        self,
+        dep: Deployment,
+        reason: str,
+        phase: Phase = Phase.REJECTED,
+        detail: dict[str, Any] | None = None,
+    ) -> None: ...
     def mark_rejected(self, sha: str, reason: str) -> None: ...
     def settled(self) -> None: ...
 
@@ -49,9 +54,23 @@ class Owner(Protocol):
 class Installer:
     """Verifies, unpacks, self-tests and activates a fetched artifact; probation and rollback."""
 
-    def __init__(self, cfg: AgentConfig, policy: Policy, machine: Machine, out: Outbox,
-                 holder: SessionHolder, owner: Owner) -> None:
-        self.cfg, self.policy, self.machine, self.out, self.holder, self.owner = cfg, policy, machine, out, holder, owner
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        policy: Policy,
+        machine: Machine,
+        out: Outbox,
+        holder: SessionHolder,
+        owner: Owner,
+    ) -> None:
+        self.cfg, self.policy, self.machine, self.out, self.holder, self.owner = (
+            cfg,
+            policy,
+            machine,
+            out,
+            holder,
+            owner,
+        )
         self.versions = VersionStore(cfg.state_dir, cfg.keep_versions)
         self.downloads = cfg.state_dir / "downloads"
         self.active: Installed | None = None
@@ -74,7 +93,9 @@ class Installer:
                 return
         if phase is Phase.PROBATION and active is not None:
             self._start_probation(active)
-            self.out.event("info", "ACTIVE", "restarted during probation; probation starts again", active)
+            self.out.event(
+                "info", "ACTIVE", "restarted during probation; probation starts again", active
+            )
 
     def _load_active(self, inst: Installed) -> None:
         session = selftest.load(inst, self.cfg.threads, self.policy.providers)
@@ -86,13 +107,17 @@ class Installer:
             raise ValueError(f"warm-up inference failed: {type(exc).__name__}: {exc}") from None
         self._set_active(inst, session, golden)
 
-    def _set_active(self, inst: Installed | None, session: InferenceSession | None,
-                    golden: GoldenSet | None) -> None:
+    def _set_active(
+        self, inst: Installed | None, session: InferenceSession | None, golden: GoldenSet | None
+    ) -> None:
         """Swap the served model through the holder: the old session closes after its last request."""
         self.active, self.session, self.golden = inst, session, golden
         m = None if inst is None else inst.manifest
-        self.holder.swap(None if m is None or inst is None or session is None else
-                         Loaded(m.name, m.version, inst.sha256, m.runtime, session))
+        self.holder.swap(
+            None
+            if m is None or inst is None or session is None
+            else Loaded(m.name, m.version, inst.sha256, m.runtime, session)
+        )
         self.out.notifier.status(self.out.status_line())
 
     # -- FETCHING -> VERIFIED -> UNPACKED -> SELF_TEST -> ACTIVATING -> PROBATION -----------------
@@ -111,8 +136,14 @@ class Installer:
             self.owner.reject(dep, str(exc))
             return
         previous = self.active.dir.name if self.active else None
-        m.enter(Phase.VERIFIED, dep, "", {"key_id": va.key_id, "fetch": job.stats()},
-                sha256=dep.sha256, previous=previous)
+        m.enter(
+            Phase.VERIFIED,
+            dep,
+            "",
+            {"key_id": va.key_id, "fetch": job.stats()},
+            sha256=dep.sha256,
+            previous=previous,
+        )
         m.pause("VERIFIED")
         try:
             inst = self.versions.unpack(va)
@@ -134,22 +165,34 @@ class Installer:
         except (EdgefleetError, OSError, ValueError) as exc:
             self._failed_candidate(dep, inst, f"model does not load: {exc}")
             return
-        current = None if self.session is None or self.golden is None else (self.session, self.golden)
+        current = (
+            None if self.session is None or self.golden is None else (self.session, self.golden)
+        )
         result = selftest.check_candidate(
-            session, inst, self.cfg.install.bench_runs, self._p95_budget(inst),
-            self.policy.max_regression_pct, self.cfg.install.p95_slack_ms, current,
-            tick=self.out.notifier.watchdog)
+            session,
+            inst,
+            self.cfg.install.bench_runs,
+            self._p95_budget(inst),
+            self.policy.max_regression_pct,
+            self.cfg.install.p95_slack_ms,
+            current,
+            tick=self.out.notifier.watchdog,
+        )
         if not result.ok:
             session.close()
             self._failed_candidate(dep, inst, result.reason, result.detail)
             return
         prev = self.active
-        m.enter(Phase.ACTIVATING)  # persisted before the symlink moves: a restart checks which it names
+        m.enter(
+            Phase.ACTIVATING
+        )  # persisted before the symlink moves: a restart checks which it names
         self.versions.activate(inst)
         assert result.golden is not None  # set on every passing check
         self._set_active(inst, session, result.golden)
         discard_download(self.downloads, dep.sha256)
-        m.enter(Phase.PROBATION, inst, "", {**result.detail, "previous": prev.label if prev else None})
+        m.enter(
+            Phase.PROBATION, inst, "", {**result.detail, "previous": prev.label if prev else None}
+        )
         self.out.publish_state(online=True)
         self._start_probation(inst)
         m.pause("ACTIVE")
@@ -160,10 +203,15 @@ class Installer:
         if self.cfg.install.max_p95_ms is not None:
             return self.cfg.install.max_p95_ms
         built = (inst.manifest.budgets or {}).get("max_p95_ms")
-        return float(built) if isinstance(built, (int, float)) and built > 0 else self.policy.max_p95_ms
+        return (
+            float(built)
+            if isinstance(built, (int, float)) and built > 0
+            else self.policy.max_p95_ms
+        )
 
-    def _failed_candidate(self, dep: Deployment, inst: Installed, reason: str,
-                          detail: dict[str, Any] | None = None) -> None:
+    def _failed_candidate(
+        self, dep: Deployment, inst: Installed, reason: str, detail: dict[str, Any] | None = None
+    ) -> None:
         """A failure before activation: the previous model never stopped being active."""
         self.versions.forget(inst)
         kept = self.active.label if self.active else None
@@ -172,8 +220,11 @@ class Installer:
     # -- PROBATION -> HEALTHY | ROLLED_BACK ---------------------------------------------------------
     def _start_probation(self, inst: Installed) -> None:
         now = time.monotonic()
-        self.probation = Probation(inst, now + self.cfg.install.probation_s,
-                                   now + min(self.cfg.install.probation_interval_s, self.cfg.install.probation_s))
+        self.probation = Probation(
+            inst,
+            now + self.cfg.install.probation_s,
+            now + min(self.cfg.install.probation_interval_s, self.cfg.install.probation_s),
+        )
 
     def tick(self, now: float) -> None:
         """Golden check when due; HEALTHY (prune, then the owner settles) when probation ends."""
@@ -198,14 +249,19 @@ class Installer:
         return selftest.golden_check(self.session, self.active, self.golden)
 
     # -- ROLLED_BACK ------------------------------------------------------------------------------
-    def rollback(self, reason: str, by_command: bool = False, target: Installed | None = None) -> bool:
+    def rollback(
+        self, reason: str, by_command: bool = False, target: Installed | None = None
+    ) -> bool:
         """Switch back to ``target`` or the previous version (or to none); mark the failed one rejected."""
         failed = self.active
         prev = target or self.versions.previous()
         session = golden = None
         while prev is not None:
             try:
-                session, golden = selftest.load(prev, self.cfg.threads, self.policy.providers), selftest.golden_of(prev)
+                session, golden = (
+                    selftest.load(prev, self.cfg.threads, self.policy.providers),
+                    selftest.golden_of(prev),
+                )
                 break
             except (EdgefleetError, OSError, ValueError) as exc:
                 log.warning("previous version %s does not load: %s", prev.label, exc)
@@ -222,6 +278,8 @@ class Installer:
         if failed is not None:
             self.owner.mark_rejected(failed.sha256, reason)
             self.versions.forget(failed)
-        self.machine.enter(Phase.ROLLED_BACK, failed, reason, {"active": prev.label if prev else None})
+        self.machine.enter(
+            Phase.ROLLED_BACK, failed, reason, {"active": prev.label if prev else None}
+        )
         self.out.publish_state(online=True)
         return True

@@ -55,33 +55,57 @@ class Phase(str, Enum):
 @dataclass(frozen=True)
 class Spec:
     event: DeployState | None  # the state the fleet sees on entry (None: not reported)
-    persisted: bool            # install.json names this phase
-    on_restart: str            # what a restart (kill, power loss) in this phase finds and does
-    to: tuple[Phase, ...]      # the phases it may move to
+    persisted: bool  # install.json names this phase
+    on_restart: str  # what a restart (kill, power loss) in this phase finds and does
+    to: tuple[Phase, ...]  # the phases it may move to
 
 
 P = Phase
 # From a resting phase: a download starts, its signed announcement is refused, or a rollback command.
 _REST = (P.FETCHING, P.REJECTED, P.ROLLED_BACK)
 TABLE: dict[Phase, Spec] = {
-    P.IDLE: Spec(None, False, "nothing in flight; the desired deployment is reconciled again", _REST),
-    P.FETCHING: Spec("FETCHING", False,
-                     "the download resumes from its bitmap; chunks on disk are re-hashed, not fetched",
-                     (P.FETCHING, P.VERIFIED, P.REJECTED, P.IDLE, P.ROLLED_BACK)),
-    P.VERIFIED: Spec("VERIFIED", True, "the old model serves; the install restarts from the download",
-                     (P.UNPACKED, P.REJECTED)),
-    P.UNPACKED: Spec("UNPACKED", True, "the old model serves; the install restarts from the download",
-                     (P.SELF_TEST, P.REJECTED)),
-    P.SELF_TEST: Spec("SELF_TEST", True, "the old model serves; the install restarts from the download",
-                      (P.ACTIVATING, P.ROLLED_BACK, P.REJECTED)),
-    P.ACTIVATING: Spec(None, True, "if `active` names the candidate, probation starts again; "
-                       "otherwise the old model serves and the install restarts from the download",
-                       (P.PROBATION,)),
-    P.PROBATION: Spec("ACTIVE", True, "the new model serves; probation starts again",
-                      (P.HEALTHY, P.ROLLED_BACK)),
+    P.IDLE: Spec(
+        None, False, "nothing in flight; the desired deployment is reconciled again", _REST
+    ),
+    P.FETCHING: Spec(
+        "FETCHING",
+        False,
+        "the download resumes from its bitmap; chunks on disk are re-hashed, not fetched",
+        (P.FETCHING, P.VERIFIED, P.REJECTED, P.IDLE, P.ROLLED_BACK),
+    ),
+    P.VERIFIED: Spec(
+        "VERIFIED",
+        True,
+        "the old model serves; the install restarts from the download",
+        (P.UNPACKED, P.REJECTED),
+    ),
+    P.UNPACKED: Spec(
+        "UNPACKED",
+        True,
+        "the old model serves; the install restarts from the download",
+        (P.SELF_TEST, P.REJECTED),
+    ),
+    P.SELF_TEST: Spec(
+        "SELF_TEST",
+        True,
+        "the old model serves; the install restarts from the download",
+        (P.ACTIVATING, P.ROLLED_BACK, P.REJECTED),
+    ),
+    P.ACTIVATING: Spec(
+        None,
+        True,
+        "if `active` names the candidate, probation starts again; "
+        "otherwise the old model serves and the install restarts from the download",
+        (P.PROBATION,),
+    ),
+    P.PROBATION: Spec(
+        "ACTIVE", True, "the new model serves; probation starts again", (P.HEALTHY, P.ROLLED_BACK)
+    ),
     P.HEALTHY: Spec("HEALTHY", False, "the new model serves; nothing in flight", _REST),
     P.ROLLED_BACK: Spec("ROLLED_BACK", False, "the model switched back to serves", _REST),
-    P.REJECTED: Spec("REJECTED", False, "the old model serves; the artifact stays refused (agent.json)", _REST),
+    P.REJECTED: Spec(
+        "REJECTED", False, "the old model serves; the artifact stays refused (agent.json)", _REST
+    ),
 }
 TRANSITIONS: dict[Phase, tuple[Phase, ...]] = {p: s.to for p, s in TABLE.items()}
 # A rollback command during a download switches the active model and leaves the download going.
@@ -110,12 +134,23 @@ class InstallRecord:
         except ValueError:
             return None
         d, prev, sha = doc.get("dir"), doc.get("previous"), doc.get("sha256")
-        return cls(sha if isinstance(sha, str) else "", phase, d if isinstance(d, str) else None,
-                   prev if isinstance(prev, str) else None)
+        return cls(
+            sha if isinstance(sha, str) else "",
+            phase,
+            d if isinstance(d, str) else None,
+            prev if isinstance(prev, str) else None,
+        )
 
     def write(self, path: Path) -> None:
-        write_json(path, {"sha256": self.sha256, "dir": self.dir, "state": self.phase.value,
-                          "previous": self.previous})
+        write_json(
+            path,
+            {
+                "sha256": self.sha256,
+                "dir": self.dir,
+                "state": self.phase.value,
+                "previous": self.previous,
+            },
+        )
 
 
 class AgentFile:
@@ -145,10 +180,21 @@ class Machine:
         self.report = report
         self.phase = Phase.IDLE
         self.record: InstallRecord | None = None
-        self.illegal: list[tuple[Phase, Phase]] = []  # transitions outside TABLE (bugs; tests assert none)
+        self.illegal: list[
+            tuple[Phase, Phase]
+        ] = []  # transitions outside TABLE (bugs; tests assert none)
 
-    def enter(self, to: Phase, subject: Any = None, reason: str = "", detail: dict[str, Any] | None = None,
-              *, sha256: str = "", dir: str | None = None, previous: str | None = None) -> None:
+    def enter(
+        self,
+        to: Phase,
+        subject: Any = None,
+        reason: str = "",
+        detail: dict[str, Any] | None = None,
+        *,
+        sha256: str = "",
+        dir: str | None = None,
+        previous: str | None = None,
+    ) -> None:
         """Move to ``to``: write or clear install.json first, then report the event.
 
         ``subject`` is the Deployment or Installed the event names; ``sha256``/``dir``/``previous``
@@ -157,14 +203,19 @@ class Machine:
         frm = self.phase
         if to not in TRANSITIONS[frm]:
             # Never stops a deployment: the table is the documentation, the agent keeps serving.
-            log.error("deploy machine: %s -> %s is not in the transition table", frm.value, to.value)
+            log.error(
+                "deploy machine: %s -> %s is not in the transition table", frm.value, to.value
+            )
             self.illegal.append((frm, to))
         spec = TABLE[to]
         if spec.persisted:
             old = self.record
-            self.record = InstallRecord(sha256 or (old.sha256 if old else ""), to,
-                                        dir if dir is not None else (old.dir if old else None),
-                                        previous if previous is not None else (old.previous if old else None))
+            self.record = InstallRecord(
+                sha256 or (old.sha256 if old else ""),
+                to,
+                dir if dir is not None else (old.dir if old else None),
+                previous if previous is not None else (old.previous if old else None),
+            )
             self.record.write(self.path)
         elif (frm, to) not in KEEPS_PHASE:
             self.clear()
@@ -192,7 +243,12 @@ class Machine:
         from the download, and the old model serves meanwhile.
         """
         rec = InstallRecord.read(self.path)
-        if rec is not None and rec.phase in ACTIVATED and active_dir is not None and rec.dir == active_dir:
+        if (
+            rec is not None
+            and rec.phase in ACTIVATED
+            and active_dir is not None
+            and rec.dir == active_dir
+        ):
             self.record = InstallRecord(rec.sha256, Phase.PROBATION, rec.dir, rec.previous)
             self.record.write(self.path)
             self.phase = Phase.PROBATION

@@ -26,14 +26,25 @@ from agent.transport.base import Transport
 # One logger for the whole reconcile loop (machine, install, commands), named as before the split.
 log = logging.getLogger("agent.deploy.agent")
 SEQ_SAVE_EVERY = 64
-_DOING = {"FETCHING": "fetching", "VERIFIED": "verified", "UNPACKED": "unpacked", "SELF_TEST": "self-test"}
+_DOING = {
+    "FETCHING": "fetching",
+    "VERIFIED": "verified",
+    "UNPACKED": "unpacked",
+    "SELF_TEST": "self-test",
+}
 
 
 class Outbox:
     """Publishes state and events; keeps systemd's STATUS= in step with what it reports."""
 
-    def __init__(self, cfg: AgentConfig, policy: Policy, transport: Transport, file: AgentFile,
-                 active: Callable[[], Installed | None]) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        policy: Policy,
+        transport: Transport,
+        file: AgentFile,
+        active: Callable[[], Installed | None],
+    ) -> None:
         self.cfg, self.policy, self.t, self.file = cfg, policy, transport, file
         self.dev = cfg.device_id
         self.active = active
@@ -57,41 +68,88 @@ class Outbox:
 
     def active_model(self) -> ActiveModel | None:
         a = self.active()
-        return None if a is None else ActiveModel(name=a.manifest.name, version=a.manifest.version, sha256=a.sha256)
+        return (
+            None
+            if a is None
+            else ActiveModel(name=a.manifest.name, version=a.manifest.version, sha256=a.sha256)
+        )
 
     def state_payload(self, online: bool) -> bytes:
         d = self.policy.device
-        info = DeviceInfo(machine=d.machine, python=d.python, system=d.system, runtimes=dict(d.runtimes),
-                          warnings=list(self.policy.warnings))
-        return encode(StateMessage(device=self.dev, online=online, agent_version=__version__,
-                                   profile=self.cfg.profile, groups=list(self.cfg.groups),
-                                   active=self.active_model(), seq=self.next_seq(), ts=time.time(),
-                                   device_info=info))
+        info = DeviceInfo(
+            machine=d.machine,
+            python=d.python,
+            system=d.system,
+            runtimes=dict(d.runtimes),
+            warnings=list(self.policy.warnings),
+        )
+        return encode(
+            StateMessage(
+                device=self.dev,
+                online=online,
+                agent_version=__version__,
+                profile=self.cfg.profile,
+                groups=list(self.cfg.groups),
+                active=self.active_model(),
+                seq=self.next_seq(),
+                ts=time.time(),
+                device_info=info,
+            )
+        )
 
     def publish_state(self, online: bool) -> None:
-        self.t.publish(topics.device_topic(self.dev, "state"), self.state_payload(online), retain=True)
+        self.t.publish(
+            topics.device_topic(self.dev, "state"), self.state_payload(online), retain=True
+        )
 
-    def event(self, kind: str, state: DeployState | None = None, reason: str = "",
-              subject: Deployment | Installed | None = None, detail: dict[str, Any] | None = None) -> None:
+    def event(
+        self,
+        kind: str,
+        state: DeployState | None = None,
+        reason: str = "",
+        subject: Deployment | Installed | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
         name = version = sha = None
         if isinstance(subject, Deployment):
             name, version, sha = subject.name, subject.version, subject.sha256
         elif isinstance(subject, Installed):
             name, version, sha = subject.manifest.name, subject.manifest.version, subject.sha256
-        ev = Event(device=self.dev, seq=self.next_seq(), ts=time.time(), kind=kind,  # type: ignore[arg-type]
-                   state=state, name=name, version=version, sha256=sha, reason=reason[:2000],
-                   detail=detail or {})
-        log.log(logging.WARNING if reason else logging.INFO, "event %s %s %s@%s %s", kind,
-                state or "", name, version, reason)
+        ev = Event(
+            device=self.dev,
+            seq=self.next_seq(),
+            ts=time.time(),
+            kind=kind,  # type: ignore[arg-type]
+            state=state,
+            name=name,
+            version=version,
+            sha256=sha,
+            reason=reason[:2000],
+            detail=detail or {},
+        )
+        log.log(
+            logging.WARNING if reason else logging.INFO,
+            "event %s %s %s@%s %s",
+            kind,
+            state or "",
+            name,
+            version,
+            reason,
+        )
         if kind == "deployment" and state in IN_PROGRESS:
             pct = (detail or {}).get("progress")
-            self.notifier.status(f"{_DOING[state]} {name} {version}"
-                                 + (f" {pct:.0%}" if isinstance(pct, float) else "") + f" ({self.status_line()})")
+            self.notifier.status(
+                f"{_DOING[state]} {name} {version}"
+                + (f" {pct:.0%}" if isinstance(pct, float) else "")
+                + f" ({self.status_line()})"
+            )
         elif kind == "deployment":
             self.notifier.status(self.status_line())
         self.t.publish(topics.device_topic(self.dev, "events"), encode(ev))
 
-    def deployment(self, state: DeployState, reason: str, subject: Any, detail: dict[str, Any] | None) -> None:
+    def deployment(
+        self, state: DeployState, reason: str, subject: Any, detail: dict[str, Any] | None
+    ) -> None:
         """The machine's report of a phase (``Machine.report``)."""
         self.event("deployment", state, reason, subject, detail)
 

@@ -36,22 +36,34 @@ class Policy:
     def check(self, m: Manifest, active: Installed | None) -> None:
         """Raise IntegrityError naming why ``m`` may not be installed here."""
         if m.profile != self.profile:
-            raise IntegrityError(f"artifact is for profile '{m.profile}', this device is '{self.profile}'")
+            raise IntegrityError(
+                f"artifact is for profile '{m.profile}', this device is '{self.profile}'"
+            )
         if m.runtime not in self.runtimes:
-            raise IntegrityError(f"artifact needs runtime '{m.runtime}', this device runs {', '.join(self.runtimes) or 'none'}")
-        if active is not None and active.manifest.name == m.name and \
-                version_key(m.version) < version_key(active.manifest.version):
+            raise IntegrityError(
+                f"artifact needs runtime '{m.runtime}', this device runs {', '.join(self.runtimes) or 'none'}"
+            )
+        if (
+            active is not None
+            and active.manifest.name == m.name
+            and version_key(m.version) < version_key(active.manifest.version)
+        ):
             raise IntegrityError(
                 f"{m.name} {m.version} is older than the active {active.manifest.version} "
-                "(anti-rollback; use the rollback command to go back)")
+                "(anti-rollback; use the rollback command to go back)"
+            )
 
-    def check_signed(self, doc: dict[str, Any], signature: str, active: Installed | None) -> Manifest:
+    def check_signed(
+        self, doc: dict[str, Any], signature: str, active: Installed | None
+    ) -> Manifest:
         """Verify a manifest sent with its signature (before fetching anything) and the policy."""
         sig = Signature.from_bytes(signature.encode("utf-8", "replace"))
         try:
             message = canonical_json(doc)
         except (ValueError, TypeError):
-            raise IntegrityError("manifest holds values that cannot be signed (non-finite numbers)") from None
+            raise IntegrityError(
+                "manifest holds values that cannot be signed (non-finite numbers)"
+            ) from None
         verify(message, sig, list(self.keys))
         m = parse_manifest(doc, "announced manifest")
         self.check(m, active)
@@ -78,19 +90,36 @@ def resolve_policy(cfg: AgentConfig, source: str = "config") -> Policy:
         max_p95 = max_p95 if max_p95 is not None else profile.budgets.max_p95_ms
         pct = pct if pct is not None else profile.budgets.max_p95_regression_pct
     if max_p95 is None:
-        raise ConfigError(f"{source}: install.max_p95_ms: no latency budget (set it, or profiles_dir "
-                          f"to a directory holding {cfg.profile}.toml)")
+        raise ConfigError(
+            f"{source}: install.max_p95_ms: no latency budget (set it, or profiles_dir "
+            f"to a directory holding {cfg.profile}.toml)"
+        )
     runtimes: tuple[str, ...] = tuple(cfg.runtimes)
     if not runtimes:
         runtimes = (profile.runtime.name,) if profile is not None else tuple(available_runtimes())
     keys = tuple(read_trusted_key(k) for k in cfg.trusted_keys)
-    providers = profile.runtime.execution_providers if profile is not None else ("CPUExecutionProvider",)
+    providers = (
+        profile.runtime.execution_providers if profile is not None else ("CPUExecutionProvider",)
+    )
     device = facts()
     warnings: tuple[str, ...] = ()
-    problem = None if profile is None else arch_problem(profile.name, profile.hardware.arch, device.machine)
+    problem = (
+        None
+        if profile is None
+        else arch_problem(profile.name, profile.hardware.arch, device.machine)
+    )
     if problem is not None:
         if cfg.arch_check == "refuse":
-            raise ConfigError(f"{source}: profile: {problem} (arch_check = \"refuse\")")
+            raise ConfigError(f'{source}: profile: {problem} (arch_check = "refuse")')
         warnings = (problem,)
-    return Policy(cfg.profile, runtimes, keys, max_p95, pct if pct is not None else DEFAULT_REGRESSION_PCT,
-                  tuple(providers), device, warnings, profile.runtime.name if profile is not None else None)
+    return Policy(
+        cfg.profile,
+        runtimes,
+        keys,
+        max_p95,
+        pct if pct is not None else DEFAULT_REGRESSION_PCT,
+        tuple(providers),
+        device,
+        warnings,
+        profile.runtime.name if profile is not None else None,
+    )

@@ -32,16 +32,28 @@ class CheckResult:
     golden: GoldenSet | None = None  # the candidate's golden set, loaded once for the check
 
 
-def load(inst: Installed, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> InferenceSession:
-    return load_session(inst.manifest.runtime, inst.dir / inst.manifest.model.file, threads=threads, providers=providers)
+def load(
+    inst: Installed, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+) -> InferenceSession:
+    return load_session(
+        inst.manifest.runtime,
+        inst.dir / inst.manifest.model.file,
+        threads=threads,
+        providers=providers,
+    )
 
 
 def golden_of(inst: Installed) -> GoldenSet:
     return GoldenSet.load(inst.dir / inst.manifest.golden.file)
 
 
-def benchmark(session: InferenceSession, golden: GoldenSet, runs: int,
-              record: Callable[[float], None] | None = None, max_s: float | None = None) -> Latency:
+def benchmark(
+    session: InferenceSession,
+    golden: GoldenSet,
+    runs: int,
+    record: Callable[[float], None] | None = None,
+    max_s: float | None = None,
+) -> Latency:
     """Batch-1 latency over ``runs`` calls after a short warm-up (fewer if ``max_s`` runs out);
     each measured call's milliseconds also go to ``record`` when given."""
     feeds = golden.bench_feed()
@@ -94,7 +106,9 @@ def check_candidate(
         return CheckResult(False, f"benchmark failed: {type(exc).__name__}: {exc}")
     detail: dict[str, object] = {"p50_ms": round(lat.p50_ms, 4), "p95_ms": round(lat.p95_ms, 4)}
     if max_p95_ms is not None and lat.p95_ms > max_p95_ms:
-        return CheckResult(False, f"p95 {lat.p95_ms:.3f} ms exceeds the budget {max_p95_ms:g} ms", lat, detail)
+        return CheckResult(
+            False, f"p95 {lat.p95_ms:.3f} ms exceeds the budget {max_p95_ms:g} ms", lat, detail
+        )
     if current is not None and max_regression_pct is not None:
         try:
             cur = benchmark(current[0], current[1], runs, per_run)
@@ -107,5 +121,8 @@ def check_candidate(
                 return CheckResult(
                     False,
                     f"p95 {lat.p95_ms:.3f} ms is more than {max_regression_pct:g}% (+{slack_ms:g} ms) "
-                    f"worse than the current model's {cur.p95_ms:.3f} ms", lat, detail)
+                    f"worse than the current model's {cur.p95_ms:.3f} ms",
+                    lat,
+                    detail,
+                )
     return CheckResult(True, "", lat, detail, golden)

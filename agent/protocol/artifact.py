@@ -65,7 +65,9 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def write_canonical_tar(out: IO[bytes] | _HashSink, members: list[tuple[str, int, IO[bytes]]]) -> None:
+def write_canonical_tar(
+    out: IO[bytes] | _HashSink, members: list[tuple[str, int, IO[bytes]]]
+) -> None:
     """Write (name, size, stream) members in the canonical layout: given order, fixed headers."""
     with tarfile.open(fileobj=out, mode="w:", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
         for name, size, stream in members:
@@ -117,7 +119,9 @@ def _hash_member(tar: tarfile.TarFile, m: tarfile.TarInfo) -> str:
     return h.hexdigest()
 
 
-def verify_artifact(path: Path, trusted: Sequence[Ed25519PublicKey | TrustedKey]) -> VerifiedArtifact:
+def verify_artifact(
+    path: Path, trusted: Sequence[Ed25519PublicKey | TrustedKey]
+) -> VerifiedArtifact:
     """Check structure, signature and every file hash; return the parsed manifest."""
     if not path.is_file():
         raise IntegrityError(f"{path}: no such artifact file")
@@ -126,7 +130,9 @@ def verify_artifact(path: Path, trusted: Sequence[Ed25519PublicKey | TrustedKey]
             members = {m.name: m for m in _members(tar)}
             for required in (MANIFEST_NAME, SIGNATURE_NAME):
                 if required not in members:
-                    raise IntegrityError(f"{path}: {required} is missing (unsigned or not an artifact)")
+                    raise IntegrityError(
+                        f"{path}: {required} is missing (unsigned or not an artifact)"
+                    )
             manifest_bytes = _read_member(tar, members[MANIFEST_NAME], MAX_MANIFEST_BYTES)
             sig = Signature.from_bytes(_read_member(tar, members[SIGNATURE_NAME], 4096))
             try:
@@ -143,15 +149,23 @@ def verify_artifact(path: Path, trusted: Sequence[Ed25519PublicKey | TrustedKey]
             listed = set(manifest.files)
             present = set(members) - {MANIFEST_NAME, SIGNATURE_NAME}
             if listed - present:
-                raise IntegrityError(f"{path}: files missing from the artifact: {sorted(listed - present)}")
+                raise IntegrityError(
+                    f"{path}: files missing from the artifact: {sorted(listed - present)}"
+                )
             if present - listed:
-                raise IntegrityError(f"{path}: files not listed in the manifest: {sorted(present - listed)}")
+                raise IntegrityError(
+                    f"{path}: files not listed in the manifest: {sorted(present - listed)}"
+                )
             for name, entry in manifest.files.items():
                 m = members[name]
                 if m.size != entry.size:
-                    raise IntegrityError(f"{path}: {name} is {m.size} bytes, manifest says {entry.size}")
+                    raise IntegrityError(
+                        f"{path}: {name} is {m.size} bytes, manifest says {entry.size}"
+                    )
                 if _hash_member(tar, m) != entry.sha256:
-                    raise IntegrityError(f"{path}: {name} sha256 does not match the manifest (corrupted or tampered)")
+                    raise IntegrityError(
+                        f"{path}: {name} sha256 does not match the manifest (corrupted or tampered)"
+                    )
             order = member_order(list(manifest.files))
             if list(members) != order:
                 raise IntegrityError(f"{path}: members are not in the canonical order")
@@ -168,7 +182,9 @@ def verify_artifact(path: Path, trusted: Sequence[Ed25519PublicKey | TrustedKey]
         raise IntegrityError(f"{path}: artifact is truncated") from None
     digest = file_sha256(path)
     if digest != sink.h.hexdigest() or path.stat().st_size != sink.n:
-        raise IntegrityError(f"{path}: tar headers or padding were modified (not the canonical layout)")
+        raise IntegrityError(
+            f"{path}: tar headers or padding were modified (not the canonical layout)"
+        )
     return VerifiedArtifact(path=path, manifest=manifest, key_id=kid, sha256=digest)
 
 

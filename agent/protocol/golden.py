@@ -78,7 +78,9 @@ class GoldenSet:
         doc: Arrays = {}
         for k, case in enumerate(self.cases):
             tag = "" if self.batched else f".{k}"
-            for kind, arrays in zip(_KINDS, (case.inputs, case.reference, case.expected), strict=True):
+            for kind, arrays in zip(
+                _KINDS, (case.inputs, case.reference, case.expected), strict=True
+            ):
                 doc.update({f"{kind}{tag}:{name}": v for name, v in arrays.items()})
         if self.batched and self.more:
             raise ValueError("a batched golden set has exactly one case")
@@ -128,8 +130,13 @@ class _Unusable(Exception):
     """An output that cannot be compared at all (shape, dtype, non-finite)."""
 
 
-def _compare(name: str, out: npt.NDArray[np.generic], exp: npt.NDArray[np.generic], spec: Golden,
-             diffs: dict[str, float]) -> str | None:
+def _compare(
+    name: str,
+    out: npt.NDArray[np.generic],
+    exp: npt.NDArray[np.generic],
+    spec: Golden,
+    diffs: dict[str, float],
+) -> str | None:
     """None when ``out`` matches ``exp``, else why not; records the max |diff| of ``name``."""
     if out.shape != exp.shape:
         raise _Unusable(f"output {name}: wrong shape {list(out.shape)}, expected {list(exp.shape)}")
@@ -140,7 +147,11 @@ def _compare(name: str, out: npt.NDArray[np.generic], exp: npt.NDArray[np.generi
         wrong = int(np.count_nonzero(out.astype(np.int64) != exp.astype(np.int64)))
         d = np.abs(out.astype(np.int64) - exp.astype(np.int64))
         diffs[name] = max(diffs.get(name, 0.0), float(np.max(d, initial=0)))
-        return None if wrong == 0 else f"{name}: {wrong} of {exp.size} values differ (exact match needed)"
+        return (
+            None
+            if wrong == 0
+            else f"{name}: {wrong} of {exp.size} values differ (exact match needed)"
+        )
     out64 = np.asarray(out, dtype=np.float64)
     exp64 = np.asarray(exp, dtype=np.float64)
     if not np.all(np.isfinite(out64)):
@@ -152,7 +163,9 @@ def _compare(name: str, out: npt.NDArray[np.generic], exp: npt.NDArray[np.generi
     return None
 
 
-def self_test(session: InferenceSession, golden: GoldenSet, spec: Golden, classification: bool) -> SelfTestResult:
+def self_test(
+    session: InferenceSession, golden: GoldenSet, spec: Golden, classification: bool
+) -> SelfTestResult:
     """Run every golden case and compare; never raises for a mismatch, only reports it."""
     diffs: dict[str, float] = {}
     bad: list[str] = []
@@ -163,7 +176,9 @@ def self_test(session: InferenceSession, golden: GoldenSet, spec: Golden, classi
         try:
             got = session.infer(case.inputs)
         except Exception as exc:
-            return SelfTestResult(False, diffs, None, f"inference failed{where}: {type(exc).__name__}: {exc}")
+            return SelfTestResult(
+                False, diffs, None, f"inference failed{where}: {type(exc).__name__}: {exc}"
+            )
         for name, exp in case.expected.items():
             out = got.get(name)
             if out is None:

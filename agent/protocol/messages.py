@@ -19,11 +19,10 @@ from agent.protocol.topics import SEGMENT_RE
 
 M = TypeVar("M", bound=BaseModel)
 
-MAX_CONTROL_BYTES = 64 * 1024          # deployments, commands, index entries
+MAX_CONTROL_BYTES = 64 * 1024  # deployments, commands, index entries
 MAX_ANNOUNCEMENT_BYTES = 4 * 1024 * 1024  # manifest + chunk table
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 # DeployState is re-exported from agent.protocol.states, where its categories are defined.
-
 
 
 class MessageError(IntegrityError):
@@ -61,7 +60,6 @@ class ArtifactAnnouncement(_Strict):
     signature: str
     published: str = ""
 
-
     def table_problem(self) -> str | None:
         """Why the chunk table does not add up, or None when it does."""
         expected = math.ceil(self.size / self.chunk_size)
@@ -86,7 +84,6 @@ class IndexEntry(_Strict):
     published: str = ""
 
 
-
 class Deployment(_Strict):
     """Retained desired state on devices/{id}/deployment or groups/{group}/deployment."""
 
@@ -97,7 +94,6 @@ class Deployment(_Strict):
     deployed_at: str = ""
 
     _n = field_validator("name")(_segment)
-
 
 
 class ActiveModel(_Strict):

@@ -92,7 +92,9 @@ def load_profile(path: Path) -> DeviceProfile:
     data = load_toml(path)
     profile = parse_model(DeviceProfile, data, str(path))
     if profile.name != path.stem:
-        raise ConfigError(f"{path}: name: '{profile.name}' does not match the file name '{path.stem}'")
+        raise ConfigError(
+            f"{path}: name: '{profile.name}' does not match the file name '{path.stem}'"
+        )
     return profile
 
 

@@ -81,10 +81,12 @@ def read_trusted_key(path: Path) -> TrustedKey:
         raise ConfigError(f"{path}: not a PEM ed25519 public key (bad base64)") from None
     if len(der) != len(_ED25519_SPKI_PREFIX) + 32 or not der.startswith(_ED25519_SPKI_PREFIX):
         raise ConfigError(f"{path}: not an ed25519 public key")
-    return TrustedKey.from_raw(der[len(_ED25519_SPKI_PREFIX):])
+    return TrustedKey.from_raw(der[len(_ED25519_SPKI_PREFIX) :])
 
 
-def generate_keypair(out_dir: Path, name: str = "edgefleet", force: bool = False) -> tuple[Path, Path]:
+def generate_keypair(
+    out_dir: Path, name: str = "edgefleet", force: bool = False
+) -> tuple[Path, Path]:
     """Write NAME.key (0600) and NAME.pub into ``out_dir``; refuse to overwrite unless forced."""
     out_dir.mkdir(parents=True, exist_ok=True)
     priv_path, pub_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
@@ -114,7 +116,9 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: signing key not found (create one: edgefleet keys generate)") from None
+        raise ConfigError(
+            f"{path}: signing key not found (create one: edgefleet keys generate)"
+        ) from None
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path}: not a PEM ed25519 private key ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -151,7 +155,9 @@ class Signature:
     def from_bytes(cls, data: bytes) -> Signature:
         try:
             doc = json.loads(data)
-            sig = Signature(str(doc["alg"]), str(doc["key_id"]), base64.b64decode(doc["sig"], validate=True))
+            sig = Signature(
+                str(doc["alg"]), str(doc["key_id"]), base64.b64decode(doc["sig"], validate=True)
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise IntegrityError(f"manifest.sig is malformed ({type(exc).__name__})") from None
         if sig.alg != SIG_ALG:
@@ -163,7 +169,9 @@ def sign(message: bytes, key: Ed25519PrivateKey) -> Signature:
     return Signature(SIG_ALG, key_id(key.public_key()), key.sign(message))
 
 
-def verify(message: bytes, signature: Signature, trusted: Sequence[Ed25519PublicKey | TrustedKey]) -> str:
+def verify(
+    message: bytes, signature: Signature, trusted: Sequence[Ed25519PublicKey | TrustedKey]
+) -> str:
     """Return the key id that verifies ``message``; raise IntegrityError otherwise."""
     if not trusted:
         raise IntegrityError("no trusted public keys configured")
@@ -176,5 +184,7 @@ def verify(message: bytes, signature: Signature, trusted: Sequence[Ed25519Public
     try:
         key.verify(signature.sig, message)
     except InvalidSignature:
-        raise IntegrityError(f"bad signature (key {signature.key_id}): manifest was modified") from None
+        raise IntegrityError(
+            f"bad signature (key {signature.key_id}): manifest was modified"
+        ) from None
     return signature.key_id

@@ -11,7 +11,14 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 DeployState = Literal[
-    "FETCHING", "VERIFIED", "UNPACKED", "SELF_TEST", "ACTIVE", "HEALTHY", "ROLLED_BACK", "REJECTED",
+    "FETCHING",
+    "VERIFIED",
+    "UNPACKED",
+    "SELF_TEST",
+    "ACTIVE",
+    "HEALTHY",
+    "ROLLED_BACK",
+    "REJECTED",
 ]
 DEPLOY_STATES: tuple[DeployState, ...] = get_args(DeployState)
 
@@ -36,6 +43,8 @@ def p95_limit_ms(old_p95_ms: float, max_regression_pct: float, slack_ms: float) 
     return old_p95_ms * (1 + max_regression_pct / 100.0) + slack_ms
 
 
-def p95_regressed(new_p95_ms: float, old_p95_ms: float, max_regression_pct: float, slack_ms: float) -> bool:
+def p95_regressed(
+    new_p95_ms: float, old_p95_ms: float, max_regression_pct: float, slack_ms: float
+) -> bool:
     """True when ``new_p95_ms`` is worse than the rule allows (see ``p95_limit_ms``)."""
     return new_p95_ms > p95_limit_ms(old_p95_ms, max_regression_pct, slack_ms)

@@ -16,12 +16,23 @@ SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_CHUNKS = 1_000_000
 
 TopicKind = Literal[
-    "manifest", "chunk", "index", "group_deployment", "device_deployment",
-    "state", "events", "telemetry", "cmd", "cmd_result",
+    "manifest",
+    "chunk",
+    "index",
+    "group_deployment",
+    "device_deployment",
+    "state",
+    "events",
+    "telemetry",
+    "cmd",
+    "cmd_result",
 ]
 _DEVICE_LEAVES: dict[str, TopicKind] = {
-    "deployment": "device_deployment", "state": "state", "events": "events",
-    "telemetry": "telemetry", "cmd": "cmd",
+    "deployment": "device_deployment",
+    "state": "state",
+    "events": "events",
+    "telemetry": "telemetry",
+    "cmd": "cmd",
 }
 
 
@@ -92,11 +103,19 @@ def parse(topic: str) -> Topic | None:
     try:
         if rest[0] == "artifacts":
             if len(rest) == 5 and rest[1] == "index":
-                return Topic("index", name=_seg(rest[2], "name"), version=_seg(rest[3], "version"),
-                             profile=_seg(rest[4], "profile"))
+                return Topic(
+                    "index",
+                    name=_seg(rest[2], "name"),
+                    version=_seg(rest[3], "version"),
+                    profile=_seg(rest[4], "profile"),
+                )
             if len(rest) == 3 and rest[2] == "manifest":
                 return Topic("manifest", sha256=_sha(rest[1]))
-            if len(rest) == 4 and rest[2] == "chunks" and re.fullmatch(r"0|[1-9][0-9]{0,5}", rest[3]):
+            if (
+                len(rest) == 4
+                and rest[2] == "chunks"
+                and re.fullmatch(r"0|[1-9][0-9]{0,5}", rest[3])
+            ):
                 return Topic("chunk", sha256=_sha(rest[1]), index=int(rest[3]))
         elif rest[0] == "groups" and len(rest) == 3 and rest[2] == "deployment":
             return Topic("group_deployment", group=_seg(rest[1], "group"))

@@ -30,7 +30,9 @@ class InferenceSession(ABC):
     def outputs(self) -> list[IOSpec]: ...
 
     @abstractmethod
-    def infer(self, feeds: dict[str, npt.NDArray[np.generic]]) -> dict[str, npt.NDArray[np.generic]]: ...
+    def infer(
+        self, feeds: dict[str, npt.NDArray[np.generic]]
+    ) -> dict[str, npt.NDArray[np.generic]]: ...
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release native resources; the default has none to release."""

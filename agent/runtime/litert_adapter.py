@@ -73,11 +73,15 @@ class LiteRtSession(InferenceSession):
     def outputs(self) -> list[IOSpec]:
         return [_spec(d) for d in self._out]
 
-    def infer(self, feeds: dict[str, npt.NDArray[np.generic]]) -> dict[str, npt.NDArray[np.generic]]:
+    def infer(
+        self, feeds: dict[str, npt.NDArray[np.generic]]
+    ) -> dict[str, npt.NDArray[np.generic]]:
         with self._lock:
             return self._infer(feeds)
 
-    def _infer(self, feeds: dict[str, npt.NDArray[np.generic]]) -> dict[str, npt.NDArray[np.generic]]:
+    def _infer(
+        self, feeds: dict[str, npt.NDArray[np.generic]]
+    ) -> dict[str, npt.NDArray[np.generic]]:
         arrays = {d["name"]: np.asarray(feeds[d["name"]]) for d in self._in}
         resized = False
         for d in self._in:

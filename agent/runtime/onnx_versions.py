@@ -96,7 +96,9 @@ def read_versions(path: Path) -> OnnxVersions:
 
 
 _IR_RE = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
-_OPSET_RE = re.compile(r"Opset (\d+) is under development.*?support for domain (\S+) is till opset (\d+)", re.S)
+_OPSET_RE = re.compile(
+    r"Opset (\d+) is under development.*?support for domain (\S+) is till opset (\d+)", re.S
+)
 
 
 def too_new(path: Path, runtime_version: str, load_error: str) -> str | None:
@@ -111,5 +113,7 @@ def too_new(path: Path, runtime_version: str, load_error: str) -> str | None:
         limit = f"supports {m.group(2)} up to opset {m.group(3)}"
     else:
         return None
-    return (f"{path.name} is {model}; the installed onnxruntime {runtime_version} {limit} "
-            "(upgrade onnxruntime on the device or build with an older opset/IR)")
+    return (
+        f"{path.name} is {model}; the installed onnxruntime {runtime_version} {limit} "
+        "(upgrade onnxruntime on the device or build with an older opset/IR)"
+    )

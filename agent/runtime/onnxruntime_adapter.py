@@ -52,8 +52,12 @@ class OrtSession(InferenceSession):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise missing_dependency("onnxruntime", "agent,onnxruntime", "the ONNX Runtime adapter",
-                                     alternative="NVIDIA's onnxruntime-gpu on a Jetson") from None
+            raise missing_dependency(
+                "onnxruntime",
+                "agent,onnxruntime",
+                "the ONNX Runtime adapter",
+                alternative="NVIDIA's onnxruntime-gpu on a Jetson",
+            ) from None
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -69,16 +73,24 @@ class OrtSession(InferenceSession):
             # retry on the CPU once.
             if chosen == ["CPUExecutionProvider"]:
                 raise _load_error(path, ort.__version__, exc) from None
-            log.warning("%s: providers %s failed (%s); retrying on CPUExecutionProvider", path, chosen, exc)
+            log.warning(
+                "%s: providers %s failed (%s); retrying on CPUExecutionProvider", path, chosen, exc
+            )
             try:
-                self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+                self._sess = ort.InferenceSession(
+                    str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+                )
             except Exception as exc2:
                 raise _load_error(path, ort.__version__, exc2) from None
         self.providers: list[str] = list(self._sess.get_providers())
         if self.providers[:1] != chosen[:1]:
             log.warning("%s: asked for %s, running on %s", path, chosen, self.providers)
-        log.info("%s: onnxruntime session providers %s (profile asked for %s)", path, self.providers,
-                 list(providers))
+        log.info(
+            "%s: onnxruntime session providers %s (profile asked for %s)",
+            path,
+            self.providers,
+            list(providers),
+        )
         self._inputs = [_spec(a) for a in self._sess.get_inputs()]
         self._outputs = [_spec(a) for a in self._sess.get_outputs()]
         self._out_names = [o.name for o in self._outputs]
@@ -91,10 +103,14 @@ class OrtSession(InferenceSession):
     def outputs(self) -> list[IOSpec]:
         return self._outputs
 
-    def infer(self, feeds: dict[str, npt.NDArray[np.generic]]) -> dict[str, npt.NDArray[np.generic]]:
+    def infer(
+        self, feeds: dict[str, npt.NDArray[np.generic]]
+    ) -> dict[str, npt.NDArray[np.generic]]:
         # run returns one array per name asked for, in order (no strict zip on the hot path)
         return dict(zip(self._out_names, self._sess.run(self._out_names, feeds)))  # noqa: B905
 
 
-def load(path: Path, threads: int = 1, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> OrtSession:
+def load(
+    path: Path, threads: int = 1, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+) -> OrtSession:
     return OrtSession(path, threads, providers)

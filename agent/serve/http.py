@@ -31,9 +31,17 @@ from agent.telemetry.latency import LatencyRecorder
 log = logging.getLogger(__name__)
 
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "litert": "tensorflow_lite"}
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
-           500: "Internal Server Error", 503: "Service Unavailable"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    411: "Length Required",
+    413: "Payload Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -86,15 +94,25 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
     # -- responses --------------------------------------------------------------------------
-    def _send(self, status: int, body: bytes, ctype: str = "application/json",
-              header_len: int | None = None) -> None:
-        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}", f"Content-Type: {ctype}",
-                f"Content-Length: {len(body)}"]
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        ctype: str = "application/json",
+        header_len: int | None = None,
+    ) -> None:
+        head = [
+            f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}",
+            f"Content-Type: {ctype}",
+            f"Content-Length: {len(body)}",
+        ]
         if header_len is not None:
             head.append(f"Inference-Header-Content-Length: {header_len}")
         if self.close_connection:
             head.append("Connection: close")
-        self.connection.settimeout(self.endpoint.cfg.request_timeout_s)  # reads may have shortened it
+        self.connection.settimeout(
+            self.endpoint.cfg.request_timeout_s
+        )  # reads may have shortened it
         self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
 
     def _json(self, status: int, doc: dict[str, Any]) -> None:
@@ -107,7 +125,9 @@ class _Handler(BaseHTTPRequestHandler):
         """http.server's own errors (bad request line, headers too long) as protocol error JSON."""
         self.close_connection = True
         with contextlib.suppress(OSError):
-            self._error(code if code in REASONS else 400, message or REASONS.get(code, "bad request"))
+            self._error(
+                code if code in REASONS else 400, message or REASONS.get(code, "bad request")
+            )
 
     # -- methods ------------------------------------------------------------------------------
     def do_GET(self) -> None:
@@ -150,8 +170,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise RequestError(405, f"{method} is not allowed here (use {want})")
         if not rest:
-            self._json(200, {"name": "edgefleet-agent", "version": __version__,
-                             "extensions": ["binary_tensor_data"]})
+            self._json(
+                200,
+                {
+                    "name": "edgefleet-agent",
+                    "version": __version__,
+                    "extensions": ["binary_tensor_data"],
+                },
+            )
             return
         if rest == ["health", "live"]:
             self._json(200, {"live": True})
@@ -172,9 +198,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._infer(name, version)
         elif tail == []:
             m = ep.find(name, version)
-            self._json(200, {"name": m.name, "versions": [m.version], "platform": PLATFORMS.get(m.runtime, m.runtime),
-                             "inputs": [spec_json(s) for s in m.inputs],
-                             "outputs": [spec_json(s) for s in m.outputs]})
+            self._json(
+                200,
+                {
+                    "name": m.name,
+                    "versions": [m.version],
+                    "platform": PLATFORMS.get(m.runtime, m.runtime),
+                    "inputs": [spec_json(s) for s in m.inputs],
+                    "outputs": [spec_json(s) for s in m.outputs],
+                },
+            )
         elif tail == ["ready"]:
             m = ep.find(name, version)
             self._json(200, {"name": m.name, "ready": True})
@@ -199,7 +232,9 @@ class _Handler(BaseHTTPRequestHandler):
         limit = self.endpoint.cfg.max_body_bytes
         if n > limit:
             self.close_connection = True  # the body is not read: the connection cannot be reused
-            raise RequestError(413, f"body of {n} bytes exceeds the {limit} allowed (serve.max_body_bytes)")
+            raise RequestError(
+                413, f"body of {n} bytes exceeds the {limit} allowed (serve.max_body_bytes)"
+            )
         if n == 0:
             self._body_read = True
             return b""
@@ -242,13 +277,19 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             holder.release(loaded)
         ep.recorder.record(ms)
-        self._send(200, out, "application/json" if header_len is None else "application/octet-stream",
-                   header_len)
+        self._send(
+            200,
+            out,
+            "application/json" if header_len is None else "application/octet-stream",
+            header_len,
+        )
 
 
 _BUSY_BODY = b'{"error":"too many connections open"}'
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-         b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
 
 
 class _TcpServer(ThreadingHTTPServer):
@@ -284,10 +325,14 @@ class Endpoint:
         if name != m.name:
             raise RequestError(404, f"unknown model '{name[:100]}' (this device serves '{m.name}')")
         if version is not None and version != m.version:
-            raise RequestError(404, f"version '{version[:100]}' of '{name}' is not active (active: {m.version})")
+            raise RequestError(
+                404, f"version '{version[:100]}' of '{name}' is not active (active: {m.version})"
+            )
 
     def start(self) -> None:
-        handler = type("Handler", (_Handler,), {"endpoint": self, "timeout": self.cfg.request_timeout_s})
+        handler = type(
+            "Handler", (_Handler,), {"endpoint": self, "timeout": self.cfg.request_timeout_s}
+        )
         cfg = self.cfg
         try:
             if cfg.unix_socket is not None:
@@ -323,8 +368,9 @@ class Endpoint:
         server.process_request = process_request  # type: ignore[method-assign]
         server.process_request_thread = process_request_thread  # type: ignore[attr-defined]
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 1.0},
-                                        name="serve", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 1.0}, name="serve", daemon=True
+        )
         self._thread.start()
         log.info("serving the Open Inference Protocol v2 on %s", self.address)
 

@@ -48,8 +48,9 @@ class LocalModel:
             ms = (time.perf_counter() - t0) * 1000.0
         except Exception as exc:  # a runtime's own error types
             self.recorder.error()
-            raise InferenceError(f"{loaded.name} {loaded.version}: inference failed: "
-                                 f"{type(exc).__name__}: {exc}") from None
+            raise InferenceError(
+                f"{loaded.name} {loaded.version}: inference failed: {type(exc).__name__}: {exc}"
+            ) from None
         finally:
             holder.release(loaded)
         self.recorder.record(ms)

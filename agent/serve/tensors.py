@@ -18,9 +18,18 @@ from agent.runtime import IOSpec
 
 # numpy dtype name -> v2 datatype (BYTES is not supported: the runtimes here take numbers)
 V2_DTYPES = {
-    "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
-    "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
-    "float16": "FP16", "float32": "FP32", "float64": "FP64",
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "uint16": "UINT16",
+    "uint32": "UINT32",
+    "uint64": "UINT64",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "float32": "FP32",
+    "float64": "FP64",
 }
 NP_DTYPES = {v: k for k, v in V2_DTYPES.items()}
 
@@ -44,8 +53,11 @@ def v2_shape(spec: IOSpec) -> list[int]:
 
 
 def spec_json(spec: IOSpec) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": V2_DTYPES.get(spec.dtype, spec.dtype.upper()),
-            "shape": v2_shape(spec)}
+    return {
+        "name": spec.name,
+        "datatype": V2_DTYPES.get(spec.dtype, spec.dtype.upper()),
+        "shape": v2_shape(spec),
+    }
 
 
 def _obj(doc: Any, what: str) -> dict[str, Any]:
@@ -58,12 +70,16 @@ def _params(doc: dict[str, Any], what: str) -> dict[str, Any]:
     return _obj(doc.get("parameters", {}), f"{what}.parameters")
 
 
-def _from_binary(name: str, raw: memoryview, dtype: np.dtype[Any], shape: list[int]) -> npt.NDArray[Any]:
+def _from_binary(
+    name: str, raw: memoryview, dtype: np.dtype[Any], shape: list[int]
+) -> npt.NDArray[Any]:
     """A binary tensor (little-endian, row-major; BOOL one byte, 0 or 1) as a native array."""
     if dtype == np.bool_:
         octets = np.frombuffer(raw, dtype=np.uint8)
         if np.any(octets > 1):
-            raise RequestError(400, f"input '{name}': BOOL binary data has bytes other than 0 and 1")
+            raise RequestError(
+                400, f"input '{name}': BOOL binary data has bytes other than 0 and 1"
+            )
         return octets.astype(np.bool_).reshape(shape)
     arr = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
     return arr.astype(dtype, copy=False).reshape(shape)
@@ -98,8 +114,9 @@ def _from_json(name: str, data: Any, dtype: np.dtype[Any], want: str) -> npt.NDA
         raise RequestError(400, f"input '{name}': data is not a list of {what}") from None
 
 
-def parse_infer(body: bytes, header_len: int | None, inputs: list[IOSpec],
-                outputs: list[IOSpec]) -> InferRequest:
+def parse_infer(
+    body: bytes, header_len: int | None, inputs: list[IOSpec], outputs: list[IOSpec]
+) -> InferRequest:
     """Decode and check an infer request against the model's inputs and outputs."""
     if header_len is not None:
         if header_len < 0 or header_len > len(body):
@@ -124,40 +141,61 @@ def parse_infer(body: bytes, header_len: int | None, inputs: list[IOSpec],
         t = _obj(raw, f"inputs[{i}]")
         name = t.get("name")
         if not isinstance(name, str) or name not in specs:
-            raise RequestError(400, f"inputs[{i}]: unknown input {name!r} (the model takes "
-                                    f"{', '.join(specs)})")
+            raise RequestError(
+                400, f"inputs[{i}]: unknown input {name!r} (the model takes {', '.join(specs)})"
+            )
         if name in feeds:
             raise RequestError(400, f"input '{name}' given twice")
         spec = specs[name]
         want = V2_DTYPES.get(spec.dtype)
         if t.get("datatype") != want or want is None:
-            raise RequestError(400, f"input '{name}': datatype {t.get('datatype')!r}, the model expects {want}")
+            raise RequestError(
+                400, f"input '{name}': datatype {t.get('datatype')!r}, the model expects {want}"
+            )
         shape = t.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                   for d in shape):
-            raise RequestError(400, f"input '{name}': shape must be a list of non-negative integers")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise RequestError(
+                400, f"input '{name}': shape must be a list of non-negative integers"
+            )
         expect = v2_shape(spec)
-        if len(shape) != len(expect) or any(e != -1 and e != d for e, d in zip(expect, shape, strict=True)):
-            raise RequestError(400, f"input '{name}': shape {shape}, the model expects {expect} (-1: any)")
+        if len(shape) != len(expect) or any(
+            e != -1 and e != d for e, d in zip(expect, shape, strict=True)
+        ):
+            raise RequestError(
+                400, f"input '{name}': shape {shape}, the model expects {expect} (-1: any)"
+            )
         dtype = np.dtype(spec.dtype)
         count = math.prod(shape)
         size = _params(t, f"input '{name}'").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise RequestError(400, f"input '{name}': binary_data_size must be a non-negative integer")
+                raise RequestError(
+                    400, f"input '{name}': binary_data_size must be a non-negative integer"
+                )
             if size != count * dtype.itemsize:
-                raise RequestError(400, f"input '{name}': binary_data_size {size}, shape {shape} of "
-                                        f"{want} needs {count * dtype.itemsize}")
+                raise RequestError(
+                    400,
+                    f"input '{name}': binary_data_size {size}, shape {shape} of "
+                    f"{want} needs {count * dtype.itemsize}",
+                )
             if offset + size > len(binary):
-                raise RequestError(400, f"input '{name}': binary data is shorter than binary_data_size")
-            arr = _from_binary(name, binary[offset:offset + size], dtype, shape)
+                raise RequestError(
+                    400, f"input '{name}': binary data is shorter than binary_data_size"
+                )
+            arr = _from_binary(name, binary[offset : offset + size], dtype, shape)
             offset += size
         else:
             if "data" not in t:
-                raise RequestError(400, f"input '{name}': no data (JSON 'data' or binary_data_size)")
+                raise RequestError(
+                    400, f"input '{name}': no data (JSON 'data' or binary_data_size)"
+                )
             arr = _from_json(name, t["data"], dtype, want)
             if arr.size != count:
-                raise RequestError(400, f"input '{name}': {arr.size} values for shape {shape} ({count})")
+                raise RequestError(
+                    400, f"input '{name}': {arr.size} values for shape {shape} ({count})"
+                )
             arr = arr.reshape(shape)
         feeds[name] = arr
     if offset != len(binary):
@@ -177,14 +215,20 @@ def parse_infer(body: bytes, header_len: int | None, inputs: list[IOSpec],
             o = _obj(raw, f"outputs[{i}]")
             oname = o.get("name")
             if not isinstance(oname, str) or oname not in names:
-                raise RequestError(400, f"outputs[{i}]: unknown output {oname!r} (the model gives "
-                                        f"{', '.join(sorted(names))})")
-            wanted.append((oname, bool(_params(o, f"outputs[{i}]").get("binary_data", binary_default))))
+                raise RequestError(
+                    400,
+                    f"outputs[{i}]: unknown output {oname!r} (the model gives "
+                    f"{', '.join(sorted(names))})",
+                )
+            wanted.append(
+                (oname, bool(_params(o, f"outputs[{i}]").get("binary_data", binary_default)))
+            )
     return InferRequest(rid if isinstance(rid, str) else None, feeds, wanted, binary_default)
 
 
-def encode_response(name: str, version: str, req: InferRequest,
-                    result: dict[str, npt.NDArray[np.generic]]) -> tuple[bytes, int | None]:
+def encode_response(
+    name: str, version: str, req: InferRequest, result: dict[str, npt.NDArray[np.generic]]
+) -> tuple[bytes, int | None]:
     """The response body and, when some output is binary, the JSON header's length."""
     chosen = req.outputs if req.outputs is not None else [(n, req.binary_default) for n in result]
     outs: list[dict[str, Any]] = []
@@ -193,7 +237,9 @@ def encode_response(name: str, version: str, req: InferRequest,
         arr = np.asarray(result[oname])
         dt = V2_DTYPES.get(arr.dtype.name)
         if dt is None:  # e.g. a string output: give it back as FP32 is wrong, so say so
-            raise RequestError(500, f"output '{oname}' has dtype {arr.dtype.name}, not a v2 datatype")
+            raise RequestError(
+                500, f"output '{oname}' has dtype {arr.dtype.name}, not a v2 datatype"
+            )
         o: dict[str, Any] = {"name": oname, "datatype": dt, "shape": list(arr.shape)}
         if binary:
             # v2 binary tensors are little-endian, row-major; BOOL is one byte per element

@@ -38,7 +38,11 @@ class ChunkStore:
             self.done = bytearray(b"\x01" * n)
             return
         meta = read_json(self._meta_path)
-        same = isinstance(meta, dict) and meta.get("chunk_size") == ann.chunk_size and meta.get("size") == ann.size
+        same = (
+            isinstance(meta, dict)
+            and meta.get("chunk_size") == ann.chunk_size
+            and meta.get("size") == ann.size
+        )
         if same and self.part.exists() and self.part.stat().st_size == ann.size:
             bits = self._read_bitmap()
             with self.part.open("rb") as fh:
@@ -50,8 +54,10 @@ class ChunkStore:
         else:
             with self.part.open("wb") as fh:
                 fh.truncate(ann.size)
-            write_json(self._meta_path, {"size": ann.size, "chunk_size": ann.chunk_size,
-                                         "sha256": ann.sha256})
+            write_json(
+                self._meta_path,
+                {"size": ann.size, "chunk_size": ann.chunk_size, "sha256": ann.sha256},
+            )
             self._save_bitmap()
 
     def _read_bitmap(self) -> bytearray:
@@ -110,13 +116,17 @@ class ChunkStore:
     def write(self, index: int, data: bytes) -> bool:
         """Store chunk ``index``; False if it was already there; IntegrityError if it is wrong."""
         if not 0 <= index < len(self.ann.chunks):
-            raise IntegrityError(f"chunk {index} is outside the chunk table ({len(self.ann.chunks)} chunks)")
+            raise IntegrityError(
+                f"chunk {index} is outside the chunk table ({len(self.ann.chunks)} chunks)"
+            )
         if self.done[index]:
             self.duplicate_chunks += 1
             return False
         ref = self.ann.chunks[index]
         if len(data) != ref.size:
-            raise IntegrityError(f"chunk {index} is {len(data)} bytes, the chunk table says {ref.size}")
+            raise IntegrityError(
+                f"chunk {index} is {len(data)} bytes, the chunk table says {ref.size}"
+            )
         if hashlib.sha256(data).hexdigest() != ref.sha256:
             raise IntegrityError(f"chunk {index} sha256 does not match the chunk table")
         if self._fd is None:

@@ -119,8 +119,9 @@ class VersionStore:
         tmp = self.versions / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         extract_verified(va, tmp)
-        write_json(tmp / INFO_NAME, {"sha256": va.sha256, "key_id": va.key_id,
-                                     "unpacked": time.time()})
+        write_json(
+            tmp / INFO_NAME, {"sha256": va.sha256, "key_id": va.key_id, "unpacked": time.time()}
+        )
         fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)

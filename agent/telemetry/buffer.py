@@ -50,8 +50,11 @@ class TelemetryBuffer:
         return int(row[0]) if row else 0
 
     def _set(self, name: str, value: int) -> None:
-        self._db.execute("INSERT INTO counters(name, value) VALUES(?, ?) "
-                         "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (name, value))
+        self._db.execute(
+            "INSERT INTO counters(name, value) VALUES(?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (name, value),
+        )
 
     def reserve(self) -> Reservation:
         """Take the next seq and the drop count to report (which then starts again from 0)."""
@@ -75,8 +78,13 @@ class TelemetryBuffer:
             if excess > 0:
                 marks = ",".join("?" * len(keep))
                 where = f"WHERE id NOT IN ({marks}) AND id != ?" if keep else "WHERE id != ?"
-                ids = [r[0] for r in self._db.execute(
-                    f"SELECT id FROM messages {where} ORDER BY id LIMIT ?", (*keep, new_id, excess))]
+                ids = [
+                    r[0]
+                    for r in self._db.execute(
+                        f"SELECT id FROM messages {where} ORDER BY id LIMIT ?",
+                        (*keep, new_id, excess),
+                    )
+                ]
                 self._db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in ids])
                 self._set("dropped", self._counter("dropped") + len(ids))
                 self._set("dropped_total", self._counter("dropped_total") + len(ids))
@@ -85,8 +93,10 @@ class TelemetryBuffer:
     def after(self, last_id: int, limit: int) -> list[tuple[int, bytes]]:
         """Messages with an id above ``last_id``, oldest first."""
         with self._lock:
-            rows = self._db.execute("SELECT id, payload FROM messages WHERE id > ? ORDER BY id LIMIT ?",
-                                    (last_id, limit)).fetchall()
+            rows = self._db.execute(
+                "SELECT id, payload FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+                (last_id, limit),
+            ).fetchall()
         return [(int(i), bytes(p)) for i, p in rows]
 
     def delete(self, ids: Collection[int]) -> None:

@@ -76,7 +76,13 @@ class LatencyRecorder:
         """The figures since the previous call; starts a new window."""
         now = time.monotonic()
         with self._lock:
-            sample, count, errors, mx, start = self._sample, self._count, self._errors, self._max, self._start
+            sample, count, errors, mx, start = (
+                self._sample,
+                self._count,
+                self._errors,
+                self._max,
+                self._start,
+            )
             self._reset(now)
         if count == 0:
             return WindowStats(0, errors, now - start, None, None, None, None)

@@ -50,7 +50,9 @@ def sparse(doc: Any) -> Any:
 
 
 def encode_telemetry(msg: Telemetry) -> bytes:
-    return json.dumps(sparse(msg.model_dump(mode="json")), separators=(",", ":"), allow_nan=False).encode()
+    return json.dumps(
+        sparse(msg.model_dump(mode="json")), separators=(",", ":"), allow_nan=False
+    ).encode()
 
 
 def _round(v: float | None, nd: int = 4) -> float | None:
@@ -91,20 +93,31 @@ class ProcessStats:
 
 
 class TelemetryReporter:
-    def __init__(self, cfg: AgentConfig, transport: Transport, recorder: LatencyRecorder,
-                 active: Callable[[], ActiveModel | None], thermal: ThermalReader | None = None) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        transport: Transport,
+        recorder: LatencyRecorder,
+        active: Callable[[], ActiveModel | None],
+        thermal: ThermalReader | None = None,
+    ) -> None:
         tc = cfg.telemetry
         self.device, self.t, self.recorder, self.active = cfg.device_id, transport, recorder, active
         self.interval = tc.interval_s
         self.topic = topics.device_topic(cfg.device_id, "telemetry")
-        self.buffer = TelemetryBuffer(tc.buffer_dir or cfg.state_dir / "telemetry", tc.buffer_max_messages)
+        self.buffer = TelemetryBuffer(
+            tc.buffer_dir or cfg.state_dir / "telemetry", tc.buffer_max_messages
+        )
         self.thermal = thermal or ThermalReader(tc.sysfs_root)
         self.proc = ProcessStats()
         self.started = time.monotonic()
         self.window = WindowThermal()
         self.inflight: list[_Inflight] = []
         self.sent_upto = 0  # highest buffered id handed to the transport
-        self._reconnected, self._reconnected_at = 0, 0.0  # the connection seen with old in-flight messages
+        self._reconnected, self._reconnected_at = (
+            0,
+            0.0,
+        )  # the connection seen with old in-flight messages
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -119,16 +132,34 @@ class TelemetryReporter:
         self.window.add(now)
         w = self.recorder.window()
         res = self.buffer.reserve()
-        lat = LatencyWindow(count=w.count, errors=w.errors, throughput_per_s=round(w.throughput_per_s, 3),
-                            p50_ms=_round(w.p50_ms), p95_ms=_round(w.p95_ms), p99_ms=_round(w.p99_ms),
-                            max_ms=_round(w.max_ms), thermal=self.window.summary())
+        lat = LatencyWindow(
+            count=w.count,
+            errors=w.errors,
+            throughput_per_s=round(w.throughput_per_s, 3),
+            p50_ms=_round(w.p50_ms),
+            p95_ms=_round(w.p95_ms),
+            p99_ms=_round(w.p99_ms),
+            max_ms=_round(w.max_ms),
+            thermal=self.window.summary(),
+        )
         self.window = WindowThermal()
         msg = Telemetry(
-            device=self.device, seq=res.seq, ts=time.time(), interval_s=round(w.seconds, 3),
-            uptime_s=round(time.monotonic() - self.started, 3), active=self.active(), latency=lat,
-            temperatures_c=now.temperatures_c, throttled=now.throttled, throttle_detail=now.detail,
+            device=self.device,
+            seq=res.seq,
+            ts=time.time(),
+            interval_s=round(w.seconds, 3),
+            uptime_s=round(time.monotonic() - self.started, 3),
+            active=self.active(),
+            latency=lat,
+            temperatures_c=now.temperatures_c,
+            throttled=now.throttled,
+            throttle_detail=now.detail,
             cpu_freq_mhz=now.cpu_freq_mhz,
-            buffer={"pending": res.pending, "dropped": res.dropped, "dropped_total": res.dropped_total},
+            buffer={
+                "pending": res.pending,
+                "dropped": res.dropped,
+                "dropped_total": res.dropped_total,
+            },
             **self.proc.read(),
         )
         self.buffer.append(encode_telemetry(msg), keep=[f.id for f in self.inflight])
@@ -156,13 +187,17 @@ class TelemetryReporter:
             for f in old:  # not kept by the transport across the reconnect: publish it again
                 again = self.buffer.after(f.id - 1, 1)
                 if again and again[0][0] == f.id:
-                    log.info("telemetry %d unacknowledged since a reconnect; publishing it again", f.id)
+                    log.info(
+                        "telemetry %d unacknowledged since a reconnect; publishing it again", f.id
+                    )
                     f.delivery, f.connection = self.t.publish_tracked(self.topic, again[0][1]), conn
             return len(self.inflight)
         room = INFLIGHT - len(self.inflight)
         if room > 0:
             for mid, payload in self.buffer.after(self.sent_upto, room):
-                self.inflight.append(_Inflight(mid, self.t.publish_tracked(self.topic, payload), conn))
+                self.inflight.append(
+                    _Inflight(mid, self.t.publish_tracked(self.topic, payload), conn)
+                )
                 self.sent_upto = mid
         return len(self.inflight)
 

@@ -16,8 +16,13 @@ from typing import Any
 # `vcgencmd get_throttled` bits (Raspberry Pi firmware): current state in the low bits, "has
 # happened since boot" in bits 16-19.
 VCGEN_BITS = {
-    0: "under_voltage", 1: "freq_capped", 2: "throttled", 3: "soft_temp_limit",
-    16: "under_voltage_occurred", 17: "freq_capped_occurred", 18: "throttled_occurred",
+    0: "under_voltage",
+    1: "freq_capped",
+    2: "throttled",
+    3: "soft_temp_limit",
+    16: "under_voltage_occurred",
+    17: "freq_capped_occurred",
+    18: "throttled_occurred",
     19: "soft_temp_limit_occurred",
 }
 VCGEN_NOW_THROTTLING = (1 << 1) | (1 << 2) | (1 << 3)
@@ -107,7 +112,11 @@ class ThermalReader:
         cap: list[float] = []
         hw: list[float] = []
         for d in self.cpus.glob("cpu[0-9]*/cpufreq"):
-            for path, out in (("scaling_cur_freq", cur), ("scaling_max_freq", cap), ("cpuinfo_max_freq", hw)):
+            for path, out in (
+                ("scaling_cur_freq", cur),
+                ("scaling_max_freq", cap),
+                ("cpuinfo_max_freq", hw),
+            ):
                 v = _read_int(d / path)
                 if v is not None and v > 0:
                     out.append(v / 1000.0)
@@ -131,8 +140,13 @@ class ThermalReader:
         if not self.vcgencmd:
             return None
         try:
-            proc = subprocess.run([self.vcgencmd, "get_throttled"], capture_output=True, text=True,
-                                  timeout=2.0, check=False)
+            proc = subprocess.run(
+                [self.vcgencmd, "get_throttled"],
+                capture_output=True,
+                text=True,
+                timeout=2.0,
+                check=False,
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return parse_vcgencmd(proc.stdout) if proc.returncode == 0 else None

@@ -67,8 +67,9 @@ class MqttTransport:
         c.on_publish = self._handle_publish
 
     # -- paho callbacks (network thread): only bookkeeping and enqueueing --------------------
-    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
-                        properties: Any) -> None:
+    def _handle_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
         if reason_code.is_failure:
             log.warning("broker refused the connection: %s", reason_code)
             return
@@ -83,16 +84,18 @@ class MqttTransport:
         if self._on_connect is not None:
             self._on_connect()
 
-    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
-                           properties: Any) -> None:
+    def _handle_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
         self.connected.clear()
         if self._stopping:
             log.info("disconnected from %s:%s", self._cfg.host, self._cfg.port)
         else:
             log.info("disconnected (%s); reconnecting with backoff", reason_code)
 
-    def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any,
-                        properties: Any) -> None:
+    def _handle_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
+    ) -> None:
         with self._acks:
             self._recent_acks[mid] = None
             self._recent_acks.move_to_end(mid)

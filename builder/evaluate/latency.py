@@ -29,7 +29,9 @@ def percentiles(samples_s: list[float]) -> dict[str, float]:
     }
 
 
-def _time_runs(session: InferenceSession, feeds: Mapping[str, np.ndarray], runs: int, deadline: float) -> list[float]:
+def _time_runs(
+    session: InferenceSession, feeds: Mapping[str, np.ndarray], runs: int, deadline: float
+) -> list[float]:
     """Runs until ``deadline`` (at least 5, at most ``runs``): a fast model gets many runs a
     round, so one preemption by another process does not become its p95."""
     times: list[float] = []
@@ -41,8 +43,14 @@ def _time_runs(session: InferenceSession, feeds: Mapping[str, np.ndarray], runs:
 
 
 def measure_latency(
-    session: InferenceSession, feeds: Mapping[str, np.ndarray], *, reference: InferenceSession | None = None,
-    rounds: int = 7, per_round: int = 1000, max_seconds: float = 6.0, warmup: int = 5,
+    session: InferenceSession,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    reference: InferenceSession | None = None,
+    rounds: int = 7,
+    per_round: int = 1000,
+    max_seconds: float = 6.0,
+    warmup: int = 5,
 ) -> dict[str, Any]:
     """Latency of ``feeds`` (batch 1) over ``rounds`` rounds, interleaved with ``reference``.
 
@@ -75,7 +83,11 @@ def measure_latency(
     out.update(max_ms=round(max(all_times) * 1000, 4), n=len(all_times), rounds=len(per[0]))
     if reference is not None:
         out.update(ref_p50_ms=med(1, "p50_ms"), ref_p95_ms=med(1, "p95_ms"))
-        ratios = [a["p95_ms"] / b["p95_ms"] for a, b in zip(per[0], per[1], strict=True) if b["p95_ms"] > 0]
+        ratios = [
+            a["p95_ms"] / b["p95_ms"]
+            for a, b in zip(per[0], per[1], strict=True)
+            if b["p95_ms"] > 0
+        ]
         out["p95_ratio"] = round(float(np.median(ratios)), 4) if ratios else None
     first = next(iter(feeds.values()), None)
     out["batch"] = int(first.shape[0]) if first is not None and first.ndim else 1

@@ -45,7 +45,9 @@ print(json.dumps({"rss_before_load_mb": round(before, 2), "peak_rss_mb": round(p
 """
 
 
-def measure_peak_rss(runtime: str, model: Path, threads: int, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def measure_peak_rss(
+    runtime: str, model: Path, threads: int, feeds: Mapping[str, np.ndarray]
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         fp = Path(tmp) / "feeds.npz"
         np.savez(fp, **dict(feeds))  # type: ignore[arg-type]

@@ -56,14 +56,29 @@ class ModelHandle:
 
     def with_module(self, module: Any, notes: dict[str, Any]) -> ModelHandle:
         """The same interface as this model, now as torch ``module``; ``notes`` are added."""
-        return replace(self, kind=ModelKind.TORCH, module=module, path=None, digest=digest_module(module),
-                       notes={**self.notes, **notes})
+        return replace(
+            self,
+            kind=ModelKind.TORCH,
+            module=module,
+            path=None,
+            digest=digest_module(module),
+            notes={**self.notes, **notes},
+        )
 
-    def with_file(self, path: Path, notes: dict[str, Any], precision: str | None = None) -> ModelHandle:
+    def with_file(
+        self, path: Path, notes: dict[str, Any], precision: str | None = None
+    ) -> ModelHandle:
         """The same interface as this model, now as the model file ``path``; ``notes`` are added."""
         kind = ModelKind.TFLITE if path.suffix == ".tflite" else ModelKind.ONNX
-        return replace(self, kind=kind, module=None, path=path, digest=digest_file(path),
-                       precision=precision or self.precision, notes={**self.notes, **notes})
+        return replace(
+            self,
+            kind=kind,
+            module=None,
+            path=path,
+            digest=digest_file(path),
+            precision=precision or self.precision,
+            notes={**self.notes, **notes},
+        )
 
 
 class PassConfig(BaseModel):
@@ -98,7 +113,9 @@ class Pass(ABC):
         """Kind of model this pass outputs, known before running (used to check a chain)."""
 
     @abstractmethod
-    def run(self, model: ModelHandle | None, config: PassConfig, ctx: PassContext) -> ModelHandle: ...
+    def run(
+        self, model: ModelHandle | None, config: PassConfig, ctx: PassContext
+    ) -> ModelHandle: ...
 
 
 def digest_bytes(*parts: bytes | str) -> str:

@@ -49,7 +49,9 @@ def _torch_p50_ms(module: Any, example: tuple[Any, ...], runs: int = 50) -> floa
 
 class DistillPass(Pass):
     name = "distill"
-    description = "Train a smaller student from the model with knowledge distillation (needs training data)"
+    description = (
+        "Train a smaller student from the model with knowledge distillation (needs training data)"
+    )
     config_class = DistillConfig
     accepts = (ModelKind.TORCH,)
 
@@ -65,15 +67,19 @@ class DistillPass(Pass):
             what = f"student factory '{config.student_factory}'"
         else:
             if not config.student_kwargs:
-                raise ModelError("distill: name a student_factory, or student_kwargs for the teacher's class "
-                                 "(e.g. {width = 16})")
+                raise ModelError(
+                    "distill: name a student_factory, or student_kwargs for the teacher's class "
+                    "(e.g. {width = 16})"
+                )
             make, what = type(teacher), f"{type(teacher).__name__}(**{config.student_kwargs})"
         try:
             student = make(**config.student_kwargs)
         except Exception as exc:
             raise ModelError(f"distill: {what} failed: {type(exc).__name__}: {exc}") from None
         if not isinstance(student, torch.nn.Module):
-            raise ModelError(f"distill: {what} returned {type(student).__name__}, not a torch.nn.Module")
+            raise ModelError(
+                f"distill: {what} returned {type(student).__name__}, not a torch.nn.Module"
+            )
         return student
 
     def run(self, model: ModelHandle | None, config: PassConfig, ctx: PassContext) -> ModelHandle:
@@ -97,9 +103,13 @@ class DistillPass(Pass):
                 out = first_output(student(*example))
                 ref = first_output(teacher(*example))
         except Exception as exc:
-            raise ModelError(f"distill: the student does not accept the model's input: {type(exc).__name__}: {exc}") from None
+            raise ModelError(
+                f"distill: the student does not accept the model's input: {type(exc).__name__}: {exc}"
+            ) from None
         if out.shape != ref.shape:
-            raise ModelError(f"distill: student outputs {tuple(out.shape)}, the teacher {tuple(ref.shape)}")
+            raise ModelError(
+                f"distill: student outputs {tuple(out.shape)}, the teacher {tuple(ref.shape)}"
+            )
         T, alpha = config.temperature, config.alpha
         train = ctx.data.train
         labelled = ctx.task == "classification" and train.y is not None
@@ -108,26 +118,49 @@ class DistillPass(Pass):
         def kd_loss(logits: Any, xb: tuple[Any, ...], yb: Any) -> Any:
             with torch.no_grad():
                 t = first_output(teacher(*xb))
-            soft = F.kl_div(F.log_softmax(logits / T, 1), F.softmax(t / T, 1), reduction="batchmean") * T * T
+            soft = (
+                F.kl_div(F.log_softmax(logits / T, 1), F.softmax(t / T, 1), reduction="batchmean")
+                * T
+                * T
+            )
             return alpha * soft + (1 - alpha) * ce(logits, yb)
 
         ctx.say(f"distilling a student for up to {config.epochs} epochs")
         if labelled:
-            history = finetune(student, train, config.epochs, config.lr, ctx.seed, loss=kd_loss,
-                               patience=config.patience, names=names)
+            history = finetune(
+                student,
+                train,
+                config.epochs,
+                config.lr,
+                ctx.seed,
+                loss=kd_loss,
+                patience=config.patience,
+                names=names,
+            )
         else:
             # Regression/embedding (or no labels): the student learns the teacher's outputs (MSE).
             targets = training_targets(teacher, train, names, ctx.task)
-            history = finetune(student, train, config.epochs, config.lr, ctx.seed, patience=config.patience,
-                               names=names, targets=targets)
+            history = finetune(
+                student,
+                train,
+                config.epochs,
+                config.lr,
+                ctx.seed,
+                patience=config.patience,
+                names=names,
+                targets=targets,
+            )
         student.eval()
         ev = ctx.data.eval
         one = to_torch(ev.feeds(0, 1), names)
         report: dict[str, Any] = {
-            "teacher_params": count_params(teacher), "student_params": count_params(student),
+            "teacher_params": count_params(teacher),
+            "student_params": count_params(student),
             "teacher_p50_ms_torch": _torch_p50_ms(teacher, one),
             "student_p50_ms_torch": _torch_p50_ms(student, one),
-            "temperature": T, "alpha": alpha, "training": history,
+            "temperature": T,
+            "alpha": alpha,
+            "training": history,
         }
         if ev.y is not None and ctx.task == "classification":
             report["teacher_top1"] = round(accuracy(teacher, ev, names), 6)

@@ -66,14 +66,24 @@ class ExportOnnxPass(Pass):
 
         with load_session("onnxruntime", out, threads=ctx.threads) as sess:
             got = run_batched(sess, sample, model.batch_axes)
-        diffs = check_parity("export_onnx parity (torch vs onnxruntime)", ref, got, config.atol, config.rtol)
+        diffs = check_parity(
+            "export_onnx parity (torch vs onnxruntime)", ref, got, config.atol, config.rtol
+        )
         notes: dict[str, Any] = {"exporter": used, "export_max_abs_diff": max(diffs.values())}
         if renamed:
             notes["renamed_internal_values"] = renamed
         return model.with_file(out, notes)
 
     @staticmethod
-    def _export(torch: Any, module: Any, example: Any, model: ModelHandle, config: ExportOnnxConfig, exporter: str, out: Any) -> None:
+    def _export(
+        torch: Any,
+        module: Any,
+        example: Any,
+        model: ModelHandle,
+        config: ExportOnnxConfig,
+        exporter: str,
+        out: Any,
+    ) -> None:
         in_names = list(model.input_names)
         out_names = list(model.output_names)
         # Named dynamic dims: the batch axis of each input and output, plus any the config names.
@@ -81,7 +91,9 @@ class ExportOnnxPass(Pass):
         for spec in model.inputs:
             for i, d in enumerate(spec.shape):
                 if isinstance(d, str):
-                    axes.setdefault(spec.name, {})[i] = "batch" if i == model.batch_axis(spec.name) else d
+                    axes.setdefault(spec.name, {})[i] = (
+                        "batch" if i == model.batch_axis(spec.name) else d
+                    )
         for name in out_names:
             ax = model.batch_axis(name)
             if ax is not None:
@@ -98,20 +110,39 @@ class ExportOnnxPass(Pass):
 
                     def dim(n: str) -> Any:
                         if n not in dims:
-                            dims[n] = torch.export.Dim("batch", min=1, max=4096) if n == "batch" else torch.export.Dim.AUTO
+                            dims[n] = (
+                                torch.export.Dim("batch", min=1, max=4096)
+                                if n == "batch"
+                                else torch.export.Dim.AUTO
+                            )
                         return dims[n]
 
-                    shapes = tuple({i: dim(n) for i, n in axes.get(s.name, {}).items()} or None for s in model.inputs)
+                    shapes = tuple(
+                        {i: dim(n) for i, n in axes.get(s.name, {}).items()} or None
+                        for s in model.inputs
+                    )
                     torch.onnx.export(
-                        module, example, str(out), dynamo=True, external_data=False,
-                        input_names=in_names, output_names=out_names,
-                        dynamic_shapes=shapes, opset_version=config.opset, verbose=False,
+                        module,
+                        example,
+                        str(out),
+                        dynamo=True,
+                        external_data=False,
+                        input_names=in_names,
+                        output_names=out_names,
+                        dynamic_shapes=shapes,
+                        opset_version=config.opset,
+                        verbose=False,
                     )
                 else:
                     torch.onnx.export(
-                        module, example, str(out), dynamo=False,
-                        input_names=in_names, output_names=out_names,
-                        dynamic_axes=axes, opset_version=min(config.opset, 17),
+                        module,
+                        example,
+                        str(out),
+                        dynamo=False,
+                        input_names=in_names,
+                        output_names=out_names,
+                        dynamic_axes=axes,
+                        opset_version=min(config.opset, 17),
                     )
         finally:
             torch_onnx_log.setLevel(level)

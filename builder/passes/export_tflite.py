@@ -46,7 +46,9 @@ class ExportTfliteConfig(PassConfig):
 
 def unsupported_operator(message: str) -> str | None:
     """The torch operator a litert-torch error names (``aten.erfinv.default``), if any."""
-    m = re.search(r"Lowering not found: (\S+)", message) or re.search(r"\b(aten\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)", message)
+    m = re.search(r"Lowering not found: (\S+)", message) or re.search(
+        r"\b(aten\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)", message
+    )
     return m.group(1) if m else None
 
 
@@ -74,7 +76,9 @@ class ExportTflitePass(Pass):
             # devices) gave wrong outputs for a dynamic-range model.
             import ai_edge_litert  # noqa: F401
         except ImportError:
-            raise missing_dependency("ai-edge-litert", "builder", "pass 'export_tflite' (to check its models)") from None
+            raise missing_dependency(
+                "ai-edge-litert", "builder", "pass 'export_tflite' (to check its models)"
+            ) from None
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         ctx.say(f"export_tflite: converting with litert-torch ({config.quantization})")
         float_path = ctx.workdir / "float.tflite"
@@ -84,19 +88,28 @@ class ExportTflitePass(Pass):
             buf = self._quantize(float_path, config, ctx, model.input_names)
         from builder.tflite_edit import free_batch, op_counts
 
-        buf, freed = free_batch(buf, config.convert_batch, list(model.input_names), list(model.output_names))
+        buf, freed = free_batch(
+            buf, config.convert_batch, list(model.input_names), list(model.output_names)
+        )
         out = ctx.workdir / "model.tflite"
         out.write_bytes(buf)
         float_path.unlink(missing_ok=True)
         diffs = self._parity(model, config, ctx, out)
         notes: dict[str, Any] = {
-            "tflite": {"quantization": config.quantization, "convert_batch": config.convert_batch,
-                       "reshapes_freed": freed, "ops": op_counts(buf), "parity_max_abs_diff": diffs},
+            "tflite": {
+                "quantization": config.quantization,
+                "convert_batch": config.convert_batch,
+                "reshapes_freed": freed,
+                "ops": op_counts(buf),
+                "parity_max_abs_diff": diffs,
+            },
         }
         return model.with_file(out, notes, PRECISION[config.quantization])
 
     @staticmethod
-    def _convert(model: ModelHandle, config: ExportTfliteConfig, out: Path, ctx: PassContext) -> None:
+    def _convert(
+        model: ModelHandle, config: ExportTfliteConfig, out: Path, ctx: PassContext
+    ) -> None:
         try:
             with _quiet():
                 import litert_torch
@@ -105,8 +118,10 @@ class ExportTflitePass(Pass):
         from builder.torchio import to_torch
 
         if not ctx.data.eval.batchable or ctx.data.eval.n < config.convert_batch:
-            raise ModelError("export_tflite: needs a model whose inputs all have a batch axis, and "
-                             f"at least {config.convert_batch} eval samples")
+            raise ModelError(
+                "export_tflite: needs a model whose inputs all have a batch axis, and "
+                f"at least {config.convert_batch} eval samples"
+            )
         sample = to_torch(ctx.data.eval.feeds(0, config.convert_batch), model.input_names)
         try:
             with _quiet():
@@ -115,11 +130,19 @@ class ExportTflitePass(Pass):
             msg = str(exc)
             op = unsupported_operator(msg)
             first = msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__
-            what = f"operator {op} has no LiteRT lowering" if op else f"{type(exc).__name__}: {first[:300]}"
-            raise ModelError(f"export_tflite: litert-torch cannot convert the model: {what}") from None
+            what = (
+                f"operator {op} has no LiteRT lowering"
+                if op
+                else f"{type(exc).__name__}: {first[:300]}"
+            )
+            raise ModelError(
+                f"export_tflite: litert-torch cannot convert the model: {what}"
+            ) from None
 
     @staticmethod
-    def _quantize(float_path: Path, config: ExportTfliteConfig, ctx: PassContext, names: tuple[str, ...]) -> bytes:
+    def _quantize(
+        float_path: Path, config: ExportTfliteConfig, ctx: PassContext, names: tuple[str, ...]
+    ) -> bytes:
         from ai_edge_quantizer import quantizer, recipe
 
         if config.quantization == "dynamic":
@@ -130,7 +153,9 @@ class ExportTflitePass(Pass):
             cal = ctx.data.calibration.head(config.calibration_samples)
             b = config.convert_batch
             if cal.n < b:
-                raise DataError(f"export_tflite int8: needs at least {b} calibration samples, got {cal.n}")
+                raise DataError(
+                    f"export_tflite int8: needs at least {b} calibration samples, got {cal.n}"
+                )
             with _quiet():
                 qt = quantizer.Quantizer(str(float_path), recipe.static_wi8_ai8())
                 sig = qt.get_signature_list() if hasattr(qt, "get_signature_list") else None
@@ -141,21 +166,29 @@ class ExportTflitePass(Pass):
                 for i in range(0, cal.n - b + 1, b):
                     f = cal.feeds(i, i + b)
                     # litert-torch lowers int64 inputs to int32 (TFLite's index type).
-                    batches.append({s: _tflite_int(f[n]) for s, n in zip(sig_inputs, names, strict=True)})
+                    batches.append(
+                        {s: _tflite_int(f[n]) for s, n in zip(sig_inputs, names, strict=True)}
+                    )
                 result = qt.quantize(qt.calibrate({name: batches}))
         data = result.quantized_model
         if data is None:
-            raise ModelError(f"export_tflite: ai-edge-quantizer produced no model ({config.quantization})")
+            raise ModelError(
+                f"export_tflite: ai-edge-quantizer produced no model ({config.quantization})"
+            )
         return bytes(data)
 
     @staticmethod
-    def _parity(model: ModelHandle, config: ExportTfliteConfig, ctx: PassContext, path: Path) -> dict[str, float]:
+    def _parity(
+        model: ModelHandle, config: ExportTfliteConfig, ctx: PassContext, path: Path
+    ) -> dict[str, float]:
         """Torch vs LiteRT at batch 1, 3 and ``parity_samples``: the batch really is free."""
         from agent.runtime import load_session
         from builder.torchio import torch_outputs
 
         x = ctx.data.eval.head(config.parity_samples)
-        ref = torch_outputs(model.module, x, model.input_names, model.output_names, model.batch_axes)
+        ref = torch_outputs(
+            model.module, x, model.input_names, model.output_names, model.batch_axes
+        )
         worst: dict[str, float] = {}
         with load_session("litert", path, threads=ctx.threads) as sess:
             for n in sorted({1, min(3, x.n), x.n}):
@@ -164,7 +197,11 @@ class ExportTflitePass(Pass):
                 if config.quantization == "none":
                     atol, rtol = config.atol, config.rtol
                 else:
-                    atol, rtol = config.quant_atol_frac * max(float(np.max(np.abs(v))) for v in ref.values()), 0.0
+                    atol, rtol = (
+                        config.quant_atol_frac
+                        * max(float(np.max(np.abs(v))) for v in ref.values()),
+                        0.0,
+                    )
                 what = f"export_tflite parity (torch vs LiteRT, {config.quantization}, batch {n})"
                 for k, d in check_parity(what, want, got, atol, rtol).items():
                     worst[k] = max(worst.get(k, 0.0), d)

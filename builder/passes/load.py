@@ -43,7 +43,16 @@ class LoadConfig(PassConfig):
     base_dir: Path = Path(".")
 
 
-_ONNX_DTYPES = {1: "float32", 10: "float16", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 11: "float64"}
+_ONNX_DTYPES = {
+    1: "float32",
+    10: "float16",
+    2: "uint8",
+    3: "int8",
+    6: "int32",
+    7: "int64",
+    9: "bool",
+    11: "float64",
+}
 
 
 def onnx_io(path: Path) -> tuple[list[IOSpec], list[IOSpec]]:
@@ -60,11 +69,15 @@ def onnx_io(path: Path) -> tuple[list[IOSpec], list[IOSpec]]:
 
     def spec(v: Any) -> IOSpec:
         t = v.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or f"{v.name}_d{i}")
-                     for i, d in enumerate(t.shape.dim))
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or f"{v.name}_d{i}")
+            for i, d in enumerate(t.shape.dim)
+        )
         return IOSpec(v.name, _ONNX_DTYPES.get(t.elem_type, f"onnx-type-{t.elem_type}"), dims)
 
-    return [spec(v) for v in m.graph.input if v.name not in inits], [spec(v) for v in m.graph.output]
+    return [spec(v) for v in m.graph.input if v.name not in inits], [
+        spec(v) for v in m.graph.output
+    ]
 
 
 def resolve_factory(spec: str, base_dir: Path) -> Any:
@@ -89,7 +102,9 @@ def resolve_factory(spec: str, base_dir: Path) -> Any:
     except ModelError:
         raise
     except Exception as exc:
-        raise ModelError(f"factory '{spec}': cannot import {mod_name}: {type(exc).__name__}: {exc}") from None
+        raise ModelError(
+            f"factory '{spec}': cannot import {mod_name}: {type(exc).__name__}: {exc}"
+        ) from None
     fn = getattr(module, fn_name, None)
     if fn is None or not callable(fn):
         raise ModelError(f"factory '{spec}': {mod_name} has no callable '{fn_name}'")
@@ -130,9 +145,13 @@ class LoadPass(Pass):
             try:
                 module = fn()
             except Exception as exc:
-                raise ModelError(f"factory '{config.factory}' failed: {type(exc).__name__}: {exc}") from None
+                raise ModelError(
+                    f"factory '{config.factory}' failed: {type(exc).__name__}: {exc}"
+                ) from None
             if not isinstance(module, torch.nn.Module):
-                raise ModelError(f"factory '{config.factory}' returned {type(module).__name__}, not a torch.nn.Module")
+                raise ModelError(
+                    f"factory '{config.factory}' returned {type(module).__name__}, not a torch.nn.Module"
+                )
             if config.weights:
                 self._load_weights(module, config.weights)
         if not config.pt2:  # a torch.export module is already in inference form; eval() raises
@@ -140,7 +159,11 @@ class LoadPass(Pass):
         self._smoke_test(module, config, ctx)
         params = sum(p.numel() for p in module.parameters())
         return ModelHandle(
-            kind=ModelKind.TORCH, digest=digest_module(module), module=module, notes={"params": params}, **common
+            kind=ModelKind.TORCH,
+            digest=digest_module(module),
+            module=module,
+            notes={"params": params},
+            **common,
         )
 
     @staticmethod

@@ -37,7 +37,9 @@ def choose_rank(s: np.ndarray, config: LowRankConfig, layer: str) -> int:
         if config.rank is None or config.rank < 1:
             raise ModelError("lowrank: method 'rank' needs rank >= 1")
         if config.rank > full:
-            raise ModelError(f"lowrank: rank {config.rank} is larger than layer '{layer}' allows (at most {full})")
+            raise ModelError(
+                f"lowrank: rank {config.rank} is larger than layer '{layer}' allows (at most {full})"
+            )
         return config.rank
     if config.method == "ratio":
         if not 0.0 < config.ratio <= 1.0:
@@ -52,7 +54,9 @@ def choose_rank(s: np.ndarray, config: LowRankConfig, layer: str) -> int:
 def _factor(weight: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     u, s, vh = np.linalg.svd(weight.astype(np.float64), full_matrices=False)
     root = np.sqrt(s[:r])
-    return (vh[:r] * root[:, None]).astype(np.float32), (u[:, :r] * root[None, :]).astype(np.float32)
+    return (vh[:r] * root[:, None]).astype(np.float32), (u[:, :r] * root[None, :]).astype(
+        np.float32
+    )
 
 
 def _replacement(layer: Any, r: int) -> Any:
@@ -84,10 +88,17 @@ def _candidates(module: Any) -> list[tuple[str, Any]]:
     from torch import nn
 
     def pointwise(m: Any) -> bool:
-        return (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
-                and m.padding in ((0, 0), 0) and m.dilation == (1, 1))
+        return (
+            isinstance(m, nn.Conv2d)
+            and m.kernel_size == (1, 1)
+            and m.groups == 1
+            and m.padding in ((0, 0), 0)
+            and m.dilation == (1, 1)
+        )
 
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear) or pointwise(m)]
+    return [
+        (name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear) or pointwise(m)
+    ]
 
 
 def _set(module: Any, name: str, new: Any) -> None:
@@ -98,7 +109,9 @@ def _set(module: Any, name: str, new: Any) -> None:
 
 class LowRankPass(Pass):
     name = "lowrank"
-    description = "Factor Linear and 1x1 Conv layers with a truncated SVD (rank by energy, ratio or fixed)"
+    description = (
+        "Factor Linear and 1x1 Conv layers with a truncated SVD (rank by energy, ratio or fixed)"
+    )
     config_class = LowRankConfig
     accepts = (ModelKind.TORCH,)
 
@@ -117,22 +130,38 @@ class LowRankPass(Pass):
             r = choose_rank(s, config, name)
             before = n_out * n_in
             after = r * (n_in + n_out)
-            entry = {"layer": name, "shape": [n_out, n_in], "rank": r, "full_rank": len(s),
-                     "params_before": before, "params_after": min(before, after), "replaced": False}
+            entry = {
+                "layer": name,
+                "shape": [n_out, n_in],
+                "rank": r,
+                "full_rank": len(s),
+                "params_before": before,
+                "params_after": min(before, after),
+                "replaced": False,
+            }
             if before >= config.min_params and after < before:
                 _set(module, name, _replacement(layer, r))
                 entry["replaced"] = True
             layers.append(entry)
         if not any(e["replaced"] for e in layers):
-            raise ModelError("lowrank: no layer could be factored with fewer parameters "
-                             f"({len(layers)} Linear/1x1 layers looked at; lower energy/ratio/rank or min_params)")
+            raise ModelError(
+                "lowrank: no layer could be factored with fewer parameters "
+                f"({len(layers)} Linear/1x1 layers looked at; lower energy/ratio/rank or min_params)"
+            )
         notes: dict[str, Any] = {"lowrank_layers": layers}
         if ctx.data.train is not None and config.finetune_epochs > 0:
             ctx.say(f"fine-tuning low-rank model for up to {config.finetune_epochs} epochs")
             names = model.input_names
             targets = training_targets(model.module, ctx.data.train, names, ctx.task)
-            notes["finetune"] = finetune(module, ctx.data.train, config.finetune_epochs, config.lr, ctx.seed,
-                                         names=names, targets=targets)
+            notes["finetune"] = finetune(
+                module,
+                ctx.data.train,
+                config.finetune_epochs,
+                config.lr,
+                ctx.seed,
+                names=names,
+                targets=targets,
+            )
         module.eval()
         params_after = count_params(module)
         notes.update(params_before=params_before, params_after=params_after, params=params_after)

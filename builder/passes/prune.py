@@ -42,7 +42,9 @@ def _output_layer(module: Any) -> Any:
 
 class PrunePass(Pass):
     name = "prune"
-    description = "Prune a torch model: structured channels (torch-pruning) or unstructured magnitude"
+    description = (
+        "Prune a torch model: structured channels (torch-pruning) or unstructured magnitude"
+    )
     config_class = PruneConfig
     accepts = (ModelKind.TORCH,)
 
@@ -66,8 +68,10 @@ class PrunePass(Pass):
         if config.method == "structured" and attention:
             # Removing channels inside attention changes head dimensions that the attention's
             # reshape hard-codes; the exported model then fails. Skip rather than ship that.
-            raise ModelError(f"prune: structured pruning skipped: the model has attention layers "
-                             f"({', '.join(sorted(attention)[:3])}); channel pruning would break head dimensions")
+            raise ModelError(
+                f"prune: structured pruning skipped: the model has attention layers "
+                f"({', '.join(sorted(attention)[:3])}); channel pruning would break head dimensions"
+            )
         keep = [_output_layer(module), *(named[n] for n in config.ignore)]
         notes: dict[str, Any] = {"prune_method": config.method, "prune_ratio": config.ratio}
         if config.method == "structured":
@@ -78,8 +82,15 @@ class PrunePass(Pass):
             ctx.say(f"fine-tuning pruned model for up to {config.finetune_epochs} epochs")
             names = model.input_names
             targets = training_targets(model.module, ctx.data.train, names, ctx.task)
-            notes["finetune"] = finetune(module, ctx.data.train, config.finetune_epochs, config.lr, ctx.seed,
-                                         names=names, targets=targets)
+            notes["finetune"] = finetune(
+                module,
+                ctx.data.train,
+                config.finetune_epochs,
+                config.lr,
+                ctx.seed,
+                names=names,
+                targets=targets,
+            )
         else:
             notes["finetune"] = None
         if config.method == "unstructured":
@@ -95,7 +106,9 @@ class PrunePass(Pass):
         return model.with_module(module, notes)
 
     @staticmethod
-    def _structured(module: Any, model: ModelHandle, config: PruneConfig, keep: list[Any], ctx: PassContext) -> None:
+    def _structured(
+        module: Any, model: ModelHandle, config: PruneConfig, keep: list[Any], ctx: PassContext
+    ) -> None:
         import torch_pruning as tp
 
         from builder.torchio import to_torch
@@ -104,12 +117,17 @@ class PrunePass(Pass):
         pruner_cls = getattr(tp.pruner, "BasePruner", None) or tp.pruner.MetaPruner
         try:
             pruner = pruner_cls(
-                module, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                pruning_ratio=config.ratio, ignored_layers=keep,
+                module,
+                example,
+                importance=tp.importance.GroupMagnitudeImportance(p=2),
+                pruning_ratio=config.ratio,
+                ignored_layers=keep,
             )
             pruner.step()
         except Exception as exc:
-            raise ModelError(f"prune: torch-pruning failed on this model: {type(exc).__name__}: {exc}") from None
+            raise ModelError(
+                f"prune: torch-pruning failed on this model: {type(exc).__name__}: {exc}"
+            ) from None
 
     @staticmethod
     def _unstructured_mask(module: Any, config: PruneConfig, keep: list[Any]) -> None:
@@ -117,20 +135,27 @@ class PrunePass(Pass):
         from torch.nn.utils import prune as tprune
 
         targets = [
-            (m, "weight") for m in module.modules()
+            (m, "weight")
+            for m in module.modules()
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not any(m is k for k in keep)
         ]
         if not targets:
             raise ModelError("prune: no layers left to prune after ignoring the output layer")
-        tprune.global_unstructured(targets, pruning_method=tprune.L1Unstructured, amount=config.ratio)
+        tprune.global_unstructured(
+            targets, pruning_method=tprune.L1Unstructured, amount=config.ratio
+        )
 
 
 def _attention_modules(module: Any) -> list[str]:
     """Names of attention blocks (torch's MultiheadAttention, or any class named *Attention)."""
     import torch
 
-    return [n for n, m in module.named_modules()
-            if isinstance(m, torch.nn.MultiheadAttention) or type(m).__name__.endswith(("Attention", "SelfAttention"))]
+    return [
+        n
+        for n, m in module.named_modules()
+        if isinstance(m, torch.nn.MultiheadAttention)
+        or type(m).__name__.endswith(("Attention", "SelfAttention"))
+    ]
 
 
 def _sparsity(module: Any) -> float:

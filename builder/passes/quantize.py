@@ -159,8 +159,10 @@ class QuantizePass(Pass):
         assert model is not None and model.path is not None and isinstance(config, QuantizeConfig)
         done = _quantized_ops(model.path)
         if done:
-            raise ModelError(f"quantize ({config.mode}): the model is already quantized ({', '.join(done)} nodes); "
-                             "give the fp32 model")
+            raise ModelError(
+                f"quantize ({config.mode}): the model is already quantized ({', '.join(done)} nodes); "
+                "give the fp32 model"
+            )
         out = ctx.workdir / "model.onnx"
         sink = io.StringIO()
         try:
@@ -338,8 +340,15 @@ class QuantizePass(Pass):
         return {}
 
 
-_QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
-              "ConvInteger", "DynamicQuantizeLinear")
+_QUANT_OPS = (
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "DynamicQuantizeLinear",
+)
 
 
 def _quantized_ops(path: Path) -> list[str]:

@@ -15,4 +15,7 @@ from fleet.commands.device import device_grp
 from fleet.commands.publish import publish_cmd
 from fleet.commands.view import fleet_grp
 
-cli = click.Group("fleet-commands", commands=[publish_cmd, deploy_cmd, device_grp, collect_cmd, fleet_grp, demo_cmd])
+cli = click.Group(
+    "fleet-commands",
+    commands=[publish_cmd, deploy_cmd, device_grp, collect_cmd, fleet_grp, demo_cmd],
+)

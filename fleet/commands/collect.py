@@ -24,21 +24,55 @@ def stop_on_sigterm(stop: threading.Event) -> None:
 @click.command("collect")
 @broker_options
 @click.option("--db", "db_target", required=True, help=DB_HELP)
-@click.option("--share-group", default=None,
-              help="Share the telemetry/events stream with other collectors in this group "
-                   "(MQTT shared subscription: each message goes to one of them).")
-@click.option("--client-id", default=None,
-              help="MQTT client id; keep it stable so the broker holds messages while the collector is "
-                   "down (default: derived from host, --db and --share-group). Unique per collector.")
-@click.option("--batch", "batch_max", default=5000, show_default=True, type=click.IntRange(1, 100_000),
-              help="Most messages written per transaction.")
-@click.option("--stats-every", default=10.0, show_default=True, type=click.FloatRange(0.5, None),
-              help="Seconds between progress lines.")
-@click.option("--json-stats", is_flag=True, help="Print progress and the final counters as JSON lines on stdout.")
-@click.option("--for", "duration", default=0.0, type=click.FloatRange(0, None),
-              help="Stop after this many seconds (default: run until Ctrl-C or SIGTERM).")
-def collect_cmd(db_target: str, share_group: str | None, client_id: str | None, batch_max: int,
-                stats_every: float, json_stats: bool, duration: float, **kw: Any) -> None:
+@click.option(
+    "--share-group",
+    default=None,
+    help="Share the telemetry/events stream with other collectors in this group "
+    "(MQTT shared subscription: each message goes to one of them).",
+)
+@click.option(
+    "--client-id",
+    default=None,
+    help="MQTT client id; keep it stable so the broker holds messages while the collector is "
+    "down (default: derived from host, --db and --share-group). Unique per collector.",
+)
+@click.option(
+    "--batch",
+    "batch_max",
+    default=5000,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Most messages written per transaction.",
+)
+@click.option(
+    "--stats-every",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.5, None),
+    help="Seconds between progress lines.",
+)
+@click.option(
+    "--json-stats",
+    is_flag=True,
+    help="Print progress and the final counters as JSON lines on stdout.",
+)
+@click.option(
+    "--for",
+    "duration",
+    default=0.0,
+    type=click.FloatRange(0, None),
+    help="Stop after this many seconds (default: run until Ctrl-C or SIGTERM).",
+)
+def collect_cmd(
+    db_target: str,
+    share_group: str | None,
+    client_id: str | None,
+    batch_max: int,
+    stats_every: float,
+    json_stats: bool,
+    duration: float,
+    **kw: Any,
+) -> None:
     """Store every device's state, events, telemetry and command results in a database.
 
     \b
@@ -54,15 +88,21 @@ def collect_cmd(db_target: str, share_group: str | None, client_id: str | None, 
     broker = broker_from_options(kw)
     db = FleetDB(db_target)
     try:
-        col = Collector(broker, db, share_group=share_group, client_id=client_id, batch_max=batch_max)
+        col = Collector(
+            broker, db, share_group=share_group, client_id=client_id, batch_max=batch_max
+        )
         col.start()
     except BaseException:
         db.close()
         raise
     stop = threading.Event()
     stop_on_sigterm(stop)
-    click.echo(f"collecting from {broker.url} into {db.label} as client '{col.client_id}'"
-               + (f", share group '{share_group}'" if share_group else "") + " (Ctrl-C stops)", err=True)
+    click.echo(
+        f"collecting from {broker.url} into {db.label} as client '{col.client_id}'"
+        + (f", share group '{share_group}'" if share_group else "")
+        + " (Ctrl-C stops)",
+        err=True,
+    )
     t0 = time.monotonic()
     interrupted = False
 
@@ -71,8 +111,11 @@ def collect_cmd(db_target: str, share_group: str | None, client_id: str | None, 
         if json_stats:
             click.echo(json.dumps({"final": final, **s.as_dict()}))
         else:
-            click.echo(f"received {s.received}, stored {s.stored}, duplicates {s.duplicates}, "
-                       f"rejected {s.rejected}" + (" (stopped)" if final else ""), err=True)
+            click.echo(
+                f"received {s.received}, stored {s.stored}, duplicates {s.duplicates}, "
+                f"rejected {s.rejected}" + (" (stopped)" if final else ""),
+                err=True,
+            )
 
     try:
         next_report = t0 + stats_every

@@ -15,12 +15,29 @@ from agent.errors import EdgefleetError
 
 
 @click.command("demo")
-@click.option("--out", "out", type=click.Path(path_type=Path), default=Path("edgefleet-demo"), show_default=True,
-              help="Working directory (artifacts, device state, logs, database, report).")
-@click.option("--devices", "n_devices", default=3, show_default=True, type=click.IntRange(2, 20),
-              help="Agent processes to start (the last one serves the second profile).")
-@click.option("--broker-impl", type=click.Choice(["auto", "mosquitto", "amqtt"]), default="auto", show_default=True,
-              help="auto: mosquitto when installed, else the embedded amqtt broker.")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path),
+    default=Path("edgefleet-demo"),
+    show_default=True,
+    help="Working directory (artifacts, device state, logs, database, report).",
+)
+@click.option(
+    "--devices",
+    "n_devices",
+    default=3,
+    show_default=True,
+    type=click.IntRange(2, 20),
+    help="Agent processes to start (the last one serves the second profile).",
+)
+@click.option(
+    "--broker-impl",
+    type=click.Choice(["auto", "mosquitto", "amqtt"]),
+    default="auto",
+    show_default=True,
+    help="auto: mosquitto when installed, else the embedded amqtt broker.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON on stdout.")
 def demo_cmd(out: Path, n_devices: int, broker_impl: str, as_json: bool) -> None:
     """Run a whole fleet on this machine: a broker, agent processes, the collector; build the
@@ -52,7 +69,9 @@ def demo_cmd(out: Path, n_devices: int, broker_impl: str, as_json: bool) -> None
         console.print(msg, highlight=False, markup=False)
 
     signal.signal(signal.SIGTERM, on_signal)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
+    if (
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ):  # not when started with SIGINT ignored
         signal.signal(signal.SIGINT, on_signal)
     try:
         from fleet.appload import describe
@@ -71,14 +90,31 @@ def demo_cmd(out: Path, n_devices: int, broker_impl: str, as_json: bool) -> None
     from rich.table import Table
 
     t = Table(title=f"edgefleet demo: done in {summary['seconds']}s ({summary['broker']})")
-    for col in ("device", "profile", "online", "active model", "p50", "p95", "app requests", "app failed"):
-        t.add_column(col, justify="right" if col in ("p50", "p95", "app requests", "app failed") else "left")
+    for col in (
+        "device",
+        "profile",
+        "online",
+        "active model",
+        "p50",
+        "p95",
+        "app requests",
+        "app failed",
+    ):
+        t.add_column(
+            col, justify="right" if col in ("p50", "p95", "app requests", "app failed") else "left"
+        )
     app = summary["app"]
     for d, s in summary["devices"].items():
         a = app["devices"].get(d, {})
-        t.add_row(d, s["profile"], "yes" if s["online"] else "no", f"digits {s['active']}" if s["active"] else "-",
-                  *("-" if s.get(k) is None else f"{s[k]:.2f} ms" for k in ("p50_ms", "p95_ms")),
-                  str(a.get("requests", "-")), str(a.get("failed", "-")))
+        t.add_row(
+            d,
+            s["profile"],
+            "yes" if s["online"] else "no",
+            f"digits {s['active']}" if s["active"] else "-",
+            *("-" if s.get(k) is None else f"{s[k]:.2f} ms" for k in ("p50_ms", "p95_ms")),
+            str(a.get("requests", "-")),
+            str(a.get("failed", "-")),
+        )
     Console(width=None if sys.stdout.isatty() else 160).print(t)
     click.echo(describe(app))
     for name, r in summary["rollouts"].items():

@@ -14,26 +14,69 @@ from fleet.commands.options import broker_from_options, broker_options
 @click.argument("spec", metavar="NAME@VERSION")
 @click.option("--device", default=None, help="Deploy to one device (wins over its groups).")
 @click.option("--group", default=None, help="Deploy to every device in a group.")
-@click.option("--profile", default=None, help="Which profile's artifact, when several are published.")
-@click.option("--canary", default=None, metavar="N|N%",
-              help="Staged rollout (with --group): deploy to N (or N%) online devices first and go on "
-                   "to the whole group only when they are healthy; otherwise roll them back and stop.")
-@click.option("--wait", is_flag=True, help="With --group: also wait for the rest of the group (offline "
-              "devices are reported as pending; they catch up when they connect).")
-@click.option("--max-p95-regression-pct", default=20.0, show_default=True, type=float,
-              help="A canary whose on-device p95 is this much worse than the model it replaced fails.")
-@click.option("--p95-slack-ms", default=0.5, show_default=True, type=float,
-              help="Absolute slack added to the p95 check (sub-millisecond models jitter).")
-@click.option("--observe", default=None, type=float, metavar="S",
-              help="Accept a canary ACTIVE for S seconds without errors (default: wait for HEALTHY, "
-                   "the end of the agent's probation).")
-@click.option("--timeout", default=600.0, show_default=True, type=float,
-              help="Seconds to wait for the canaries (and, with --wait, for the rest).")
+@click.option(
+    "--profile", default=None, help="Which profile's artifact, when several are published."
+)
+@click.option(
+    "--canary",
+    default=None,
+    metavar="N|N%",
+    help="Staged rollout (with --group): deploy to N (or N%) online devices first and go on "
+    "to the whole group only when they are healthy; otherwise roll them back and stop.",
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="With --group: also wait for the rest of the group (offline "
+    "devices are reported as pending; they catch up when they connect).",
+)
+@click.option(
+    "--max-p95-regression-pct",
+    default=20.0,
+    show_default=True,
+    type=float,
+    help="A canary whose on-device p95 is this much worse than the model it replaced fails.",
+)
+@click.option(
+    "--p95-slack-ms",
+    default=0.5,
+    show_default=True,
+    type=float,
+    help="Absolute slack added to the p95 check (sub-millisecond models jitter).",
+)
+@click.option(
+    "--observe",
+    default=None,
+    type=float,
+    metavar="S",
+    help="Accept a canary ACTIVE for S seconds without errors (default: wait for HEALTHY, "
+    "the end of the agent's probation).",
+)
+@click.option(
+    "--timeout",
+    default=600.0,
+    show_default=True,
+    type=float,
+    help="Seconds to wait for the canaries (and, with --wait, for the rest).",
+)
 @broker_options
-@click.option("--json", "as_json", is_flag=True, help="Print the deployment (or rollout summary) as JSON.")
-def deploy_cmd(spec: str, device: str | None, group: str | None, profile: str | None, canary: str | None,
-               wait: bool, max_p95_regression_pct: float, p95_slack_ms: float, observe: float | None,
-               timeout: float, as_json: bool, **kw: Any) -> None:
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the deployment (or rollout summary) as JSON."
+)
+def deploy_cmd(
+    spec: str,
+    device: str | None,
+    group: str | None,
+    profile: str | None,
+    canary: str | None,
+    wait: bool,
+    max_p95_regression_pct: float,
+    p95_slack_ms: float,
+    observe: float | None,
+    timeout: float,
+    as_json: bool,
+    **kw: Any,
+) -> None:
     """Set the desired model of a device (--device ID) or a group (--group G). Devices pick it up
     now or when they next connect; follow progress on edgefleet/v1/devices/ID/events.
 
@@ -53,14 +96,18 @@ def deploy_cmd(spec: str, device: str | None, group: str | None, profile: str | 
             raise UsageError("--canary and --wait need --group G (and no --device)")
         gate = Gate(max_p95_regression_pct, p95_slack_ms, observe)
         with RolloutDisplay(f"deploy --group {group}") as show:
-            ro = staged_rollout(broker_from_options(kw), spec, group, canary, profile, gate, wait, timeout, show)
+            ro = staged_rollout(
+                broker_from_options(kw), spec, group, canary, profile, gate, wait, timeout, show
+            )
         if as_json:
             click.echo(ro.json())
         else:
             pending = ro.summary()["pending"]
-            click.echo(f"rollout of {ro.name} {ro.version} to group {group}: {ro.phase}"
-                       + (f" (canaries: {', '.join(ro.canaries)})" if ro.canaries else "")
-                       + (f"; pending (offline): {', '.join(pending)}" if pending else ""))
+            click.echo(
+                f"rollout of {ro.name} {ro.version} to group {group}: {ro.phase}"
+                + (f" (canaries: {', '.join(ro.canaries)})" if ro.canaries else "")
+                + (f"; pending (offline): {', '.join(pending)}" if pending else "")
+            )
         if ro.phase != "done":
             raise RolloutHalted(f"rollout {ro.phase}: {ro.reason}")
         return
@@ -71,4 +118,6 @@ def deploy_cmd(spec: str, device: str | None, group: str | None, profile: str | 
         click.echo(json.dumps({"topic": res.topic, "deployment": res.deployment.model_dump()}))
     else:
         d = res.deployment
-        click.echo(f"deployed {d.name} {d.version} ({d.profile}, sha256 {d.sha256[:16]}) on {res.topic}")
+        click.echo(
+            f"deployed {d.name} {d.version} ({d.profile}, sha256 {d.sha256[:16]}) on {res.topic}"
+        )

@@ -21,18 +21,43 @@ def device_grp() -> None:
 @device_grp.command("cmd")
 @click.argument("device_id", metavar="ID")
 @click.argument("op", metavar="OP")
-@click.option("--version", "version", default=None,
-              help="rollback: the kept version to go back to (default: the previous one); deploy: the version.")
-@click.option("--runs", type=int, default=None, help="benchmark: how many inferences (the device caps it).")
+@click.option(
+    "--version",
+    "version",
+    default=None,
+    help="rollback: the kept version to go back to (default: the previous one); deploy: the version.",
+)
+@click.option(
+    "--runs", type=int, default=None, help="benchmark: how many inferences (the device caps it)."
+)
 @click.option("--name", default=None, help="deploy: model name.")
-@click.option("--sha256", default=None,
-              help="deploy: artifact sha256 (default: looked up among the published NAME@VERSION).")
+@click.option(
+    "--sha256",
+    default=None,
+    help="deploy: artifact sha256 (default: looked up among the published NAME@VERSION).",
+)
 @broker_options
-@click.option("--timeout", type=float, default=30.0, show_default=True,
-              help="Seconds to wait for the device's answer.")
-@click.option("--json", "as_json", is_flag=True, help="Print the device's answer as one JSON object.")
-def cmd_cmd(device_id: str, op: str, version: str | None, runs: int | None, name: str | None,
-            sha256: str | None, timeout: float, as_json: bool, **kw: Any) -> None:
+@click.option(
+    "--timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the device's answer.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the device's answer as one JSON object."
+)
+def cmd_cmd(
+    device_id: str,
+    op: str,
+    version: str | None,
+    runs: int | None,
+    name: str | None,
+    sha256: str | None,
+    timeout: float,
+    as_json: bool,
+    **kw: Any,
+) -> None:
     """Send command OP to device ID and print its answer.
 
     \b

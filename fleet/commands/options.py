@@ -15,22 +15,31 @@ DB_HELP = "Fleet database: a file path (SQLite) or postgresql://USER@HOST:PORT/D
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def broker_options_with(broker_help: str = "Broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT.",
-                        required: bool = True) -> Callable[[F], F]:
+def broker_options_with(
+    broker_help: str = "Broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT.", required: bool = True
+) -> Callable[[F], F]:
     """--broker plus its TLS and login options, shared by every command that talks to a broker."""
+
     def deco(f: F) -> F:
         opts = [
             click.option("--broker", required=required, default=None, help=broker_help),
             click.option("--ca-file", default=None, help="CA certificate (PEM) for mqtts://."),
-            click.option("--cert-file", default=None, help="Client certificate (PEM) for mqtts://."),
+            click.option(
+                "--cert-file", default=None, help="Client certificate (PEM) for mqtts://."
+            ),
             click.option("--key-file", default=None, help="Client key (PEM) for mqtts://."),
             click.option("--username", default=None, help="Broker user name."),
-            click.option("--password", default=None, envvar="EDGEFLEET_BROKER_PASSWORD",
-                         help="Broker password (or $EDGEFLEET_BROKER_PASSWORD)."),
+            click.option(
+                "--password",
+                default=None,
+                envvar="EDGEFLEET_BROKER_PASSWORD",
+                help="Broker password (or $EDGEFLEET_BROKER_PASSWORD).",
+            ),
         ]
         for o in reversed(opts):
             f = o(f)
         return f
+
     return deco
 
 
@@ -39,5 +48,11 @@ broker_options = broker_options_with()
 
 def broker_from_options(kw: dict[str, Any]) -> BrokerConfig:
     """The BrokerConfig of the broker options in ``kw`` (removed from it)."""
-    return broker_config(kw.pop("broker"), kw.pop("ca_file"), kw.pop("cert_file"), kw.pop("key_file"),
-                         kw.pop("username"), kw.pop("password"))
+    return broker_config(
+        kw.pop("broker"),
+        kw.pop("ca_file"),
+        kw.pop("cert_file"),
+        kw.pop("key_file"),
+        kw.pop("username"),
+        kw.pop("password"),
+    )

@@ -23,7 +23,9 @@ def fleet_grp() -> None:
 
 def _source(broker_url: str | None, db_target: str | None) -> None:
     if (broker_url is None) == (db_target is None):
-        raise UsageError("give exactly one of --broker URL (live) or --db PATH (what a collector stored)")
+        raise UsageError(
+            "give exactly one of --broker URL (live) or --db PATH (what a collector stored)"
+        )
 
 
 def _console() -> Any:
@@ -47,7 +49,9 @@ def _db_rows(db_target: str) -> list[Any]:
 
 def _source_options(f: Any) -> Any:
     f = click.option("--db", "db_target", default=None, help=DB_HELP + " (instead of --broker)")(f)
-    return broker_options_with("Broker URL: read retained state and live telemetry.", required=False)(f)
+    return broker_options_with(
+        "Broker URL: read retained state and live telemetry.", required=False
+    )(f)
 
 
 DEFAULT_LISTEN_S = 12.0  # the agent's default telemetry interval (10 s) and some slack
@@ -56,9 +60,13 @@ RETAINED_S = 1.0  # enough for the retained state messages of a fleet
 
 @fleet_grp.command("status")
 @_source_options
-@click.option("--listen", default=None, type=click.FloatRange(0.2, 3600),
-              help="With --broker: listen this many seconds (default: until every online device "
-                   "has sent telemetry, at most one default telemetry interval, 12 s).")
+@click.option(
+    "--listen",
+    default=None,
+    type=click.FloatRange(0.2, 3600),
+    help="With --broker: listen this many seconds (default: until every online device "
+    "has sent telemetry, at most one default telemetry interval, 12 s).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON list.")
 def status_cmd(db_target: str | None, listen: float | None, as_json: bool, **kw: Any) -> None:
     """One row per device: online/offline, profile, active model, last p50/p95, RSS, CPU, max
@@ -81,9 +89,12 @@ def status_cmd(db_target: str | None, listen: float | None, as_json: bool, **kw:
         finally:
             live.close()
         if missing:
-            click.echo(f"note: no telemetry within {time.monotonic() - t0:.0f}s from {', '.join(missing)} "
-                       "(online, but their latency and load columns are empty; a longer --listen may "
-                       "see them)", err=True)
+            click.echo(
+                f"note: no telemetry within {time.monotonic() - t0:.0f}s from {', '.join(missing)} "
+                "(online, but their latency and load columns are empty; a longer --listen may "
+                "see them)",
+                err=True,
+            )
     if as_json:
         click.echo(rows_json(rows))
     else:
@@ -92,10 +103,20 @@ def status_cmd(db_target: str | None, listen: float | None, as_json: bool, **kw:
 
 @fleet_grp.command("watch")
 @_source_options
-@click.option("--refresh", default=1.0, show_default=True, type=click.FloatRange(0.2, 3600),
-              help="Seconds between refreshes of the table.")
-@click.option("--for", "duration", default=0.0, type=click.FloatRange(0, None),
-              help="Stop after this many seconds (default: until Ctrl-C).")
+@click.option(
+    "--refresh",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0.2, 3600),
+    help="Seconds between refreshes of the table.",
+)
+@click.option(
+    "--for",
+    "duration",
+    default=0.0,
+    type=click.FloatRange(0, None),
+    help="Stop after this many seconds (default: until Ctrl-C).",
+)
 def watch_cmd(db_target: str | None, refresh: float, duration: float, **kw: Any) -> None:
     """A live table of the fleet that refreshes in place (Ctrl-C exits)."""
     from rich.live import Live
@@ -112,7 +133,9 @@ def watch_cmd(db_target: str | None, refresh: float, duration: float, **kw: Any)
     stop_on_sigterm(stop)
     t0 = time.monotonic()
     try:
-        with Live(render_table(rows()), console=_console(), refresh_per_second=4, transient=False) as live:
+        with Live(
+            render_table(rows()), console=_console(), refresh_per_second=4, transient=False
+        ) as live:
             while not stop.wait(refresh):
                 live.update(render_table(rows()))
                 if duration and time.monotonic() - t0 >= duration:
@@ -126,7 +149,9 @@ def watch_cmd(db_target: str | None, refresh: float, duration: float, **kw: Any)
 
 @fleet_grp.command("report")
 @click.option("--db", "db_target", required=True, help=DB_HELP)
-@click.option("--html", "out", required=True, type=click.Path(path_type=Path), help="Where to write the page.")
+@click.option(
+    "--html", "out", required=True, type=click.Path(path_type=Path), help="Where to write the page."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the fleet summary as JSON.")
 def report_cmd(db_target: str, out: Path, as_json: bool) -> None:
     """Write one self-contained HTML page (no network needed): fleet summary, per-device plots of
@@ -142,5 +167,7 @@ def report_cmd(db_target: str, out: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"html": str(out), **s}))
     else:
-        click.echo(f"wrote {out}: {s['devices']} devices, {s['telemetry_messages']} telemetry messages, "
-                   f"{sum(s['deployments'].values())} deployments")
+        click.echo(
+            f"wrote {out}: {s['devices']} devices, {s['telemetry_messages']} telemetry messages, "
+            f"{sum(s['deployments'].values())} deployments"
+        )

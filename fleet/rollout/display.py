@@ -41,12 +41,22 @@ class RolloutDisplay:
         for col in ("device", "role", "online", "state", "progress", "p95 new/old ms", "reason"):
             t.add_column(col)
         for d, v in sorted(ro.devices.items(), key=lambda kv: (kv[1].role != "canary", kv[0])):
-            p95 = f"{v.p95_ms:.3f}/{v.current_p95_ms:.3f}" if v.p95_ms is not None and v.current_p95_ms is not None \
+            p95 = (
+                f"{v.p95_ms:.3f}/{v.current_p95_ms:.3f}"
+                if v.p95_ms is not None and v.current_p95_ms is not None
                 else (f"{v.p95_ms:.3f}/-" if v.p95_ms is not None else "")
+            )
             state = v.state if v.online or v.state in DONE_STATES else f"{v.state} (offline)"
             color = "green" if v.state in SERVING else "red" if v.state in BAD_STATES else "yellow"
-            t.add_row(d, v.role, "yes" if v.online else "no", f"[{color}]{state}[/{color}]",
-                      f"{v.progress * 100:.0f}%" if v.progress is not None else "", p95, v.reason[:80])
+            t.add_row(
+                d,
+                v.role,
+                "yes" if v.online else "no",
+                f"[{color}]{state}[/{color}]",
+                f"{v.progress * 100:.0f}%" if v.progress is not None else "",
+                p95,
+                v.reason[:80],
+            )
         return t
 
     def __call__(self, ro: Rollout) -> None:
@@ -59,7 +69,14 @@ class RolloutDisplay:
                 self._seen[d] = key
                 extra = ""
                 if v.state == "ACTIVE" and v.p95_ms is not None:
-                    extra = f" p95 {v.p95_ms:.3f} ms" + (f" (replaced model: {v.current_p95_ms:.3f} ms)"
-                                                         if v.current_p95_ms is not None else "")
-                self.console.print(f"[{ro.phase}] {d} ({v.role}{'' if v.online else ', offline'}): {v.state}{extra}"
-                                   + (f" - {v.reason}" if v.reason else ""), highlight=False, markup=False)
+                    extra = f" p95 {v.p95_ms:.3f} ms" + (
+                        f" (replaced model: {v.current_p95_ms:.3f} ms)"
+                        if v.current_p95_ms is not None
+                        else ""
+                    )
+                self.console.print(
+                    f"[{ro.phase}] {d} ({v.role}{'' if v.online else ', offline'}): {v.state}{extra}"
+                    + (f" - {v.reason}" if v.reason else ""),
+                    highlight=False,
+                    markup=False,
+                )

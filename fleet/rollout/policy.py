@@ -23,8 +23,8 @@ from agent.protocol.states import FAILED, IN_PROGRESS, INSTALLING, SERVING, TERM
 Verdict = Literal["wait", "ok", "fail"]
 CANARY_RE = re.compile(r"^(\d{1,6})(%?)$")
 # A device's state is an agent state (agent.protocol.states) or one of the rollout's own two:
-PENDING = "pending"          # no event for the artifact yet
-ROLLBACK_FAILED = "FAILED"   # the rollout's rollback command failed or went unanswered
+PENDING = "pending"  # no event for the artifact yet
+ROLLBACK_FAILED = "FAILED"  # the rollout's rollback command failed or went unanswered
 # Terminal device states shown in the table; anything else is in progress.
 DONE_STATES = (*TERMINAL, ROLLBACK_FAILED)
 BAD_STATES = (*FAILED, ROLLBACK_FAILED)
@@ -46,12 +46,17 @@ class Gate:
     observe_s: float | None = None
 
     def p95_problem(self, new: float | None, old: float | None, source: str) -> str | None:
-        if new is None or old is None or not p95_regressed(new, old, self.max_p95_regression_pct,
-                                                             self.p95_slack_ms):
+        if (
+            new is None
+            or old is None
+            or not p95_regressed(new, old, self.max_p95_regression_pct, self.p95_slack_ms)
+        ):
             return None
         pct = (new / old - 1) * 100 if old > 0 else math.inf
-        return (f"{source} p95 {new:.3f} ms vs {old:.3f} ms before (+{pct:.0f}%; allowed "
-                f"{self.max_p95_regression_pct:g}% + {self.p95_slack_ms:g} ms)")
+        return (
+            f"{source} p95 {new:.3f} ms vs {old:.3f} ms before (+{pct:.0f}%; allowed "
+            f"{self.max_p95_regression_pct:g}% + {self.p95_slack_ms:g} ms)"
+        )
 
 
 @dataclass
@@ -99,7 +104,9 @@ def select_canaries(devices: dict[str, DeviceView], spec: str) -> list[str]:
     return online[:count]
 
 
-def group_members(states: dict[str, bytes], group: str, profile: str | None = None) -> dict[str, DeviceView]:
+def group_members(
+    states: dict[str, bytes], group: str, profile: str | None = None
+) -> dict[str, DeviceView]:
     """Devices whose retained state lists ``group`` (and, when given, serve ``profile``)."""
     out: dict[str, DeviceView] = {}
     for topic, payload in states.items():
@@ -111,8 +118,12 @@ def group_members(states: dict[str, bytes], group: str, profile: str | None = No
         except MessageError:
             continue
         if group in s.groups and (profile is None or s.profile == profile):
-            out[s.device] = DeviceView(s.device, online=s.online, profile=s.profile,
-                                       active_sha=s.active.sha256 if s.active else None)
+            out[s.device] = DeviceView(
+                s.device,
+                online=s.online,
+                profile=s.profile,
+                active_sha=s.active.sha256 if s.active else None,
+            )
     return out
 
 
@@ -126,7 +137,7 @@ class Rollout:
     devices: dict[str, DeviceView]
     canaries: list[str]
     gate: Gate = field(default_factory=Gate)
-    phase: str = "canary"          # canary -> promoted -> done | halted
+    phase: str = "canary"  # canary -> promoted -> done | halted
     reason: str = ""
 
     def __post_init__(self) -> None:
@@ -198,15 +209,21 @@ class Rollout:
             return "wait", ""
         if v.reason == ALREADY_ACTIVE:
             return "ok", ""
-        for problem in (self.gate.p95_problem(v.p95_ms, v.current_p95_ms, "on-device"),
-                        self.gate.p95_problem(v.tele_after_p95, v.tele_before_p95, "telemetry")):
+        for problem in (
+            self.gate.p95_problem(v.p95_ms, v.current_p95_ms, "on-device"),
+            self.gate.p95_problem(v.tele_after_p95, v.tele_before_p95, "telemetry"),
+        ):
             if problem:
                 return "fail", f"{dev}: {problem}"
         if v.tele_errors:
             return "fail", f"{dev}: {v.tele_errors} inference errors reported in telemetry"
         if v.state == "HEALTHY":
             return "ok", ""
-        if self.gate.observe_s is not None and v.active_at is not None and now - v.active_at >= self.gate.observe_s:
+        if (
+            self.gate.observe_s is not None
+            and v.active_at is not None
+            and now - v.active_at >= self.gate.observe_s
+        ):
             return "ok", ""
         return "wait", ""
 
@@ -240,19 +257,31 @@ class Rollout:
     def needs_rollback(self, dev: str) -> bool:
         """A canary running the new artifact (the agent rolls itself back only on its own failures)."""
         v = self.devices[dev]
-        return v.active_sha == self.sha and v.state not in FAILED and not v.rolled_back \
+        return (
+            v.active_sha == self.sha
+            and v.state not in FAILED
+            and not v.rolled_back
             and v.reason != ALREADY_ACTIVE
+        )
 
     def installing(self, dev: str) -> bool:
         """Past VERIFIED and not yet ACTIVE: the agent completes this install whatever it receives."""
         return self.devices[dev].state in INSTALLING
 
     def summary(self) -> dict[str, Any]:
-        return {"ok": self.phase == "done", "name": self.name, "version": self.version, "sha256": self.sha,
-                "phase": self.phase, "reason": self.reason, "canaries": self.canaries,
-                "pending": sorted(d for d, v in self.devices.items()
-                                  if not v.online and v.state not in DONE_STATES),
-                "devices": {d: v.summary() for d, v in sorted(self.devices.items())}}
+        return {
+            "ok": self.phase == "done",
+            "name": self.name,
+            "version": self.version,
+            "sha256": self.sha,
+            "phase": self.phase,
+            "reason": self.reason,
+            "canaries": self.canaries,
+            "pending": sorted(
+                d for d, v in self.devices.items() if not v.online and v.state not in DONE_STATES
+            ),
+            "devices": {d: v.summary() for d, v in sorted(self.devices.items())},
+        }
 
     def json(self) -> str:
         return json.dumps(self.summary())

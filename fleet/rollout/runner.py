@@ -33,14 +33,21 @@ class _Feed:
     PATTERNS = ("state", "events", "telemetry", "cmd/result")
 
     def __init__(self, c: SyncClient) -> None:
-        self.listener = c.listen([(f"{topics.PREFIX}/devices/+/{leaf}", 1) for leaf in self.PATTERNS])
+        self.listener = c.listen(
+            [(f"{topics.PREFIX}/devices/+/{leaf}", 1) for leaf in self.PATTERNS]
+        )
 
     def get(self, timeout: float) -> Message | None:
         return self.listener.get(timeout)
 
 
-def _pump(feed: _Feed, ro: Rollout, seconds: float, on_change: Callable[[Rollout], None],
-          results: dict[str, dict[str, Any]] | None = None) -> None:
+def _pump(
+    feed: _Feed,
+    ro: Rollout,
+    seconds: float,
+    on_change: Callable[[Rollout], None],
+    results: dict[str, dict[str, Any]] | None = None,
+) -> None:
     """Feed messages to the rollout for up to ``seconds`` (returns early once the queue is idle)."""
     end = time.monotonic() + seconds
     changed = False
@@ -59,14 +66,22 @@ def _pump(feed: _Feed, ro: Rollout, seconds: float, on_change: Callable[[Rollout
         on_change(ro)
 
 
-def _send_rollbacks(c: SyncClient, feed: _Feed, ro: Rollout, devices: list[str],
-                    on_change: Callable[[Rollout], None], wait_s: float) -> None:
+def _send_rollbacks(
+    c: SyncClient,
+    feed: _Feed,
+    ro: Rollout,
+    devices: list[str],
+    on_change: Callable[[Rollout], None],
+    wait_s: float,
+) -> None:
     """A rollback command to each of ``devices``; waits (bounded) for their answers."""
     results: dict[str, dict[str, Any]] = {}
     sent: dict[str, str] = {}
     for d in devices:
         cid = f"rollout-{uuid.uuid4().hex[:12]}"
-        c.publish(topics.device_topic(d, "cmd"), encode(Command(id=cid, op="rollback")), retain=False)
+        c.publish(
+            topics.device_topic(d, "cmd"), encode(Command(id=cid, op="rollback")), retain=False
+        )
         sent[d] = cid
     c.flush()
     end = time.monotonic() + wait_s
@@ -80,11 +95,20 @@ def _send_rollbacks(c: SyncClient, feed: _Feed, ro: Rollout, devices: list[str],
             v.reason = v.reason or "rolled back by the rollout"
         else:
             v.state = ROLLBACK_FAILED
-            v.reason = f"rollback command {cid}: " + (str(res.get("reason")) if res else f"no answer within {wait_s:g}s")
+            v.reason = f"rollback command {cid}: " + (
+                str(res.get("reason")) if res else f"no answer within {wait_s:g}s"
+            )
 
 
-def _rollback_canaries(c: SyncClient, feed: _Feed, ro: Rollout, published: list[str],
-                       on_change: Callable[[Rollout], None], wait_s: float = 20.0, late_s: float = 30.0) -> None:
+def _rollback_canaries(
+    c: SyncClient,
+    feed: _Feed,
+    ro: Rollout,
+    published: list[str],
+    on_change: Callable[[Rollout], None],
+    wait_s: float = 20.0,
+    late_s: float = 30.0,
+) -> None:
     """Roll back canaries that run the new artifact, then clear their device deployments.
 
     The rollback command comes first: it marks the artifact rejected on the device, so clearing
@@ -93,7 +117,9 @@ def _rollback_canaries(c: SyncClient, feed: _Feed, ro: Rollout, published: list[
     A canary still installing (past VERIFIED the agent finishes the install whatever arrives)
     is watched for up to ``late_s`` and rolled back if it turns ACTIVE.
     """
-    _send_rollbacks(c, feed, ro, [d for d in ro.canaries if ro.needs_rollback(d)], on_change, wait_s)
+    _send_rollbacks(
+        c, feed, ro, [d for d in ro.canaries if ro.needs_rollback(d)], on_change, wait_s
+    )
     for d in published:
         c.publish(topics.device_topic(d, "deployment"), b"", retain=True)
     c.flush()
@@ -106,9 +132,17 @@ def _rollback_canaries(c: SyncClient, feed: _Feed, ro: Rollout, published: list[
     on_change(ro)
 
 
-def staged_rollout(broker: BrokerConfig, spec: str, group: str, canary: str | None, profile: str | None = None,
-                   gate: Gate | None = None, wait: bool = False, timeout: float = 600.0,
-                   on_change: Callable[[Rollout], None] = lambda ro: None) -> Rollout:
+def staged_rollout(
+    broker: BrokerConfig,
+    spec: str,
+    group: str,
+    canary: str | None,
+    profile: str | None = None,
+    gate: Gate | None = None,
+    wait: bool = False,
+    timeout: float = 600.0,
+    on_change: Callable[[Rollout], None] = lambda ro: None,
+) -> Rollout:
     """Deploy to canaries, judge them, then set the group's deployment (or halt and roll back).
 
     Returns the finished Rollout; ``phase`` is done, halted, failed or incomplete. ``timeout``
@@ -126,8 +160,10 @@ def staged_rollout(broker: BrokerConfig, spec: str, group: str, canary: str | No
         states = c.retained(f"{topics.PREFIX}/devices/+/state", quiet=0.5, limit=5.0)
         everyone = group_members(states, group)
         if not everyone:
-            raise UsageError(f"group '{group}' has no devices (no retained state message on {broker.url} "
-                             f"lists it; devices announce their groups when they connect)")
+            raise UsageError(
+                f"group '{group}' has no devices (no retained state message on {broker.url} "
+                f"lists it; devices announce their groups when they connect)"
+            )
         if profile is None:
             profiles = {v.profile for v in everyone.values()}
             profile = profiles.pop() if len(profiles) == 1 else None
@@ -137,16 +173,23 @@ def staged_rollout(broker: BrokerConfig, spec: str, group: str, canary: str | No
             raise UsageError(f"group '{group}' has no device with profile '{entry.profile}'")
         canaries = select_canaries(members, canary) if canary is not None else []
         if canary is not None and not canaries:
-            raise RolloutHalted(f"no device of group '{group}' is online to act as a canary "
-                                f"({len(members)} offline); nothing was deployed")
+            raise RolloutHalted(
+                f"no device of group '{group}' is online to act as a canary "
+                f"({len(members)} offline); nothing was deployed"
+            )
         ro = Rollout(name, version, entry.sha256, members, canaries, gate or Gate())
         feed = _Feed(c)
         on_change(ro)
         published: list[str] = []
         for d in canaries:
             if ro.devices[d].state == PENDING:
-                dep = Deployment(name=name, version=version, sha256=entry.sha256, profile=entry.profile,
-                                 deployed_at=now_iso())
+                dep = Deployment(
+                    name=name,
+                    version=version,
+                    sha256=entry.sha256,
+                    profile=entry.profile,
+                    deployed_at=now_iso(),
+                )
                 c.publish(topics.device_topic(d, "deployment"), encode(dep), retain=True)
                 published.append(d)
         c.flush()
@@ -158,12 +201,23 @@ def staged_rollout(broker: BrokerConfig, spec: str, group: str, canary: str | No
         if verdict != "ok":
             ro.phase = "halted"
             now = time.monotonic()
-            ro.reason = reason or (f"canaries not healthy within {timeout:g}s: " + ", ".join(
-                f"{d} {ro.devices[d].state}" for d in canaries if ro.device_health(d, now)[0] != "ok"))
+            ro.reason = reason or (
+                f"canaries not healthy within {timeout:g}s: "
+                + ", ".join(
+                    f"{d} {ro.devices[d].state}"
+                    for d in canaries
+                    if ro.device_health(d, now)[0] != "ok"
+                )
+            )
             _rollback_canaries(c, feed, ro, published, on_change)
             return ro
-        dep = Deployment(name=name, version=version, sha256=entry.sha256, profile=entry.profile,
-                         deployed_at=now_iso())
+        dep = Deployment(
+            name=name,
+            version=version,
+            sha256=entry.sha256,
+            profile=entry.profile,
+            deployed_at=now_iso(),
+        )
         c.publish(group_topic, encode(dep), retain=True)
         c.flush()
         # the canaries now follow the group deployment (same artifact): drop their device pins

@@ -41,7 +41,9 @@ def _publish(url: str, device: str, n: int, start: int = 0) -> None:
         c.flush()
 
 
-def test_full_queue_defers_to_the_broker_without_blocking_paho(broker: Broker, tmp_path: Path) -> None:
+def test_full_queue_defers_to_the_broker_without_blocking_paho(
+    broker: Broker, tmp_path: Path
+) -> None:
     db = SlowDB(str(tmp_path / "fleet.db"))
     col = Collector(broker_config(broker.url), db, client_id="overflow", max_queued=5, batch_max=5)
     col.start()
@@ -51,8 +53,11 @@ def test_full_queue_defers_to_the_broker_without_blocking_paho(broker: Broker, t
         wait_for(lambda: col.stats.deferred > 0, what="a deferred message")
         _publish(broker.url, "o2", 1)
         db.gate.set()
-        wait_for(lambda: FleetDB(str(tmp_path / "fleet.db")).count("telemetry") >= 61, timeout=60,
-                 what="every message stored after the overflow")
+        wait_for(
+            lambda: FleetDB(str(tmp_path / "fleet.db")).count("telemetry") >= 61,
+            timeout=60,
+            what="every message stored after the overflow",
+        )
         assert col.stats.connects >= 2  # the resync reconnect brought the deferred ones back
     finally:
         db.gate.set()

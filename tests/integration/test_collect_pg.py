@@ -24,11 +24,16 @@ from tests.integration.test_collect import publish_telemetry
 
 PG_BIN = pg_bin_dir()
 pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("psycopg") is None,
-                       reason="workstation-only: the PostgreSQL store needs psycopg (pip install 'edgefleet[postgres]')"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("psycopg") is None,
+        reason="workstation-only: the PostgreSQL store needs psycopg (pip install 'edgefleet[postgres]')",
+    ),
     pytest.mark.integration,
-    pytest.mark.skipif(PG_BIN is None, reason="PostgreSQL server binaries (initdb, pg_ctl) are not installed; "
-                                              ".ci/setup installs them with apt-get install postgresql"),
+    pytest.mark.skipif(
+        PG_BIN is None,
+        reason="PostgreSQL server binaries (initdb, pg_ctl) are not installed; "
+        ".ci/setup installs them with apt-get install postgresql",
+    ),
 ]
 
 
@@ -40,8 +45,9 @@ def pg() -> Iterator[Postgres]:
     server.stop()
 
 
-def test_pg_shared_collectors_store_each_message_once(pg: Postgres, broker: Broker, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_pg_shared_collectors_store_each_message_once(
+    pg: Postgres, broker: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     url = pg.create_db("shared")
     FleetDB(url).close()
     a = Collector(broker_config(broker.url), url, share_group="pg", client_id="pg-a").start()
@@ -52,20 +58,34 @@ def test_pg_shared_collectors_store_each_message_once(pg: Postgres, broker: Brok
     finally:
         a.stop()
         b.stop()
-    assert a.stats.received > 0 and b.stats.received > 0 and a.stats.received + b.stats.received == n
+    assert (
+        a.stats.received > 0 and b.stats.received > 0 and a.stats.received + b.stats.received == n
+    )
     db = FleetDB(url)
     assert db.dialect == "postgres" and db.count("telemetry") == n
-    types = {r["column_name"]: r["data_type"] for r in db.query(
-        "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'telemetry'")}
-    assert types["seq"] == "bigint" and types["throttled"] == "boolean" and types["p95_ms"] == "double precision"
+    types = {
+        r["column_name"]: r["data_type"]
+        for r in db.query(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'telemetry'"
+        )
+    }
+    assert (
+        types["seq"] == "bigint"
+        and types["throttled"] == "boolean"
+        and types["p95_ms"] == "double precision"
+    )
     assert main(["fleet", "status", "--db", url, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 10 and all(r["p95_ms"] == 2.0 for r in rows)
     out = tmp_path / "r.html"
-    assert main(["fleet", "report", "--db", url, "--html", str(out)]) == 0 and "d9" in out.read_text()
+    assert (
+        main(["fleet", "report", "--db", url, "--html", str(out)]) == 0 and "d9" in out.read_text()
+    )
 
 
-def test_pg_collector_killed_before_commit_loses_nothing(pg: Postgres, broker: Broker, tmp_path: Path) -> None:
+def test_pg_collector_killed_before_commit_loses_nothing(
+    pg: Postgres, broker: Broker, tmp_path: Path
+) -> None:
     import psycopg
 
     url = pg.create_db("killed")
@@ -73,10 +93,27 @@ def test_pg_collector_killed_before_commit_loses_nothing(pg: Postgres, broker: B
     log = tmp_path / "c.log"
 
     def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "agent.clikit", "collect", "--broker", broker.url, "--db", url,
-                                 "--client-id", "pg-kill", "--json-stats", "--stats-every", "0.5"],
-                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                                stdout=log.open("ab"), stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent.clikit",
+                "collect",
+                "--broker",
+                broker.url,
+                "--db",
+                url,
+                "--client-id",
+                "pg-kill",
+                "--json-stats",
+                "--stats-every",
+                "0.5",
+            ],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
 
     p = start()
     locker = psycopg.connect(url)
@@ -86,9 +123,16 @@ def test_pg_collector_killed_before_commit_loses_nothing(pg: Postgres, broker: B
         locker.execute("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")
         n = publish_telemetry(broker.url, ["k1", "k2", "k3"], 20)
         # the collector has the messages and its INSERT waits on the lock: nothing acknowledged yet
-        wait_for(lambda: locker.execute("SELECT count(*) FROM pg_locks WHERE NOT granted "
-                                        "AND relation = 'telemetry'::regclass").fetchone()[0] > 0,  # type: ignore[index]
-                 what="the collector's INSERT waiting on the lock")
+        wait_for(
+            lambda: (
+                locker.execute(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted "
+                    "AND relation = 'telemetry'::regclass"
+                ).fetchone()[0]
+                > 0
+            ),  # type: ignore[index]
+            what="the collector's INSERT waiting on the lock",
+        )
     finally:
         stop_process(p, signal.SIGKILL, 10)  # killed before the lock goes, so it never commits
         locker.rollback()

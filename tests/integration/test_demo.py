@@ -34,9 +34,14 @@ class Watched:
     """The demo as a child process; remembers every descendant it ever saw, and its stderr."""
 
     def __init__(self, *args: str) -> None:
-        self.p = subprocess.Popen([sys.executable, "-m", "agent.clikit", "demo", *args], cwd=REPO,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  preexec_fn=_deliver_sigint)
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "agent.clikit", "demo", *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_deliver_sigint,
+        )
         self.seen: dict[int, str] = {}
         self._procs: dict[int, psutil.Process] = {}  # psutil refuses to signal a reused pid
         self.err: list[str] = []
@@ -76,7 +81,9 @@ class Watched:
             time.sleep(0.3)
         if self.p.poll() is None:
             self.p.kill()
-            raise AssertionError(f"demo still running after {timeout}s:\n{''.join(self.err)[-3000:]}")
+            raise AssertionError(
+                f"demo still running after {timeout}s:\n{''.join(self.err)[-3000:]}"
+            )
         assert self.p.stdout is not None
         self.out = self.p.stdout.read()
         return self.p.returncode
@@ -115,7 +122,11 @@ def test_demo_runs_the_whole_loop_and_leaves_nothing(tmp_path: Path, impl: str) 
         upgrade = s["rollouts"]["digits@1.0.1 to group x86-ipc"]
         assert upgrade["phase"] == "done" and upgrade["canaries"] == ["dev-1"]
         # the broken 1.1.0 never replaced the upgrade anywhere
-        assert {d: v["active"] for d, v in s["devices"].items()} == {"dev-1": "1.0.1", "dev-2": "1.0.1", "dev-3": "1.0.0"}
+        assert {d: v["active"] for d, v in s["devices"].items()} == {
+            "dev-1": "1.0.1",
+            "dev-2": "1.0.1",
+            "dev-3": "1.0.0",
+        }
         report = Path(s["report"]).read_text()
         assert all(d in report for d in ("dev-1", "dev-2", "dev-3"))
         # the application called every device once its first model was active, and not one request failed
@@ -129,30 +140,46 @@ def test_demo_runs_the_whole_loop_and_leaves_nothing(tmp_path: Path, impl: str) 
         # so the agents' telemetry carried latency windows: every device has some in the collector's db,
         # the demo's summary shows the latest p50/p95, and the report's fleet summary has a median p95
         with sqlite3.connect(s["db"]) as db:
-            windows = dict(db.execute("SELECT device, COUNT(*) FROM telemetry WHERE count > 0 AND p95_ms > 0 "
-                                      "AND p50_ms <= p95_ms GROUP BY device").fetchall())
+            windows = dict(
+                db.execute(
+                    "SELECT device, COUNT(*) FROM telemetry WHERE count > 0 AND p95_ms > 0 "
+                    "AND p50_ms <= p95_ms GROUP BY device"
+                ).fetchall()
+            )
         assert set(windows) == {"dev-1", "dev-2", "dev-3"} and min(windows.values()) >= 3, windows
-        assert all(v["p50_ms"] is not None and v["p95_ms"] is not None for v in s["devices"].values()), s["devices"]
-        assert re.search(r"<b[^>]*>[0-9.]+ ms</b><span>median p95</span>", report), "the report has no median p95"
+        assert all(
+            v["p50_ms"] is not None and v["p95_ms"] is not None for v in s["devices"].values()
+        ), s["devices"]
+        assert re.search(r"<b[^>]*>[0-9.]+ ms</b><span>median p95</span>", report), (
+            "the report has no median p95"
+        )
         charts = re.findall(r'aria-label="inference latency">(.*?)</svg>', report)
-        assert len(charts) == 3 and all("no data" not in c and c.count("<polyline") == 2 for c in charts), charts
+        assert len(charts) == 3 and all(
+            "no data" not in c and c.count("<polyline") == 2 for c in charts
+        ), charts
         # broker, collector and three agents ran as children, and none outlived the demo
         assert len(w.seen) >= 5, w.seen
         assert w.survivors() == []
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 130), (signal.SIGKILL, -9)])
+@pytest.mark.parametrize(
+    ("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 130), (signal.SIGKILL, -9)]
+)
 def test_ctrl_c_or_kill_stops_every_process(tmp_path: Path, sig: signal.Signals, code: int) -> None:
     """Ctrl-C and SIGTERM unwind through the cleanup; even SIGKILL leaves nothing (PDEATHSIG)."""
     if sig == signal.SIGKILL and sys.platform != "linux":
         pytest.skip("parent-death signal is Linux only")
     with Watched("--out", str(tmp_path / "demo"), "--broker-impl", "amqtt") as w:
         assert w.wait(120, until="[2/7]") is None, "".join(w.err)
-        end = time.monotonic() + 10  # a just-forked child shows the demo's command line until it execs
+        end = (
+            time.monotonic() + 10
+        )  # a just-forked child shows the demo's command line until it execs
         while True:
             w.seen.clear()
             w.snapshot()
-            agents = [c for c in w.seen.values() if "agent.toml" in c]  # the agents, not agent.clikit collect
+            agents = [
+                c for c in w.seen.values() if "agent.toml" in c
+            ]  # the agents, not agent.clikit collect
             if len(agents) == 3 or time.monotonic() > end:
                 break
             time.sleep(0.2)
@@ -163,7 +190,9 @@ def test_ctrl_c_or_kill_stops_every_process(tmp_path: Path, sig: signal.Signals,
         assert w.survivors() == []
 
 
-def test_auto_broker_falls_back_to_amqtt_without_mosquitto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_broker_falls_back_to_amqtt_without_mosquitto(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from agent.errors import UsageError
     from fleet import localfleet
     from fleet.mqtt import SyncClient, broker_config
@@ -180,8 +209,9 @@ def test_auto_broker_falls_back_to_amqtt_without_mosquitto(tmp_path: Path, monke
             c.publish("edgefleet/v1/artifacts/index/x/1.0.0/p", big, retain=True)
             c.flush()
         with SyncClient(broker_config(url)) as c:
-            assert c.retained("edgefleet/v1/artifacts/index/x/1.0.0/+", limit=5.0) == \
-                {"edgefleet/v1/artifacts/index/x/1.0.0/p": big}
+            assert c.retained("edgefleet/v1/artifacts/index/x/1.0.0/+", limit=5.0) == {
+                "edgefleet/v1/artifacts/index/x/1.0.0/p": big
+            }
         pid = procs.procs[0][1].pid
     finally:
         procs.stop_all()

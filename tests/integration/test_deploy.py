@@ -11,7 +11,9 @@ from tests.agent_helpers import TIME_SCALE, Broker, Listener, active_sha, deploy
 pytestmark = pytest.mark.integration
 
 
-def test_full_deploy_then_upgrade(broker: Broker, listener: Listener, agents: Any, artifacts: Any) -> None:
+def test_full_deploy_then_upgrade(
+    broker: Broker, listener: Listener, agents: Any, artifacts: Any
+) -> None:
     a1 = artifacts(version="1.0.0")
     a2 = artifacts(version="1.1.0", seed=1)
     sha1 = publish(broker.url, a1)
@@ -33,7 +35,9 @@ def test_full_deploy_then_upgrade(broker: Broker, listener: Listener, agents: An
     assert "p95_ms" in active["detail"]
     listener.wait_state("dev1", "HEALTHY", sha2, timeout=30)
     assert active_sha(sd) == sha2
-    assert len([p for p in (sd / "versions").iterdir() if not p.name.startswith(".")]) == 2  # keep 1 previous
+    assert (
+        len([p for p in (sd / "versions").iterdir() if not p.name.startswith(".")]) == 2
+    )  # keep 1 previous
 
 
 def test_deploy_over_mqtt5(broker: Broker, listener: Listener, agents: Any, artifacts: Any) -> None:

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("litert_torch", reason="litert-torch (pip install 'edgefleet[builder]') is not installed")
+pytest.importorskip(
+    "litert_torch", reason="litert-torch (pip install 'edgefleet[builder]') is not installed"
+)
 
 from agent.protocol.profile import load_profile
 from agent.protocol.signing import load_private_key
@@ -20,14 +22,31 @@ from tests.conftest import ROOT, DigitsProject
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_builder_made_int8_tflite_deploys(digits: DigitsProject, broker: Broker, listener: Listener, agents: Any,
-                                          keys: Keys, tmp_path: Path) -> None:
-    src = (ROOT / "device_profiles" / "rpi4.toml").read_text().replace('name = "rpi4"', 'name = "test-cpu"')
-    lines = ['candidates = ["tflite_int8"]' if ln.startswith("candidates") else ln for ln in src.splitlines()]
+def test_builder_made_int8_tflite_deploys(
+    digits: DigitsProject,
+    broker: Broker,
+    listener: Listener,
+    agents: Any,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    src = (
+        (ROOT / "device_profiles" / "rpi4.toml")
+        .read_text()
+        .replace('name = "rpi4"', 'name = "test-cpu"')
+    )
+    lines = [
+        'candidates = ["tflite_int8"]' if ln.startswith("candidates") else ln
+        for ln in src.splitlines()
+    ]
     (tmp_path / "test-cpu.toml").write_text("\n".join(lines) + "\n")
-    builder = Builder(load_build_config(digits.config), load_private_key(keys.private), tmp_path / "cache")
+    builder = Builder(
+        load_build_config(digits.config), load_private_key(keys.private), tmp_path / "cache"
+    )
     result = builder.build_profile(load_profile(tmp_path / "test-cpu.toml"), tmp_path / "out")
-    assert result.artifact is not None and result.chosen is not None, [c.summary() for c in result.candidates]
+    assert result.artifact is not None and result.chosen is not None, [
+        c.summary() for c in result.candidates
+    ]
     assert result.chosen.runtime == "litert" and result.chosen.precision == "int8_static"
 
     sha = publish(broker.url, result.artifact)

@@ -8,7 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("ai_edge_litert", reason="LiteRT (pip install 'edgefleet[tflite]') is not installed")
+pytest.importorskip(
+    "ai_edge_litert", reason="LiteRT (pip install 'edgefleet[tflite]') is not installed"
+)
 
 from agent.protocol.golden import GoldenSet
 from agent.protocol.manifest import (
@@ -43,23 +45,37 @@ def tflite_artifact(out: Path, keys: Keys, int8: bool) -> Path:
     qin = Quantization(scale=m.in_scale, zero_point=m.in_zp) if int8 else None
     qout = Quantization(scale=m.out_scale, zero_point=m.out_zp) if int8 else None
     manifest = Manifest(
-        format_version=FORMAT_VERSION, name="fc", version="1.0.0", profile="test-cpu", runtime="litert",
-        precision="int8_static" if int8 else "fp32", task="regression", created="2026-01-01T00:00:00Z",
+        format_version=FORMAT_VERSION,
+        name="fc",
+        version="1.0.0",
+        profile="test-cpu",
+        runtime="litert",
+        precision="int8_static" if int8 else "fp32",
+        task="regression",
+        created="2026-01-01T00:00:00Z",
         builder_version="test",
-        model=ModelInfo(file="model.tflite",
-                        inputs=[TensorSpec(name="input", dtype=dtype, shape=["batch", 4], quantization=qin)],
-                        outputs=[TensorSpec(name="output", dtype=dtype, shape=["batch", 3], quantization=qout)]),
+        model=ModelInfo(
+            file="model.tflite",
+            inputs=[TensorSpec(name="input", dtype=dtype, shape=["batch", 4], quantization=qin)],
+            outputs=[TensorSpec(name="output", dtype=dtype, shape=["batch", 3], quantization=qout)],
+        ),
         files={"model.tflite": file_entry(model), "golden.npz": file_entry(golden)},
-        metrics={}, recipe=Recipe(name="handmade", steps=[]),
+        metrics={},
+        recipe=Recipe(name="handmade", steps=[]),
         golden=Golden(file="golden.npz", count=8, atol=max(m.out_scale, 1e-5), rtol=0.0),
     )
-    return write_artifact(out / f"fc-{dtype}.efa", manifest, {"model.tflite": model, "golden.npz": golden},
-                          load_private_key(keys.private))
+    return write_artifact(
+        out / f"fc-{dtype}.efa",
+        manifest,
+        {"model.tflite": model, "golden.npz": golden},
+        load_private_key(keys.private),
+    )
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
-def test_tflite_artifact_deploys(broker: Broker, listener: Listener, agents: Any, keys: Keys,
-                                 tmp_path: Path, int8: bool) -> None:
+def test_tflite_artifact_deploys(
+    broker: Broker, listener: Listener, agents: Any, keys: Keys, tmp_path: Path, int8: bool
+) -> None:
     art = tflite_artifact(tmp_path / "art", keys, int8)
     sha = publish(broker.url, art)
     device = f"lite-{'q' if int8 else 'f'}"

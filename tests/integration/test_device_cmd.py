@@ -28,12 +28,18 @@ def _cmd(capsys: pytest.CaptureFixture[str], broker: Broker, *args: str) -> tupl
 
 
 def _result(listener: Listener, device: str, cmd_id: str) -> dict[str, Any]:
-    return listener.wait_message(topics.device_topic(device, "cmd/result"), lambda d: d.get("id") == cmd_id,
-                                 timeout=15)
+    return listener.wait_message(
+        topics.device_topic(device, "cmd/result"), lambda d: d.get("id") == cmd_id, timeout=15
+    )
 
 
-def test_device_commands(broker: Broker, listener: Listener, agents: Any, artifacts: Any,
-                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_device_commands(
+    broker: Broker,
+    listener: Listener,
+    agents: Any,
+    artifacts: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     shas = [publish(broker.url, artifacts(version=f"{v}.0.0", seed=v)) for v in (1, 2, 3)]
     agents.start("dev1", keep_versions=2, telemetry={"interval_s": 0.2})
     sd = agents.state_dir("dev1")
@@ -41,7 +47,9 @@ def test_device_commands(broker: Broker, listener: Listener, agents: Any, artifa
     listener.wait_state("dev1", "HEALTHY", shas[0])
     for v, sha in ((2, shas[1]), (3, shas[2])):  # deploy by command, not retained
         by_sha = ("--sha256", sha) if v == 2 else ()  # else looked up in the published index
-        rc, res, _ = _cmd(capsys, broker, "dev1", "deploy", "--name", "tiny", "--version", f"{v}.0.0", *by_sha)
+        rc, res, _ = _cmd(
+            capsys, broker, "dev1", "deploy", "--name", "tiny", "--version", f"{v}.0.0", *by_sha
+        )
         assert rc == 0 and res["ok"] is True
         listener.wait_state("dev1", "HEALTHY", sha)
     assert active_sha(sd) == shas[2]
@@ -68,16 +76,26 @@ def test_device_commands(broker: Broker, listener: Listener, agents: Any, artifa
         time.sleep(0.1)
     time.sleep(0.5)  # a few more windows: nothing beyond the benchmark's runs is counted
     assert counted() == 25
-    window = listener.wait_message(t_topic, lambda m: m["latency"]["count"] > 0, timeout=5)["latency"]
-    assert window["p50_ms"] <= window["p99_ms"] <= window["max_ms"] and "samples" in window["thermal"]
+    window = listener.wait_message(t_topic, lambda m: m["latency"]["count"] > 0, timeout=5)[
+        "latency"
+    ]
+    assert (
+        window["p50_ms"] <= window["p99_ms"] <= window["max_ms"] and "samples" in window["thermal"]
+    )
 
     # rollback to a named kept version, then to the previous activation
     rc, res, _ = _cmd(capsys, broker, "dev1", "rollback", "--version", "1.0.0")
     assert rc == 0 and res["detail"]["active"] == "tiny@1.0.0"
     assert active_sha(sd) == shas[0]
-    listener.wait_event("dev1", lambda e: e.get("state") == "ROLLED_BACK" and e["sha256"] == shas[2])
+    listener.wait_event(
+        "dev1", lambda e: e.get("state") == "ROLLED_BACK" and e["sha256"] == shas[2]
+    )
     rc, res, err = _cmd(capsys, broker, "dev1", "rollback", "--version", "9.9.9")
-    assert rc == 10 and res["ok"] is False and "not kept on this device (kept: tiny@2.0.0)" in res["reason"]
+    assert (
+        rc == 10
+        and res["ok"] is False
+        and "not kept on this device (kept: tiny@2.0.0)" in res["reason"]
+    )
     assert err.count("\n") == 1 and err.startswith("error: device dev1 refused 'rollback'")
     rc, res, _ = _cmd(capsys, broker, "dev1", "rollback", "--version", "1.0.0")
     assert rc == 10 and "already the active version" in res["reason"]
@@ -97,8 +115,12 @@ def test_device_commands(broker: Broker, listener: Listener, agents: Any, artifa
     # refused here: an unknown op (exit 2, nothing sent); by the device: out-of-range runs, an
     # argument the op does not take
     rc, res, err = _cmd(capsys, broker, "dev1", "reboot")
-    assert rc == 2 and res is None and err.strip() == (
-        "error: unknown op 'reboot': one of deploy, rollback, benchmark, rebirth, status")
+    assert (
+        rc == 2
+        and res is None
+        and err.strip()
+        == ("error: unknown op 'reboot': one of deploy, rollback, benchmark, rebirth, status")
+    )
     rc, res, _ = _cmd(capsys, broker, "dev1", "benchmark", "--runs", "5000")
     assert rc == 10 and "runs must be between 1 and 1000" in res["reason"]
     rc, res, _ = _cmd(capsys, broker, "dev1", "status", "--runs", "3")
@@ -107,16 +129,28 @@ def test_device_commands(broker: Broker, listener: Listener, agents: Any, artifa
     # malformed payloads: answered when the id can be read, a bad_message event either way
     cmd_topic = topics.device_topic("dev1", "cmd")
     send(broker.url, cmd_topic, b'{"id": "m1", "op": "status", "bogus": 1}')
-    assert _result(listener, "dev1", "m1") == {"id": "m1", "ok": False, "reason": "Command: bogus: unknown field",
-                                               "detail": {}}
+    assert _result(listener, "dev1", "m1") == {
+        "id": "m1",
+        "ok": False,
+        "reason": "Command: bogus: unknown field",
+        "detail": {},
+    }
     send(broker.url, cmd_topic, b'{"id": "m2", "op": "benchmark", "runs": "many"}')
     assert "runs" in _result(listener, "dev1", "m2")["reason"]
-    send(broker.url, cmd_topic, b'{"id": "m3", "op": "deploy", "name": "tiny", "version": "1.0.0", "sha256": "zz"}')
+    send(
+        broker.url,
+        cmd_topic,
+        b'{"id": "m3", "op": "deploy", "name": "tiny", "version": "1.0.0", "sha256": "zz"}',
+    )
     assert _result(listener, "dev1", "m3")["reason"].startswith("invalid deploy command")
     send(broker.url, cmd_topic, b"\xff not json")
     send(broker.url, cmd_topic, b'{"id": 7, "op": "status"}')
-    listener.wait_event("dev1", lambda e: e["kind"] == "bad_message" and "not UTF-8 JSON" in e["reason"])
-    listener.wait_event("dev1", lambda e: e["kind"] == "bad_message" and "Command: id" in e["reason"])
+    listener.wait_event(
+        "dev1", lambda e: e["kind"] == "bad_message" and "not UTF-8 JSON" in e["reason"]
+    )
+    listener.wait_event(
+        "dev1", lambda e: e["kind"] == "bad_message" and "Command: id" in e["reason"]
+    )
     rc, res, _ = _cmd(capsys, broker, "dev1", "status")  # still serving, same model
     assert rc == 0 and res["detail"]["active"]["version"] == "2.0.0"
 
@@ -124,15 +158,35 @@ def test_device_commands(broker: Broker, listener: Listener, agents: Any, artifa
 def test_cli_errors_are_one_line(broker: Broker) -> None:
     """Through the real entry point: a device that never answers, and a broker that is not there."""
     base = [sys.executable, "-m", "agent.clikit", "device", "cmd"]
-    p = subprocess.run([*base, "ghost", "status", "--broker", broker.url, "--timeout", "1"],
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [*base, "ghost", "status", "--broker", broker.url, "--timeout", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 9 and p.stdout == ""
     assert p.stderr.strip().splitlines() == [
-        "error: device ghost did not answer 'status' within 1s (it has never reported a state on this broker)"]
-    p = subprocess.run([*base, "dev1", "status", "--broker", f"mqtt://127.0.0.1:{free_port()}"],
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
+        "error: device ghost did not answer 'status' within 1s (it has never reported a state on this broker)"
+    ]
+    p = subprocess.run(
+        [*base, "dev1", "status", "--broker", f"mqtt://127.0.0.1:{free_port()}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 8 and len(p.stderr.strip().splitlines()) == 1
     assert "cannot connect" in p.stderr and "tried 3 times" in p.stderr
-    p = subprocess.run([*base, "bad/id", "status", "--broker", broker.url],
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and p.stderr.startswith("error: invalid device id") and "Traceback" not in p.stderr
+    p = subprocess.run(
+        [*base, "bad/id", "status", "--broker", broker.url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        p.returncode == 2
+        and p.stderr.startswith("error: invalid device id")
+        and "Traceback" not in p.stderr
+    )

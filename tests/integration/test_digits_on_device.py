@@ -62,10 +62,13 @@ def _rss_mb(pid: int) -> float:
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "litert"])
-def test_builder_digits_artifact_deploys_serves_and_reports(runtime: str, tmp_path: Path, broker: Broker,
-                                                            listener: Listener, agents: Any) -> None:
+def test_builder_digits_artifact_deploys_serves_and_reports(
+    runtime: str, tmp_path: Path, broker: Broker, listener: Listener, agents: Any
+) -> None:
     if not DIGITS_DIR:
-        pytest.skip("EDGEFLEET_DIGITS_DIR is not set (.ci/run builds the digits artifacts for this job)")
+        pytest.skip(
+            "EDGEFLEET_DIGITS_DIR is not set (.ci/run builds the digits artifacts for this job)"
+        )
     if runtime not in available_runtimes():
         pytest.skip(f"runtime {runtime} is not installed here")
     art = _artifacts().get(runtime)
@@ -75,9 +78,16 @@ def test_builder_digits_artifact_deploys_serves_and_reports(runtime: str, tmp_pa
     sha = publish(broker.url, art, chunk_size=64 * 1024)
     port = free_port()
     dev = f"digits-{runtime}"
-    proc = agents.start(dev, keys=[Path(DIGITS_DIR) / "edgefleet.pub"], profile=m.profile, runtimes=(runtime,),
-                        serve={"port": port}, telemetry={"interval_s": 1.0},
-                        max_p95_ms=1000.0 * TIME_SCALE, p95_slack_ms=50.0 * TIME_SCALE)
+    proc = agents.start(
+        dev,
+        keys=[Path(DIGITS_DIR) / "edgefleet.pub"],
+        profile=m.profile,
+        runtimes=(runtime,),
+        serve={"port": port},
+        telemetry={"interval_s": 1.0},
+        max_p95_ms=1000.0 * TIME_SCALE,
+        p95_slack_ms=50.0 * TIME_SCALE,
+    )
     deploy(broker.url, f"digits@{m.version}", device=dev)
     listener.wait_state(dev, "HEALTHY", sha, timeout=120)
     # serve: one sample through the Open Inference Protocol v2 endpoint, shaped as its metadata says
@@ -85,21 +95,39 @@ def test_builder_digits_artifact_deploys_serves_and_reports(runtime: str, tmp_pa
     with urllib.request.urlopen(base, timeout=30 * TIME_SCALE) as r:
         meta = json.loads(r.read())["inputs"][0]
     shape = [1, *[d if isinstance(d, int) and d > 0 else 1 for d in meta["shape"][1:]]]
-    body = json.dumps({"inputs": [{"name": meta["name"], "datatype": meta["datatype"], "shape": shape,
-                                   "data": [0] * int(np.prod(shape))}]}).encode()
-    req = urllib.request.Request(f"{base}/infer", data=body, headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": meta["name"],
+                    "datatype": meta["datatype"],
+                    "shape": shape,
+                    "data": [0] * int(np.prod(shape)),
+                }
+            ]
+        }
+    ).encode()
+    req = urllib.request.Request(
+        f"{base}/infer", data=body, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=30 * TIME_SCALE) as r:
             out = json.loads(r.read())
     except urllib.error.HTTPError as exc:
-        raise AssertionError(f"infer answered {exc.code}: {exc.read()[:500]!r} (metadata {meta})") from None
+        raise AssertionError(
+            f"infer answered {exc.code}: {exc.read()[:500]!r} (metadata {meta})"
+        ) from None
     assert len(out["outputs"][0]["data"]) == 10
     # telemetry: a message that names the active model and counts the request
     from agent.protocol import topics
 
-    tel = listener.wait_message(topics.device_topic(dev, "telemetry"),
-                                lambda d: (d.get("model") or d.get("active") or {}).get("sha256") == sha
-                                or sha in json.dumps(d), timeout=60)
+    tel = listener.wait_message(
+        topics.device_topic(dev, "telemetry"),
+        lambda d: (
+            (d.get("model") or d.get("active") or {}).get("sha256") == sha or sha in json.dumps(d)
+        ),
+        timeout=60,
+    )
     assert tel
     # idle RSS with the model loaded: let the agent settle, then read the process's VmRSS
     assert proc.proc is not None

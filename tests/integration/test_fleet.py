@@ -17,12 +17,16 @@ from tests.agent_helpers import Broker, Listener, deploy, free_port
 pytestmark = pytest.mark.integration
 
 
-def test_birth_and_last_will(broker: Broker, listener: Listener, agents: Any, artifacts: Any) -> None:
+def test_birth_and_last_will(
+    broker: Broker, listener: Listener, agents: Any, artifacts: Any
+) -> None:
     proc = agents.start("lw")
     state_t = topics.device_topic("lw", "state")
     birth = listener.wait_message(state_t, lambda m: m["online"] is True, timeout=20)
     assert birth["profile"] == "test-cpu" and birth["active"] is None and birth["agent_version"]
-    sha = publish_artifact(artifacts(version="1.0.0"), broker_config(broker.url), chunk_size=1024).sha256
+    sha = publish_artifact(
+        artifacts(version="1.0.0"), broker_config(broker.url), chunk_size=1024
+    ).sha256
     deploy(broker.url, "tiny@1.0.0", device="lw")
     listener.wait_message(state_t, lambda m: (m["active"] or {}).get("sha256") == sha, timeout=30)
     proc.kill()
@@ -48,31 +52,42 @@ def test_publish_is_idempotent_and_deploy_errors(broker: Broker, artifacts: Any)
         publish_artifact(art, broker_config(f"mqtt://127.0.0.1:{free_port()}"))
 
 
-def test_publish_verifies_before_it_repoints_an_index_entry(broker: Broker, artifacts: Any, keys: Any,
-                                                            other_keys: Any) -> None:
+def test_publish_verifies_before_it_repoints_an_index_entry(
+    broker: Broker, artifacts: Any, keys: Any, other_keys: Any
+) -> None:
     from agent.errors import IntegrityError
     from agent.protocol.signing import load_public_key
 
     cfg = broker_config(broker.url)
     first = publish_artifact(artifacts(version="2.0.0"), cfg, chunk_size=4096)
-    other = artifacts(version="2.0.0", seed=7)  # another model under the same name, version, profile
+    other = artifacts(
+        version="2.0.0", seed=7
+    )  # another model under the same name, version, profile
     with pytest.raises(UsageError, match="already published as another artifact"):
         publish_artifact(other, cfg, chunk_size=4096)
     with pytest.raises(IntegrityError):  # signed by a key the operator does not trust
         publish_artifact(other, cfg, chunk_size=4096, trusted=[load_public_key(other_keys.public)])
     res = publish_artifact(other, cfg, chunk_size=4096, trusted=[load_public_key(keys.public)])
-    assert res.sha256 != first.sha256 and fleet_deploy(cfg, "tiny@2.0.0", device="x").deployment.sha256 == res.sha256
+    assert (
+        res.sha256 != first.sha256
+        and fleet_deploy(cfg, "tiny@2.0.0", device="x").deployment.sha256 == res.sha256
+    )
 
 
 def test_deploy_to_a_group_no_device_follows_warns(broker: Broker, artifacts: Any) -> None:
     cfg = broker_config(broker.url)
     publish_artifact(artifacts(version="1.0.0"), cfg, chunk_size=4096)
     res = fleet_deploy(cfg, "tiny@1.0.0", group="nobody-here")
-    assert len(res.warnings) == 1 and "no device" in res.warnings[0] and "'nobody-here'" in res.warnings[0]
+    assert (
+        len(res.warnings) == 1
+        and "no device" in res.warnings[0]
+        and "'nobody-here'" in res.warnings[0]
+    )
 
 
-def test_fleet_status_says_which_online_devices_sent_no_telemetry(broker: Broker,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_fleet_status_says_which_online_devices_sent_no_telemetry(
+    broker: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
     from agent.clikit import main
     from fleet.mqtt import SyncClient
     from tests.fleet_helpers import dumps, state

@@ -15,12 +15,16 @@ pytestmark = pytest.mark.integration
 
 def _libs(pid: int) -> str:
     """The files this process maps (its libraries), one per line."""
-    return "\n".join(line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
-                     if line.split()[-1].endswith(".so") or ".so." in line.split()[-1])
+    return "\n".join(
+        line.split()[-1]
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+        if line.split()[-1].endswith(".so") or ".so." in line.split()[-1]
+    )
 
 
 def test_agent_loads_cryptography_only_to_verify(
-        broker: Broker, listener: Listener, agents: Any, artifacts: Any) -> None:
+    broker: Broker, listener: Listener, agents: Any, artifacts: Any
+) -> None:
     sha = publish(broker.url, artifacts(version="1.0.0"))
     p = agents.start("fp", serve={"enabled": True, "port": free_port()})
     deploy(broker.url, "tiny@1.0.0", device="fp")
@@ -32,8 +36,10 @@ def test_agent_loads_cryptography_only_to_verify(
     p.stop()
     seq = listener.wait_message("edgefleet/v1/devices/fp/state", lambda d: not d["online"])["seq"]
     p = agents.start("fp")
-    listener.wait_message("edgefleet/v1/devices/fp/state",
-                          lambda d: d["online"] and d["seq"] > seq and d["active"] is not None)
+    listener.wait_message(
+        "edgefleet/v1/devices/fp/state",
+        lambda d: d["online"] and d["seq"] > seq and d["active"] is not None,
+    )
     assert p.proc is not None
     maps = _libs(p.proc.pid)
     assert "/onnxruntime/capi/" in maps  # it does serve the model

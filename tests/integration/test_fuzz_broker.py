@@ -18,22 +18,29 @@ pytestmark = pytest.mark.integration
 
 payloads = (
     st.binary(max_size=512)
-    | st.dictionaries(st.sampled_from(["name", "version", "sha256", "id", "op", "size", "chunks", "x"]),
-                      st.none() | st.integers() | st.text(max_size=70) | st.lists(st.integers(), max_size=3),
-                      max_size=6).map(lambda d: json.dumps(d).encode())
+    | st.dictionaries(
+        st.sampled_from(["name", "version", "sha256", "id", "op", "size", "chunks", "x"]),
+        st.none() | st.integers() | st.text(max_size=70) | st.lists(st.integers(), max_size=3),
+        max_size=6,
+    ).map(lambda d: json.dumps(d).encode())
     | st.just(b"\0" * 2_000_000)
 )
 
 
-def test_hostile_payloads_on_subscribed_topics(broker: Broker, listener: Listener, agents: Any,
-                                               artifacts: Any) -> None:
+def test_hostile_payloads_on_subscribed_topics(
+    broker: Broker, listener: Listener, agents: Any, artifacts: Any
+) -> None:
     sha = publish(broker.url, artifacts(version="1.0.0"))
     proc = agents.start("fz", groups=("lab",))
     deploy(broker.url, "tiny@1.0.0", device="fz")
     listener.wait_state("fz", "HEALTHY", sha, timeout=30)
-    targets = [topics.device_topic("fz", "deployment"), topics.group_deployment("lab"),
-               topics.device_topic("fz", "cmd"), topics.artifact_manifest("a" * 64),
-               topics.artifact_chunk(sha, 0)]
+    targets = [
+        topics.device_topic("fz", "deployment"),
+        topics.group_deployment("lab"),
+        topics.device_topic("fz", "cmd"),
+        topics.artifact_manifest("a" * 64),
+        topics.artifact_chunk(sha, 0),
+    ]
     c = mqtt.Client(CallbackAPIVersion.VERSION2)
     c.connect("127.0.0.1", broker.port)
     c.loop_start()
@@ -56,7 +63,9 @@ def test_hostile_payloads_on_subscribed_topics(broker: Broker, listener: Listene
     finally:
         c.disconnect()
         c.loop_stop()
-    listener.wait_message(topics.device_topic("fz", "cmd/result"), lambda d: d.get("id") == "after-fuzz", timeout=30)
+    listener.wait_message(
+        topics.device_topic("fz", "cmd/result"), lambda d: d.get("id") == "after-fuzz", timeout=30
+    )
     listener.wait_event("fz", lambda e: e["kind"] == "bad_message", timeout=20)
     assert proc.alive()
     assert active_sha(agents.state_dir("fz")) == sha

@@ -36,7 +36,9 @@ def _example(name: str, tmp: Path, profiles: dict[str, str] | None = None) -> Pa
         pytest.skip(f"examples/{name} cannot be prepared here: {exc}")
     src = ROOT / "examples" / name
     text = (src / "edgefleet.toml").read_text()
-    text = re.sub(r'"(work/[^"]*|[a-z_]+\.py:[a-z_]+)"', lambda m: json.dumps(str(src / m.group(1))), text)
+    text = re.sub(
+        r'"(work/[^"]*|[a-z_]+\.py:[a-z_]+)"', lambda m: json.dumps(str(src / m.group(1))), text
+    )
     for p, body in (profiles or {}).items():
         text = re.sub(rf"^\[profiles\.{re.escape(p)}\]\n(?:(?!\[).*\n?)*", "", text, flags=re.M)
         text += f"\n[profiles.{p}]\n{body}\n"
@@ -49,8 +51,21 @@ def _build(cfg: Path, profile: str, tmp: Path) -> dict[str, Any]:
     from builder.cli import main
 
     out = tmp / "out"
-    rc = main(["build", str(cfg), "-p", profile, "--out", str(out), "--cache-dir", str(ROOT / ".edgefleet-cache"),
-               "--json", "--profiles-dir", str(ROOT / "device_profiles")])
+    rc = main(
+        [
+            "build",
+            str(cfg),
+            "-p",
+            profile,
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(ROOT / ".edgefleet-cache"),
+            "--json",
+            "--profiles-dir",
+            str(ROOT / "device_profiles"),
+        ]
+    )
     assert rc == 0, f"build exited {rc}"
     arts = list(out.glob("*.efa"))
     assert len(arts) == 1
@@ -63,14 +78,21 @@ def _build(cfg: Path, profile: str, tmp: Path) -> dict[str, Any]:
     return {"artifact": arts[0], "manifest": va.manifest, "pub": pub}
 
 
-def _serve(agents: Any, listener: Listener, broker: Broker, built: dict[str, Any], device: str) -> tuple[Any, int]:
+def _serve(
+    agents: Any, listener: Listener, broker: Broker, built: dict[str, Any], device: str
+) -> tuple[Any, int]:
     import tritonclient.http as th
 
     port = free_port()
     m = built["manifest"]
     sha = publish(broker.url, built["artifact"], chunk_size=256 * 1024)
-    agents.start(device, keys=[built["pub"]], profile=m.profile, serve={"port": port, "max_body_bytes": 8 << 20},
-                 max_p95_ms=5000.0)
+    agents.start(
+        device,
+        keys=[built["pub"]],
+        profile=m.profile,
+        serve={"port": port, "max_body_bytes": 8 << 20},
+        max_p95_ms=5000.0,
+    )
     deploy(broker.url, f"{m.name}@{m.version}", device=device)
     listener.wait_state(device, "ACTIVE", sha, timeout=180)
     client = th.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=60)
@@ -78,26 +100,40 @@ def _serve(agents: Any, listener: Listener, broker: Broker, built: dict[str, Any
 
 
 def test_vad_stateful_int64_scalar_through_agent_and_tritonclient(
-        broker: Broker, listener: Listener, agents: Any, tmp_path: Path) -> None:
+    broker: Broker, listener: Listener, agents: Any, tmp_path: Path
+) -> None:
     import onnxruntime as ort
     import tritonclient.http as th
 
     cfg = _example("vad", tmp_path)
     built = _build(cfg, "generic-cpu", tmp_path)
     m = built["manifest"]
-    assert [(s.name, s.dtype) for s in m.model.inputs] == [("input", "float32"), ("state", "float32"), ("sr", "int64")]
+    assert [(s.name, s.dtype) for s in m.model.inputs] == [
+        ("input", "float32"),
+        ("state", "float32"),
+        ("sr", "int64"),
+    ]
     assert m.metrics["cosine_min"] >= m.budgets["min_cosine"]
     client, _ = _serve(agents, listener, broker, built, "vad1")
     meta = client.get_model_metadata("vad")
-    assert {i["name"]: i["datatype"] for i in meta["inputs"]} == {"input": "FP32", "state": "FP32", "sr": "INT64"}
+    assert {i["name"]: i["datatype"] for i in meta["inputs"]} == {
+        "input": "FP32",
+        "state": "FP32",
+        "sr": "INT64",
+    }
 
     with np.load(ROOT / "examples" / "vad" / "work" / "eval.npz") as z:
         audio, state = z["input"][:40], z["state"][:40]
     original = ort.InferenceSession(str(ROOT / "examples" / "vad" / "work" / "silero_vad.onnx"))
     for i in range(0, 40, 7):
-        feeds = {"input": audio[i : i + 1], "state": np.ascontiguousarray(state[i][:, None, :]),
-                 "sr": np.array(16000, dtype=np.int64)}
-        want = dict(zip(["output", "stateN"], original.run(["output", "stateN"], feeds), strict=True))
+        feeds = {
+            "input": audio[i : i + 1],
+            "state": np.ascontiguousarray(state[i][:, None, :]),
+            "sr": np.array(16000, dtype=np.int64),
+        }
+        want = dict(
+            zip(["output", "stateN"], original.run(["output", "stateN"], feeds), strict=True)
+        )
         for binary in (True, False):
             ins = []
             for name, v in feeds.items():
@@ -112,18 +148,28 @@ def test_vad_stateful_int64_scalar_through_agent_and_tritonclient(
 
 
 def test_transformer_int64_tokens_through_agent_and_tritonclient(
-        broker: Broker, listener: Listener, agents: Any, tmp_path: Path) -> None:
+    broker: Broker, listener: Listener, agents: Any, tmp_path: Path
+) -> None:
     import torch
     import tritonclient.http as th
 
     from builder.passes.load import resolve_factory
 
     # x86-ipc's own int8 candidates for this model, with room for a loaded CI machine's p95.
-    cfg = _example("textenc", tmp_path, {"x86-ipc": 'budgets = { max_artifact_kb = 40000, max_p95_ms = 2000 }\n'
-                                                    'candidates = ["int8_dynamic_pc"]'})
+    cfg = _example(
+        "textenc",
+        tmp_path,
+        {
+            "x86-ipc": "budgets = { max_artifact_kb = 40000, max_p95_ms = 2000 }\n"
+            'candidates = ["int8_dynamic_pc"]'
+        },
+    )
     built = _build(cfg, "x86-ipc", tmp_path)
     m = built["manifest"]
-    assert [(s.name, s.dtype) for s in m.model.inputs] == [("input_ids", "int64"), ("attention_mask", "int64")]
+    assert [(s.name, s.dtype) for s in m.model.inputs] == [
+        ("input_ids", "int64"),
+        ("attention_mask", "int64"),
+    ]
     assert m.precision.startswith("int8") and m.metrics["cosine_min"] >= 0.98
     client, _ = _serve(agents, listener, broker, built, "tx1")
 

@@ -27,7 +27,9 @@ from tests.agent_helpers import (
 pytestmark = pytest.mark.integration
 
 
-def _install_v1(broker: Broker, listener: Listener, agents: Any, artifacts: Any, device: str) -> str:
+def _install_v1(
+    broker: Broker, listener: Listener, agents: Any, artifacts: Any, device: str
+) -> str:
     sha1 = publish(broker.url, artifacts(version="1.0.0"))
     agents.start(device)
     deploy(broker.url, "tiny@1.0.0", device=device)
@@ -41,19 +43,24 @@ def _rejected(listener: Listener, device: str, sha: str, state: str = "REJECTED"
     return str(ev["reason"])
 
 
-def test_corrupted_chunk_rejected(broker: Broker, listener: Listener, agents: Any, artifacts: Any) -> None:
+def test_corrupted_chunk_rejected(
+    broker: Broker, listener: Listener, agents: Any, artifacts: Any
+) -> None:
     sha1 = _install_v1(broker, listener, agents, artifacts, "d1")
     art = artifacts(version="1.1.0", seed=1)
     sha2 = publish(broker.url, art)
     send(broker.url, topics.artifact_chunk(sha2, 1), b"\x00" * 1024, retain=True)
     deploy(broker.url, "tiny@1.1.0", device="d1")
-    assert "chunk 1 sha256 does not match the chunk table (3 times)" in _rejected(listener, "d1", sha2)
+    assert "chunk 1 sha256 does not match the chunk table (3 times)" in _rejected(
+        listener, "d1", sha2
+    )
     assert active_sha(agents.state_dir("d1")) == sha1
     assert not list((agents.state_dir("d1") / "downloads").glob(f"{sha2}*"))
 
 
-def test_bad_signature_and_unknown_key_and_unsigned(broker: Broker, listener: Listener, agents: Any,
-                                                    artifacts: Any, other_keys: Any, tmp_path: Path) -> None:
+def test_bad_signature_and_unknown_key_and_unsigned(
+    broker: Broker, listener: Listener, agents: Any, artifacts: Any, other_keys: Any, tmp_path: Path
+) -> None:
     sha1 = _install_v1(broker, listener, agents, artifacts, "d2")
     good = artifacts(version="1.2.0", seed=2)
 
@@ -85,7 +92,8 @@ def test_bad_signature_and_unknown_key_and_unsigned(broker: Broker, listener: Li
 
 
 def test_other_profile_and_older_version_and_rollback_command(
-        broker: Broker, listener: Listener, agents: Any, artifacts: Any) -> None:
+    broker: Broker, listener: Listener, agents: Any, artifacts: Any
+) -> None:
     sha1 = _install_v1(broker, listener, agents, artifacts, "d3")
     sha_p = publish(broker.url, artifacts(version="2.0.0", profile="other-cpu", seed=5))
     set_deployment(broker.url, "d3", "tiny", "2.0.0", sha_p)
@@ -101,19 +109,30 @@ def test_other_profile_and_older_version_and_rollback_command(
 
     # the explicit way back
     cid = uuid.uuid4().hex
-    send(broker.url, topics.device_topic("d3", "cmd"), json.dumps({"id": cid, "op": "rollback"}).encode())
+    send(
+        broker.url,
+        topics.device_topic("d3", "cmd"),
+        json.dumps({"id": cid, "op": "rollback"}).encode(),
+    )
     ev = listener.wait_state("d3", "ROLLED_BACK", sha2, timeout=30)
     assert ev["detail"]["active"] == "tiny@1.0.0"
     assert active_sha(agents.state_dir("d3")) == sha1
-    res = listener.wait_message(topics.device_topic("d3", "cmd/result"), lambda r: r["id"] == cid, timeout=10)
+    res = listener.wait_message(
+        topics.device_topic("d3", "cmd/result"), lambda r: r["id"] == cid, timeout=10
+    )
     assert res["ok"] is True
 
 
-def test_path_traversal_tar_rejected(broker: Broker, listener: Listener, agents: Any, artifacts: Any,
-                                     tmp_path: Path) -> None:
+def test_path_traversal_tar_rejected(
+    broker: Broker, listener: Listener, agents: Any, artifacts: Any, tmp_path: Path
+) -> None:
     sha1 = _install_v1(broker, listener, agents, artifacts, "d4")
-    evil = rewrite_tar(artifacts(version="1.5.0", seed=7), tmp_path / "evil.efa", lambda n, d: d,
-                       extra={"../evil.txt": b"owned"})
+    evil = rewrite_tar(
+        artifacts(version="1.5.0", seed=7),
+        tmp_path / "evil.efa",
+        lambda n, d: d,
+        extra={"../evil.txt": b"owned"},
+    )
     sha_e = publish(broker.url, evil)
     set_deployment(broker.url, "d4", "tiny", "1.5.0", sha_e)
     assert "not a plain top-level file name" in _rejected(listener, "d4", sha_e)
@@ -122,7 +141,9 @@ def test_path_traversal_tar_rejected(broker: Broker, listener: Listener, agents:
     assert active_sha(sd) == sha1
 
 
-def test_failed_self_test_rolls_back(broker: Broker, listener: Listener, agents: Any, artifacts: Any) -> None:
+def test_failed_self_test_rolls_back(
+    broker: Broker, listener: Listener, agents: Any, artifacts: Any
+) -> None:
     sha1 = _install_v1(broker, listener, agents, artifacts, "d5")
     sha_b = publish(broker.url, artifacts(version="1.6.0", seed=8, bad_golden=True))
     deploy(broker.url, "tiny@1.6.0", device="d5")
@@ -133,7 +154,9 @@ def test_failed_self_test_rolls_back(broker: Broker, listener: Listener, agents:
     assert not [p for p in (sd / "versions").iterdir() if p.name.startswith("1.6.0")]
 
 
-def test_latency_budget_rolls_back(broker: Broker, listener: Listener, agents: Any, artifacts: Any) -> None:
+def test_latency_budget_rolls_back(
+    broker: Broker, listener: Listener, agents: Any, artifacts: Any
+) -> None:
     sha = publish(broker.url, artifacts(version="1.0.0"))
     agents.start("d6", max_p95_ms=1e-6)
     deploy(broker.url, "tiny@1.0.0", device="d6")

@@ -22,7 +22,9 @@ pytestmark = pytest.mark.integration
 CHUNK = 1024
 
 
-def test_resume_after_broker_restart(broker: Broker, listener: Listener, agents: Any, artifacts: Any) -> None:
+def test_resume_after_broker_restart(
+    broker: Broker, listener: Listener, agents: Any, artifacts: Any
+) -> None:
     art = artifacts(version="1.0.0")
     n = math.ceil(art.stat().st_size / CHUNK)
     half = list(range(n // 2))
@@ -31,8 +33,11 @@ def test_resume_after_broker_restart(broker: Broker, listener: Listener, agents:
     from tests.agent_helpers import set_deployment
 
     set_deployment(broker.url, "r1", "tiny", "1.0.0", sha)
-    listener.wait_event("r1", lambda e: e.get("state") == "FETCHING" and e["detail"].get("progress", 0) >= 0.4,
-                        timeout=30)
+    listener.wait_event(
+        "r1",
+        lambda e: e.get("state") == "FETCHING" and e["detail"].get("progress", 0) >= 0.4,
+        timeout=30,
+    )
     broker.restart()  # retained chunks persist; the agent reconnects and renews its window
     publish_partial(broker.url, art, CHUNK, list(range(n // 2, n)))
     ev = listener.wait_state("r1", "VERIFIED", sha, timeout=40)
@@ -42,14 +47,19 @@ def test_resume_after_broker_restart(broker: Broker, listener: Listener, agents:
     listener.wait_state("r1", "HEALTHY", sha, timeout=30)
 
 
-def test_resume_after_agent_kill_mid_fetch(broker: Broker, listener: Listener, agents: Any, artifacts: Any) -> None:
+def test_resume_after_agent_kill_mid_fetch(
+    broker: Broker, listener: Listener, agents: Any, artifacts: Any
+) -> None:
     art = artifacts(version="1.0.0")
     n = math.ceil(art.stat().st_size / CHUNK)
     sha = publish(broker.url, art, CHUNK)
     p = agents.start("r2", env={"EDGEFLEET_TEST_PAUSE_AT": "FETCHING"})
     deploy(broker.url, "tiny@1.0.0", device="r2")
-    listener.wait_event("r2", lambda e: e.get("state") == "FETCHING" and e["detail"].get("progress", 0) >= 0.5,
-                        timeout=30)
+    listener.wait_event(
+        "r2",
+        lambda e: e.get("state") == "FETCHING" and e["detail"].get("progress", 0) >= 0.5,
+        timeout=30,
+    )
     time.sleep(0.2)
     p.kill()
     assert active_sha(agents.state_dir("r2")) is None
@@ -63,7 +73,9 @@ def test_resume_after_agent_kill_mid_fetch(broker: Broker, listener: Listener, a
 
 
 @pytest.mark.parametrize("step", ["FETCHING", "VERIFIED", "UNPACKED", "SELF_TEST", "ACTIVE"])
-def test_sigkill_at_each_step(step: str, broker: Broker, listener: Listener, agents: Any, artifacts: Any) -> None:
+def test_sigkill_at_each_step(
+    step: str, broker: Broker, listener: Listener, agents: Any, artifacts: Any
+) -> None:
     dev = f"k-{step.lower()}"
     sha1 = publish(broker.url, artifacts(version="1.0.0"))
     sha2 = publish(broker.url, artifacts(version="1.1.0", seed=1))

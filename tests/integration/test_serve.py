@@ -25,11 +25,22 @@ MAX_BODY = 64 * 1024
 
 
 def _serve_cfg(port: int, **kw: Any) -> dict[str, Any]:
-    return {"port": port, "max_body_bytes": MAX_BODY, "request_timeout_s": 1.0, "max_connections": 16, **kw}
+    return {
+        "port": port,
+        "max_body_bytes": MAX_BODY,
+        "request_timeout_s": 1.0,
+        "max_connections": 16,
+        **kw,
+    }
 
 
-def _request(port: int, method: str, path: str, body: bytes | None = None,
-             headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+def _request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any]]:
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         c.request(method, path, body=body, headers=headers or {})
@@ -56,12 +67,24 @@ def _golden(state_dir: Path) -> GoldenSet:
 
 
 def _infer_body(x: np.ndarray) -> bytes:
-    return json.dumps({"id": "r1", "inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape),
-                                               "data": x.ravel().tolist()}]}).encode()
+    return json.dumps(
+        {
+            "id": "r1",
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": list(x.shape),
+                    "data": x.ravel().tolist(),
+                }
+            ],
+        }
+    ).encode()
 
 
-def test_v2_protocol_clients_and_bad_requests(broker: Broker, listener: Listener, agents: Any,
-                                              artifacts: Any) -> None:
+def test_v2_protocol_clients_and_bad_requests(
+    broker: Broker, listener: Listener, agents: Any, artifacts: Any
+) -> None:
     port = free_port()
     sha = publish(broker.url, artifacts(version="1.0.0"))
     agents.start("srv", serve=_serve_cfg(port))
@@ -74,7 +97,9 @@ def test_v2_protocol_clients_and_bad_requests(broker: Broker, listener: Listener
             time.sleep(0.1)
     assert (status, doc) == (200, {"live": True})
     assert _request(port, "GET", "/v2/health/ready") == (503, {"ready": False})
-    status, doc = _request(port, "POST", "/v2/models/tiny/infer", _infer_body(np.zeros((1, 64), np.float32)))
+    status, doc = _request(
+        port, "POST", "/v2/models/tiny/infer", _infer_body(np.zeros((1, 64), np.float32))
+    )
     assert status == 503 and "no model" in doc["error"]
 
     deploy(broker.url, "tiny@1.0.0", device="srv")
@@ -95,7 +120,9 @@ def test_v2_protocol_clients_and_bad_requests(broker: Broker, listener: Listener
     for binary in (True, False):
         inp = th.InferInput("x", list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=binary)
-        res = client.infer("tiny", [inp], outputs=[th.InferRequestedOutput("y", binary_data=binary)])
+        res = client.infer(
+            "tiny", [inp], outputs=[th.InferRequestedOutput("y", binary_data=binary)]
+        )
         np.testing.assert_allclose(res.as_numpy("y"), y, rtol=1e-5, atol=1e-5)
         assert res.get_response()["model_version"] == "1.0.0"
     res = client.infer("tiny", [inp], model_version="1.0.0")  # versions/{v}/infer, default outputs
@@ -107,13 +134,29 @@ def test_v2_protocol_clients_and_bad_requests(broker: Broker, listener: Listener
     # curl, JSON tensors
     curl = shutil.which("curl")
     if curl is not None:
-        out = subprocess.run([curl, "-s", "-w", "\n%{http_code}", "-H", "Content-Type: application/json",
-                              "-d", _infer_body(x[:2]).decode(), f"http://127.0.0.1:{port}/v2/models/tiny/infer"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
+        out = subprocess.run(
+            [
+                curl,
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                _infer_body(x[:2]).decode(),
+                f"http://127.0.0.1:{port}/v2/models/tiny/infer",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
         body, code = out.rsplit("\n", 1)
         doc = json.loads(body)
         assert code == "200" and doc["id"] == "r1" and doc["outputs"][0]["shape"] == [2, 10]
-        np.testing.assert_allclose(np.asarray(doc["outputs"][0]["data"]).reshape(2, 10), y[:2], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(doc["outputs"][0]["data"]).reshape(2, 10), y[:2], rtol=1e-5, atol=1e-5
+        )
 
     # every bad request: a 4xx with error JSON, never a 500
     good = json.loads(_infer_body(x[:1]))
@@ -126,14 +169,56 @@ def test_v2_protocol_clients_and_bad_requests(broker: Broker, listener: Listener
         ("POST", "/v2/models/tiny/infer", b"{not json", {}, 400),
         ("POST", "/v2/models/tiny/infer", b"[1, 2]", {}, 400),
         ("POST", "/v2/models/tiny/infer", b"[" * 100_00 + b"]" * 100_00, {}, 400),
-        ("POST", "/v2/models/tiny/infer", json.dumps({**good, "inputs": [{**good["inputs"][0], "shape": [1, 63]}]}).encode(), {}, 400),
-        ("POST", "/v2/models/tiny/infer", json.dumps({**good, "inputs": [{**good["inputs"][0], "datatype": "FP64"}]}).encode(), {}, 400),
-        ("POST", "/v2/models/tiny/infer", json.dumps({**good, "inputs": [{**good["inputs"][0], "name": "z"}]}).encode(), {}, 400),
-        ("POST", "/v2/models/tiny/infer", json.dumps({**good, "inputs": [{**good["inputs"][0], "data": ["a"] * 64}]}).encode(), {}, 400),
-        ("POST", "/v2/models/tiny/infer", json.dumps({**good, "inputs": [{**good["inputs"][0], "data": [1.0] * 3}]}).encode(), {}, 400),
-        ("POST", "/v2/models/tiny/infer", json.dumps({**good, "outputs": [{"name": "nope"}]}).encode(), {}, 400),
+        (
+            "POST",
+            "/v2/models/tiny/infer",
+            json.dumps({**good, "inputs": [{**good["inputs"][0], "shape": [1, 63]}]}).encode(),
+            {},
+            400,
+        ),
+        (
+            "POST",
+            "/v2/models/tiny/infer",
+            json.dumps({**good, "inputs": [{**good["inputs"][0], "datatype": "FP64"}]}).encode(),
+            {},
+            400,
+        ),
+        (
+            "POST",
+            "/v2/models/tiny/infer",
+            json.dumps({**good, "inputs": [{**good["inputs"][0], "name": "z"}]}).encode(),
+            {},
+            400,
+        ),
+        (
+            "POST",
+            "/v2/models/tiny/infer",
+            json.dumps({**good, "inputs": [{**good["inputs"][0], "data": ["a"] * 64}]}).encode(),
+            {},
+            400,
+        ),
+        (
+            "POST",
+            "/v2/models/tiny/infer",
+            json.dumps({**good, "inputs": [{**good["inputs"][0], "data": [1.0] * 3}]}).encode(),
+            {},
+            400,
+        ),
+        (
+            "POST",
+            "/v2/models/tiny/infer",
+            json.dumps({**good, "outputs": [{"name": "nope"}]}).encode(),
+            {},
+            400,
+        ),
         ("POST", "/v2/models/tiny/infer", json.dumps({"inputs": []}).encode(), {}, 400),
-        ("POST", "/v2/models/tiny/infer", _infer_body(x[:1]), {"Inference-Header-Content-Length": "999999"}, 400),
+        (
+            "POST",
+            "/v2/models/tiny/infer",
+            _infer_body(x[:1]),
+            {"Inference-Header-Content-Length": "999999"},
+            400,
+        ),
         ("POST", "/v2/models/tiny/infer", b"x" * (MAX_BODY + 1), {}, 413),
     ]
     for method, path, body, headers, want in bad:
@@ -143,12 +228,22 @@ def test_v2_protocol_clients_and_bad_requests(broker: Broker, listener: Listener
 
     # a body the server does not read is never parsed as the next request on the connection
     hidden = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
-    for head in (b"POST /v2/models/tiny/nope/infer", b"GET /v2/health/live", b"POST /v2/health/live"):
-        out = _raw_exchange(port, head + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(hidden) + hidden)
+    for head in (
+        b"POST /v2/models/tiny/nope/infer",
+        b"GET /v2/health/live",
+        b"POST /v2/health/live",
+    ):
+        out = _raw_exchange(
+            port,
+            head + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(hidden) + hidden,
+        )
         assert out.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in out, out
     # keep-alive still works for well-formed requests
-    two = _raw_exchange(port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
-                              b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    two = _raw_exchange(
+        port,
+        b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
     assert two.count(b"HTTP/1.1 200 OK") == 2, two
     # no Content-Length, and a client that sends half a request and goes silent (slowloris)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -195,8 +290,9 @@ def test_v2_protocol_clients_and_bad_requests(broker: Broker, listener: Listener
     assert agents.procs[0].proc.returncode == 0
 
 
-def test_no_request_fails_across_a_model_swap(broker: Broker, listener: Listener, agents: Any,
-                                              artifacts: Any, tmp_path: Path) -> None:
+def test_no_request_fails_across_a_model_swap(
+    broker: Broker, listener: Listener, agents: Any, artifacts: Any, tmp_path: Path
+) -> None:
     port = free_port()
     sha1 = publish(broker.url, artifacts(version="1.0.0"))
     sha2 = publish(broker.url, artifacts(version="1.1.0", seed=1))
@@ -226,7 +322,12 @@ def test_no_request_fails_across_a_model_swap(broker: Broker, listener: Listener
             if r.status != 200:
                 failures.append(f"{r.status} {doc}")
                 continue
-            results.append((doc["model_version"], np.asarray(doc["outputs"][0]["data"], np.float32).reshape(4, 10)))
+            results.append(
+                (
+                    doc["model_version"],
+                    np.asarray(doc["outputs"][0]["data"], np.float32).reshape(4, 10),
+                )
+            )
         c.close()
 
     threads = [threading.Thread(target=client) for _ in range(4)]
@@ -245,7 +346,10 @@ def test_no_request_fails_across_a_model_swap(broker: Broker, listener: Listener
             t.join(30)
     assert not failures, failures[:5]
     versions = [v for v, _ in results]
-    assert versions.count("1.0.0") > 10 and versions.count("1.1.0") > 10, (versions.count("1.0.0"), versions.count("1.1.0"))
+    assert versions.count("1.0.0") > 10 and versions.count("1.1.0") > 10, (
+        versions.count("1.0.0"),
+        versions.count("1.1.0"),
+    )
     # each answer came from the model it names (a request finishes on the model it started with)
     expected = {}
     for d in (agents.state_dir("swap") / "versions").iterdir():

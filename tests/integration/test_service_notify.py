@@ -53,7 +53,9 @@ class NotifySocket:
                 if pred(m[1]):
                     return m
             time.sleep(0.02)
-        raise AssertionError(f"no matching notification within {timeout}s: {[m for _, m in self.msgs][-20:]}")
+        raise AssertionError(
+            f"no matching notification within {timeout}s: {[m for _, m in self.msgs][-20:]}"
+        )
 
     def lines(self) -> list[str]:
         return [m for _, m in self.msgs]
@@ -82,8 +84,9 @@ def short_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def test_ready_watchdog_status_with_a_real_agent(broker: Broker, listener: Listener, agents: Any,
-                                                 artifacts: Any, short_dir: Path) -> None:
+def test_ready_watchdog_status_with_a_real_agent(
+    broker: Broker, listener: Listener, agents: Any, artifacts: Any, short_dir: Path
+) -> None:
     sha = publish(broker.url, artifacts(version="1.0.0"))
     sock = short_dir / "infer.sock"
     serve = {"unix_socket": str(sock)}

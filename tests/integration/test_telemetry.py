@@ -34,8 +34,11 @@ class Collector:
     def __init__(self, broker: Broker, topic: str) -> None:
         self.msgs: list[dict[str, Any]] = []
         self.lock = threading.Lock()
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{uuid.uuid4().hex[:8]}",
-                             clean_session=False)
+        self.c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"collector-{uuid.uuid4().hex[:8]}",
+            clean_session=False,
+        )
         self.c.reconnect_delay_set(1, 1)
         subscribed = threading.Event()
         self.c.on_connect = lambda c, *_a: c.subscribe(topic, qos=1)
@@ -59,7 +62,9 @@ class Collector:
     def wait_for(self, n: int, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while len(self.seqs()) < n:
-            assert time.monotonic() < deadline, f"only {len(self.seqs())} telemetry messages, wanted {n}"
+            assert time.monotonic() < deadline, (
+                f"only {len(self.seqs())} telemetry messages, wanted {n}"
+            )
             time.sleep(0.05)
 
     def close(self) -> None:
@@ -83,12 +88,16 @@ def test_telemetry_through_broker_outages(tmp_path: Path, broker: Broker, agents
     shutil.copytree(FIXTURES / "x86-hot", root)
     col = Collector(broker, topics.device_topic("dev1", "telemetry"))
     try:
-        agents.start("dev1", telemetry={"interval_s": 0.2, "sysfs_root": str(root),
-                                        "buffer_max_messages": BOUND})
+        agents.start(
+            "dev1",
+            telemetry={"interval_s": 0.2, "sysfs_root": str(root), "buffer_max_messages": BOUND},
+        )
         col.wait_for(3)
         first = col.msgs[0]
         assert first["device"] == "dev1" and first["temperatures_c"]["x86_pkg_temp"] == 97.0
-        assert first["throttled"] is True and first["throttle_detail"]["at_trip_point"] == ["pch_cannonlake:passive"]
+        assert first["throttled"] is True and first["throttle_detail"]["at_trip_point"] == [
+            "pch_cannonlake:passive"
+        ]
         assert first["cpu_freq_mhz"] == 1100.0 and first["rss_mb"] > 10 and "cpu_percent" in first
         assert first["latency"]["count"] == 0 and first["latency"]["thermal"]["max_temp_c"] == 97.0
         assert "active" not in first  # no model yet: absent, not null
@@ -121,8 +130,12 @@ def test_telemetry_through_broker_outages(tmp_path: Path, broker: Broker, agents
         seqs = sorted(seqs)
         missing = gaps(seqs)
         assert missing, "a 5 s outage at 0.2 s intervals must overflow a buffer of 20"
-        assert missing == list(range(missing[0], missing[-1] + 1)), "not one block: not oldest-first"
-        assert before < missing[0] <= before + 2  # the outage's first messages went (one may be in flight)
+        assert missing == list(range(missing[0], missing[-1] + 1)), (
+            "not one block: not oldest-first"
+        )
+        assert (
+            before < missing[0] <= before + 2
+        )  # the outage's first messages went (one may be in flight)
         kept = [s for s in seqs if s > missing[-1]]
         assert kept == list(range(missing[-1] + 1, seqs[-1] + 1))
         with col.lock:
@@ -138,11 +151,15 @@ def test_telemetry_through_broker_outages(tmp_path: Path, broker: Broker, agents
         col.close()
 
 
-def test_buffer_survives_a_crash_during_an_outage(tmp_path: Path, broker: Broker, agents: Any) -> None:
+def test_buffer_survives_a_crash_during_an_outage(
+    tmp_path: Path, broker: Broker, agents: Any
+) -> None:
     """SIGKILL while the broker is down: the buffered messages go out, in order, from the next run."""
     col = Collector(broker, topics.device_topic("dev2", "telemetry"))
     try:
-        proc = agents.start("dev2", telemetry={"interval_s": 0.2, "sysfs_root": str(tmp_path / "none")})
+        proc = agents.start(
+            "dev2", telemetry={"interval_s": 0.2, "sysfs_root": str(tmp_path / "none")}
+        )
         col.wait_for(2)
         broker.stop()
         time.sleep(0.3)
@@ -157,6 +174,8 @@ def test_buffer_survives_a_crash_during_an_outage(tmp_path: Path, broker: Broker
         assert seqs == list(range(seqs[0], seqs[-1] + 1)), f"lost in the crash: {seqs}"
         assert seqs[-1] > before + 5  # the buffered ones, then the new run's, seq carried on
         with col.lock:
-            assert all("temperatures_c" not in m and "throttled" not in m for m in col.msgs)  # no sensors
+            assert all(
+                "temperatures_c" not in m and "throttled" not in m for m in col.msgs
+            )  # no sensors
     finally:
         col.close()

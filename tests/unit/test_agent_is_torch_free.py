@@ -20,7 +20,13 @@ sys.meta_path.insert(0, Block())
 
 
 def _run(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", BLOCKER + code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER + code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_blocker_really_blocks() -> None:
@@ -42,6 +48,8 @@ def test_agent_modules_import_without_torch_or_onnx() -> None:
 
 
 def test_agent_cli_help_runs_without_torch_or_onnx() -> None:
-    proc = _run("from agent.cli import main; sys.argv = ['edgefleet-agent', '--help']; sys.exit(main())")
+    proc = _run(
+        "from agent.cli import main; sys.argv = ['edgefleet-agent', '--help']; sys.exit(main())"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "edgefleet device agent" in proc.stdout

@@ -26,7 +26,9 @@ def _imports(package: str) -> dict[str, set[str]]:
                 names.update(a.name for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names.add(node.module)
-                names.update(f"{node.module}.{a.name}" for a in node.names if node.module == "agent")
+                names.update(
+                    f"{node.module}.{a.name}" for a in node.names if node.module == "agent"
+                )
         out[str(path.relative_to(ROOT))] = names
     return out
 
@@ -38,19 +40,36 @@ def _agent_allowed(name: str) -> bool:
 
 
 def test_builder_and_fleet_use_only_the_agents_protocol_runtime_and_shared_core() -> None:
-    bad = [f"{f}: {n}" for pkg in ("builder", "fleet") for f, names in _imports(pkg).items()
-           for n in names if n.split(".")[0] == "agent" and not _agent_allowed(n)]
+    bad = [
+        f"{f}: {n}"
+        for pkg in ("builder", "fleet")
+        for f, names in _imports(pkg).items()
+        for n in names
+        if n.split(".")[0] == "agent" and not _agent_allowed(n)
+    ]
     assert not bad, bad
 
 
 def test_builder_never_imports_fleet_and_fleet_only_its_demo_imports_builder() -> None:
-    builder = [f for f, names in _imports("builder").items() if any(n.split(".")[0] == "fleet" for n in names)]
-    fleet = {f for f, names in _imports("fleet").items() if any(n.split(".")[0] == "builder" for n in names)}
+    builder = [
+        f
+        for f, names in _imports("builder").items()
+        if any(n.split(".")[0] == "fleet" for n in names)
+    ]
+    fleet = {
+        f
+        for f, names in _imports("fleet").items()
+        if any(n.split(".")[0] == "builder" for n in names)
+    }
     assert builder == [] and fleet <= FLEET_MAY_IMPORT_BUILDER, (builder, fleet)
 
 
 def test_the_agent_imports_neither_builder_nor_fleet() -> None:
-    bad = [f for f, names in _imports("agent").items() if any(n.split(".")[0] in ("builder", "fleet") for n in names)]
+    bad = [
+        f
+        for f, names in _imports("agent").items()
+        if any(n.split(".")[0] in ("builder", "fleet") for n in names)
+    ]
     assert not bad, bad
 
 
@@ -67,8 +86,13 @@ sys.meta_path.insert(0, Block())
 
 
 def _run(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", BLOCKER + code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER + code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_fleet_modules_import_without_torch_or_the_builder() -> None:
@@ -96,6 +120,6 @@ def test_edgefleet_lists_the_fleet_commands_without_the_builder() -> None:
 
 def test_fleet_extra_declares_what_the_fleet_imports() -> None:
     text = (Path(ROOT) / "pyproject.toml").read_text()
-    fleet = text[text.index("\nfleet = ["):]
+    fleet = text[text.index("\nfleet = [") :]
     fleet = fleet[: fleet.index("]")]
     assert "paho-mqtt" in fleet and "rich" in fleet and "torch" not in fleet

@@ -27,7 +27,7 @@ def _publish(fake: FakeTransport, art: Path) -> str:
     ann = announcement(art, CHUNK)
     data = art.read_bytes()
     for i in range(len(ann.chunks)):
-        fake.retained[topics.artifact_chunk(ann.sha256, i)] = data[i * CHUNK:(i + 1) * CHUNK]
+        fake.retained[topics.artifact_chunk(ann.sha256, i)] = data[i * CHUNK : (i + 1) * CHUNK]
     fake.retained[topics.artifact_manifest(ann.sha256)] = encode(ann)
     return ann.sha256
 
@@ -40,53 +40,104 @@ def _events(fake: FakeTransport) -> list[dict[str, Any]]:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("fake")
     keys = make_keys(tmp / "keys")
-    cfg_path = write_config(tmp / "agent.toml", "dev", "mqtt://127.0.0.1:1", [keys.public], tmp / "state",
-                            groups=("lab",), probation_s=0.0)
+    cfg_path = write_config(
+        tmp / "agent.toml",
+        "dev",
+        "mqtt://127.0.0.1:1",
+        [keys.public],
+        tmp / "state",
+        groups=("lab",),
+        probation_s=0.0,
+    )
     cfg = load_config(cfg_path)
     fake = FakeTransport()
     agent = Agent(cfg, resolve_policy(cfg), fake)
     agent.start()
     sha1 = _publish(fake, make_artifact(tmp, keys, version="1.0.0"))
-    fake.inject(topics.group_deployment("lab"),
-                encode(Deployment(name="tiny", version="1.0.0", sha256=sha1)), retain=True)
+    fake.inject(
+        topics.group_deployment("lab"),
+        encode(Deployment(name="tiny", version="1.0.0", sha256=sha1)),
+        retain=True,
+    )
     agent.drain()
     agent.step(0)
     states = [e["state"] for e in _events(fake) if e["sha256"] == sha1]
-    states = [s for i, s in enumerate(states) if i == 0 or states[i - 1] != s]  # progress repeats FETCHING
+    states = [
+        s for i, s in enumerate(states) if i == 0 or states[i - 1] != s
+    ]  # progress repeats FETCHING
     assert states == ["FETCHING", "VERIFIED", "UNPACKED", "SELF_TEST", "ACTIVE", "HEALTHY"]
     # a second artifact whose chunks never arrive keeps a fetch (manifest + chunk topics) open
     art2 = make_artifact(tmp, keys, version="1.1.0", seed=1)
     ann2 = announcement(art2, CHUNK)
     fake.retained[topics.artifact_manifest(ann2.sha256)] = encode(ann2)
-    fake.inject(topics.device_topic("dev", "deployment"),
-                encode(Deployment(name="tiny", version="1.1.0", sha256=ann2.sha256)), retain=True)
+    fake.inject(
+        topics.device_topic("dev", "deployment"),
+        encode(Deployment(name="tiny", version="1.1.0", sha256=ann2.sha256)),
+        retain=True,
+    )
     agent.drain()
     assert agent.job is not None and agent.job.inflight
     subscribed = sorted(fake.subscriptions)
-    assert topics.artifact_manifest(ann2.sha256) in subscribed or topics.artifact_chunk(ann2.sha256, 0) in subscribed
-    extra = [topics.artifact_manifest(ann2.sha256), topics.artifact_chunk(ann2.sha256, 0),
-             topics.artifact_chunk("f" * 64, 3), "edgefleet/v1/devices/other/cmd", "not/ours"]
-    return {"agent": agent, "fake": fake, "sha1": sha1, "sha2": ann2.sha256, "topics": subscribed + extra}
+    assert (
+        topics.artifact_manifest(ann2.sha256) in subscribed
+        or topics.artifact_chunk(ann2.sha256, 0) in subscribed
+    )
+    extra = [
+        topics.artifact_manifest(ann2.sha256),
+        topics.artifact_chunk(ann2.sha256, 0),
+        topics.artifact_chunk("f" * 64, 3),
+        "edgefleet/v1/devices/other/cmd",
+        "not/ours",
+    ]
+    return {
+        "agent": agent,
+        "fake": fake,
+        "sha1": sha1,
+        "sha2": ann2.sha256,
+        "topics": subscribed + extra,
+    }
 
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4)
+    ),
     max_leaves=20,
 )
-valid_keys = ["name", "version", "sha256", "profile", "deployed_at", "id", "op", "size", "chunk_size",
-              "chunks", "manifest", "signature", "runtime", "format_version"]
+valid_keys = [
+    "name",
+    "version",
+    "sha256",
+    "profile",
+    "deployed_at",
+    "id",
+    "op",
+    "size",
+    "chunk_size",
+    "chunks",
+    "manifest",
+    "signature",
+    "runtime",
+    "format_version",
+]
 payloads = (
     st.binary(max_size=2048)
     | json_values.map(lambda v: json.dumps(v).encode())
-    | st.dictionaries(st.sampled_from(valid_keys), json_values, max_size=8).map(lambda d: json.dumps(d).encode())
+    | st.dictionaries(st.sampled_from(valid_keys), json_values, max_size=8).map(
+        lambda d: json.dumps(d).encode()
+    )
     | st.just(b"x" * 5_000_000)
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data(), payload=payloads)
-def test_arbitrary_payloads_on_every_topic(setup: dict[str, Any], data: st.DataObject, payload: bytes) -> None:
+def test_arbitrary_payloads_on_every_topic(
+    setup: dict[str, Any], data: st.DataObject, payload: bytes
+) -> None:
     agent: Agent = setup["agent"]
     fake: FakeTransport = setup["fake"]
     try:
@@ -114,25 +165,42 @@ def test_probation_failure_rolls_back(tmp_path: Path) -> None:
     import numpy as np
 
     keys = make_keys(tmp_path / "keys")
-    cfg = load_config(write_config(tmp_path / "agent.toml", "dev", "mqtt://127.0.0.1:1", [keys.public],
-                                   tmp_path / "state", probation_s=0.5, probation_interval_s=0.05))
+    cfg = load_config(
+        write_config(
+            tmp_path / "agent.toml",
+            "dev",
+            "mqtt://127.0.0.1:1",
+            [keys.public],
+            tmp_path / "state",
+            probation_s=0.5,
+            probation_interval_s=0.05,
+        )
+    )
     fake = FakeTransport()
     agent = Agent(cfg, resolve_policy(cfg), fake)
     agent.start()
 
     def run_until(state: str, sha: str) -> None:
-        deadline = time.monotonic() + 60 * TIME_SCALE  # a give-up point: a loaded 2-core runner needed >20 s
+        deadline = (
+            time.monotonic() + 60 * TIME_SCALE
+        )  # a give-up point: a loaded 2-core runner needed >20 s
         while not any(e["state"] == state and e["sha256"] == sha for e in _events(fake)):
             assert time.monotonic() < deadline, [(e["state"], e["reason"]) for e in _events(fake)]
             agent.step(0.02)
 
     sha1 = _publish(fake, make_artifact(tmp_path, keys, version="1.0.0"))
-    fake.inject(topics.device_topic("dev", "deployment"),
-                encode(Deployment(name="tiny", version="1.0.0", sha256=sha1)), retain=True)
+    fake.inject(
+        topics.device_topic("dev", "deployment"),
+        encode(Deployment(name="tiny", version="1.0.0", sha256=sha1)),
+        retain=True,
+    )
     run_until("HEALTHY", sha1)
     sha2 = _publish(fake, make_artifact(tmp_path, keys, version="2.0.0", seed=1))
-    fake.inject(topics.device_topic("dev", "deployment"),
-                encode(Deployment(name="tiny", version="2.0.0", sha256=sha2)), retain=True)
+    fake.inject(
+        topics.device_topic("dev", "deployment"),
+        encode(Deployment(name="tiny", version="2.0.0", sha256=sha2)),
+        retain=True,
+    )
     run_until("ACTIVE", sha2)
     assert agent.session is not None
     real = agent.session.infer
@@ -149,16 +217,27 @@ def test_probation_failure_rolls_back(tmp_path: Path) -> None:
 
 def test_stray_bad_chunk_is_survived(tmp_path: Path) -> None:
     keys = make_keys(tmp_path / "keys")
-    cfg = load_config(write_config(tmp_path / "agent.toml", "dev", "mqtt://127.0.0.1:1", [keys.public],
-                                   tmp_path / "state", probation_s=0.0))
+    cfg = load_config(
+        write_config(
+            tmp_path / "agent.toml",
+            "dev",
+            "mqtt://127.0.0.1:1",
+            [keys.public],
+            tmp_path / "state",
+            probation_s=0.0,
+        )
+    )
     fake = FakeTransport()
     agent = Agent(cfg, resolve_policy(cfg), fake)
     agent.start()
     sha = _publish(fake, make_artifact(tmp_path, keys, version="1.0.0"))
     chunk0 = topics.artifact_chunk(sha, 0)
     good = fake.retained.pop(chunk0)
-    fake.inject(topics.device_topic("dev", "deployment"),
-                encode(Deployment(name="tiny", version="1.0.0", sha256=sha)), retain=True)
+    fake.inject(
+        topics.device_topic("dev", "deployment"),
+        encode(Deployment(name="tiny", version="1.0.0", sha256=sha)),
+        retain=True,
+    )
     agent.drain()
     assert agent.job is not None and 0 in agent.job.inflight
     fake.inject(chunk0, b"\0" * len(good))  # not retained: a stray message

@@ -11,8 +11,14 @@ from agent.broker import BrokerConfig, ack_messages, make_client
 
 
 def test_client_follows_the_config() -> None:
-    cfg = BrokerConfig(url="mqtt://alice@broker.lan:1884", password="pw", protocol="5", keepalive_s=45,
-                       reconnect_min_s=2, reconnect_max_s=9)
+    cfg = BrokerConfig(
+        url="mqtt://alice@broker.lan:1884",
+        password="pw",
+        protocol="5",
+        keepalive_s=45,
+        reconnect_min_s=2,
+        reconnect_max_s=9,
+    )
     c = make_client(cfg, "dev-1", max_inflight=7)
     assert c.callback_api_version == CallbackAPIVersion.VERSION2
     assert c.protocol == MQTTProtocolVersion.MQTTv5

@@ -26,8 +26,10 @@ from tests.agent_helpers import make_artifact, make_keys, make_onnx, write_confi
 pytest.importorskip("onnx", reason="the test models are written with the onnx package")
 
 ROOT = Path(__file__).resolve().parents[3]
-IR_ERROR = ("[ONNXRuntimeError] : 1 : FAIL : model.cc:256 onnxruntime::Model::Model(...) "
-            "Unsupported model IR version: 10, max supported IR version: 9")
+IR_ERROR = (
+    "[ONNXRuntimeError] : 1 : FAIL : model.cc:256 onnxruntime::Model::Model(...) "
+    "Unsupported model IR version: 10, max supported IR version: 9"
+)
 
 
 def test_read_versions_without_onnx(tmp_path: Path) -> None:
@@ -44,17 +46,30 @@ def test_too_new_names_both_versions(tmp_path: Path) -> None:
     make_onnx(tmp_path / "model.onnx", seed=0)
     reason = too_new(tmp_path / "model.onnx", "1.17.3", IR_ERROR)
     assert reason is not None and "\n" not in reason
-    assert "ONNX IR 8, opset ai.onnx 17" in reason and "onnxruntime 1.17.3 loads up to IR 9" in reason
-    opset_err = ("Opset 23 is under development and support for this is limited. "
-                 "Current official support for domain ai.onnx is till opset 21.")
-    assert "supports ai.onnx up to opset 21" in (too_new(tmp_path / "model.onnx", "1.18.0", opset_err) or "")
+    assert (
+        "ONNX IR 8, opset ai.onnx 17" in reason and "onnxruntime 1.17.3 loads up to IR 9" in reason
+    )
+    opset_err = (
+        "Opset 23 is under development and support for this is limited. "
+        "Current official support for domain ai.onnx is till opset 21."
+    )
+    assert "supports ai.onnx up to opset 21" in (
+        too_new(tmp_path / "model.onnx", "1.18.0", opset_err) or ""
+    )
     assert too_new(tmp_path / "model.onnx", "1.18.0", "some other failure") is None
 
 
 def _agent(tmp: Path, **cfg: Any) -> tuple[Agent, FakeTransport, Any]:
     keys = make_keys(tmp / "keys")
-    cfg_path = write_config(tmp / "agent.toml", "dev", "mqtt://127.0.0.1:1", [keys.public], tmp / "state",
-                            probation_s=0.0, **cfg)
+    cfg_path = write_config(
+        tmp / "agent.toml",
+        "dev",
+        "mqtt://127.0.0.1:1",
+        [keys.public],
+        tmp / "state",
+        probation_s=0.0,
+        **cfg,
+    )
     conf = load_config(cfg_path)
     fake = FakeTransport()
     agent = Agent(conf, resolve_policy(conf), fake)
@@ -72,14 +87,21 @@ def test_model_newer_than_runtime_is_rejected_with_both_versions(tmp_path: Path)
     ann = announcement(art, 1 << 20)
     fake.retained[topics.artifact_chunk(ann.sha256, 0)] = art.read_bytes()
     fake.retained[topics.artifact_manifest(ann.sha256)] = encode(ann)
-    fake.inject(topics.device_topic("dev", "deployment"),
-                encode(Deployment(name="tiny", version="1.0.0", sha256=ann.sha256)), retain=True)
+    fake.inject(
+        topics.device_topic("dev", "deployment"),
+        encode(Deployment(name="tiny", version="1.0.0", sha256=ann.sha256)),
+        retain=True,
+    )
     agent.drain()
     events = [json.loads(p) for t, p, _ in fake.published if t.endswith("/events")]
     final = [e for e in events if e["state"] in ("REJECTED", "ROLLED_BACK", "ACTIVE")]
     assert [e["state"] for e in final] == ["REJECTED"], final
     reason = final[0]["reason"]
-    assert "ONNX IR 99" in reason and f"onnxruntime {onnxruntime.__version__}" in reason and "\n" not in reason
+    assert (
+        "ONNX IR 99" in reason
+        and f"onnxruntime {onnxruntime.__version__}" in reason
+        and "\n" not in reason
+    )
     assert agent.active is None and not list((tmp_path / "state" / "versions").glob("*"))
 
 
@@ -88,7 +110,9 @@ def test_birth_message_reports_the_device(tmp_path: Path) -> None:
     agent.out.publish_state(online=True)
     state = [p for t, p, _ in fake.published if t == topics.device_topic("dev", "state")][-1]
     info = decode(StateMessage, state).device_info
-    assert info is not None and info.machine == machine() and info.python == platform.python_version()
+    assert (
+        info is not None and info.machine == machine() and info.python == platform.python_version()
+    )
     assert info.runtimes["onnxruntime"].split()[-1] == __import__("onnxruntime").__version__
     # a state message from an agent without the device report still decodes
     old = StateMessage(device="d", online=True, agent_version="0", profile="p", seq=1, ts=1.0)
@@ -98,17 +122,26 @@ def test_birth_message_reports_the_device(tmp_path: Path) -> None:
 def _other_arch_config(tmp_path: Path, check: str) -> Path:
     other = "x86-ipc" if machine() != "x86_64" else "rpi4"
     keys = make_keys(tmp_path / "k")
-    path = write_config(tmp_path / "agent.toml", "dev-1", "mqtt://127.0.0.1:1883", [keys.public],
-                        tmp_path / "state", profile=other, runtimes=("onnxruntime",))
-    text = path.read_text().replace('log_level = "debug"',
-                                    f'log_level = "debug"\nprofiles_dir = "{ROOT / "device_profiles"}"\n'
-                                    f'arch_check = "{check}"')
+    path = write_config(
+        tmp_path / "agent.toml",
+        "dev-1",
+        "mqtt://127.0.0.1:1883",
+        [keys.public],
+        tmp_path / "state",
+        profile=other,
+        runtimes=("onnxruntime",),
+    )
+    text = path.read_text().replace(
+        'log_level = "debug"',
+        f'log_level = "debug"\nprofiles_dir = "{ROOT / "device_profiles"}"\narch_check = "{check}"',
+    )
     path.write_text(text)
     return path
 
 
-def test_arch_mismatch_warns_by_default_and_refuses_when_asked(tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_arch_mismatch_warns_by_default_and_refuses_when_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert arch_problem("p", machine()) is None
     assert "is for sparc" in (arch_problem("p", "sparc") or "")
     warn = _other_arch_config(tmp_path, "warn")
@@ -125,25 +158,33 @@ def test_arch_mismatch_warns_by_default_and_refuses_when_asked(tmp_path: Path,
     assert err.count("\n") == 1 and "hardware.arch" in err
 
 
-def test_check_config_names_runtimes_found_and_needed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_config_names_runtimes_found_and_needed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = _other_arch_config(tmp_path, "warn")
     assert main(["check-config", str(cfg), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["runtimes_found"]["onnxruntime"].endswith(__import__("onnxruntime").__version__)
-    assert doc["profile_runtime"] in ("onnxruntime", "litert") and doc["device"]["machine"] == machine()
+    assert (
+        doc["profile_runtime"] in ("onnxruntime", "litert")
+        and doc["device"]["machine"] == machine()
+    )
     assert main(["check-config", str(cfg)]) == 0
     assert "runtimes found: " in capsys.readouterr().out
     # the accepted runtime is missing: exit 7 naming the extra to install
     monkeypatch.setitem(agent.device._RUNTIME_DISTS, "onnxruntime", ("no-such-distribution",))
     assert main(["check-config", str(cfg)]) == 7
     err = capsys.readouterr().err
-    assert "runtime onnxruntime is not installed here" in err and "edgefleet[agent,onnxruntime]" in err
+    assert (
+        "runtime onnxruntime is not installed here" in err and "edgefleet[agent,onnxruntime]" in err
+    )
 
 
 def test_status_reports_the_device(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "state").mkdir()
     assert main(["status", "--state-dir", str(tmp_path / "state")]) == 0
-    assert capsys.readouterr().out.startswith(f"device: {machine()}, Python {platform.python_version()}")
+    assert capsys.readouterr().out.startswith(
+        f"device: {machine()}, Python {platform.python_version()}"
+    )
     assert main(["status", "--state-dir", str(tmp_path / "state"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["device"]["machine"] == machine()

@@ -64,6 +64,7 @@ def test_the_fixture_model_computes_what_it_says(model: Path) -> None:
 
 # ------------------------------------------------------------------------------ golden.npz
 
+
 def test_golden_cases_round_trip_compressed_and_deterministic(model: Path, tmp_path: Path) -> None:
     g = multi_golden(model, cases=3)
     assert not g.batched and len(g.cases) == 3
@@ -107,14 +108,19 @@ def test_first_format_golden_files_still_load(tmp_path: Path, compressed: bool) 
 
 def test_golden_files_with_a_missing_part_are_refused(tmp_path: Path) -> None:
     a = np.zeros((1, 2), np.float32)
-    for doc in ({"in:x": a, "ref:y": a}, {"in.0:x": a, "ref.0:y": a, "exp.0:y": a, "in.2:x": a},
-                {"in:x": a, "ref:y": a, "exp:y": a, "in.1:x": a, "ref.1:y": a, "exp.1:y": a}, {"other": a}):
+    for doc in (
+        {"in:x": a, "ref:y": a},
+        {"in.0:x": a, "ref.0:y": a, "exp.0:y": a, "in.2:x": a},
+        {"in:x": a, "ref:y": a, "exp:y": a, "in.1:x": a, "ref.1:y": a, "exp.1:y": a},
+        {"other": a},
+    ):
         np.savez(tmp_path / "g.npz", **doc)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match=r"golden\.npz"):
             GoldenSet.load(tmp_path / "g.npz")
 
 
 # ------------------------------------------------------------------------------ self-test, benchmark
+
 
 def test_self_test_passes_on_the_right_outputs(model: Path, session: InferenceSession) -> None:
     res = self_test(session, multi_golden(model), SPEC, classification=False)
@@ -137,21 +143,26 @@ def _corrupt(g: GoldenSet, output: str, case: int = 1) -> GoldenSet:
     return GoldenSet.of_cases(cases)
 
 
-@pytest.mark.parametrize(("output", "needle"), [
-    ("total", "total: 1 of 1 values differ (exact match needed) (golden case 1)"),
-    ("best", "best: 1 of 1 values differ"),
-    ("keep", "keep: 1 of 1 values differ"),
-    ("embedding", "embedding: max |diff| 0.5"),
-    ("stateN", "stateN: max |diff| 0.5"),
-])
-def test_self_test_fails_on_a_wrong_output_of_any_dtype(model: Path, session: InferenceSession,
-                                                        output: str, needle: str) -> None:
+@pytest.mark.parametrize(
+    ("output", "needle"),
+    [
+        ("total", "total: 1 of 1 values differ (exact match needed) (golden case 1)"),
+        ("best", "best: 1 of 1 values differ"),
+        ("keep", "keep: 1 of 1 values differ"),
+        ("embedding", "embedding: max |diff| 0.5"),
+        ("stateN", "stateN: max |diff| 0.5"),
+    ],
+)
+def test_self_test_fails_on_a_wrong_output_of_any_dtype(
+    model: Path, session: InferenceSession, output: str, needle: str
+) -> None:
     res = self_test(session, _corrupt(multi_golden(model), output), SPEC, classification=False)
     assert not res.ok and needle in res.reason, res.reason
 
 
-def test_an_integer_output_must_match_exactly_whatever_the_tolerance(model: Path,
-                                                                    session: InferenceSession) -> None:
+def test_an_integer_output_must_match_exactly_whatever_the_tolerance(
+    model: Path, session: InferenceSession
+) -> None:
     loose = Golden(file="golden.npz", count=3, atol=10.0, rtol=1.0)
     assert self_test(session, _corrupt(multi_golden(model), "embedding"), loose, False).ok
     res = self_test(session, _corrupt(multi_golden(model), "total"), loose, False)
@@ -164,14 +175,19 @@ def test_self_test_reports_a_wrong_shape_or_dtype(model: Path, session: Inferenc
     res = self_test(session, g, SPEC, False)
     assert not res.ok and "output total: wrong shape [1], expected [2]" in res.reason
     g = multi_golden(model)
-    g.expected["keep"] = g.expected["keep"].astype(np.float32)  # a float golden for a bool output is compared as float
+    g.expected["keep"] = g.expected["keep"].astype(
+        np.float32
+    )  # a float golden for a bool output is compared as float
     assert self_test(session, g, SPEC, False).ok
-    g.expected["total"] = g.expected["total"].astype(np.int32)  # an int of another width: same values
+    g.expected["total"] = g.expected["total"].astype(
+        np.int32
+    )  # an int of another width: same values
     assert self_test(session, g, SPEC, False).ok
 
 
-def test_benchmark_feeds_a_batch_one_case_with_its_scalar_and_state(model: Path,
-                                                                    session: InferenceSession) -> None:
+def test_benchmark_feeds_a_batch_one_case_with_its_scalar_and_state(
+    model: Path, session: InferenceSession
+) -> None:
     seen: list[dict[str, tuple[int, ...]]] = []
 
     class Spy(InferenceSession):
@@ -185,8 +201,14 @@ def test_benchmark_feeds_a_batch_one_case_with_its_scalar_and_state(model: Path,
     times: list[float] = []
     lat = selftest.benchmark(Spy(), multi_golden(model), 5, times.append)
     assert lat.runs == 5 and len(times) == 5 and lat.p50_ms > 0
-    assert seen[-1] == {"input_ids": (1, 2), "attention_mask": (1, 2), "scale": (1, 4), "flag": (1,),
-                        "sr": (), "state": (2, 1, 8)}
+    assert seen[-1] == {
+        "input_ids": (1, 2),
+        "attention_mask": (1, 2),
+        "scale": (1, 4),
+        "flag": (1,),
+        "sr": (),
+        "state": (2, 1, 8),
+    }
 
 
 def test_a_batched_golden_set_keeps_scalar_inputs_whole() -> None:
@@ -196,9 +218,12 @@ def test_a_batched_golden_set_keeps_scalar_inputs_whole() -> None:
 
 # ------------------------------------------------------------------------------ LocalModel
 
+
 def test_local_model_takes_multi_input_feeds(model: Path) -> None:
     holder, rec = SessionHolder(), LatencyRecorder(seed=0)
-    holder.swap(Loaded("multi", "1.0.0", "0" * 64, "onnxruntime", load_session("onnxruntime", model)))
+    holder.swap(
+        Loaded("multi", "1.0.0", "0" * 64, "onnxruntime", load_session("onnxruntime", model))
+    )
     lm = LocalModel(holder, rec)
     rng = np.random.default_rng(5)
     for batch, seq in ((1, 1), (3, 9), (2, 4)):
@@ -209,6 +234,7 @@ def test_local_model_takes_multi_input_feeds(model: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ v2 tensors
+
 
 def test_metadata_lists_every_input_and_output_with_minus_one_for_dynamic_dims(model: Path) -> None:
     m = Loaded("multi", "1.0.0", "0" * 64, "onnxruntime", load_session("onnxruntime", model))
@@ -241,9 +267,18 @@ ALL = {  # one input per datatype the runtimes take, each with values that show 
     "b": np.array([[True, False, True]], np.bool_),
     "s": np.array(7, np.int64),
 }
-ALL_SPECS = [IOSpec(k, v.dtype.name, ("batch", *v.shape[1:]) if v.ndim else ()) for k, v in ALL.items()]
-V2 = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "int8": "INT8", "uint8": "UINT8",
-      "bool": "BOOL"}
+ALL_SPECS = [
+    IOSpec(k, v.dtype.name, ("batch", *v.shape[1:]) if v.ndim else ()) for k, v in ALL.items()
+]
+V2 = {
+    "float32": "FP32",
+    "float16": "FP16",
+    "int64": "INT64",
+    "int32": "INT32",
+    "int8": "INT8",
+    "uint8": "UINT8",
+    "bool": "BOOL",
+}
 
 
 def _body(binary: bool) -> tuple[bytes, int | None]:
@@ -270,9 +305,13 @@ def test_every_dtype_decodes_and_encodes_in_json_and_binary(binary: bool) -> Non
     assert (out_hlen is not None) == binary
     head = json.loads(out[:out_hlen] if binary else out)
     assert [(o["name"], o["datatype"], o["shape"]) for o in head["outputs"]] == [
-        (k, V2[v.dtype.name], list(v.shape)) for k, v in ALL.items()]
+        (k, V2[v.dtype.name], list(v.shape)) for k, v in ALL.items()
+    ]
     if not binary:
-        got = {o["name"]: np.asarray(o["data"], ALL[o["name"]].dtype).reshape(o["shape"]) for o in head["outputs"]}
+        got = {
+            o["name"]: np.asarray(o["data"], ALL[o["name"]].dtype).reshape(o["shape"])
+            for o in head["outputs"]
+        }
         assert head["outputs"][6]["data"] == [True, False, True]  # JSON booleans, not 0/1
         _same(got, ALL)
         return
@@ -280,8 +319,8 @@ def test_every_dtype_decodes_and_encodes_in_json_and_binary(binary: bool) -> Non
     blob = out[out_hlen:]
     sizes = [o["parameters"]["binary_data_size"] for o in head["outputs"]]
     assert sizes == [v.size * v.dtype.itemsize for v in ALL.values()] and sum(sizes) == len(blob)
-    assert blob[sum(sizes[:6]):sum(sizes[:7])] == b"\x01\x00\x01"
-    assert blob[sizes[0]:sizes[0] + 2] == b"\x00\x38"  # fp16 0.5 = 0x3800, low byte first
+    assert blob[sum(sizes[:6]) : sum(sizes[:7])] == b"\x01\x00\x01"
+    assert blob[sizes[0] : sizes[0] + 2] == b"\x00\x38"  # fp16 0.5 = 0x3800, low byte first
 
 
 def test_tritonclient_encodes_and_decodes_every_dtype_with_this_codec() -> None:
@@ -303,25 +342,38 @@ def test_tritonclient_encodes_and_decodes_every_dtype_with_this_codec() -> None:
         _same({k: res.as_numpy(k) for k in ALL}, ALL)
 
 
-@pytest.mark.parametrize(("name", "data", "binary", "needle"), [
-    ("i64", [1.5, 2], None, "not a list of INT64 numbers"),
-    ("i64", [True, False], None, "not a list of INT64 numbers"),
-    ("i8", [1, 200, 3], None, "out of the INT8 range"),
-    ("u8", [1, -1, 3], None, "out of the UINT8 range"),
-    ("b", [1, 2, 0], None, "not a list of BOOL values"),
-    ("b", ["x", "y", "z"], None, "not a list of BOOL values"),
-    ("f16", [[True, False], [True, True]], None, "not a list of FP16 numbers"),
-    ("b", None, b"\x01\x02\x00", "bytes other than 0 and 1"),
-])
-def test_bad_values_for_a_dtype_are_refused(name: str, data: object, binary: bytes | None, needle: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "data", "binary", "needle"),
+    [
+        ("i64", [1.5, 2], None, "not a list of INT64 numbers"),
+        ("i64", [True, False], None, "not a list of INT64 numbers"),
+        ("i8", [1, 200, 3], None, "out of the INT8 range"),
+        ("u8", [1, -1, 3], None, "out of the UINT8 range"),
+        ("b", [1, 2, 0], None, "not a list of BOOL values"),
+        ("b", ["x", "y", "z"], None, "not a list of BOOL values"),
+        ("f16", [[True, False], [True, True]], None, "not a list of FP16 numbers"),
+        ("b", None, b"\x01\x02\x00", "bytes other than 0 and 1"),
+    ],
+)
+def test_bad_values_for_a_dtype_are_refused(
+    name: str, data: object, binary: bytes | None, needle: str
+) -> None:
     v = ALL[name]
     t: dict[str, object] = {"name": name, "datatype": V2[v.dtype.name], "shape": list(v.shape)}
     if binary is None:
         t["data"] = data
     else:
         t["parameters"] = {"binary_data_size": len(binary)}
-    others = [{"name": k, "datatype": V2[a.dtype.name], "shape": list(a.shape), "data": a.ravel().tolist()}
-              for k, a in ALL.items() if k != name]
+    others = [
+        {
+            "name": k,
+            "datatype": V2[a.dtype.name],
+            "shape": list(a.shape),
+            "data": a.ravel().tolist(),
+        }
+        for k, a in ALL.items()
+        if k != name
+    ]
     head = json.dumps({"inputs": [t, *others]}).encode()
     with pytest.raises(RequestError) as ei:
         parse_infer(head + (binary or b""), len(head) if binary else None, ALL_SPECS, ALL_SPECS)
@@ -329,9 +381,19 @@ def test_bad_values_for_a_dtype_are_refused(name: str, data: object, binary: byt
 
 
 def test_json_bool_accepts_zero_and_one_and_scalars_take_one_value() -> None:
-    head = json.dumps({"inputs": [
-        {"name": k, "datatype": V2[a.dtype.name], "shape": list(a.shape),
-         "data": a.astype(np.int64).ravel().tolist() if k == "b" else a.ravel().tolist()} for k, a in ALL.items()]})
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": k,
+                    "datatype": V2[a.dtype.name],
+                    "shape": list(a.shape),
+                    "data": a.astype(np.int64).ravel().tolist() if k == "b" else a.ravel().tolist(),
+                }
+                for k, a in ALL.items()
+            ]
+        }
+    )
     req = parse_infer(head.encode(), None, ALL_SPECS, ALL_SPECS)
     _same(req.feeds, ALL)
     assert req.feeds["s"].shape == ()

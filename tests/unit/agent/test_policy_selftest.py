@@ -44,32 +44,54 @@ def test_budgets_come_from_the_profile(tmp_path: Path) -> None:
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     (profiles / "generic-cpu.toml").write_text(PROFILE)
-    path = write_config(tmp_path / "a.toml", "d", "mqtt://h:1", [keys.public], tmp_path / "s",
-                        profile="generic-cpu", max_p95_ms=None, max_p95_regression_pct=None)
-    text = path.read_text().replace("max_p95_ms = null\n", "").replace("max_p95_regression_pct = null\n", "")
-    path.write_text(text.replace('runtimes = ["onnxruntime"]', f'runtimes = []\nprofiles_dir = "{profiles}"'))
+    path = write_config(
+        tmp_path / "a.toml",
+        "d",
+        "mqtt://h:1",
+        [keys.public],
+        tmp_path / "s",
+        profile="generic-cpu",
+        max_p95_ms=None,
+        max_p95_regression_pct=None,
+    )
+    text = (
+        path.read_text()
+        .replace("max_p95_ms = null\n", "")
+        .replace("max_p95_regression_pct = null\n", "")
+    )
+    path.write_text(
+        text.replace('runtimes = ["onnxruntime"]', f'runtimes = []\nprofiles_dir = "{profiles}"')
+    )
     policy = resolve_policy(load_config(path))
     assert policy.max_p95_ms == 12.5 and policy.max_regression_pct == 35.0
     assert policy.runtimes == ("onnxruntime",)
-    path.write_text(path.read_text().replace(f'profiles_dir = "{profiles}"', f'profiles_dir = "{tmp_path}"'))
+    path.write_text(
+        path.read_text().replace(f'profiles_dir = "{profiles}"', f'profiles_dir = "{tmp_path}"')
+    )
     with pytest.raises(ConfigError, match="unknown profile 'generic-cpu'"):
         resolve_policy(load_config(path))
 
 
 def test_policy_rejects_runtime_profile_and_downgrade(tmp_path: Path) -> None:
     keys = make_keys(tmp_path / "k")
-    cfg = load_config(write_config(tmp_path / "a.toml", "d", "mqtt://h:1", [keys.public], tmp_path / "s"))
+    cfg = load_config(
+        write_config(tmp_path / "a.toml", "d", "mqtt://h:1", [keys.public], tmp_path / "s")
+    )
     policy = resolve_policy(cfg)
     pub = [load_public_key(keys.public)]
     vs = VersionStore(tmp_path / "s", keep=1)
     active = vs.unpack(verify_artifact(make_artifact(tmp_path, keys, version="2.0.0"), pub))
-    for kw, msg in (({"runtime": "litert"}, "needs runtime 'litert'"),
-                    ({"profile": "other"}, "profile 'other'"),
-                    ({"version": "1.9.9"}, "older than the active 2.0.0")):
+    for kw, msg in (
+        ({"runtime": "litert"}, "needs runtime 'litert'"),
+        ({"profile": "other"}, "profile 'other'"),
+        ({"version": "1.9.9"}, "older than the active 2.0.0"),
+    ):
         m = verify_artifact(make_artifact(tmp_path, keys, **kw), pub).manifest  # type: ignore[arg-type]
         with pytest.raises(IntegrityError, match=msg):
             policy.check(m, active)
-    policy.check(verify_artifact(make_artifact(tmp_path, keys, version="2.0.1"), pub).manifest, active)
+    policy.check(
+        verify_artifact(make_artifact(tmp_path, keys, version="2.0.1"), pub).manifest, active
+    )
 
 
 class Slow(InferenceSession):
@@ -86,7 +108,9 @@ class Slow(InferenceSession):
     def outputs(self) -> list[IOSpec]:
         return self.inner.outputs
 
-    def infer(self, feeds: dict[str, npt.NDArray[np.generic]]) -> dict[str, npt.NDArray[np.generic]]:
+    def infer(
+        self, feeds: dict[str, npt.NDArray[np.generic]]
+    ) -> dict[str, npt.NDArray[np.generic]]:
         time.sleep(self.delay)
         return self.inner.infer(feeds)
 

@@ -13,13 +13,18 @@ from tests.agent_helpers import make_keys, write_config
 
 
 def _seqs(fake: FakeTransport) -> list[int]:
-    return [int(json.loads(p)["seq"]) for t, p, _ in fake.published if t.endswith(("/events", "/state"))]
+    return [
+        int(json.loads(p)["seq"]) for t, p, _ in fake.published if t.endswith(("/events", "/state"))
+    ]
 
 
 def test_seq_increases_across_restarts(tmp_path: Path) -> None:
     keys = make_keys(tmp_path / "keys")
-    cfg = load_config(write_config(tmp_path / "agent.toml", "dev", "mqtt://127.0.0.1:1", [keys.public],
-                                   tmp_path / "state"))
+    cfg = load_config(
+        write_config(
+            tmp_path / "agent.toml", "dev", "mqtt://127.0.0.1:1", [keys.public], tmp_path / "state"
+        )
+    )
     sent: list[int] = []
     for run, n in enumerate((3, 70, 1, 0, 2)):  # short runs, and one past a periodic save
         fake = FakeTransport()

@@ -49,7 +49,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def _loaded(path: Path, version: str) -> Loaded:
-    return Loaded("tiny", version, "0" * 64, "onnxruntime", Tracked(load_session("onnxruntime", path)))
+    return Loaded(
+        "tiny", version, "0" * 64, "onnxruntime", Tracked(load_session("onnxruntime", path))
+    )
 
 
 def test_swap_closes_the_old_session_only_after_its_last_request(models: list[Path]) -> None:
@@ -76,7 +78,9 @@ def test_swap_closes_the_old_session_only_after_its_last_request(models: list[Pa
     assert sb.closed and holder.acquire() is None
 
 
-def test_local_model_records_every_call_and_survives_swaps_under_threads(models: list[Path]) -> None:
+def test_local_model_records_every_call_and_survives_swaps_under_threads(
+    models: list[Path],
+) -> None:
     holder, rec = SessionHolder(), LatencyRecorder(seed=0)
     local = LocalModel(holder, rec)
     with pytest.raises(NoModelError):
@@ -130,35 +134,115 @@ def test_parse_json_and_binary_tensors() -> None:
     r = _req({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": x.tolist()}]})
     np.testing.assert_array_equal(r.feeds["x"], x)
     assert r.outputs is None and not r.binary_default
-    r = _req({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4],
-                          "parameters": {"binary_data_size": 32}}],
-              "outputs": [{"name": "z", "parameters": {"binary_data": True}}, {"name": "y"}]}, x.tobytes())
+    r = _req(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": [2, 4],
+                    "parameters": {"binary_data_size": 32},
+                }
+            ],
+            "outputs": [{"name": "z", "parameters": {"binary_data": True}}, {"name": "y"}],
+        },
+        x.tobytes(),
+    )
     np.testing.assert_array_equal(r.feeds["x"], x)
     assert r.outputs == [("z", True), ("y", False)]
-    body, hlen = encode_response("m", "1", r, {"y": np.ones((2, 2), np.float32), "z": np.array([3, 4])})
+    body, hlen = encode_response(
+        "m", "1", r, {"y": np.ones((2, 2), np.float32), "z": np.array([3, 4])}
+    )
     assert hlen is not None
     head = json.loads(body[:hlen])
-    assert head["outputs"][0] == {"name": "z", "datatype": "INT64", "shape": [2], "parameters": {"binary_data_size": 16}}
+    assert head["outputs"][0] == {
+        "name": "z",
+        "datatype": "INT64",
+        "shape": [2],
+        "parameters": {"binary_data_size": 16},
+    }
     assert head["outputs"][1]["data"] == [1.0, 1.0, 1.0, 1.0]
     np.testing.assert_array_equal(np.frombuffer(body[hlen:], np.int64), [3, 4])
 
 
-@pytest.mark.parametrize(("doc", "binary", "needle"), [
-    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3]}]}, b"", "3 values"),
-    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 5], "data": [1] * 5}]}, b"", "expects [-1, 4]"),
-    ({"inputs": [{"name": "x", "datatype": "INT8", "shape": [1, 4], "data": [1] * 4}]}, b"", "expects FP32"),
-    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, -4], "data": [1] * 4}]}, b"", "non-negative"),
-    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [[1, 2], [3]]}]}, b"", "numbers"),
-    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4]}]}, b"", "no data"),
-    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "parameters": {"binary_data_size": 16}}]},
-     b"\0" * 8, "shorter"),
-    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "parameters": {"binary_data_size": 12}}]},
-     b"\0" * 12, "needs 16"),
-    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1] * 4}]}, b"\0" * 4, "no input claims"),
-    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1] * 4}] * 2}, b"", "twice"),
-    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1] * 4}], "outputs": "y"}, b"", "list"),
-    ({"id": 5, "inputs": []}, b"", "id must be"),
-])
+@pytest.mark.parametrize(
+    ("doc", "binary", "needle"),
+    [
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3]}]},
+            b"",
+            "3 values",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 5], "data": [1] * 5}]},
+            b"",
+            "expects [-1, 4]",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "INT8", "shape": [1, 4], "data": [1] * 4}]},
+            b"",
+            "expects FP32",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, -4], "data": [1] * 4}]},
+            b"",
+            "non-negative",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [[1, 2], [3]]}]},
+            b"",
+            "numbers",
+        ),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4]}]}, b"", "no data"),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": [1, 4],
+                        "parameters": {"binary_data_size": 16},
+                    }
+                ]
+            },
+            b"\0" * 8,
+            "shorter",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": [1, 4],
+                        "parameters": {"binary_data_size": 12},
+                    }
+                ]
+            },
+            b"\0" * 12,
+            "needs 16",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1] * 4}]},
+            b"\0" * 4,
+            "no input claims",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1] * 4}] * 2},
+            b"",
+            "twice",
+        ),
+        (
+            {
+                "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1] * 4}],
+                "outputs": "y",
+            },
+            b"",
+            "list",
+        ),
+        ({"id": 5, "inputs": []}, b"", "id must be"),
+    ],
+)
 def test_bad_requests_are_4xx_with_a_reason(doc: object, binary: bytes, needle: str) -> None:
     with pytest.raises(RequestError) as ei:
         _req(doc, binary)
@@ -174,11 +258,17 @@ def test_binary_data_output_makes_every_output_binary_unless_one_says_otherwise(
     head = json.loads(body[:hlen])
     assert [o["parameters"]["binary_data_size"] for o in head["outputs"]] == [8, 8]
     assert len(body) == hlen + 16
-    r = _req({"inputs": [x], "parameters": {"binary_data_output": True},
-              "outputs": [{"name": "y", "parameters": {"binary_data": False}}]})
+    r = _req(
+        {
+            "inputs": [x],
+            "parameters": {"binary_data_output": True},
+            "outputs": [{"name": "y", "parameters": {"binary_data": False}}],
+        }
+    )
     body, hlen = encode_response("m", "1", r, res)
-    assert hlen is None and json.loads(body)["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [1, 2],
-                                                             "data": [1.0, 1.0]}]
+    assert hlen is None and json.loads(body)["outputs"] == [
+        {"name": "y", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 1.0]}
+    ]
 
 
 def test_endpoint_counts_only_runtime_failures_as_inference_errors(models: list[Path]) -> None:
@@ -208,7 +298,12 @@ def test_endpoint_counts_only_runtime_failures_as_inference_errors(models: list[
         good = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64], "data": [0.1] * 64}]}
         assert post(good) == 503  # no model yet
         holder.swap(_loaded(models[0], "1.0.0"))
-        assert post({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}) == 400
+        assert (
+            post(
+                {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
+            )
+            == 400
+        )
         assert post(good) == 200
         w = rec.window()
         assert (w.count, w.errors) == (1, 0)

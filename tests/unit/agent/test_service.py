@@ -35,9 +35,13 @@ def abstract_socket() -> Iterator[tuple[str, socket.socket]]:
     s.close()
 
 
-def test_notifier_abstract_socket_and_watchdog_rate(abstract_socket: tuple[str, socket.socket]) -> None:
+def test_notifier_abstract_socket_and_watchdog_rate(
+    abstract_socket: tuple[str, socket.socket],
+) -> None:
     addr, s = abstract_socket
-    n = Notifier({"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getpid())})
+    n = Notifier(
+        {"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getpid())}
+    )
     assert n.interval_s == pytest.approx(0.1)
     n.ready("serving tiny 1.0.0")
     assert s.recv(4096).decode().split("\n")[:2] == ["READY=1", "STATUS=serving tiny 1.0.0"]
@@ -61,7 +65,12 @@ def test_notifier_abstract_socket_and_watchdog_rate(abstract_socket: tuple[str, 
 
 def test_notifier_is_a_no_op_outside_systemd_and_for_another_pid() -> None:
     assert not Notifier({}).send("READY=1")
-    assert Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}).interval_s is None
+    assert (
+        Notifier(
+            {"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}
+        ).interval_s
+        is None
+    )
 
 
 def _analyze(*args: str) -> subprocess.CompletedProcess[str]:
@@ -73,18 +82,28 @@ def _analyze(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("user", [None, "edgefleet"])
 def test_unit_verifies_clean_and_rates_ok(tmp_path: Path, user: str | None) -> None:
     shipped = REPO / "systemd" / "edgefleet-agent.service"
-    assert shipped.read_text() == render_unit("/usr/bin/env edgefleet-agent"), "regenerate systemd/ from agent/service.py"
+    assert shipped.read_text() == render_unit("/usr/bin/env edgefleet-agent"), (
+        "regenerate systemd/ from agent/service.py"
+    )
     unit = tmp_path / "edgefleet-agent.service"
     unit.write_text(render_unit("/usr/bin/env edgefleet-agent", user=user))
     for path in (shipped, unit):
         v = _analyze("verify", str(path))
-        assert v.returncode == 0 and v.stdout.strip() == "" and v.stderr.strip() == "", v.stdout + v.stderr
+        assert v.returncode == 0 and v.stdout.strip() == "" and v.stderr.strip() == "", (
+            v.stdout + v.stderr
+        )
         sec = _analyze("security", "--offline=true", str(path))
         m = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", sec.stdout)
         assert m is not None, sec.stdout[-500:] + sec.stderr
         assert float(m.group(1)) <= 4.9 and m.group(2) in ("OK", "SAFE"), m.group(0)
     text = shipped.read_text()
-    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "DynamicUser=yes", "StateDirectory=edgefleet"):
+    for line in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "DynamicUser=yes",
+        "StateDirectory=edgefleet",
+    ):
         assert line in text
 
 
@@ -92,12 +111,18 @@ def test_unit_verifies_clean_and_rates_ok(tmp_path: Path, user: str | None) -> N
 def test_a_bad_key_is_reported_by_verify(tmp_path: Path) -> None:
     """The check above can fail: verify prints (but exits 0 on) an unknown key."""
     unit = tmp_path / "edgefleet-agent.service"
-    unit.write_text(render_unit("/usr/bin/env edgefleet-agent").replace("Type=notify", "Type=notify\nWatchDogSecs=3"))
+    unit.write_text(
+        render_unit("/usr/bin/env edgefleet-agent").replace(
+            "Type=notify", "Type=notify\nWatchDogSecs=3"
+        )
+    )
     v = _analyze("verify", str(unit))
     assert "WatchDogSecs" in v.stdout + v.stderr
 
 
-def test_install_service_writes_unit_and_keeps_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_install_service_writes_unit_and_keeps_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     exe = shutil.which("edgefleet-agent") or "/usr/bin/env edgefleet-agent"
     assert main(["install-service", "--root", str(tmp_path), "--exec", exe, "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -106,7 +131,10 @@ def test_install_service_writes_unit_and_keeps_config(tmp_path: Path, capsys: py
     assert f"ExecStart={exe} run --config /etc/edgefleet/agent.toml" in unit.read_text()
     assert 'state_dir = "/var/lib/edgefleet"' in config.read_text()
     config.write_text("# mine\n")
-    assert main(["install-service", "--root", str(tmp_path), "--exec", exe, "--user", "edgefleet"]) == 0
+    assert (
+        main(["install-service", "--root", str(tmp_path), "--exec", exe, "--user", "edgefleet"])
+        == 0
+    )
     assert "kept" in capsys.readouterr().out and config.read_text() == "# mine\n"
     assert "User=edgefleet" in unit.read_text() and "DynamicUser" not in unit.read_text()
     assert main(["install-service", "--root", str(tmp_path), "--exec", exe, "--force"]) == 0
@@ -119,7 +147,8 @@ def test_install_service_writes_unit_and_keeps_config(tmp_path: Path, capsys: py
 
 
 def test_agent_pings_watchdog_during_self_test_and_swaps_through_holder(
-        tmp_path: Path, abstract_socket: tuple[str, socket.socket]) -> None:
+    tmp_path: Path, abstract_socket: tuple[str, socket.socket]
+) -> None:
     """The worker loop is not running here (drain): every WATCHDOG=1 comes from the self-test's tick."""
     import numpy as np
 
@@ -134,8 +163,17 @@ def test_agent_pings_watchdog_during_self_test_and_swaps_through_holder(
 
     addr, s = abstract_socket
     keys = make_keys(tmp_path / "keys")
-    cfg = load_config(write_config(tmp_path / "agent.toml", "dev", "mqtt://127.0.0.1:1", [keys.public],
-                                   tmp_path / "state", probation_s=0.0, bench_runs=400))
+    cfg = load_config(
+        write_config(
+            tmp_path / "agent.toml",
+            "dev",
+            "mqtt://127.0.0.1:1",
+            [keys.public],
+            tmp_path / "state",
+            probation_s=0.0,
+            bench_runs=400,
+        )
+    )
     fake = FakeTransport()
     agent = Agent(cfg, resolve_policy(cfg), fake)
     agent.notifier = Notifier({"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "2000"})  # ping every 1 ms
@@ -145,10 +183,13 @@ def test_agent_pings_watchdog_during_self_test_and_swaps_through_holder(
     ann = announcement(art, 4096)
     data = art.read_bytes()
     for i in range(len(ann.chunks)):
-        fake.retained[topics.artifact_chunk(ann.sha256, i)] = data[i * 4096:(i + 1) * 4096]
+        fake.retained[topics.artifact_chunk(ann.sha256, i)] = data[i * 4096 : (i + 1) * 4096]
     fake.retained[topics.artifact_manifest(ann.sha256)] = encode(ann)
-    fake.inject(topics.device_topic("dev", "deployment"),
-                encode(Deployment(name="tiny", version="1.0.0", sha256=ann.sha256)), retain=True)
+    fake.inject(
+        topics.device_topic("dev", "deployment"),
+        encode(Deployment(name="tiny", version="1.0.0", sha256=ann.sha256)),
+        retain=True,
+    )
     got: list[str] = []
     done = threading.Event()
 
@@ -167,7 +208,10 @@ def test_agent_pings_watchdog_during_self_test_and_swaps_through_holder(
         done.set()
         reader.join(5)
     assert got.count("WATCHDOG=1") >= 2, got
-    assert "STATUS=self-test tiny 1.0.0 (no model active)" in got and "STATUS=serving tiny 1.0.0" in got
+    assert (
+        "STATUS=self-test tiny 1.0.0 (no model active)" in got
+        and "STATUS=serving tiny 1.0.0" in got
+    )
     cur = agent.holder.current
     assert cur is not None and (cur.name, cur.version, cur.sha256) == ("tiny", "1.0.0", ann.sha256)
     before = agent.latency.window().count

@@ -18,11 +18,24 @@ from tests.agent_helpers import make_artifact, make_keys
 
 
 def _ann(data: bytes, chunk: int) -> ArtifactAnnouncement:
-    chunks = [ChunkRef(size=len(data[i:i + chunk]), sha256=hashlib.sha256(data[i:i + chunk]).hexdigest())
-              for i in range(0, len(data), chunk)]
-    return ArtifactAnnouncement(sha256=hashlib.sha256(data).hexdigest(), size=len(data), chunk_size=chunk,
-                                chunks=chunks, name="m", version="1", profile="p", runtime="onnxruntime",
-                                manifest={}, signature="")
+    chunks = [
+        ChunkRef(
+            size=len(data[i : i + chunk]), sha256=hashlib.sha256(data[i : i + chunk]).hexdigest()
+        )
+        for i in range(0, len(data), chunk)
+    ]
+    return ArtifactAnnouncement(
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        chunk_size=chunk,
+        chunks=chunks,
+        name="m",
+        version="1",
+        profile="p",
+        runtime="onnxruntime",
+        manifest={},
+        signature="",
+    )
 
 
 def test_chunk_store_resumes_and_rechecks(tmp_path: Path) -> None:
@@ -30,7 +43,7 @@ def test_chunk_store_resumes_and_rechecks(tmp_path: Path) -> None:
     ann = _ann(data, 1000)
     s = ChunkStore(tmp_path, ann)
     for i in (0, 3, 7):
-        assert s.write(i, data[i * 1000:(i + 1) * 1000])
+        assert s.write(i, data[i * 1000 : (i + 1) * 1000])
     assert not s.write(3, data[3000:4000])  # duplicate
     with pytest.raises(IntegrityError, match="sha256"):
         s.write(4, b"\0" * 1000)
@@ -44,7 +57,7 @@ def test_chunk_store_resumes_and_rechecks(tmp_path: Path) -> None:
     assert s2.resumed_chunks == 2
     assert s2.missing() == [1, 2, 4, 5, 6, 7, 8, 9]
     for i in s2.missing():
-        s2.write(i, data[i * 1000:(i + 1) * 1000])
+        s2.write(i, data[i * 1000 : (i + 1) * 1000])
     path = s2.finish()
     assert path.read_bytes() == data
     assert ChunkStore(tmp_path, ann).complete
@@ -55,7 +68,7 @@ def test_finish_refuses_wrong_whole_hash(tmp_path: Path) -> None:
     ann = _ann(data, 1000).model_copy(update={"sha256": "0" * 64})
     s = ChunkStore(tmp_path, ann)
     for i in range(3):
-        s.write(i, data[i * 1000:(i + 1) * 1000])
+        s.write(i, data[i * 1000 : (i + 1) * 1000])
     with pytest.raises(IntegrityError):
         s.finish()
 

@@ -38,8 +38,12 @@ def test_x86_tree_hot_capped_and_counting(tmp_path: Path) -> None:
     r = ThermalReader(root, vcgencmd=None)
     s = r.read()
     # the zone with an unreadable temp is left out; a second zone of the same type keeps its name apart
-    assert s.temperatures_c == {"acpitz": 27.8, "x86_pkg_temp": 97.0, "pch_cannonlake": 95.0,
-                                "x86_pkg_temp.thermal_zone4": 96.0}
+    assert s.temperatures_c == {
+        "acpitz": 27.8,
+        "x86_pkg_temp": 97.0,
+        "pch_cannonlake": 95.0,
+        "x86_pkg_temp.thermal_zone4": 96.0,
+    }
     assert s.max_temp_c == 97.0
     assert s.throttled is True
     assert s.detail["at_trip_point"] == ["pch_cannonlake:passive"]  # trip points at 0 mean "none"
@@ -69,7 +73,7 @@ def test_vcgencmd_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     assert v is not None
     assert v["raw"] == "0x50005" and v["under_voltage"] and v["throttled"] and v["throttling_now"]
     assert not v["freq_capped"] and v["under_voltage_occurred"] and v["throttled_occurred"]
-    assert parse_vcgencmd("error=1 error_msg=\"Command not registered\"") is None
+    assert parse_vcgencmd('error=1 error_msg="Command not registered"') is None
     old = parse_vcgencmd("throttled=0x20000")
     assert old is not None and old["freq_capped_occurred"] and not old["throttling_now"]
 
@@ -93,7 +97,11 @@ def test_buffer_drops_oldest_first_and_survives_reopen(tmp_path: Path) -> None:
     assert [p for _, p in b.after(0, 100)] == [b"m4", b"m5", b"m6", b"m7", b"m8"]
     r = b.reserve()
     # each drop is reported once, by the next reservation after it
-    assert reported == [0, 0, 0, 0, 0, 0, 1, 1] and (r.dropped, r.dropped_total, r.pending) == (1, 3, 5)
+    assert reported == [0, 0, 0, 0, 0, 0, 1, 1] and (r.dropped, r.dropped_total, r.pending) == (
+        1,
+        3,
+        5,
+    )
     assert b.reserve().dropped == 0  # reported once
     ids = [i for i, _ in b.after(0, 100)]
     b.append(b"m11", keep=[ids[0]])  # in flight: not dropped, the next oldest goes instead
@@ -108,23 +116,38 @@ def test_buffer_drops_oldest_first_and_survives_reopen(tmp_path: Path) -> None:
 
 
 def _cfg(tmp: Path, root: Path, max_messages: int = 100) -> AgentConfig:
-    return AgentConfig.model_validate({
-        "device_id": "dev1", "profile": "test-cpu", "state_dir": str(tmp / "state"),
-        "trusted_keys": [str(tmp / "k.pub")],
-        "telemetry": {"interval_s": 0.2, "sysfs_root": str(root), "buffer_max_messages": max_messages},
-    })
+    return AgentConfig.model_validate(
+        {
+            "device_id": "dev1",
+            "profile": "test-cpu",
+            "state_dir": str(tmp / "state"),
+            "trusted_keys": [str(tmp / "k.pub")],
+            "telemetry": {
+                "interval_s": 0.2,
+                "sysfs_root": str(root),
+                "buffer_max_messages": max_messages,
+            },
+        }
+    )
 
 
 def _sent(fake: FakeTransport) -> list[dict[str, Any]]:
-    return [json.loads(p) for t, p, _ in fake.published if t == "edgefleet/v1/devices/dev1/telemetry"]
+    return [
+        json.loads(p) for t, p, _ in fake.published if t == "edgefleet/v1/devices/dev1/telemetry"
+    ]
 
 
 def test_report_fields_and_latency_window(tmp_path: Path) -> None:
     fake = FakeTransport()
     rec = LatencyRecorder(seed=1)
     active = ActiveModel(name="tiny", version="1.0.0", sha256="a" * 64)
-    rep = TelemetryReporter(_cfg(tmp_path, SYSFS / "x86-hot"), fake, rec, lambda: active,
-                            ThermalReader(SYSFS / "x86-hot", vcgencmd=None))
+    rep = TelemetryReporter(
+        _cfg(tmp_path, SYSFS / "x86-hot"),
+        fake,
+        rec,
+        lambda: active,
+        ThermalReader(SYSFS / "x86-hot", vcgencmd=None),
+    )
     values = np.random.default_rng(0).gamma(2.0, 1.5, size=500)
     for v in values:
         rec.record(float(v))
@@ -138,7 +161,9 @@ def test_report_fields_and_latency_window(tmp_path: Path) -> None:
     assert lat.count == 500 and lat.errors == 1 and lat.throughput_per_s > 0
     p50, p95, p99 = np.percentile(values, [50, 95, 99])
     assert lat.p50_ms == pytest.approx(p50, abs=1e-3) and lat.p95_ms == pytest.approx(p95, abs=1e-3)
-    assert lat.p99_ms == pytest.approx(p99, abs=1e-3) and lat.max_ms == pytest.approx(values.max(), abs=1e-3)
+    assert lat.p99_ms == pytest.approx(p99, abs=1e-3) and lat.max_ms == pytest.approx(
+        values.max(), abs=1e-3
+    )
     assert lat.thermal == {"samples": 2, "max_temp_c": 97.0, "throttled": True}
     assert msg.active == active and msg.seq == 1 and msg.temperatures_c["x86_pkg_temp"] == 97.0
     assert msg.throttled is True and msg.cpu_freq_mhz == 1100.0
@@ -154,8 +179,13 @@ def test_report_fields_and_latency_window(tmp_path: Path) -> None:
 
 def test_no_sensor_fields_absent(tmp_path: Path) -> None:
     fake = FakeTransport()
-    rep = TelemetryReporter(_cfg(tmp_path, tmp_path / "empty"), fake, LatencyRecorder(), lambda: None,
-                            ThermalReader(tmp_path / "empty", vcgencmd=None))
+    rep = TelemetryReporter(
+        _cfg(tmp_path, tmp_path / "empty"),
+        fake,
+        LatencyRecorder(),
+        lambda: None,
+        ThermalReader(tmp_path / "empty", vcgencmd=None),
+    )
     rep.report()
     rep.pump()
     (doc,) = _sent(fake)
@@ -168,8 +198,13 @@ def test_no_sensor_fields_absent(tmp_path: Path) -> None:
 def test_outage_buffers_in_order_and_reports_drops(tmp_path: Path) -> None:
     fake = FakeTransport()
     fake.start(lambda *a: None, lambda: None)
-    rep = TelemetryReporter(_cfg(tmp_path, tmp_path, max_messages=4), fake, LatencyRecorder(), lambda: None,
-                            ThermalReader(tmp_path, vcgencmd=None))
+    rep = TelemetryReporter(
+        _cfg(tmp_path, tmp_path, max_messages=4),
+        fake,
+        LatencyRecorder(),
+        lambda: None,
+        ThermalReader(tmp_path, vcgencmd=None),
+    )
     rep.report()
     rep.pump()
     fake.disconnect()
@@ -199,8 +234,9 @@ def test_outage_buffers_in_order_and_reports_drops(tmp_path: Path) -> None:
     rep.buffer.close()
 
 
-def test_message_lost_by_the_transport_across_a_reconnect_is_sent_again(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_message_lost_by_the_transport_across_a_reconnect_is_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """paho 2.0.0 can drop a publish that raced the disconnect: it is never acknowledged. The
     reporter publishes it again from the buffer after RESEND_AFTER_S (at least once, in order)."""
     from agent.telemetry import reporter as rmod
@@ -218,13 +254,21 @@ def test_message_lost_by_the_transport_across_a_reconnect_is_sent_again(tmp_path
     monkeypatch.setattr(rmod, "RESEND_AFTER_S", 0.0)
     fake = Lossy()
     fake.start(lambda *a: None, lambda: None)
-    rep = TelemetryReporter(_cfg(tmp_path, tmp_path), fake, LatencyRecorder(), lambda: None,
-                            ThermalReader(tmp_path, vcgencmd=None))
+    rep = TelemetryReporter(
+        _cfg(tmp_path, tmp_path),
+        fake,
+        LatencyRecorder(),
+        lambda: None,
+        ThermalReader(tmp_path, vcgencmd=None),
+    )
     for _ in range(3):
         rep.report()
         rep.pump()
     rep.pump()  # forgets the acknowledged ones
-    assert [d["seq"] for d in _sent(fake)] == [1, 3] and rep.buffer.pending() == 1  # 2 waits for its PUBACK
+    assert [d["seq"] for d in _sent(fake)] == [
+        1,
+        3,
+    ] and rep.buffer.pending() == 1  # 2 waits for its PUBACK
     fake.disconnect()
     fake.connect()
     for _ in range(5):

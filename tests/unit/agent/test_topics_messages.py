@@ -28,8 +28,22 @@ version = st.from_regex(r"[0-9]{1,3}(\.[0-9]{1,3}){0,3}", fullmatch=True)
 
 @st.composite
 def any_topic(draw: st.DrawFn) -> topics.Topic:
-    kind = draw(st.sampled_from(["manifest", "chunk", "index", "group_deployment", "device_deployment",
-                                 "state", "events", "telemetry", "cmd", "cmd_result"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "manifest",
+                "chunk",
+                "index",
+                "group_deployment",
+                "device_deployment",
+                "state",
+                "events",
+                "telemetry",
+                "cmd",
+                "cmd_result",
+            ]
+        )
+    )
     if kind == "manifest":
         return topics.Topic(kind, sha256=draw(sha))
     if kind == "chunk":
@@ -59,7 +73,12 @@ def test_segments_cannot_inject_levels(bad: str) -> None:
         topics.group_deployment(bad)
 
 
-@given(name=seg.map(str.lower).filter(lambda s: s[0].isalnum()), v=version, s=sha, at=st.text(max_size=30))
+@given(
+    name=seg.map(str.lower).filter(lambda s: s[0].isalnum()),
+    v=version,
+    s=sha,
+    at=st.text(max_size=30),
+)
 def test_deployment_round_trip(name: str, v: str, s: str, at: str) -> None:
     d = Deployment(name=name, version=v, sha256=s, deployed_at=at)
     assert decode(Deployment, encode(d)) == d
@@ -69,8 +88,18 @@ def test_deployment_round_trip(name: str, v: str, s: str, at: str) -> None:
 def test_announcement_table(size: int, chunk: int, s: str) -> None:
     n = -(-size // chunk)
     chunks = [ChunkRef(size=min(chunk, size - i * chunk), sha256=s) for i in range(n)]
-    ann = ArtifactAnnouncement(sha256=s, size=size, chunk_size=chunk, chunks=chunks, name="m", version="1",
-                               profile="p", runtime="onnxruntime", manifest={}, signature="")
+    ann = ArtifactAnnouncement(
+        sha256=s,
+        size=size,
+        chunk_size=chunk,
+        chunks=chunks,
+        name="m",
+        version="1",
+        profile="p",
+        runtime="onnxruntime",
+        manifest={},
+        signature="",
+    )
     assert ann.table_problem() is None
     assert decode(ArtifactAnnouncement, encode(ann), 10**7) == ann
     wrong = ann.model_copy(update={"size": size + 1})
@@ -80,7 +109,15 @@ def test_announcement_table(size: int, chunk: int, s: str) -> None:
 def test_other_messages_round_trip() -> None:
     for msg in (
         StateMessage(device="d", online=True, agent_version="0.1", profile="p", seq=3, ts=1.5),
-        Event(device="d", seq=1, ts=2.0, kind="deployment", state="REJECTED", reason="why", detail={"a": 1}),
+        Event(
+            device="d",
+            seq=1,
+            ts=2.0,
+            kind="deployment",
+            state="REJECTED",
+            reason="why",
+            detail={"a": 1},
+        ),
         Command(id="x", op="rollback"),
     ):
         assert decode(type(msg), encode(msg)) == msg

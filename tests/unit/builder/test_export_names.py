@@ -29,8 +29,16 @@ def test_output_name_reused_by_an_internal_value_is_renamed(tmp_path: Path) -> N
     path = tmp_path / "m.onnx"
     ids = torch.randint(0, 50, (2, 5))
     module = _Bag().eval()
-    torch.onnx.export(module, (ids,), str(path), dynamo=True, external_data=False, input_names=["ids"],
-                      output_names=["embedding"], dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    torch.onnx.export(
+        module,
+        (ids,),
+        str(path),
+        dynamo=True,
+        external_data=False,
+        input_names=["ids"],
+        output_names=["embedding"],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},),
+    )
     with pytest.raises(Exception, match="embedding"):
         ort.InferenceSession(str(path))  # the exporter's own "embedding" value collides
     assert dedupe_value_names(path, {"embedding"}) == ["embedding"]

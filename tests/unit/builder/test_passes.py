@@ -50,15 +50,28 @@ def run(name: str, model: ModelHandle | None, cfg: dict[str, Any], c: PassContex
 
 
 @pytest.fixture(scope="module")
-def loaded(digits: DigitsProject, data: DataBundle, tmp_path_factory: pytest.TempPathFactory) -> ModelHandle:
+def loaded(
+    digits: DigitsProject, data: DataBundle, tmp_path_factory: pytest.TempPathFactory
+) -> ModelHandle:
     cfg = load_build_config(digits.config)
-    return run("load", None, {"factory": "model.py:build_cnn", "weights": str(cfg.resolve("work/digits_cnn.pt")),
-                              "inputs": INPUTS, "output_names": ["logits"], "base_dir": str(digits.dir)},
-               ctx(tmp_path_factory.mktemp("load"), data))
+    return run(
+        "load",
+        None,
+        {
+            "factory": "model.py:build_cnn",
+            "weights": str(cfg.resolve("work/digits_cnn.pt")),
+            "inputs": INPUTS,
+            "output_names": ["logits"],
+            "base_dir": str(digits.dir),
+        },
+        ctx(tmp_path_factory.mktemp("load"), data),
+    )
 
 
 @pytest.fixture(scope="module")
-def exported(loaded: ModelHandle, data: DataBundle, tmp_path_factory: pytest.TempPathFactory) -> ModelHandle:
+def exported(
+    loaded: ModelHandle, data: DataBundle, tmp_path_factory: pytest.TempPathFactory
+) -> ModelHandle:
     return run("export_onnx", loaded, {}, ctx(tmp_path_factory.mktemp("export"), data))
 
 
@@ -73,22 +86,42 @@ def test_load_factory_with_weights(loaded: ModelHandle) -> None:
     assert loaded.kind == ModelKind.TORCH and loaded.notes["params"] > 100_000
 
 
-def test_load_rejects_weights_that_do_not_fit(digits: DigitsProject, data: DataBundle, tmp_path: Path) -> None:
+def test_load_rejects_weights_that_do_not_fit(
+    digits: DigitsProject, data: DataBundle, tmp_path: Path
+) -> None:
     import torch
 
     torch.save({"nope": torch.zeros(1)}, tmp_path / "w.pt")
     with pytest.raises(ModelError, match="do not fit the model"):
-        run("load", None, {"factory": "model.py:build_cnn", "weights": str(tmp_path / "w.pt"),
-                           "inputs": INPUTS, "base_dir": str(digits.dir)}, ctx(tmp_path, data))
+        run(
+            "load",
+            None,
+            {
+                "factory": "model.py:build_cnn",
+                "weights": str(tmp_path / "w.pt"),
+                "inputs": INPUTS,
+                "base_dir": str(digits.dir),
+            },
+            ctx(tmp_path, data),
+        )
 
 
-def test_load_pt2_and_onnx(loaded: ModelHandle, exported: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
+def test_load_pt2_and_onnx(
+    loaded: ModelHandle, exported: ModelHandle, data: DataBundle, tmp_path: Path
+) -> None:
     import torch
 
     batch = torch.export.Dim("batch", min=1, max=1024)
-    prog = torch.export.export(loaded.module, (torch.zeros(2, 1, 8, 8),), dynamic_shapes=({0: batch},))
+    prog = torch.export.export(
+        loaded.module, (torch.zeros(2, 1, 8, 8),), dynamic_shapes=({0: batch},)
+    )
     torch.export.save(prog, str(tmp_path / "m.pt2"))
-    pt2 = run("load", None, {"pt2": str(tmp_path / "m.pt2"), "inputs": INPUTS, "output_names": ["logits"]}, ctx(tmp_path, data))
+    pt2 = run(
+        "load",
+        None,
+        {"pt2": str(tmp_path / "m.pt2"), "inputs": INPUTS, "output_names": ["logits"]},
+        ctx(tmp_path, data),
+    )
     assert pt2.kind == ModelKind.TORCH
     assert accuracy(run("export_onnx", pt2, {}, ctx(tmp_path / "e", data)), data) > 0.97
     from_onnx = run("load", None, {"onnx": str(exported.path)}, ctx(tmp_path, data))
@@ -96,7 +129,9 @@ def test_load_pt2_and_onnx(loaded: ModelHandle, exported: ModelHandle, data: Dat
     assert from_onnx.input_names == ("input",) and from_onnx.inputs[0].dtype == "float32"
 
 
-def test_export_is_single_file_dynamic_batch_and_faithful(exported: ModelHandle, loaded: ModelHandle, data: DataBundle) -> None:
+def test_export_is_single_file_dynamic_batch_and_faithful(
+    exported: ModelHandle, loaded: ModelHandle, data: DataBundle
+) -> None:
     assert exported.path is not None
     assert [p.name for p in exported.path.parent.iterdir()] == ["model.onnx"]  # no external data
     with load_session("onnxruntime", exported.path) as s:
@@ -117,7 +152,9 @@ def test_parity_failure_lists_every_output() -> None:
 
 
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
-def test_quantize_static(exported: ModelHandle, data: DataBundle, tmp_path: Path, method: str) -> None:
+def test_quantize_static(
+    exported: ModelHandle, data: DataBundle, tmp_path: Path, method: str
+) -> None:
     q = run("quantize", exported, {"mode": "static", "method": method}, ctx(tmp_path, data))
     assert q.precision == "int8_static" and q.path is not None and exported.path is not None
     assert q.path.stat().st_size < 0.4 * exported.path.stat().st_size
@@ -138,7 +175,9 @@ def test_quantize_dynamic_and_fp16(exported: ModelHandle, data: DataBundle, tmp_
     assert accuracy(d, data) > 0.9
 
 
-def test_structured_prune_removes_channels_and_recovers(loaded: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
+def test_structured_prune_removes_channels_and_recovers(
+    loaded: ModelHandle, data: DataBundle, tmp_path: Path
+) -> None:
     p = run("prune", loaded, {"method": "structured", "ratio": 0.5}, ctx(tmp_path, data))
     assert p.notes["params_after"] / p.notes["params_before"] <= 0.5
     assert p.notes["finetune"]["val_top1"] > 0.95
@@ -147,8 +186,15 @@ def test_structured_prune_removes_channels_and_recovers(loaded: ModelHandle, dat
     assert accuracy(ex, data) > 0.96
 
 
-def test_unstructured_prune_reports_sparsity(loaded: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
-    p = run("prune", loaded, {"method": "unstructured", "ratio": 0.6, "finetune_epochs": 2}, ctx(tmp_path, data))
+def test_unstructured_prune_reports_sparsity(
+    loaded: ModelHandle, data: DataBundle, tmp_path: Path
+) -> None:
+    p = run(
+        "prune",
+        loaded,
+        {"method": "unstructured", "ratio": 0.6, "finetune_epochs": 2},
+        ctx(tmp_path, data),
+    )
     assert 0.55 < p.notes["sparsity"] < 0.65
     assert p.notes["params_after"] == p.notes["params_before"]  # nothing removed, only zeroed
 
@@ -163,7 +209,9 @@ def test_simplify_keeps_outputs(exported: ModelHandle, data: DataBundle, tmp_pat
 
 
 def test_chain_is_checked_before_running() -> None:
-    with pytest.raises(ConfigError, match=r"step 1 \(quantize\) accepts onnx models but gets torch"):
+    with pytest.raises(
+        ConfigError, match=r"step 1 \(quantize\) accepts onnx models but gets torch"
+    ):
         plan([("quantize", {})], ModelKind.TORCH, "recipe x")
     with pytest.raises(ConfigError, match="unknown pass 'sparkle'"):
         plan([("export_onnx", {}), ("sparkle", {})], ModelKind.TORCH, "recipe x")
@@ -171,7 +219,9 @@ def test_chain_is_checked_before_running() -> None:
         plan([("quantize", {"mode": "int3"})], ModelKind.ONNX, "recipe x")
 
 
-def test_pipeline_caches_by_input_and_config(loaded: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
+def test_pipeline_caches_by_input_and_config(
+    loaded: ModelHandle, data: DataBundle, tmp_path: Path
+) -> None:
     pipe = Pipeline(tmp_path / "cache", lambda w: ctx(w, data))
     steps = plan([("export_onnx", {}), ("simplify", {})], ModelKind.TORCH, "t")
     first = pipe.run(loaded, steps)
@@ -184,7 +234,9 @@ def test_pipeline_caches_by_input_and_config(loaded: ModelHandle, data: DataBund
     assert other.steps[0].cached is False
 
 
-def test_lowrank_factors_linear_layers_and_recovers(loaded: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
+def test_lowrank_factors_linear_layers_and_recovers(
+    loaded: ModelHandle, data: DataBundle, tmp_path: Path
+) -> None:
     p = run("lowrank", loaded, {"method": "energy", "energy": 0.8}, ctx(tmp_path, data))
     layers = {e["layer"]: e for e in p.notes["lowrank_layers"]}
     fc = layers["head.1"]  # Linear(512, 128)
@@ -196,8 +248,15 @@ def test_lowrank_factors_linear_layers_and_recovers(loaded: ModelHandle, data: D
     assert accuracy(ex, data) > 0.96
 
 
-def test_lowrank_without_finetune_is_the_svd_truncation(loaded: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
-    p = run("lowrank", loaded, {"method": "ratio", "ratio": 0.5, "finetune_epochs": 0}, ctx_no_train(tmp_path, data))
+def test_lowrank_without_finetune_is_the_svd_truncation(
+    loaded: ModelHandle, data: DataBundle, tmp_path: Path
+) -> None:
+    p = run(
+        "lowrank",
+        loaded,
+        {"method": "ratio", "ratio": 0.5, "finetune_epochs": 0},
+        ctx_no_train(tmp_path, data),
+    )
     first, second = p.module.get_submodule("head.1")  # Linear(512, 64) then Linear(64, 128)
     assert (first.out_features, second.in_features) == (64, 64)
     w = loaded.module.get_submodule("head.1").weight.detach().numpy().astype(np.float64)
@@ -212,12 +271,18 @@ def ctx_no_train(tmp: Path, data: DataBundle) -> PassContext:
     return ctx(tmp, DataBundle(eval=data.eval, calibration=data.calibration, train=None))
 
 
-def test_lowrank_rank_larger_than_layer_is_a_clear_error(loaded: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match=r"rank 200 is larger than layer 'head.1' allows \(at most 128\)"):
+def test_lowrank_rank_larger_than_layer_is_a_clear_error(
+    loaded: ModelHandle, data: DataBundle, tmp_path: Path
+) -> None:
+    with pytest.raises(
+        ModelError, match=r"rank 200 is larger than layer 'head.1' allows \(at most 128\)"
+    ):
         run("lowrank", loaded, {"method": "rank", "rank": 200}, ctx(tmp_path, data))
 
 
-def test_distill_trains_a_smaller_student(loaded: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
+def test_distill_trains_a_smaller_student(
+    loaded: ModelHandle, data: DataBundle, tmp_path: Path
+) -> None:
     p = run("distill", loaded, {"student_kwargs": {"width": 12}, "epochs": 25}, ctx(tmp_path, data))
     r = p.notes["distill"]
     assert r["param_ratio"] <= 0.5 and r["student_params"] == p.notes["params"]
@@ -227,7 +292,9 @@ def test_distill_trains_a_smaller_student(loaded: ModelHandle, data: DataBundle,
     assert accuracy(ex, data) == pytest.approx(r["student_top1"], abs=0.005)
 
 
-def test_distill_bad_inputs_are_clear(loaded: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
+def test_distill_bad_inputs_are_clear(
+    loaded: ModelHandle, data: DataBundle, tmp_path: Path
+) -> None:
     with pytest.raises(ModelError, match="distill needs training data"):
         run("distill", loaded, {"student_kwargs": {"width": 8}}, ctx_no_train(tmp_path, data))
     with pytest.raises(ModelError, match="name a student_factory"):
@@ -236,16 +303,27 @@ def test_distill_bad_inputs_are_clear(loaded: ModelHandle, data: DataBundle, tmp
         run("distill", loaded, {"student_kwargs": {"depth": 3}}, ctx(tmp_path, data))
 
 
-def test_sensitivity_keeps_sensitive_layers_in_float(exported: ModelHandle, data: DataBundle, tmp_path: Path) -> None:
+def test_sensitivity_keeps_sensitive_layers_in_float(
+    exported: ModelHandle, data: DataBundle, tmp_path: Path
+) -> None:
     import onnx
 
     plain = run("quantize", exported, {"mode": "static"}, ctx(tmp_path / "p", data))
-    q = run("quantize", exported, {"mode": "static", "auto_float_below_sqnr_db": 45.0}, ctx(tmp_path / "q", data))
+    q = run(
+        "quantize",
+        exported,
+        {"mode": "static", "auto_float_below_sqnr_db": 45.0},
+        ctx(tmp_path / "q", data),
+    )
     sens = q.notes["sensitivity"]
-    assert [e["sqnr_db"] for e in sens] == sorted(e["sqnr_db"] for e in sens)  # most sensitive first
+    assert [e["sqnr_db"] for e in sens] == sorted(
+        e["sqnr_db"] for e in sens
+    )  # most sensitive first
     assert {e["op"] for e in sens} >= {"Conv", "Gemm"} and len(sens) == 5
     kept = q.notes["kept_float"]
-    assert kept == [e["node"] for e in sens if e["sqnr_db"] < 45.0] and kept  # the digits head is below 45 dB
+    assert (
+        kept == [e["node"] for e in sens if e["sqnr_db"] < 45.0] and kept
+    )  # the digits head is below 45 dB
     assert q.path is not None and plain.path is not None
 
     def float_gemms(path: Path) -> int:

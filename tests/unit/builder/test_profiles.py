@@ -16,7 +16,9 @@ def test_shipped_profiles_load(profiles_dir: Path) -> None:
     profiles = load_profiles(profiles_dir)
     assert {"rpi4", "jetson-orin-nano", "x86-ipc", "generic-cpu"} <= set(profiles)
     assert profiles["x86-ipc"].build.candidates[0] == "int8_static"
-    assert profiles["jetson-orin-nano"].runtime.execution_providers[0] == "TensorrtExecutionProvider"
+    assert (
+        profiles["jetson-orin-nano"].runtime.execution_providers[0] == "TensorrtExecutionProvider"
+    )
     assert "fp16" in profiles["jetson-orin-nano"].build.candidates
 
 
@@ -27,8 +29,18 @@ def test_profiles_cover_every_kind_of_candidate(profiles_dir: Path) -> None:
     profiles = load_profiles(profiles_dir)
     every = {c for p in profiles.values() for c in p.build.candidates}
     assert every <= set(RECIPES)
-    assert {"fp32", "fp16", "int8_dynamic", "int8_static", "pruned_int8_static", "distilled_int8_static",
-            "lowrank_int8_static", "tflite_fp32", "tflite_int8_dynamic", "tflite_int8"} <= every
+    assert {
+        "fp32",
+        "fp16",
+        "int8_dynamic",
+        "int8_static",
+        "pruned_int8_static",
+        "distilled_int8_static",
+        "lowrank_int8_static",
+        "tflite_fp32",
+        "tflite_int8_dynamic",
+        "tflite_int8",
+    } <= every
     rpi = profiles["rpi4"]
     assert rpi.runtime.name == "litert" and rpi.build.candidates[0] == "tflite_int8"
     # ONNX recipes on rpi4 are the fallback: after every TFLite one.

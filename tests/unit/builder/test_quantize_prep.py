@@ -134,8 +134,13 @@ def handle(path: Path) -> ModelHandle:
     from builder.passes.load import onnx_io
 
     inputs, outputs = onnx_io(path)
-    return ModelHandle(kind=ModelKind.ONNX, digest="test", path=path, inputs=tuple(inputs),
-                       output_names=tuple(o.name for o in outputs))
+    return ModelHandle(
+        kind=ModelKind.ONNX,
+        digest="test",
+        path=path,
+        inputs=tuple(inputs),
+        output_names=tuple(o.name for o in outputs),
+    )
 
 
 def quantize(

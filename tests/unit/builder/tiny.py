@@ -15,7 +15,7 @@ import pytest
 from builder.cli import main
 
 # A float MLP: 4 features in, 3 classes (or 3 regression outputs) out.
-MLP = '''
+MLP = """
 import torch
 from torch import nn
 
@@ -23,10 +23,10 @@ from torch import nn
 def build():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 3))
-'''
+"""
 
 # Two int64 inputs, positionally (input_ids, attention_mask): an embedding bag with a masked mean.
-BAG = '''
+BAG = """
 import torch
 from torch import nn
 
@@ -46,10 +46,10 @@ class Bag(nn.Module):
 def build():
     torch.manual_seed(0)
     return Bag()
-'''
+"""
 
 # A streaming step in torch: input (batch, 64), state (2, batch, 32), sr a scalar int64.
-STEP = '''
+STEP = """
 import torch
 from torch import nn
 
@@ -68,7 +68,7 @@ class Step(nn.Module):
 def build():
     torch.manual_seed(0)
     return Step()
-'''
+"""
 
 PROFILE = """name = "{name}"
 description = "test profile"
@@ -90,17 +90,29 @@ select = "{select}"
 {budgets}
 """
 
-GENEROUS = {"max_artifact_kb": 100000, "max_accuracy_drop_pt": 100, "max_p95_ms": 10000, "max_ram_mb": 100000,
-            "min_cosine": 0.9}
+GENEROUS = {
+    "max_artifact_kb": 100000,
+    "max_accuracy_drop_pt": 100,
+    "max_p95_ms": 10000,
+    "max_ram_mb": 100000,
+    "min_cosine": 0.9,
+}
 
 
-def write_profile(directory: Path, name: str, candidates: list[str], select: str = "smallest",
-                  **budgets: float) -> Path:
+def write_profile(
+    directory: Path, name: str, candidates: list[str], select: str = "smallest", **budgets: float
+) -> Path:
     """A profile .toml named ``name`` with generous budgets, ``budgets`` replacing any of them."""
     b = {**GENEROUS, **budgets}
     path = directory / f"{name}.toml"
-    path.write_text(PROFILE.format(name=name, candidates=", ".join(f'"{c}"' for c in candidates), select=select,
-                                   budgets="\n".join(f"{k} = {v}" for k, v in b.items())))
+    path.write_text(
+        PROFILE.format(
+            name=name,
+            candidates=", ".join(f'"{c}"' for c in candidates),
+            select=select,
+            budgets="\n".join(f"{k} = {v}" for k, v in b.items()),
+        )
+    )
     return path
 
 
@@ -112,12 +124,27 @@ class Project:
 
     def build(self, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
         """``edgefleet build CONFIG ARGS`` into this project's out/ and cache/; (code, stdout, stderr)."""
-        return run_cli(capsys, "build", str(self.config), "--key", str(self.key), "--out", str(self.dir / "out"),
-                       "--cache-dir", str(self.dir / "cache"), *args)
+        return run_cli(
+            capsys,
+            "build",
+            str(self.config),
+            "--key",
+            str(self.key),
+            "--out",
+            str(self.dir / "out"),
+            "--cache-dir",
+            str(self.dir / "cache"),
+            *args,
+        )
 
 
-def project(directory: Path, config: str, files: dict[str, str] | None = None,
-            data: dict[str, dict[str, np.ndarray]] | None = None, task: str = "classification") -> Project:
+def project(
+    directory: Path,
+    config: str,
+    files: dict[str, str] | None = None,
+    data: dict[str, dict[str, np.ndarray]] | None = None,
+    task: str = "classification",
+) -> Project:
     """A build project in ``directory``: edgefleet.toml (``config`` after name/version/task),
     source files, .npz data files (name -> arrays) and a signing key."""
     from agent.protocol.signing import generate_keypair
@@ -154,6 +181,7 @@ def assert_one_line_error(code: int, err: str, exit_code: int, *needles: str) ->
 
 # ---------------------------------------------------------------- data
 
+
 def mlp_data(n: int = 64, seed: int = 0, y: str = "int") -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 4)).astype(np.float32)
@@ -177,12 +205,15 @@ def token_data(n: int = 48, seq: int = 8, seed: int = 0) -> dict[str, np.ndarray
 def state_data(n: int = 12, seed: int = 0) -> dict[str, np.ndarray]:
     """Samples for stateful_onnx: input (n, 64), state (n, 2, 32) (batch axis 1 in a feed), sr (n,)."""
     rng = np.random.default_rng(seed)
-    return {"input": rng.normal(size=(n, 64)).astype(np.float32),
-            "state": rng.normal(scale=0.5, size=(n, 2, 32)).astype(np.float32),
-            "sr": np.full(n, 16000, np.int64)}
+    return {
+        "input": rng.normal(size=(n, 64)).astype(np.float32),
+        "state": rng.normal(scale=0.5, size=(n, 2, 32)).astype(np.float32),
+        "sr": np.full(n, 16000, np.int64),
+    }
 
 
 # ---------------------------------------------------------------- ONNX models
+
 
 def _save(graph: object, path: Path) -> Path:
     import onnx
@@ -198,19 +229,27 @@ def _save(graph: object, path: Path) -> Path:
 def _weights(name: str, shape: tuple[int, ...], seed: int, scale: float = 0.5) -> object:
     from onnx import numpy_helper
 
-    return numpy_helper.from_array(np.random.default_rng(seed).normal(scale=scale, size=shape).astype(np.float32), name)
+    return numpy_helper.from_array(
+        np.random.default_rng(seed).normal(scale=scale, size=shape).astype(np.float32), name
+    )
 
 
 def float_onnx(path: Path, hidden: int = 32) -> Path:
     """x float32 (batch, 4) -> MatMul/Relu/MatMul -> y float32 (batch, 3)."""
     from onnx import TensorProto, helper
 
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
     graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-        initializer=[_weights("w1", (4, hidden), 1), _weights("w2", (hidden, 3), 2)])  # type: ignore[list-item]
+        initializer=[_weights("w1", (4, hidden), 1), _weights("w2", (hidden, 3), 2)],
+    )  # type: ignore[list-item]
     return _save(graph, path)
 
 
@@ -218,15 +257,21 @@ def two_input_onnx(path: Path) -> Path:
     """input_ids, attention_mask int64 (batch, 8) -> Cast(ids * mask) @ W -> logits (batch, 3)."""
     from onnx import TensorProto, helper
 
-    nodes = [helper.make_node("Mul", ["input_ids", "attention_mask"], ["m"]),
-             helper.make_node("Cast", ["m"], ["f"], to=TensorProto.FLOAT),
-             helper.make_node("MatMul", ["f", "w"], ["logits"])]
+    nodes = [
+        helper.make_node("Mul", ["input_ids", "attention_mask"], ["m"]),
+        helper.make_node("Cast", ["m"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["f", "w"], ["logits"]),
+    ]
     graph = helper.make_graph(
-        nodes, "tokens",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 8]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", 8])],
+        nodes,
+        "tokens",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 8]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", 8]),
+        ],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
-        initializer=[_weights("w", (8, 3), 3)])  # type: ignore[list-item]
+        initializer=[_weights("w", (8, 3), 3)],
+    )  # type: ignore[list-item]
     return _save(graph, path)
 
 
@@ -235,8 +280,10 @@ def stateful_onnx(path: Path) -> Path:
     output (batch, 1), stateN (2, batch, 32). The batch axis of state and stateN is 1."""
     from onnx import TensorProto, helper, numpy_helper
 
-    consts = [numpy_helper.from_array(np.array([0], np.int64), "axis0"),
-              numpy_helper.from_array(np.array(16000.0, np.float32), "base")]
+    consts = [
+        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+        numpy_helper.from_array(np.array(16000.0, np.float32), "base"),
+    ]
     nodes = [
         helper.make_node("MatMul", ["input", "w1"], ["h"]),
         helper.make_node("ReduceSum", ["state", "axis0"], ["s"], keepdims=0),
@@ -250,11 +297,17 @@ def stateful_onnx(path: Path) -> Path:
         helper.make_node("Concat", ["t1", "t1"], ["stateN"], axis=0),
     ]
     graph = helper.make_graph(
-        nodes, "vad",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64]),
-         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 32]),
-         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1]),
-         helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", 32])],
-        initializer=[_weights("w1", (64, 32), 4, 0.1), _weights("w2", (32, 1), 5), *consts])  # type: ignore[list-item]
+        nodes,
+        "vad",
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 32]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [
+            helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1]),
+            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", 32]),
+        ],
+        initializer=[_weights("w1", (64, 32), 4, 0.1), _weights("w2", (32, 1), 5), *consts],
+    )  # type: ignore[list-item]
     return _save(graph, path)

@@ -26,24 +26,55 @@ from fleet.rollout.policy import (
 NEW, OLD = "a" * 64, "b" * 64
 
 
-def state(dev: str, online: bool = True, groups: tuple[str, ...] = ("lab",), active: str | None = OLD,
-          profile: str = "p") -> tuple[str, bytes]:
+def state(
+    dev: str,
+    online: bool = True,
+    groups: tuple[str, ...] = ("lab",),
+    active: str | None = OLD,
+    profile: str = "p",
+) -> tuple[str, bytes]:
     am = ActiveModel(name="m", version="1.0.0", sha256=active) if active else None
-    msg = StateMessage(device=dev, online=online, agent_version="0", profile=profile, groups=list(groups),
-                       active=am, seq=1, ts=0.0)
+    msg = StateMessage(
+        device=dev,
+        online=online,
+        agent_version="0",
+        profile=profile,
+        groups=list(groups),
+        active=am,
+        seq=1,
+        ts=0.0,
+    )
     return topics.device_topic(dev, "state"), encode(msg)
 
 
-def event(dev: str, st: str, sha: str = NEW, reason: str = "", **detail: object) -> tuple[str, bytes]:
-    ev = Event(device=dev, seq=1, ts=0.0, kind="deployment", state=st, name="m", version="1.1.0",  # type: ignore[arg-type]
-               sha256=sha, reason=reason, detail=dict(detail))
+def event(
+    dev: str, st: str, sha: str = NEW, reason: str = "", **detail: object
+) -> tuple[str, bytes]:
+    ev = Event(
+        device=dev,
+        seq=1,
+        ts=0.0,
+        kind="deployment",
+        state=st,
+        name="m",
+        version="1.1.0",  # type: ignore[arg-type]
+        sha256=sha,
+        reason=reason,
+        detail=dict(detail),
+    )
     return topics.device_topic(dev, "events"), encode(ev)
 
 
 def telemetry(dev: str, active: str, p95: float, errors: int = 0) -> tuple[str, bytes]:
-    tm = Telemetry(device=dev, seq=1, ts=0.0, interval_s=1, uptime_s=1,
-                   active=ActiveModel(name="m", version="1", sha256=active),
-                   latency=LatencyWindow(count=10, errors=errors, throughput_per_s=10, p95_ms=p95))
+    tm = Telemetry(
+        device=dev,
+        seq=1,
+        ts=0.0,
+        interval_s=1,
+        uptime_s=1,
+        active=ActiveModel(name="m", version="1", sha256=active),
+        latency=LatencyWindow(count=10, errors=errors, throughput_per_s=10, p95_ms=p95),
+    )
     return topics.device_topic(dev, "telemetry"), encode(tm)
 
 
@@ -57,12 +88,22 @@ def test_parse_and_select_canaries() -> None:
     for bad in ("x", "-1", "0%", "150%", "1.5"):
         with pytest.raises(UsageError):
             parse_canary(bad)
-    members = group_members(dict([state("d2"), state("d1"), state("d0", online=False), state("x", groups=("other",)),
-                                  (topics.device_topic("junk", "state"), b"{not json")]), "lab")
+    members = group_members(
+        dict(
+            [
+                state("d2"),
+                state("d1"),
+                state("d0", online=False),
+                state("x", groups=("other",)),
+                (topics.device_topic("junk", "state"), b"{not json"),
+            ]
+        ),
+        "lab",
+    )
     assert sorted(members) == ["d0", "d1", "d2"]
-    assert select_canaries(members, "1") == ["d1"]            # offline d0 is skipped
-    assert select_canaries(members, "50%") == ["d1", "d2"]    # ceil(3 * 0.5) = 2
-    assert select_canaries(members, "1%") == ["d1"]           # at least one
+    assert select_canaries(members, "1") == ["d1"]  # offline d0 is skipped
+    assert select_canaries(members, "50%") == ["d1", "d2"]  # ceil(3 * 0.5) = 2
+    assert select_canaries(members, "1%") == ["d1"]  # at least one
     assert group_members(dict([state("d1", profile="q")]), "lab", profile="p") == {}
 
 
@@ -94,11 +135,15 @@ def test_failures_halt_with_reason() -> None:
     ro = rollout()
     ro.feed(*event("d0", "ROLLED_BACK", reason="self-test failed: y differs"), now=0)
     verdict, reason = ro.canary_verdict(0)
-    assert verdict == "fail" and "self-test failed" in reason and reason.startswith("d0: ROLLED_BACK")
+    assert (
+        verdict == "fail" and "self-test failed" in reason and reason.startswith("d0: ROLLED_BACK")
+    )
     assert not ro.needs_rollback("d0")  # the agent never switched: no rollback command
 
 
-@pytest.mark.parametrize(("new", "old", "verdict"), [(1.2, 1.0, "ok"), (2.0, 1.0, "fail"), (1.69, 1.0, "ok")])
+@pytest.mark.parametrize(
+    ("new", "old", "verdict"), [(1.2, 1.0, "ok"), (2.0, 1.0, "fail"), (1.69, 1.0, "ok")]
+)
 def test_on_device_p95_gate(new: float, old: float, verdict: str) -> None:
     ro = rollout(gate=Gate(max_p95_regression_pct=20, p95_slack_ms=0.5, observe_s=0))
     ro.feed(*event("d0", "ACTIVE", p95_ms=new, current_p95_ms=old), now=0)
@@ -111,8 +156,8 @@ def test_on_device_p95_gate(new: float, old: float, verdict: str) -> None:
 
 def test_telemetry_is_a_second_source() -> None:
     ro = rollout(gate=Gate(max_p95_regression_pct=10, p95_slack_ms=0, observe_s=0))
-    ro.feed(*telemetry("d0", OLD, p95=2.0), now=0)          # before: the old model's p95
-    ro.feed(*event("d0", "ACTIVE"), now=1)                   # no p95 in the event (none to compare)
+    ro.feed(*telemetry("d0", OLD, p95=2.0), now=0)  # before: the old model's p95
+    ro.feed(*event("d0", "ACTIVE"), now=1)  # no p95 in the event (none to compare)
     assert ro.canary_verdict(1)[0] == "ok"
     ro.feed(*telemetry("d0", NEW, p95=3.0), now=2)
     verdict, reason = ro.canary_verdict(2)
@@ -132,7 +177,9 @@ def test_rest_phase_offline_devices_are_pending() -> None:
     ro.feed(*event("d1", "HEALTHY"), now=1)
     ro.feed(*event("d2", "REJECTED", reason="older than the active"), now=1)
     verdict, fails, pending = ro.rest_verdict(1)
-    assert verdict == "fail" and fails == ["d2: REJECTED: older than the active"] and pending == ["d3"]
+    assert (
+        verdict == "fail" and fails == ["d2: REJECTED: older than the active"] and pending == ["d3"]
+    )
     # a device that comes online later (its birth) is waited for
     ro.feed(*state("d3", online=True), now=2)
     assert ro.devices["d3"].online and ro.rest_verdict(2)[0] == "wait"
@@ -150,7 +197,7 @@ def test_canary_still_installing_after_a_halt_is_watched_then_rolled_back() -> N
     ro = rollout(canaries=("d0", "d1"))
     ro.feed(*event("d0", "FETCHING"), now=0)
     ro.feed(*event("d1", "SELF_TEST"), now=0)
-    assert not ro.installing("d0") and ro.installing("d1")   # a fetch is cancelled by clearing
+    assert not ro.installing("d0") and ro.installing("d1")  # a fetch is cancelled by clearing
     assert not ro.needs_rollback("d1")
     ro.feed(*event("d1", "ACTIVE", p95_ms=1.0, current_p95_ms=1.0), now=1)
     assert not ro.installing("d1") and ro.needs_rollback("d1")

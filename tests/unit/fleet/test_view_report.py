@@ -32,26 +32,56 @@ def populate(db: FleetDB) -> None:
     b = Batch.empty()
     add = add_message
     for i, dev in enumerate(("cam-01", "cam-02", "gate-03")):
-        add(b, T.format(dev, "state"), dumps(state(dev, 1, online=dev != "gate-03", ts=T0,
-                                                   profile="rpi4" if i < 2 else "jetson")), T0)
+        add(
+            b,
+            T.format(dev, "state"),
+            dumps(
+                state(dev, 1, online=dev != "gate-03", ts=T0, profile="rpi4" if i < 2 else "jetson")
+            ),
+            T0,
+        )
         for k in range(120):
             ts = T0 + 5 * k
             hot = dev == "cam-02" and k > 60
-            doc = telemetry(dev, 10 + k, ts=ts, p50=2.0 + i + (3.0 if hot else 0.0) + (k % 7) * 0.1,
-                            p95=4.0 + i + (6.0 if hot else 0.0) + (k % 5) * 0.3,
-                            temp=55.0 + (25.0 if hot else 0.0) + (k % 3), rss=70.0 + i * 10 + k * 0.05,
-                            throttled=hot)
+            doc = telemetry(
+                dev,
+                10 + k,
+                ts=ts,
+                p50=2.0 + i + (3.0 if hot else 0.0) + (k % 7) * 0.1,
+                p95=4.0 + i + (6.0 if hot else 0.0) + (k % 5) * 0.3,
+                temp=55.0 + (25.0 if hot else 0.0) + (k % 3),
+                rss=70.0 + i * 10 + k * 0.05,
+                throttled=hot,
+            )
             add(b, T.format(dev, "telemetry"), dumps(doc), ts + 0.1)
     seq = 500
-    for dev, final, reason in (("cam-01", "HEALTHY", ""), ("cam-02", "ROLLED_BACK", REASON),
-                               ("gate-03", "REJECTED", "signed by an untrusted key 9c1e0a7b5d3f2e11")):
-        path = ["FETCHING", "VERIFIED", "UNPACKED", "SELF_TEST", "ACTIVE", final] if final != "REJECTED" \
+    for dev, final, reason in (
+        ("cam-01", "HEALTHY", ""),
+        ("cam-02", "ROLLED_BACK", REASON),
+        ("gate-03", "REJECTED", "signed by an untrusted key 9c1e0a7b5d3f2e11"),
+    ):
+        path = (
+            ["FETCHING", "VERIFIED", "UNPACKED", "SELF_TEST", "ACTIVE", final]
+            if final != "REJECTED"
             else ["FETCHING", final]
+        )
         for j, st in enumerate(path):
             seq += 1
-            add(b, T.format(dev, "events"), dumps(event(dev, seq, st, version="1.1.0",
-                                                        reason=reason if st == final else "",
-                                                        ts=T0 + 300 + j)), T0 + 300 + j)
+            add(
+                b,
+                T.format(dev, "events"),
+                dumps(
+                    event(
+                        dev,
+                        seq,
+                        st,
+                        version="1.1.0",
+                        reason=reason if st == final else "",
+                        ts=T0 + 300 + j,
+                    )
+                ),
+                T0 + 300 + j,
+            )
     add(b, T.format("cam-01", "telemetry"), b"{broken", T0 + 10)
     db.store(b)
 
@@ -84,7 +114,9 @@ def test_live_rows_fold_state_and_telemetry_messages() -> None:
     live.apply(T.format("d1", "telemetry"), b"garbage", 12.0)  # ignored
     live.apply(T.format("d2", "state"), dumps(state("d2", 1, online=False, model=None)), 12.0)
     rows = {r.device: r for r in live.snapshot()}
-    assert rows["d1"].p95_ms == 7.5 and rows["d1"].temp_max_c == 71.0 and rows["d1"].last_seen == 11.0
+    assert (
+        rows["d1"].p95_ms == 7.5 and rows["d1"].temp_max_c == 71.0 and rows["d1"].last_seen == 11.0
+    )
     assert rows["d2"].online is False and rows["d2"].model is None and rows["d2"].last_seen is None
 
 
@@ -113,11 +145,17 @@ def test_report_page_is_self_contained_and_has_content(db: FleetDB) -> None:
     assert summary["summary"]["rejected"] == 1 and summary["failed_deployments"] == 2
 
 
-def test_report_and_status_commands(db: FleetDB, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_and_status_commands(
+    db: FleetDB, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "r.html"
     assert main(["fleet", "report", "--db", db.target, "--html", str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["devices"] == 3 and doc["deployments"] == {"HEALTHY": 1, "ROLLED_BACK": 1, "REJECTED": 1}
+    assert doc["devices"] == 3 and doc["deployments"] == {
+        "HEALTHY": 1,
+        "ROLLED_BACK": 1,
+        "REJECTED": 1,
+    }
     assert out.stat().st_size > 10_000
     assert main(["fleet", "status", "--db", db.target, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -138,20 +176,40 @@ def test_report_renders_in_headless_chromium(db: FleetDB, tmp_path: Path) -> Non
     page = tmp_path / "report.html"
     page.write_text(render(db, now=T0 + 700))
     shot = tmp_path / "report.png"
-    flags = [CHROMIUM or "", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    flags = [
+        CHROMIUM or "",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(
+        [*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert 'id="deployments"' in dom.stdout and REASON in dom.stdout and dom.stdout.count("<polyline") == 12
-    res = subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1300,1800", page.as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    assert (
+        'id="deployments"' in dom.stdout
+        and REASON in dom.stdout
+        and dom.stdout.count("<polyline") == 12
+    )
+    res = subprocess.run(
+        [*flags, f"--screenshot={shot}", "--window-size=1300,1800", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0 and shot.stat().st_size > 20_000, res.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     keep = Path("/tmp/edgefleet-report-screenshot.png")
     shutil.copy(shot, keep)  # for a person to look at after the run
 
 
-def test_watch_from_the_db_is_bounded_and_exits_cleanly(db: FleetDB, capsys: pytest.CaptureFixture[str]) -> None:
+def test_watch_from_the_db_is_bounded_and_exits_cleanly(
+    db: FleetDB, capsys: pytest.CaptureFixture[str]
+) -> None:
     import time
 
     t0 = time.monotonic()

@@ -29,7 +29,11 @@ from agent.protocol.signing import generate_keypair, load_private_key, load_publ
 from builder.package import file_entry, write_artifact
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
     lambda children: st.lists(children) | st.dictionaries(st.text(), children),
     max_leaves=20,
 )
@@ -67,11 +71,15 @@ def _tiny_onnx(path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), "w")
+    w = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), "w"
+    )
     g = helper.make_graph(
-        [helper.make_node("MatMul", ["input", "w"], ["output"])], "tiny",
+        [helper.make_node("MatMul", ["input", "w"], ["output"])],
+        "tiny",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3])], [w],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3])],
+        [w],
     )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
@@ -79,15 +87,31 @@ def _tiny_onnx(path: Path) -> None:
 def make_artifact(tmp: Path, key: Path, **overrides: object) -> Path:
     _tiny_onnx(tmp / "model.onnx")
     x = np.ones((2, 4), np.float32)
-    GoldenSet({"input": x}, {"output": np.zeros((2, 3), np.float32)}, {"output": np.zeros((2, 3), np.float32)}).save(tmp / "golden.npz")
+    GoldenSet(
+        {"input": x},
+        {"output": np.zeros((2, 3), np.float32)},
+        {"output": np.zeros((2, 3), np.float32)},
+    ).save(tmp / "golden.npz")
     files = {"model.onnx": tmp / "model.onnx", "golden.npz": tmp / "golden.npz"}
     fields: dict[str, object] = dict(
-        format_version=1, name="tiny", version="1.0.0", profile="generic-cpu", runtime="onnxruntime",
-        precision="fp32", task="regression", created="2026-01-01T00:00:00+00:00", builder_version="test",
-        model=ModelInfo(file="model.onnx", inputs=[TensorSpec(name="input", dtype="float32", shape=["batch", 4])],
-                        outputs=[TensorSpec(name="output", dtype="float32", shape=["batch", 3])]),
-        files={k: file_entry(v) for k, v in files.items()}, metrics={"top1": 0.5},
-        recipe=Recipe(name="fp32", steps=[]), golden=Golden(file="golden.npz", count=2, atol=1e-4, rtol=0),
+        format_version=1,
+        name="tiny",
+        version="1.0.0",
+        profile="generic-cpu",
+        runtime="onnxruntime",
+        precision="fp32",
+        task="regression",
+        created="2026-01-01T00:00:00+00:00",
+        builder_version="test",
+        model=ModelInfo(
+            file="model.onnx",
+            inputs=[TensorSpec(name="input", dtype="float32", shape=["batch", 4])],
+            outputs=[TensorSpec(name="output", dtype="float32", shape=["batch", 3])],
+        ),
+        files={k: file_entry(v) for k, v in files.items()},
+        metrics={"top1": 0.5},
+        recipe=Recipe(name="fp32", steps=[]),
+        golden=Golden(file="golden.npz", count=2, atol=1e-4, rtol=0),
     )
     fields.update(overrides)
     m = Manifest(**fields)  # type: ignore[arg-type]
@@ -112,7 +136,9 @@ def test_changing_any_byte_is_detected(tmp_path: Path, keys: tuple[Path, Path]) 
     bad = tmp_path / "bad.efa"
     # Every byte of the first 4 KiB (headers, manifest, signature) and a stride through the rest,
     # padding and end-of-archive blocks included.
-    positions = sorted(set(range(0, min(4096, len(good)))) | set(range(4096, len(good), 97)) | {len(good) - 1})
+    positions = sorted(
+        set(range(0, min(4096, len(good)))) | set(range(4096, len(good), 97)) | {len(good) - 1}
+    )
     for pos in positions:
         data = bytearray(good)
         data[pos] ^= 0x01
@@ -142,7 +168,9 @@ def _rewrite(art: Path, out: Path, mutate: object) -> Path:
     return out
 
 
-@pytest.mark.parametrize("case", ["traversal", "absolute", "symlink", "extra", "unsigned", "resigned_manifest"])
+@pytest.mark.parametrize(
+    "case", ["traversal", "absolute", "symlink", "extra", "unsigned", "resigned_manifest"]
+)
 def test_malformed_tars_are_refused(tmp_path: Path, keys: tuple[Path, Path], case: str) -> None:
     art = make_artifact(tmp_path, keys[0])
 
@@ -181,7 +209,9 @@ def test_manifest_rejects_unknown_fields_and_bad_versions() -> None:
 
 @settings(max_examples=50)
 @given(st.binary(max_size=2048))
-def test_arbitrary_bytes_never_crash_the_verifier(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:
+def test_arbitrary_bytes_never_crash_the_verifier(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes
+) -> None:
     p = tmp_path_factory.mktemp("fuzz") / "x.efa"
     p.write_bytes(data)
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

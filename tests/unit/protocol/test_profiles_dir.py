@@ -11,7 +11,9 @@ from agent.protocol.profile import SHIPPED_PROFILES_DIR, default_profiles_dir, l
 from tests.conftest import ROOT
 
 
-def test_shipped_profiles_are_found_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shipped_profiles_are_found_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("EDGEFLEET_PROFILES", raising=False)
     monkeypatch.chdir(tmp_path)
     assert default_profiles_dir() == SHIPPED_PROFILES_DIR

@@ -47,15 +47,20 @@ def test_other_pem_files_are_refused_with_one_line(tmp_path: Path, keys: tuple[P
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    ec_pub = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    ec_pub = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     good = keys[1].read_bytes()
     cases = {
         "ec.pub": (ec_pub, "not an ed25519 public key"),
         "private.pub": (keys[0].read_bytes(), "no BEGIN PUBLIC KEY block"),
         "base64.pub": (good.replace(b"MCow", b"M*ow"), "bad base64"),
-        "short.pub": (b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n",
-                      "not an ed25519 public key"),
+        "short.pub": (
+            b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n",
+            "not an ed25519 public key",
+        ),
     }
     for name, (data, msg) in cases.items():
         (tmp_path / name).write_bytes(data)
@@ -69,7 +74,9 @@ def test_other_pem_files_are_refused_with_one_line(tmp_path: Path, keys: tuple[P
     assert read_trusted_key(tmp_path / "crlf.pub") == read_trusted_key(keys[1])
 
 
-def test_agent_start_imports_no_cryptography_until_it_verifies(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+def test_agent_start_imports_no_cryptography_until_it_verifies(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
     """What the running agent imports at start (its RSS counts it); cryptography comes on first use."""
     code = f"""
 import sys
@@ -88,7 +95,12 @@ except Exception as exc:
     print(type(exc).__name__)
 assert "cryptography" in sys.modules
 """
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "agent.toml")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "agent.toml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "IntegrityError"
