@@ -9,8 +9,8 @@ v2 endpoint, so telemetry carries latency and no request is seen failing across 
 Every process it starts has its own process group and is stopped on exit, Ctrl-C or SIGTERM (and,
 on Linux, if the demo itself dies).
 
-The one place the fleet imports the builder (lazily, in build_artifacts and make_broken): the
-demo builds the digits example itself. `edgefleet demo` therefore needs `edgefleet[builder]`;
+The one place the fleet imports the builder (lazily, in fleet/demo_artifacts.py): the demo
+builds the digits example itself. `edgefleet demo` therefore needs `edgefleet[builder]`;
 every other fleet command runs with `edgefleet[fleet]` alone (docs/architecture.md).
 """
 
@@ -23,132 +23,21 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from agent.errors import EdgefleetError, UsageError
 from agent.protocol import topics
 from fleet.appload import AppLoad
+from fleet.demo_artifacts import PROFILES, build_artifacts, digits_work, make_broken
 from fleet.localfleet import Procs, free_port, start_broker
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = ".edgefleet-demo"
-PROFILES = ("x86-ipc", "generic-cpu")
-# Only the fast candidates: the demo shows the fleet loop, `python3 -m examples.digits` the full search.
-DEMO_CANDIDATES = {"x86-ipc": ["int8_static"], "generic-cpu": ["fp32"]}
 # The application load: modest and bounded (requests per second per device, seconds at most).
 APP_RATE, APP_MAX_S = 25.0, 300.0
-
-
-# ------------------------------------------------------------------------------ artifacts
-
-
-def digits_work(say: Callable[[str], None]) -> Path:
-    """examples/digits prepared (data, trained CNN, signing key); its work directory."""
-    sys.path.insert(0, str(REPO))
-    try:
-        from examples.digits.prepare import WORK, prepare
-    except ImportError:
-        raise UsageError(
-            f"the demo builds examples/digits from the source tree, not found under {REPO} "
-            "(install with pip install -e from a checkout)"
-        ) from None
-    if not (WORK / "digits_cnn.pt").exists():
-        say("  first run: training the digits CNN (scikit-learn's bundled data, fixed seed)...")
-    prepare(quiet=True)
-    return WORK
-
-
-def build_artifacts(
-    out: Path,
-    cache: Path,
-    work: Path,
-    say: Callable[[str], None],
-    version: str = "1.0.0",
-    profiles: tuple[str, ...] = PROFILES,
-) -> dict[str, Path]:
-    """The digits example as ``version`` for ``profiles``, signed with the example's key."""
-    from agent.protocol.profile import get_profile
-    from agent.protocol.signing import load_private_key
-    from builder.config import load_build_config
-    from builder.search import Builder
-
-    cfg = load_build_config(REPO / "examples" / "digits" / "edgefleet.toml").model_copy(
-        update={"version": version}
-    )
-    builder = Builder(cfg, load_private_key(work / "keys" / "edgefleet.key"), cache)
-    arts: dict[str, Path] = {}
-    for name in profiles:
-        prof = get_profile(name, REPO / "device_profiles")
-        prof = prof.model_copy(
-            update={"build": prof.build.model_copy(update={"candidates": DEMO_CANDIDATES[name]})}
-        )
-        t0 = time.monotonic()
-        res = builder.build_profile(prof, out)
-        if res.artifact is None:
-            from builder.search import no_fit_error
-
-            raise no_fit_error(res)
-        say(
-            f"  built {res.artifact.name} ({res.artifact.stat().st_size / 1024:.0f} KB, "
-            f"{DEMO_CANDIDATES[name][0]}) in {time.monotonic() - t0:.1f}s"
-        )
-        arts[name] = res.artifact
-    return arts
-
-
-def make_broken(good: Path, out: Path, key: Path, version: str) -> Path:
-    """``good`` repackaged as ``version`` with golden vectors that do not match the model, signed
-    through the builder's own packaging: every signature and hash is valid, the self-test is not."""
-    import tarfile
-    from dataclasses import replace
-
-    import numpy as np
-
-    from agent.protocol.golden import GoldenCase, GoldenSet
-    from agent.protocol.manifest import MANIFEST_NAME, parse_manifest
-    from agent.protocol.signing import load_private_key
-    from builder.package import file_entry, write_artifact
-
-    work = Path(tempfile.mkdtemp(prefix=".broken-", dir=out))
-    try:
-        with tarfile.open(good, "r:") as tar:
-            fh = tar.extractfile(MANIFEST_NAME)
-            assert fh is not None
-            m = parse_manifest(json.loads(fh.read()), good.name)
-            files: dict[str, Path] = {}
-            for name in m.files:
-                src = tar.extractfile(name)
-                assert src is not None
-                files[name] = work / name
-                files[name].write_bytes(src.read())
-        g = GoldenSet.load(files[m.golden.file])
-        # Every case's expected outputs off by 5: the self-test fails however many cases there are.
-        off = [
-            GoldenCase(
-                c.inputs,
-                c.reference,
-                {k: np.asarray(v, np.float32) + np.float32(5.0) for k, v in c.expected.items()},
-            )
-            for c in g.cases
-        ]
-        (replace(g, expected=off[0].expected, more=off[1:])).save(files[m.golden.file])
-        entries = {n: file_entry(p) for n, p in files.items()}
-        broken = m.model_copy(
-            update={
-                "version": version,
-                "files": entries,
-                "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            }
-        )
-        dest = out / f"{m.name}-{version}-{m.profile}-broken.efa"
-        return write_artifact(dest, broken, files, load_private_key(key))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def agent_config(run: Path, device: str, profile: str, url: str, pub: Path, port: int) -> Path:

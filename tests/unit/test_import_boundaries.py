@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 
 SHARED_CORE = {"agent", "agent.errors", "agent.clikit", "agent.broker", "agent.htmlkit"}
 AGENT_PUBLIC = ("agent.protocol", "agent.runtime")
-FLEET_MAY_IMPORT_BUILDER = {"fleet/demo.py"}
+FLEET_MAY_IMPORT_BUILDER = {"fleet/demo_artifacts.py"}
 
 
 def _imports(package: str) -> dict[str, set[str]]:
