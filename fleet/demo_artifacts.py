@@ -18,7 +18,7 @@ from agent.errors import UsageError
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = ("x86-ipc", "generic-cpu")
 # Only the fast candidates: the demo shows the fleet loop, `python3 -m examples.digits` the full search.
-DEMO_CANDIDATES = {"x86-ipc": ["int8_static"], "generic-cpu": ["fp32"]}
+DEMO_CANDIDATES = {"x86-ipc": ("int8_static",), "generic-cpu": ("fp32",)}
 
 
 # ------------------------------------------------------------------------------ artifacts
