@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -80,10 +81,12 @@ def demo_cmd(out: Path, n_devices: int, broker_impl: str, as_json: bool) -> None
         summary = run_demo(out, n_devices, broker_impl, say)
     except EdgefleetError:
         if stopping.is_set():  # an error caused by the interrupt: report the interrupt
-            raise KeyboardInterrupt from None
+            _exit_interrupted()
         raise
+    except KeyboardInterrupt:
+        _exit_interrupted()
     if stopping.is_set():
-        raise KeyboardInterrupt
+        _exit_interrupted()
     if as_json:
         click.echo(json.dumps(summary))
         return
@@ -120,3 +123,13 @@ def demo_cmd(out: Path, n_devices: int, broker_impl: str, as_json: bool) -> None
     for name, r in summary["rollouts"].items():
         click.echo(f"rollout {name}: {r['phase']}" + (f" - {r['reason']}" if r["reason"] else ""))
     click.echo(f"report: {summary['report']}")
+
+
+def _exit_interrupted() -> NoReturn:
+    """Exit 130 now that run_demo's cleanup has stopped every process. Not through the normal
+    interpreter shutdown: a late signal (a second Ctrl-C, or SIGTERM from a supervisor) arriving
+    after Python restored the default handlers killed the demo with -2 instead of 130."""
+    click.echo("interrupted", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
