@@ -21,7 +21,11 @@ def test_client_follows_the_config() -> None:
     )
     c = make_client(cfg, "dev-1", max_inflight=7)
     assert c.callback_api_version == CallbackAPIVersion.VERSION2
-    assert c.protocol == MQTTProtocolVersion.MQTTv5
+    try:
+        proto = c.protocol
+    except RecursionError:  # paho-mqtt 2.0.0's Client.protocol getter calls itself (our floor)
+        proto = c._protocol
+    assert proto == MQTTProtocolVersion.MQTTv5
     assert c.username == "alice" and c.password == "pw"
     assert c.max_inflight_messages == 7
 
