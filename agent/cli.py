@@ -77,6 +77,7 @@ def check_config_cmd(config: Path, as_json: bool) -> None:
 
     cfg, policy = _load(config)
     assert isinstance(cfg, AgentConfig) and isinstance(policy, Policy)
+    policy.trust.verify_now()  # the provisioned trust document's signature, against root_key
     found = policy.device.runtimes
     missing = [r for r in policy.runtimes if r not in found]
     if as_json:
@@ -89,6 +90,7 @@ def check_config_cmd(config: Path, as_json: bool) -> None:
                     "profile": cfg.profile,
                     "broker": cfg.broker.url,
                     "keys": len(policy.keys),
+                    "trust_version": policy.trust.version,
                     "runtimes_accepted": list(policy.runtimes),
                     "runtimes_found": found,
                     "profile_runtime": policy.profile_runtime,
@@ -121,7 +123,7 @@ def check_config_cmd(config: Path, as_json: bool) -> None:
     if not as_json:
         click.echo(
             f"OK {config}: device {cfg.device_id}, profile {cfg.profile}, broker {cfg.broker.url}, "
-            f"{len(policy.keys)} trusted key(s), runtimes {', '.join(policy.runtimes) or 'none'}, "
+            f"trust document v{policy.trust.version} ({len(policy.keys)} release key(s)), runtimes {', '.join(policy.runtimes) or 'none'}, "
             f"max p95 {policy.max_p95_ms:g} ms"
         )
 

@@ -68,7 +68,11 @@ class AgentConfig(_Strict):
     profile: str
     groups: list[str] = []
     state_dir: Path
-    trusted_keys: list[Path] = Field(min_length=1)
+    # The pinned root public key (PEM): it verifies the trust document, which names the release
+    # keys (artifacts) and operator keys (deployments, commands). See docs/security.md.
+    root_key: Path
+    # The trust document this device is provisioned with; newer ones arrive on edgefleet/v1/trust.
+    trust_file: Path | None = None
     keep_versions: int = Field(default=2, ge=0, le=100)
     threads: int = Field(default=1, ge=1, le=512)
     # Runtimes this device accepts; empty: the profile's runtime, else every runtime installed.
@@ -113,7 +117,13 @@ def _resolve(base: Path, p: Path | None) -> Path | None:
 
 def load_config(path: Path) -> AgentConfig:
     """Read and validate; relative paths are relative to the config file's directory."""
-    cfg = parse_model(AgentConfig, load_toml(path), str(path))
+    raw = load_toml(path)
+    if "trusted_keys" in raw:
+        raise ConfigError(
+            f"{path}: trusted_keys: replaced by root_key and trust_file (the root-signed trust "
+            "document names the release and operator keys; see docs/security.md)"
+        )
+    cfg = parse_model(AgentConfig, raw, str(path))
     base = path.resolve().parent
     broker = cfg.broker.model_copy(
         update={
@@ -125,7 +135,8 @@ def load_config(path: Path) -> AgentConfig:
     cfg = cfg.model_copy(
         update={
             "state_dir": _resolve(base, cfg.state_dir),
-            "trusted_keys": [_resolve(base, k) for k in cfg.trusted_keys],
+            "root_key": _resolve(base, cfg.root_key),
+            "trust_file": _resolve(base, cfg.trust_file),
             "profiles_dir": _resolve(base, cfg.profiles_dir),
             "broker": broker,
             "serve": cfg.serve.model_copy(
@@ -139,9 +150,10 @@ def load_config(path: Path) -> AgentConfig:
             ),
         }
     )
-    for i, key in enumerate(cfg.trusted_keys):
-        if not key.is_file():
-            raise ConfigError(f"{path}: trusted_keys.{i}: file not found ({key})")
+    for name in ("root_key", "trust_file"):
+        f = getattr(cfg, name)
+        if f is not None and not f.is_file():
+            raise ConfigError(f"{path}: {name}: file not found ({f})")
     for name in ("ca_file", "cert_file", "key_file"):
         f = getattr(cfg.broker, name)
         if f is not None and not f.is_file():

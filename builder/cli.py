@@ -1,4 +1,4 @@
-"""The builder's commands (profiles, passes, keys, build, inspect); the `edgefleet` command
+"""The builder's commands (profiles, passes, build, inspect); the `edgefleet` command
 (agent/clikit.py) gathers them with the fleet's."""
 
 from __future__ import annotations
@@ -143,38 +143,6 @@ def passes_cmd(name: str | None, as_json: bool) -> None:
                 click.echo(f"    {o['name']:28} {o['type']:40} {dflt}")
     if not name:
         click.echo("\n`edgefleet passes NAME` shows a pass's options.")
-
-
-# ---------------------------------------------------------------- keys
-
-
-@cli.group("keys")
-def keys_grp() -> None:
-    """Manage the ed25519 keys that sign artifacts."""
-
-
-@keys_grp.command("generate")
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path),
-    default=Path("keys"),
-    show_default=True,
-    help="Directory to write NAME.key (private, mode 0600) and NAME.pub into.",
-)
-@click.option("--name", default="edgefleet", show_default=True, help="Base name of the key files.")
-@click.option("--force", is_flag=True, help="Replace existing key files.")
-def keys_generate(out_dir: Path, name: str, force: bool) -> None:
-    """Create a signing key pair. Give the .pub file to every agent, keep the .key secret."""
-    from agent.protocol.signing import generate_keypair, key_id, load_public_key
-
-    try:
-        priv, pub = generate_keypair(out_dir, name, force)
-    except PermissionError as exc:
-        raise UsageError(f"{out_dir}: cannot write keys ({exc.strerror})") from None
-    click.echo(
-        f"private key: {priv}\npublic key:  {pub}\nkey id:      {key_id(load_public_key(pub))}"
-    )
 
 
 # ---------------------------------------------------------------- build

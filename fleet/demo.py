@@ -33,6 +33,7 @@ from agent.protocol import topics
 from fleet.appload import AppLoad
 from fleet.demo_artifacts import PROFILES, build_artifacts, digits_work, make_broken
 from fleet.localfleet import Procs, free_port, start_broker
+from fleet.trust import Operator, RootSetup, provision
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = ".edgefleet-demo"
@@ -40,7 +41,9 @@ MARKER = ".edgefleet-demo"
 APP_RATE, APP_MAX_S = 25.0, 300.0
 
 
-def agent_config(run: Path, device: str, profile: str, url: str, pub: Path, port: int) -> Path:
+def agent_config(
+    run: Path, device: str, profile: str, url: str, trust: RootSetup, port: int
+) -> Path:
     """The agent's config: short telemetry interval, its v2 endpoint on its own loopback port."""
     d = run / "devices" / device
     d.mkdir(parents=True, exist_ok=True)
@@ -48,7 +51,8 @@ def agent_config(run: Path, device: str, profile: str, url: str, pub: Path, port
 profile = "{profile}"
 groups = ["{profile}"]
 state_dir = "{d / "state"}"
-trusted_keys = ["{pub}"]
+root_key = "{trust.root_pub}"
+trust_file = "{trust.trust}"
 keep_versions = 2
 threads = 1
 profiles_dir = "{REPO / "device_profiles"}"
@@ -219,9 +223,13 @@ def run_demo(
         )
         work = digits_work(say)
         key, pub = work / "keys" / "edgefleet.key", work / "keys" / "edgefleet.pub"
+        # A root of trust for this run: the example's key releases, an operator key deploys.
+        trust = provision(run / "keys", [pub])
+        assert trust.operator_key is not None
+        signer = Operator(trust.operator_key)
         ports = {dev: free_port() for dev in devices}
         for dev, prof in devices.items():
-            procs.start(dev, _agent_argv(agent_config(run, dev, prof, url, pub, ports[dev])))
+            procs.start(dev, _agent_argv(agent_config(run, dev, prof, url, trust, ports[dev])))
         # the devices' application: readiness probes until a model is active, then v2 infer requests
         app = AppLoad(ports, work / "eval.npz", rate=APP_RATE, max_seconds=APP_MAX_S).start()
         say(
@@ -246,7 +254,15 @@ def run_demo(
             canary = "1" if len(members) > 1 else None
             with RolloutDisplay(f"group {prof}", live=live) as show:
                 ro = staged_rollout(
-                    cfg, spec, prof, canary, gate=gate, wait=True, timeout=90, on_change=show
+                    cfg,
+                    spec,
+                    prof,
+                    canary,
+                    signer,
+                    gate=gate,
+                    wait=True,
+                    timeout=90,
+                    on_change=show,
                 )
             results[f"{spec} to group {prof}"] = ro.summary()
             if ro.phase != "done":
@@ -279,7 +295,14 @@ def run_demo(
         )
         with RolloutDisplay(f"group {PROFILES[0]}", live=live) as show:
             bad = staged_rollout(
-                cfg, "digits@1.1.0", PROFILES[0], "1", gate=gate, timeout=90, on_change=show
+                cfg,
+                "digits@1.1.0",
+                PROFILES[0],
+                "1",
+                signer,
+                gate=gate,
+                timeout=90,
+                on_change=show,
             )
         results[f"digits@1.1.0 to group {PROFILES[0]}"] = bad.summary()
         if bad.phase != "halted":

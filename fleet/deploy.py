@@ -1,4 +1,4 @@
-"""Set the desired deployment of a device or a group (a retained message).
+"""Set the desired deployment of a device or a group (a retained, operator-signed envelope).
 
 NAME@VERSION is resolved to an artifact sha256 through the retained index the publisher keeps
 at edgefleet/v1/artifacts/index/NAME/VERSION/PROFILE. When several profiles exist, the one
@@ -18,8 +18,17 @@ from agent.broker import BrokerConfig
 from agent.errors import UsageError
 from agent.protocol import topics
 from agent.protocol.manifest import VERSION_RE
-from agent.protocol.messages import Deployment, IndexEntry, MessageError, decode, encode
+from agent.protocol.messages import (
+    MAX_ANNOUNCEMENT_BYTES,
+    ArtifactAnnouncement,
+    Deployment,
+    IndexEntry,
+    MessageError,
+    decode,
+)
+from agent.protocol.trust import Target
 from fleet.mqtt import SyncClient
+from fleet.trust import Operator
 
 LOOKUP_TRIES = 3
 SPEC_RE = re.compile(r"^([a-z0-9][a-z0-9._-]{0,62})@(\S+)$")
@@ -91,9 +100,60 @@ def resolve(
     return found[profile]
 
 
+def chunk_digest(c: SyncClient, entry: IndexEntry) -> str:
+    """The chunk table digest a deployment signs: from the index entry, else the announcement."""
+    if entry.chunks_sha256 is not None:
+        return entry.chunks_sha256
+    payload = c.retained_one(topics.artifact_manifest(entry.sha256), limit=5.0)
+    if payload is None:
+        raise UsageError(
+            f"{entry.name}@{entry.version} ({entry.sha256[:16]}) has no announcement on "
+            f"{c.cfg.url}: publish it again"
+        )
+    try:
+        return decode(ArtifactAnnouncement, payload, MAX_ANNOUNCEMENT_BYTES).table_digest()
+    except MessageError as exc:
+        raise UsageError(
+            f"the announcement of {entry.name}@{entry.version} is invalid: {exc}"
+        ) from None
+
+
+def desired(c: SyncClient, entry: IndexEntry) -> Deployment:
+    """The desired state for the published ``entry``: what it is and its signed size and table."""
+    return Deployment(
+        name=entry.name,
+        version=entry.version,
+        sha256=entry.sha256,
+        size=entry.size,
+        chunks_sha256=chunk_digest(c, entry),
+        profile=entry.profile,
+        deployed_at=now_iso(),
+    )
+
+
+def publish_desired(
+    c: SyncClient, operator: Operator, target: Target, dep: Deployment | None
+) -> str:
+    """Seal ``dep`` for ``target`` and retain it on the target's deployment topic (``None``
+    clears it: the device or group then follows nothing, or its group's deployment)."""
+    topic = (
+        topics.device_topic(target.device, "deployment")
+        if target.device is not None
+        else topics.group_deployment(target.group or "")
+    )
+    payload = (
+        b""
+        if dep is None
+        else operator.deployment(target, dep.model_dump(mode="json", exclude_none=True))
+    )
+    c.publish(topic, payload, retain=True)
+    return topic
+
+
 def deploy(
     broker: BrokerConfig,
     spec: str,
+    operator: Operator,
     device: str | None = None,
     group: str | None = None,
     profile: str | None = None,
@@ -103,25 +163,17 @@ def deploy(
         raise UsageError("give exactly one of --device ID or --group G")
     name, version = parse_spec(spec)
     try:
-        topic = (
-            topics.device_topic(device, "deployment")
-            if device
-            else topics.group_deployment(group or "")
-        )
+        target = Target(device=device, group=group)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(
+            f"invalid {'device id' if device else 'group'}: {str(exc).splitlines()[-1].strip()}"
+        ) from None
     own = client is None
     c = client or SyncClient(broker).__enter__()
     try:
         entry = resolve(c, name, version, profile, device, group)
-        dep = Deployment(
-            name=name,
-            version=version,
-            sha256=entry.sha256,
-            profile=entry.profile,
-            deployed_at=now_iso(),
-        )
-        c.publish(topic, encode(dep), retain=True)
+        dep = desired(c, entry)
+        topic = publish_desired(c, operator, target, dep)
         c.flush()
         warnings = () if group is None else _unfollowed(c, group)
     finally:

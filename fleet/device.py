@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -21,9 +22,9 @@ from agent.protocol.messages import (
     CommandResult,
     MessageError,
     decode,
-    encode,
 )
 from fleet.mqtt import SyncClient, connect
+from fleet.trust import Operator
 
 CONNECT_TRIES = 3
 
@@ -41,8 +42,11 @@ def _device_online(c: SyncClient, device: str) -> str:
     return "it has never reported a state on this broker"
 
 
-def send_command(cfg: BrokerConfig, device: str, cmd: Command, timeout: float) -> CommandResult:
-    """Publish ``cmd`` on the device's cmd topic and wait for the result with the same id."""
+def send_command(
+    cfg: BrokerConfig, device: str, cmd: Command, timeout: float, operator: Operator
+) -> CommandResult:
+    """Seal ``cmd`` with the operator key, publish it on the device's cmd topic and wait for
+    the result with the same id."""
     try:
         cmd_topic = topics.device_topic(device, "cmd")
         result_topic = topics.device_topic(device, "cmd/result")
@@ -51,7 +55,8 @@ def send_command(cfg: BrokerConfig, device: str, cmd: Command, timeout: float) -
     c = connect(cfg, CONNECT_TRIES, timeout=5.0)
     try:
         answers = c.listen([(result_topic, 1)], wait=True)
-        c.publish(cmd_topic, encode(cmd), retain=False)
+        body = cmd.model_dump(mode="json", exclude_none=True)
+        c.publish(cmd_topic, operator.command(device, body), retain=False)
         c.flush()
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
@@ -73,19 +78,32 @@ def send_command(cfg: BrokerConfig, device: str, cmd: Command, timeout: float) -
         c.close()
 
 
-def resolve_sha(cfg: BrokerConfig, device: str, name: str, version: str) -> str:
-    """deploy without --sha256: the published artifact of NAME@VERSION for the device's profile."""
-    from fleet.deploy import resolve
+def deploy_fields(
+    cfg: BrokerConfig, device: str, name: str, version: str, sha256: str | None
+) -> dict[str, Any]:
+    """A deploy command's sha256, size and chunk table digest: the published artifact of
+    NAME@VERSION for the device's profile (which must be ``sha256`` when one is given)."""
+    from fleet.deploy import chunk_digest, resolve
 
     c = connect(cfg, CONNECT_TRIES, timeout=5.0)
     try:
-        return resolve(c, name, version, None, device, None).sha256
+        entry = resolve(c, name, version, None, device, None)
+        if sha256 is not None and sha256 != entry.sha256:
+            raise UsageError(
+                f"{name}@{version} for this device is published as {entry.sha256[:16]}, "
+                f"not {sha256[:16]}"
+            )
+        return {"sha256": entry.sha256, "size": entry.size, "chunks_sha256": chunk_digest(c, entry)}
     finally:
         c.close()
 
 
 def build_command(
-    op: str, version: str | None, runs: int | None, name: str | None, sha256: str | None
+    op: str,
+    version: str | None,
+    runs: int | None,
+    name: str | None,
+    deploy: dict[str, Any] | None = None,
 ) -> Command:
     try:
         return Command(
@@ -94,7 +112,7 @@ def build_command(
             version=version,
             runs=runs,
             name=name,
-            sha256=sha256,
+            **(deploy or {}),
         )
     except ValidationError as exc:
         e = exc.errors()[0]

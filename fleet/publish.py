@@ -166,6 +166,7 @@ def publish_artifact(
             sha256=ann.sha256,
             size=ann.size,
             published=ann.published,
+            chunks_sha256=ann.table_digest(),
         )
         heads = {
             topics.artifact_manifest(ann.sha256): encode(ann),

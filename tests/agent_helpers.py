@@ -90,8 +90,109 @@ class Keys:
 
 
 def make_keys(directory: Path, name: str = "test") -> Keys:
+    """A release key pair (signs artifacts); agents trust it through ``trust_for``."""
     priv, pub = generate_keypair(directory, name, force=True)
     return Keys(priv, pub)
+
+
+# ------------------------------------------------------------------------------ trust
+
+_TEST_ROOT: Path | None = None
+
+
+def trust_root() -> Path:
+    """One root and operator key pair for the whole test process (root.key/.pub, operator.key/
+    .pub); every agent a test starts pins this root. Created on first use, removed at exit."""
+    global _TEST_ROOT
+    if _TEST_ROOT is None:
+        import atexit
+        import tempfile
+
+        d = Path(tempfile.mkdtemp(prefix="edgefleet-test-root-"))
+        atexit.register(shutil.rmtree, d, True)
+        generate_keypair(d, "root", force=True)
+        generate_keypair(d, "operator", force=True)
+        _TEST_ROOT = d
+    return _TEST_ROOT
+
+
+def trust_for(release_pubs: list[Path], directory: Path, version: int = 2) -> Path:
+    """A trust document signed by the test root that lists ``release_pubs`` and the test
+    operator key; written to DIRECTORY/trust.json."""
+    from agent.protocol.signing import read_trusted_key
+    from agent.protocol.trust import format_time, public_b64
+    from fleet.trust import DAY, KEY_DAYS, TRUST_DAYS, _entry, _write
+
+    root = trust_root()
+    rpub = read_trusted_key(root / "root.pub")
+    keys: dict[str, Any] = {}
+    for role, pubs in (("release", release_pubs), ("operator", [root / "operator.pub"])):
+        for pub in pubs:
+            tk = read_trusted_key(pub)
+            keys[tk.key_id] = _entry(tk, role, KEY_DAYS, pub.stem)
+    now = time.time()
+    signed = {
+        "type": "edgefleet-trust",
+        "version": version,
+        "issued": format_time(now),
+        "expires": format_time(now + TRUST_DAYS * DAY),
+        "root_keys": {rpub.key_id: public_b64(rpub)},
+        "keys": keys,
+        "revoked": [],
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "trust.json"
+    _write(path, signed, [load_private_key(root / "root.key")])
+    return path
+
+
+def operator() -> Any:
+    """The test operator: signs deployments and commands every test agent accepts."""
+    from fleet.trust import Operator
+
+    return Operator(trust_root() / "operator.key")
+
+
+def sealed_deployment(device: str | None, dep: Any, group: str | None = None) -> bytes:
+    from agent.protocol.trust import Target
+
+    return operator().deployment(
+        Target(device=device, group=group), dep.model_dump(mode="json", exclude_none=True)
+    )
+
+
+def sealed_for(
+    announcement: bytes,
+    name: str,
+    version: str,
+    device: str | None = None,
+    group: str | None = None,
+    deployed_at: str = "",
+) -> bytes:
+    """A signed deployment of the artifact an announcement payload describes (as the fleet's
+    deploy makes it: size and chunk table digest from the announcement)."""
+    from agent.protocol.messages import (
+        MAX_ANNOUNCEMENT_BYTES,
+        ArtifactAnnouncement,
+        Deployment,
+        decode,
+    )
+
+    ann = decode(ArtifactAnnouncement, announcement, MAX_ANNOUNCEMENT_BYTES)
+    dep = Deployment(
+        name=name,
+        version=version,
+        sha256=ann.sha256,
+        size=ann.size,
+        chunks_sha256=ann.table_digest(),
+        deployed_at=deployed_at,
+    )
+    return sealed_deployment(device, dep, group)
+
+
+def sealed_command(device: str, cmd: Any) -> bytes:
+    body = cmd if isinstance(cmd, dict) else cmd.model_dump(mode="json", exclude_none=True)
+    return bytes(operator().command(device, body))
 
 
 def make_artifact(
@@ -514,7 +615,8 @@ def write_config(
         f'profile = "{profile}"',
         f"groups = {json.dumps(list(groups))}",
         f'state_dir = "{state_dir}"',
-        f"trusted_keys = {json.dumps([str(k) for k in keys])}",
+        f'root_key = "{trust_root() / "root.pub"}"',
+        f'trust_file = "{trust_for(keys, path.parent / "trust")}"',
         f"keep_versions = {keep_versions}",
         f"runtimes = {json.dumps(list(runtimes))}",
         'log_level = "debug"',
@@ -580,7 +682,9 @@ def deploy(broker_url: str, spec: str, device: str | None = None, group: str | N
     from fleet.deploy import deploy as _deploy
     from fleet.mqtt import broker_config
 
-    return _deploy(broker_config(broker_url), spec, device=device, group=group).deployment.sha256
+    return _deploy(
+        broker_config(broker_url), spec, operator(), device=device, group=group
+    ).deployment.sha256
 
 
 def active_sha(state_dir: Path) -> str | None:
@@ -591,14 +695,32 @@ def active_sha(state_dir: Path) -> str | None:
 
 
 def set_deployment(broker_url: str, device: str, name: str, version: str, sha: str) -> None:
-    """Publish a raw retained device deployment (bypassing the index lookup)."""
+    """Publish a signed retained device deployment of artifact ``sha`` under any name and
+    version (bypassing the index lookup; size and chunk table come from its announcement)."""
     from agent.protocol import topics
-    from agent.protocol.messages import Deployment, encode
+    from agent.protocol.messages import (
+        MAX_ANNOUNCEMENT_BYTES,
+        ArtifactAnnouncement,
+        Deployment,
+        decode,
+    )
     from fleet.mqtt import SyncClient, broker_config
 
-    dep = Deployment(name=name, version=version, sha256=sha, deployed_at=str(time.time_ns()))
     with SyncClient(broker_config(broker_url)) as c:
-        c.publish(topics.device_topic(device, "deployment"), encode(dep), retain=True)
+        payload = c.retained_one(topics.artifact_manifest(sha), limit=5.0)
+        assert payload is not None, f"artifact {sha[:16]} is not published"
+        ann = decode(ArtifactAnnouncement, payload, MAX_ANNOUNCEMENT_BYTES)
+        dep = Deployment(
+            name=name,
+            version=version,
+            sha256=sha,
+            size=ann.size,
+            chunks_sha256=ann.table_digest(),
+            deployed_at=str(time.time_ns()),
+        )
+        c.publish(
+            topics.device_topic(device, "deployment"), sealed_deployment(device, dep), retain=True
+        )
         c.flush()
 
 

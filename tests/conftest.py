@@ -35,6 +35,19 @@ def _hypothesis_profiles() -> None:
 _hypothesis_profiles()
 
 
+def _operator_env() -> None:
+    """The test operator key for `edgefleet deploy`/`device cmd` run as subprocesses by tests
+    (the agents the tests start trust it: tests/agent_helpers.py trust_root)."""
+    try:
+        from tests.agent_helpers import trust_root
+    except ImportError:  # an environment without numpy/onnx helpers
+        return
+    os.environ.setdefault("EDGEFLEET_OPERATOR_KEY", str(trust_root() / "operator.key"))
+
+
+_operator_env()
+
+
 @dataclass
 class DigitsProject:
     dir: Path

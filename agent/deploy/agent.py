@@ -27,7 +27,8 @@ from agent.deploy.outbox import Outbox, log
 from agent.deploy.policy import Policy
 from agent.protocol import topics
 from agent.protocol.golden import GoldenSet
-from agent.protocol.messages import Deployment, MessageError, decode
+from agent.protocol.messages import MAX_CONTROL_BYTES, Deployment, MessageError
+from agent.protocol.trust import Target, TrustError
 from agent.runtime import InferenceSession
 from agent.serve.holder import SessionHolder
 from agent.serve.local import Arrays, LocalModel
@@ -119,10 +120,15 @@ class Agent:
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self.installer.recover()
+        self.enforce_trust()
         self.t.set_will(
             Will(topics.device_topic(self.dev, "state"), self.out.state_payload(online=False))
         )
-        base = [topics.device_topic(self.dev, "deployment"), topics.device_topic(self.dev, "cmd")]
+        base = [
+            topics.trust(),
+            topics.device_topic(self.dev, "deployment"),
+            topics.device_topic(self.dev, "cmd"),
+        ]
         base += [topics.group_deployment(g) for g in self.cfg.groups]
         self.t.subscribe(base)
         self.t.start(self._enqueue_message, self._enqueue_connect)
@@ -211,13 +217,17 @@ class Agent:
         job = self.fetcher.job
         if t is None:
             self.out.bad(topic, "not an edgefleet topic")
+        elif t.kind == "trust":
+            self._on_trust(topic, payload)
         elif t.kind == "device_deployment" and t.device == self.dev:
-            self.desired_device = self._deployment(topic, payload, self.desired_device)
+            self.desired_device = self._deployment(
+                topic, payload, self.desired_device, Target(device=self.dev)
+            )
             self.reconcile()
         elif t.kind == "group_deployment" and t.group in self.cfg.groups:
             assert t.group is not None
             self.desired_groups[t.group] = self._deployment(
-                topic, payload, self.desired_groups.get(t.group)
+                topic, payload, self.desired_groups.get(t.group), Target(group=t.group)
             )
             self.reconcile()
         elif t.kind == "manifest":
@@ -235,14 +245,26 @@ class Agent:
         else:
             self.out.bad(topic, "a topic this agent does not handle")
 
-    def _deployment(self, topic: str, payload: bytes, old: Deployment | None) -> Deployment | None:
+    def _deployment(
+        self, topic: str, payload: bytes, old: Deployment | None, target: Target
+    ) -> Deployment | None:
+        """The desired deployment a signed envelope sets, or ``old`` when it is refused."""
         if not payload:
-            return None  # retained deployment cleared
+            return None  # retained deployment cleared: nothing new is installed
+        channel = topic  # one counter per deployment topic (this device's, each group's)
         try:
-            dep = decode(Deployment, payload)
-        except MessageError as exc:
+            env, new = self.policy.trust.open(
+                payload, "deployment", target, channel, MAX_CONTROL_BYTES
+            )
+            dep = Deployment.model_validate(env.signed.body)
+        except (TrustError, MessageError) as exc:
             self.out.bad(topic, str(exc))
             return old
+        except ValueError as exc:  # pydantic's ValidationError
+            self.out.bad(topic, f"deployment body: {str(exc).splitlines()[-1].strip()}")
+            return old
+        if new:
+            self.policy.trust.commit(channel, env)
         if dep.profile is not None and dep.profile != self.cfg.profile:
             # A refused message, not a step of the machine: whatever is in flight goes on.
             self.out.event(
@@ -257,6 +279,48 @@ class Agent:
             del self.rejected[dep.sha256]  # a new deployment of a rejected artifact tries again
             self.file.save()
         return dep
+
+    # -- trust -------------------------------------------------------------------------------------
+    def _on_trust(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained document changes nothing: the device keeps the one it holds
+        try:
+            changed = self.policy.trust.update(payload)
+        except TrustError as exc:
+            self.out.bad(topic, str(exc))
+            return
+        if changed:
+            doc = self.policy.trust.doc
+            assert doc is not None
+            self.out.event(
+                "info",
+                reason=f"trust document v{doc.version} accepted",
+                detail={
+                    "version": doc.version,
+                    "expires": doc.expires,
+                    "revoked": list(doc.revoked),
+                },
+            )
+            self.enforce_trust()
+            self.reconcile()
+
+    def allowed(self, inst: Installed) -> str | None:
+        """Why ``inst`` may not serve here (its key revoked, below its line's floor), or None."""
+        return self.policy.trust.revoked(inst.key_id) or self.policy.lines.run_problem(
+            inst.manifest
+        )
+
+    def enforce_trust(self) -> None:
+        """The active model is signed by a revoked key or below its floor: fall back to a kept
+        version that may serve, or stop serving; never keep serving it."""
+        a = self.installer.active
+        problem = None if a is None else self.allowed(a)
+        if a is None or problem is None:
+            return
+        target = next((k for k in self.versions.kept() if self.allowed(k) is None), None)
+        reason = f"{a.label} may no longer serve: {problem}"
+        log.warning("%s; %s", reason, f"back to {target.label}" if target else "not serving")
+        self.installer.rollback(reason, target=target, fallback=False)
 
     # -- desired deployment, rejections -----------------------------------------------------------
     def desired(self) -> Deployment | None:

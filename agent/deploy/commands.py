@@ -1,7 +1,10 @@
 """Operator commands on devices/{id}/cmd: deploy, rollback, benchmark, rebirth, status.
 
-Every command is answered on cmd/result with its id; an unknown op or a bad argument gets
-``ok: false`` and a reason, never an exception out of the agent. They run on the agent's worker
+A command is the body of an envelope signed by an operator key, for this device, fresh, and
+with a counter above the last one acted on (agent.deploy.trust); anything else is refused with
+a reason in an event (and on cmd/result when the id can be read). Every command is answered on
+cmd/result with its id; an unknown op or a bad argument gets ``ok: false`` and a reason, never
+an exception out of the agent. They run on the agent's worker
 thread and act through its parts (a rollback is the installer's, a deploy sets the desired state).
 """
 
@@ -15,13 +18,14 @@ from agent.deploy.outbox import log
 from agent.protocol import topics
 from agent.protocol.messages import (
     COMMAND_OPS,
+    MAX_CONTROL_BYTES,
     Command,
     CommandResult,
     Deployment,
     MessageError,
-    decode,
     encode,
 )
+from agent.protocol.trust import Target, TrustError
 
 if TYPE_CHECKING:
     from agent.deploy.agent import Agent
@@ -32,11 +36,14 @@ MAX_BENCH_S = 10.0
 
 
 def command_id(payload: bytes) -> str | None:
-    """The ``id`` of a command that does not validate, when it can be read (to answer it)."""
+    """The ``id`` of a command that is refused, when it can be read (to answer it)."""
     try:
         doc = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
+    if isinstance(doc, dict) and isinstance(doc.get("signed"), dict):
+        body = doc["signed"].get("body")
+        doc = body if isinstance(body, dict) else {}
     cid = doc.get("id") if isinstance(doc, dict) else None
     return cid if isinstance(cid, str) and 1 <= len(cid) <= 128 else None
 
@@ -44,11 +51,15 @@ def command_id(payload: bytes) -> str | None:
 def _args_problem(cmd: Command) -> str | None:
     """Arguments that the op does not take (a typo is refused rather than ignored)."""
     takes = {
-        "deploy": {"name", "version", "sha256"},
+        "deploy": {"name", "version", "sha256", "size", "chunks_sha256"},
         "rollback": {"version"},
         "benchmark": {"runs"},
     }
-    given = {k for k in ("name", "version", "sha256", "runs") if getattr(cmd, k) is not None}
+    given = {
+        k
+        for k in ("name", "version", "sha256", "size", "chunks_sha256", "runs")
+        if getattr(cmd, k) is not None
+    }
     extra = given - takes.get(cmd.op, set())
     return f"{cmd.op} does not take {', '.join(sorted(extra))}" if extra else None
 
@@ -106,14 +117,16 @@ def handle_command(agent: Agent, cmd: Command) -> CommandResult:
     elif cmd.op == "benchmark":
         ok, reason, detail = _benchmark(agent, cmd)
     elif cmd.op == "deploy":
-        if not (cmd.name and cmd.version and cmd.sha256):
-            ok, reason = False, "deploy needs name, version and sha256"
+        if not (cmd.name and cmd.version and cmd.sha256 and cmd.size and cmd.chunks_sha256):
+            ok, reason = False, "deploy needs name, version, sha256, size and chunks_sha256"
         else:
             try:
                 dep = Deployment(
                     name=cmd.name,
                     version=cmd.version,
                     sha256=cmd.sha256,
+                    size=cmd.size,
+                    chunks_sha256=cmd.chunks_sha256,
                     deployed_at=f"cmd:{cmd.id}",
                 )
             except ValueError as exc:
@@ -127,8 +140,19 @@ def on_command(agent: Agent, topic: str, payload: bytes) -> None:
     """Decode, run and answer one command on cmd/result."""
     result_topic = topics.device_topic(agent.dev, "cmd/result")
     try:
-        cmd = decode(Command, payload)
-    except MessageError as exc:
+        env, new = agent.policy.trust.open(
+            payload, "command", Target(device=agent.dev), topic, MAX_CONTROL_BYTES
+        )
+        if not new:
+            log.info("command delivered again (counter %d): already answered", env.signed.counter)
+            return
+        try:
+            cmd = Command.model_validate(env.signed.body)
+        except ValueError as exc:  # pydantic's ValidationError
+            raise MessageError(f"command body: {str(exc).splitlines()[-1].strip()}") from None
+        # Acted on from here: a replay of this envelope is refused even if the command fails.
+        agent.policy.trust.commit(topic, env)
+    except (TrustError, MessageError) as exc:
         agent.out.bad(topic, str(exc))
         cmd_id = command_id(payload)
         if cmd_id is not None:  # the sender waits for this id: tell it why
@@ -157,6 +181,10 @@ def rollback(agent: Agent, cmd_id: str, version: str | None = None) -> tuple[boo
         if target is None:
             kept = ", ".join(i.label for i in agent.versions.kept()) or "none"
             return False, f"version {version} is not kept on this device (kept: {kept})"
+    else:
+        target = agent.versions.previous()
+    if target is not None and (problem := agent.allowed(target)) is not None:
+        return False, f"cannot roll back to {target.label}: {problem}"
     if agent.installer.rollback(
         f"rollback requested by command {cmd_id}", by_command=True, target=target
     ):

@@ -152,10 +152,20 @@ class Fetcher:
             ann = decode(ArtifactAnnouncement, payload, MAX_ANNOUNCEMENT_BYTES)
             if ann.sha256 != job.sha:
                 raise MessageError("announcement's sha256 differs from its topic")
+            # Size and chunk table were signed with the deployment: nothing is written for others.
+            if ann.size != job.desired.size:
+                raise IntegrityError(
+                    f"announced size {ann.size} differs from the {job.desired.size} bytes the "
+                    "deployment signed"
+                )
+            if ann.table_digest() != job.desired.chunks_sha256:
+                raise IntegrityError(
+                    "announced chunk table differs from the one the deployment signed"
+                )
             problem = ann.table_problem()
             if problem:
                 raise MessageError(f"chunk table does not add up: {problem}")
-            m = self.policy.check_signed(ann.manifest, ann.signature, self.active())
+            m = self.policy.check_signed(ann.manifest, ann.signature)
             if (m.name, m.version) != (job.desired.name, job.desired.version):
                 raise IntegrityError(
                     f"deployment names {job.desired.name}@{job.desired.version} "

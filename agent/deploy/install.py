@@ -49,6 +49,7 @@ class Owner(Protocol):
     ) -> None: ...
     def mark_rejected(self, sha: str, reason: str) -> None: ...
     def settled(self) -> None: ...
+    def allowed(self, inst: Installed) -> str | None: ...
 
 
 class Installer:
@@ -85,6 +86,7 @@ class Installer:
         active = self.versions.active()
         phase = self.machine.restore(active.dir.name if active is not None else None)
         if active is not None:
+            self.policy.lines.record(active.manifest)  # agents from before lines.json existed
             try:
                 self._load_active(active)
             except (EdgefleetError, OSError, ValueError) as exc:
@@ -126,12 +128,12 @@ class Installer:
         assert store is not None
         try:
             path = store.finish()
-            va = verify_artifact(path, list(self.policy.keys))
+            va = verify_artifact(path, self.policy.verify_keys())
             if va.sha256 != dep.sha256:
                 raise IntegrityError("artifact sha256 differs from the deployment")
             if job.manifest is not None and va.manifest != job.manifest:
                 raise IntegrityError("artifact's manifest differs from the announced one")
-            self.policy.check(va.manifest, self.active)
+            self.policy.check(va.manifest)
         except (EdgefleetError, OSError) as exc:
             self.owner.reject(dep, str(exc))
             return
@@ -187,6 +189,7 @@ class Installer:
             Phase.ACTIVATING
         )  # persisted before the symlink moves: a restart checks which it names
         self.versions.activate(inst)
+        self.policy.lines.record(inst.manifest)
         assert result.golden is not None  # set on every passing check
         self._set_active(inst, session, result.golden)
         discard_download(self.downloads, dep.sha256)
@@ -249,12 +252,21 @@ class Installer:
         return selftest.golden_check(self.session, self.active, self.golden)
 
     # -- ROLLED_BACK ------------------------------------------------------------------------------
+    def _previous(self) -> Installed | None:
+        """The newest kept version that may serve (trusted key, at or above its floor)."""
+        return next((k for k in self.versions.kept() if self.owner.allowed(k) is None), None)
+
     def rollback(
-        self, reason: str, by_command: bool = False, target: Installed | None = None
+        self,
+        reason: str,
+        by_command: bool = False,
+        target: Installed | None = None,
+        fallback: bool = True,
     ) -> bool:
-        """Switch back to ``target`` or the previous version (or to none); mark the failed one rejected."""
+        """Switch back to ``target``, else (with ``fallback``) the previous version that may
+        serve, else to none; mark the failed one rejected."""
         failed = self.active
-        prev = target or self.versions.previous()
+        prev = target or (self._previous() if fallback else None)
         session = golden = None
         while prev is not None:
             try:
@@ -266,7 +278,7 @@ class Installer:
             except (EdgefleetError, OSError, ValueError) as exc:
                 log.warning("previous version %s does not load: %s", prev.label, exc)
                 self.versions.forget(prev)
-                prev = None if target is not None else self.versions.previous()
+                prev = None if target is not None or not fallback else self._previous()
         if by_command and prev is None:
             return False
         if prev is not None:

@@ -1,4 +1,5 @@
-"""What this device accepts: trusted keys, its profile, runtimes, budgets, and no downgrades."""
+"""What this device accepts: what its trust document allows, its profile, runtimes, budgets, and
+no downgrades below a model line's highest activated version or security floor."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.config import AgentConfig
+from agent.deploy.trust import DeviceTrust, Lines
 from agent.device import DeviceFacts, arch_problem, facts
 from agent.errors import ConfigError, IntegrityError
 from agent.protocol.canonical import canonical_json
-from agent.protocol.manifest import Manifest, parse_manifest, version_key
+from agent.protocol.manifest import Manifest, parse_manifest
 from agent.protocol.profile import DeviceProfile, default_profiles_dir, get_profile
 from agent.protocol.signing import Signature, TrustedKey, read_trusted_key, verify
-from agent.store.versions import Installed
 
 DEFAULT_REGRESSION_PCT = 20.0
 
@@ -21,8 +22,10 @@ DEFAULT_REGRESSION_PCT = 20.0
 class Policy:
     profile: str
     runtimes: tuple[str, ...]
-    # Raw key bytes: cryptography loads on the first verification, not at start (signing.py).
-    keys: tuple[TrustedKey, ...]
+    # The trust document held (release and operator keys) and the anti-rollback lines: state the
+    # worker updates, so the policy always judges by the newest trust (see agent.deploy.trust).
+    trust: DeviceTrust
+    lines: Lines
     max_p95_ms: float | None
     max_regression_pct: float
     # onnxruntime execution providers, first loadable wins (from the device profile).
@@ -33,7 +36,12 @@ class Policy:
     # The runtime the profile names (None without a profile file).
     profile_runtime: str | None = None
 
-    def check(self, m: Manifest, active: Installed | None) -> None:
+    @property
+    def keys(self) -> tuple[TrustedKey, ...]:
+        """The release keys valid now (raw bytes: cryptography loads on first use)."""
+        return tuple(self.trust.release_keys())
+
+    def check(self, m: Manifest) -> None:
         """Raise IntegrityError naming why ``m`` may not be installed here."""
         if m.profile != self.profile:
             raise IntegrityError(
@@ -43,19 +51,18 @@ class Policy:
             raise IntegrityError(
                 f"artifact needs runtime '{m.runtime}', this device runs {', '.join(self.runtimes) or 'none'}"
             )
-        if (
-            active is not None
-            and active.manifest.name == m.name
-            and version_key(m.version) < version_key(active.manifest.version)
-        ):
-            raise IntegrityError(
-                f"{m.name} {m.version} is older than the active {active.manifest.version} "
-                "(anti-rollback; use the rollback command to go back)"
-            )
+        problem = self.lines.install_problem(m)
+        if problem is not None:
+            raise IntegrityError(problem)
 
-    def check_signed(
-        self, doc: dict[str, Any], signature: str, active: Installed | None
-    ) -> Manifest:
+    def verify_keys(self) -> list[TrustedKey]:
+        """The release keys to verify with; IntegrityError when there are none to trust."""
+        problem = self.trust.release_problem()
+        if problem is not None:
+            raise IntegrityError(problem)
+        return list(self.keys)
+
+    def check_signed(self, doc: dict[str, Any], signature: str) -> Manifest:
         """Verify a manifest sent with its signature (before fetching anything) and the policy."""
         sig = Signature.from_bytes(signature.encode("utf-8", "replace"))
         try:
@@ -64,9 +71,13 @@ class Policy:
             raise IntegrityError(
                 "manifest holds values that cannot be signed (non-finite numbers)"
             ) from None
-        verify(message, sig, list(self.keys))
+        keys = self.verify_keys()
+        problem = self.trust.key_problem(sig.key_id, "release")
+        if problem is not None:
+            raise IntegrityError(f"artifact refused: {problem}")
+        verify(message, sig, keys)
         m = parse_manifest(doc, "announced manifest")
-        self.check(m, active)
+        self.check(m)
         return m
 
 
@@ -97,7 +108,7 @@ def resolve_policy(cfg: AgentConfig, source: str = "config") -> Policy:
     runtimes: tuple[str, ...] = tuple(cfg.runtimes)
     if not runtimes:
         runtimes = (profile.runtime.name,) if profile is not None else tuple(available_runtimes())
-    keys = tuple(read_trusted_key(k) for k in cfg.trusted_keys)
+    trust = DeviceTrust(cfg.state_dir, [read_trusted_key(cfg.root_key)], cfg.trust_file)
     providers = (
         profile.runtime.execution_providers if profile is not None else ("CPUExecutionProvider",)
     )
@@ -115,7 +126,8 @@ def resolve_policy(cfg: AgentConfig, source: str = "config") -> Policy:
     return Policy(
         cfg.profile,
         runtimes,
-        keys,
+        trust,
+        Lines(cfg.state_dir),
         max_p95,
         pct if pct is not None else DEFAULT_REGRESSION_PCT,
         tuple(providers),

@@ -110,6 +110,9 @@ class Manifest(_Strict):
     # The budgets the model was built against (a profile's, with the build config's overrides).
     # The agent's on-device latency check uses max_p95_ms from here unless its config sets one.
     budgets: dict[str, Any] | None = None
+    # Anti-rollback: once this version is activated, no version of NAME below this one may run on
+    # the device again (a security fix). Left out of the JSON when unset, so older agents read it.
+    security_floor: Version | None = None
 
     @field_validator("name", "profile")
     @classmethod
@@ -127,7 +130,10 @@ class Manifest(_Strict):
         return v
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
+        doc = self.model_dump(mode="json", by_alias=True)
+        if doc.get("security_floor") is None:
+            doc.pop("security_floor", None)
+        return doc
 
     def canonical_bytes(self) -> bytes:
         return canonical_json(self.to_dict())

@@ -6,6 +6,7 @@ it never raises anything else, whatever the bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Any, Literal, TypeVar
@@ -13,6 +14,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.errors import IntegrityError
+from agent.protocol.canonical import canonical_json
 from agent.protocol.manifest import Sha256, Version
 from agent.protocol.states import DeployState as DeployState
 from agent.protocol.topics import SEGMENT_RE
@@ -71,6 +73,16 @@ class ArtifactAnnouncement(_Strict):
             return "every chunk but the last must be chunk_size bytes"
         return None
 
+    def table_digest(self) -> str:
+        """sha256 of the chunk table (chunk size, each chunk's size and sha256): a signed
+        deployment carries it, so no byte is written for a table nobody signed."""
+        return chunk_table_digest(self.chunk_size, [c.model_dump() for c in self.chunks])
+
+
+def chunk_table_digest(chunk_size: int, chunks: list[dict[str, Any]]) -> str:
+    table = {"chunk_size": chunk_size, "chunks": [[c["size"], c["sha256"]] for c in chunks]}
+    return hashlib.sha256(canonical_json(table)).hexdigest()
+
 
 class IndexEntry(_Strict):
     """Retained on artifacts/index/{name}/{version}/{profile}: lets `deploy NAME@VERSION` find the sha."""
@@ -82,14 +94,21 @@ class IndexEntry(_Strict):
     sha256: Sha256
     size: int = Field(ge=1)
     published: str = ""
+    # The chunk table's digest (ArtifactAnnouncement.table_digest), for signed deployments;
+    # absent in entries published before 0.2 (deploy then reads the announcement).
+    chunks_sha256: Sha256 | None = None
 
 
 class Deployment(_Strict):
-    """Retained desired state on devices/{id}/deployment or groups/{group}/deployment."""
+    """Desired state: the body of the signed envelope retained on devices/{id}/deployment or
+    groups/{group}/deployment. ``size`` and ``chunks_sha256`` (the chunk table's digest) are
+    signed here, so the device checks an announcement against them before writing a byte."""
 
     name: str
     version: Version
     sha256: Sha256
+    size: int = Field(ge=1)
+    chunks_sha256: Sha256
     profile: str | None = None
     deployed_at: str = ""
 
@@ -147,11 +166,11 @@ COMMAND_OPS: tuple[str, ...] = ("deploy", "rollback", "benchmark", "rebirth", "s
 
 
 class Command(_Strict):
-    """devices/{id}/cmd (not retained).
+    """The body of a signed envelope on devices/{id}/cmd (not retained).
 
     ``op`` is kept a plain string here so an unknown op still decodes and is answered on
     cmd/result with ``ok: false`` and a reason (the agent checks it against COMMAND_OPS).
-    Arguments: deploy takes name, version, sha256; rollback takes an optional ``version``
+    Arguments: deploy takes name, version, sha256, size, chunks_sha256; rollback takes an optional ``version``
     (a kept version to go back to; default the previous one); benchmark takes ``runs``.
     """
 
@@ -160,6 +179,8 @@ class Command(_Strict):
     name: str | None = None
     version: str | None = None
     sha256: str | None = None
+    size: int | None = Field(default=None, ge=1)
+    chunks_sha256: str | None = None
     runs: int | None = Field(default=None, ge=1, le=100_000)
 
 

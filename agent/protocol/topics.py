@@ -26,6 +26,7 @@ TopicKind = Literal[
     "telemetry",
     "cmd",
     "cmd_result",
+    "trust",
 ]
 _DEVICE_LEAVES: dict[str, TopicKind] = {
     "deployment": "device_deployment",
@@ -72,6 +73,11 @@ def artifact_index_versions(name: str, version: str) -> str:
     return f"{PREFIX}/artifacts/index/{_seg(name, 'name')}/{_seg(version, 'version')}/+"
 
 
+def trust() -> str:
+    """The retained, root-signed trust document (agent.protocol.trust)."""
+    return f"{PREFIX}/trust"
+
+
 def group_deployment(group: str) -> str:
     return f"{PREFIX}/groups/{_seg(group, 'group')}/deployment"
 
@@ -96,6 +102,8 @@ class Topic:
 
 def parse(topic: str) -> Topic | None:
     """The parsed topic, or None for anything that is not a well-formed edgefleet topic."""
+    if topic == trust():
+        return Topic("trust")
     parts = topic.split("/")
     if len(parts) < 4 or "/".join(parts[:2]) != PREFIX:
         return None
@@ -141,6 +149,8 @@ def build(t: Topic) -> str:
         return artifact_index(t.name or "", t.version or "", t.profile or "")
     if t.kind == "group_deployment":
         return group_deployment(t.group or "")
+    if t.kind == "trust":
+        return trust()
     if t.kind == "cmd_result":
         return device_topic(t.device or "", "cmd/result")
     leaf = {v: k for k, v in _DEVICE_LEAVES.items()}[t.kind]

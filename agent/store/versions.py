@@ -27,6 +27,7 @@ class Installed:
     dir: Path
     manifest: Manifest
     sha256: str
+    key_id: str = ""  # the release key that signed it (checked again when trust changes)
 
     @property
     def label(self) -> str:
@@ -58,7 +59,8 @@ class VersionStore:
             return None
         except Exception:
             return None
-        return Installed(d, manifest, info["sha256"])
+        kid = info.get("key_id")
+        return Installed(d, manifest, info["sha256"], kid if isinstance(kid, str) else "")
 
     def active(self) -> Installed | None:
         try:

@@ -12,10 +12,11 @@ from fleet.commands.collect import collect_cmd
 from fleet.commands.demo import demo_cmd
 from fleet.commands.deploy import deploy_cmd
 from fleet.commands.device import device_grp
+from fleet.commands.keys import keys_grp
 from fleet.commands.publish import publish_cmd
 from fleet.commands.view import fleet_grp
 
 cli = click.Group(
     "fleet-commands",
-    commands=[publish_cmd, deploy_cmd, device_grp, collect_cmd, fleet_grp, demo_cmd],
+    commands=[keys_grp, publish_cmd, deploy_cmd, device_grp, collect_cmd, fleet_grp, demo_cmd],
 )

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from fleet.commands.options import broker_from_options, broker_options
+from fleet.commands.options import broker_from_options, broker_options, operator_option
 
 
 @click.command("deploy")
@@ -60,6 +60,7 @@ from fleet.commands.options import broker_from_options, broker_options
     help="Seconds to wait for the canaries (and, with --wait, for the rest).",
 )
 @broker_options
+@operator_option
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the deployment (or rollout summary) as JSON."
 )
@@ -74,6 +75,7 @@ def deploy_cmd(
     p95_slack_ms: float,
     observe: float | None,
     timeout: float,
+    operator_key: str | None,
     as_json: bool,
     **kw: Any,
 ) -> None:
@@ -83,8 +85,14 @@ def deploy_cmd(
     \b
     Staged rollout to a group, halting (and rolling the canaries back) on a bad canary:
       edgefleet deploy digits@1.1.0 --group lab --canary 1 --wait --broker mqtt://HOST:1883
+
+    The deployment is signed with the operator key (--operator-key or $EDGEFLEET_OPERATOR_KEY)
+    and expires after 90 days: deploy again to renew it (docs/security.md).
     """
     from fleet.deploy import deploy
+    from fleet.trust import operator
+
+    signer = operator(operator_key)
 
     if canary is not None or wait:
         from agent.errors import RolloutHalted, UsageError
@@ -97,7 +105,16 @@ def deploy_cmd(
         gate = Gate(max_p95_regression_pct, p95_slack_ms, observe)
         with RolloutDisplay(f"deploy --group {group}") as show:
             ro = staged_rollout(
-                broker_from_options(kw), spec, group, canary, profile, gate, wait, timeout, show
+                broker_from_options(kw),
+                spec,
+                group,
+                canary,
+                signer,
+                profile,
+                gate,
+                wait,
+                timeout,
+                show,
             )
         if as_json:
             click.echo(ro.json())
@@ -111,7 +128,7 @@ def deploy_cmd(
         if ro.phase != "done":
             raise RolloutHalted(f"rollout {ro.phase}: {ro.reason}")
         return
-    res = deploy(broker_from_options(kw), spec, device=device, group=group, profile=profile)
+    res = deploy(broker_from_options(kw), spec, signer, device=device, group=group, profile=profile)
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
     if as_json:

@@ -9,8 +9,8 @@ import click
 
 from agent.errors import CommandFailed, UsageError
 from agent.protocol.messages import COMMAND_OPS
-from fleet.commands.options import broker_from_options, broker_options
-from fleet.device import build_command, human, resolve_sha, send_command
+from fleet.commands.options import broker_from_options, broker_options, operator_option
+from fleet.device import build_command, deploy_fields, human, send_command
 
 
 @click.group("device")
@@ -37,6 +37,7 @@ def device_grp() -> None:
     help="deploy: artifact sha256 (default: looked up among the published NAME@VERSION).",
 )
 @broker_options
+@operator_option
 @click.option(
     "--timeout",
     type=float,
@@ -55,6 +56,7 @@ def cmd_cmd(
     name: str | None,
     sha256: str | None,
     timeout: float,
+    operator_key: str | None,
     as_json: bool,
     **kw: Any,
 ) -> None:
@@ -66,18 +68,25 @@ def cmd_cmd(
       edgefleet device cmd rpi-07 rollback --version 1.1.0 --broker mqtt://broker.lan:1883
       edgefleet device cmd rpi-07 benchmark --runs 200 --broker mqtt://broker.lan:1883 --json
 
-    Exits 0 when the device answered ok, 10 when it refused (the reason is printed),
+    The command is signed with the operator key (--operator-key or $EDGEFLEET_OPERATOR_KEY) and
+    is valid for 10 minutes. Exits 0 when the device answered ok, 10 when it refused (the reason is printed),
     9 when it did not answer in time, 8 when the broker cannot be reached.
     """
     if timeout <= 0:
         raise UsageError("--timeout must be positive")
     if op not in COMMAND_OPS:
         raise UsageError(f"unknown op '{op}': one of {', '.join(COMMAND_OPS)}")
+    from fleet.trust import operator
+
+    signer = operator(operator_key)
     broker = broker_from_options(kw)
-    if op == "deploy" and name and version and not sha256:
-        sha256 = resolve_sha(broker, device_id, name, version)
-    cmd = build_command(op, version, runs, name, sha256)
-    res = send_command(broker, device_id, cmd, timeout)
+    fields: dict[str, Any] = {}
+    if op == "deploy":
+        if not (name and version):
+            raise UsageError("deploy needs --name and --version")
+        fields = deploy_fields(broker, device_id, name, version, sha256)
+    cmd = build_command(op, version, runs, name, fields)
+    res = send_command(broker, device_id, cmd, timeout, signer)
     if as_json:
         click.echo(json.dumps(res.model_dump(mode="json")))
     elif res.ok:

@@ -56,3 +56,15 @@ def broker_from_options(kw: dict[str, Any]) -> BrokerConfig:
         kw.pop("username"),
         kw.pop("password"),
     )
+
+
+def operator_option(f: F) -> F:
+    """--operator-key: the key that signs deployments and commands ($EDGEFLEET_OPERATOR_KEY)."""
+    return click.option(
+        "--operator-key",
+        default=None,
+        envvar="EDGEFLEET_OPERATOR_KEY",
+        type=click.Path(dir_okay=False),
+        help="Operator private key (PEM) that signs what devices act on "
+        "(or $EDGEFLEET_OPERATOR_KEY; made by `edgefleet keys init-root`).",
+    )(f)

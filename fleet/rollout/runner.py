@@ -13,8 +13,9 @@ from typing import Any
 from agent.broker import BrokerConfig
 from agent.errors import RolloutHalted, UsageError
 from agent.protocol import topics
-from agent.protocol.messages import Command, Deployment, encode
-from fleet.deploy import now_iso, parse_spec, resolve
+from agent.protocol.messages import Command
+from agent.protocol.trust import Target
+from fleet.deploy import desired, parse_spec, publish_desired, resolve
 from fleet.mqtt import Message, SyncClient, connect
 from fleet.rollout.policy import (
     PENDING,
@@ -25,6 +26,7 @@ from fleet.rollout.policy import (
     parse_canary,
     select_canaries,
 )
+from fleet.trust import Operator
 
 
 class _Feed:
@@ -68,6 +70,7 @@ def _pump(
 
 def _send_rollbacks(
     c: SyncClient,
+    operator: Operator,
     feed: _Feed,
     ro: Rollout,
     devices: list[str],
@@ -79,9 +82,8 @@ def _send_rollbacks(
     sent: dict[str, str] = {}
     for d in devices:
         cid = f"rollout-{uuid.uuid4().hex[:12]}"
-        c.publish(
-            topics.device_topic(d, "cmd"), encode(Command(id=cid, op="rollback")), retain=False
-        )
+        body = Command(id=cid, op="rollback").model_dump(mode="json", exclude_none=True)
+        c.publish(topics.device_topic(d, "cmd"), operator.command(d, body), retain=False)
         sent[d] = cid
     c.flush()
     end = time.monotonic() + wait_s
@@ -102,6 +104,7 @@ def _send_rollbacks(
 
 def _rollback_canaries(
     c: SyncClient,
+    operator: Operator,
     feed: _Feed,
     ro: Rollout,
     published: list[str],
@@ -118,17 +121,17 @@ def _rollback_canaries(
     is watched for up to ``late_s`` and rolled back if it turns ACTIVE.
     """
     _send_rollbacks(
-        c, feed, ro, [d for d in ro.canaries if ro.needs_rollback(d)], on_change, wait_s
+        c, operator, feed, ro, [d for d in ro.canaries if ro.needs_rollback(d)], on_change, wait_s
     )
     for d in published:
-        c.publish(topics.device_topic(d, "deployment"), b"", retain=True)
+        publish_desired(c, operator, Target(device=d), None)
     c.flush()
     end = time.monotonic() + late_s
     while any(ro.installing(d) for d in ro.canaries) and time.monotonic() < end:
         _pump(feed, ro, 0.5, on_change)
     late = [d for d in ro.canaries if ro.needs_rollback(d)]
     if late:
-        _send_rollbacks(c, feed, ro, late, on_change, wait_s)
+        _send_rollbacks(c, operator, feed, ro, late, on_change, wait_s)
     on_change(ro)
 
 
@@ -137,6 +140,7 @@ def staged_rollout(
     spec: str,
     group: str,
     canary: str | None,
+    operator: Operator,
     profile: str | None = None,
     gate: Gate | None = None,
     wait: bool = False,
@@ -150,7 +154,7 @@ def staged_rollout(
     """
     name, version = parse_spec(spec)
     try:
-        group_topic = topics.group_deployment(group)
+        topics.group_deployment(group)  # a usage error before anything is sent
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if canary is not None:
@@ -181,16 +185,10 @@ def staged_rollout(
         feed = _Feed(c)
         on_change(ro)
         published: list[str] = []
+        dep = desired(c, entry)
         for d in canaries:
             if ro.devices[d].state == PENDING:
-                dep = Deployment(
-                    name=name,
-                    version=version,
-                    sha256=entry.sha256,
-                    profile=entry.profile,
-                    deployed_at=now_iso(),
-                )
-                c.publish(topics.device_topic(d, "deployment"), encode(dep), retain=True)
+                publish_desired(c, operator, Target(device=d), dep)
                 published.append(d)
         c.flush()
         end = time.monotonic() + timeout
@@ -209,20 +207,13 @@ def staged_rollout(
                     if ro.device_health(d, now)[0] != "ok"
                 )
             )
-            _rollback_canaries(c, feed, ro, published, on_change)
+            _rollback_canaries(c, operator, feed, ro, published, on_change)
             return ro
-        dep = Deployment(
-            name=name,
-            version=version,
-            sha256=entry.sha256,
-            profile=entry.profile,
-            deployed_at=now_iso(),
-        )
-        c.publish(group_topic, encode(dep), retain=True)
+        publish_desired(c, operator, Target(group=group), desired(c, entry))
         c.flush()
         # the canaries now follow the group deployment (same artifact): drop their device pins
         for d in published:
-            c.publish(topics.device_topic(d, "deployment"), b"", retain=True)
+            publish_desired(c, operator, Target(device=d), None)
         c.flush()
         ro.phase = "promoted"
         on_change(ro)

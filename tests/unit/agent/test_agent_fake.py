@@ -15,10 +15,10 @@ from agent.config import load_config
 from agent.deploy.agent import Agent
 from agent.deploy.policy import resolve_policy
 from agent.protocol import topics
-from agent.protocol.messages import Deployment, encode
+from agent.protocol.messages import encode
 from agent.transport.fake import FakeTransport
 from fleet.publish import announcement
-from tests.agent_helpers import TIME_SCALE, make_artifact, make_keys, write_config
+from tests.agent_helpers import TIME_SCALE, make_artifact, make_keys, sealed_for, write_config
 
 CHUNK = 1024
 
@@ -56,7 +56,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     sha1 = _publish(fake, make_artifact(tmp, keys, version="1.0.0"))
     fake.inject(
         topics.group_deployment("lab"),
-        encode(Deployment(name="tiny", version="1.0.0", sha256=sha1)),
+        sealed_for(fake.retained[topics.artifact_manifest(sha1)], "tiny", "1.0.0", group="lab"),
         retain=True,
     )
     agent.drain()
@@ -72,7 +72,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     fake.retained[topics.artifact_manifest(ann2.sha256)] = encode(ann2)
     fake.inject(
         topics.device_topic("dev", "deployment"),
-        encode(Deployment(name="tiny", version="1.1.0", sha256=ann2.sha256)),
+        sealed_for(
+            fake.retained[topics.artifact_manifest(ann2.sha256)], "tiny", "1.1.0", device="dev"
+        ),
         retain=True,
     )
     agent.drain()
@@ -191,14 +193,14 @@ def test_probation_failure_rolls_back(tmp_path: Path) -> None:
     sha1 = _publish(fake, make_artifact(tmp_path, keys, version="1.0.0"))
     fake.inject(
         topics.device_topic("dev", "deployment"),
-        encode(Deployment(name="tiny", version="1.0.0", sha256=sha1)),
+        sealed_for(fake.retained[topics.artifact_manifest(sha1)], "tiny", "1.0.0", device="dev"),
         retain=True,
     )
     run_until("HEALTHY", sha1)
     sha2 = _publish(fake, make_artifact(tmp_path, keys, version="2.0.0", seed=1))
     fake.inject(
         topics.device_topic("dev", "deployment"),
-        encode(Deployment(name="tiny", version="2.0.0", sha256=sha2)),
+        sealed_for(fake.retained[topics.artifact_manifest(sha2)], "tiny", "2.0.0", device="dev"),
         retain=True,
     )
     run_until("ACTIVE", sha2)
@@ -235,7 +237,7 @@ def test_stray_bad_chunk_is_survived(tmp_path: Path) -> None:
     good = fake.retained.pop(chunk0)
     fake.inject(
         topics.device_topic("dev", "deployment"),
-        encode(Deployment(name="tiny", version="1.0.0", sha256=sha)),
+        sealed_for(fake.retained[topics.artifact_manifest(sha)], "tiny", "1.0.0", device="dev"),
         retain=True,
     )
     agent.drain()

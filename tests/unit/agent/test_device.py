@@ -18,10 +18,16 @@ from agent.deploy.policy import resolve_policy
 from agent.device import arch_problem, machine
 from agent.errors import ConfigError
 from agent.protocol import topics
-from agent.protocol.messages import Deployment, StateMessage, decode, encode
+from agent.protocol.messages import StateMessage, decode, encode
 from agent.runtime.onnx_versions import read_versions, too_new
 from agent.transport.fake import FakeTransport
-from tests.agent_helpers import make_artifact, make_keys, make_onnx, write_config
+from tests.agent_helpers import (
+    make_artifact,
+    make_keys,
+    make_onnx,
+    sealed_for,
+    write_config,
+)
 
 pytest.importorskip("onnx", reason="the test models are written with the onnx package")
 
@@ -89,7 +95,9 @@ def test_model_newer_than_runtime_is_rejected_with_both_versions(tmp_path: Path)
     fake.retained[topics.artifact_manifest(ann.sha256)] = encode(ann)
     fake.inject(
         topics.device_topic("dev", "deployment"),
-        encode(Deployment(name="tiny", version="1.0.0", sha256=ann.sha256)),
+        sealed_for(
+            fake.retained[topics.artifact_manifest(ann.sha256)], "tiny", "1.0.0", device="dev"
+        ),
         retain=True,
     )
     agent.drain()

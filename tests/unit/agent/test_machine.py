@@ -14,11 +14,11 @@ from agent.deploy.agent import Agent
 from agent.deploy.machine import TABLE, TRANSITIONS, InstallRecord, Machine, Phase
 from agent.deploy.policy import resolve_policy
 from agent.protocol import topics
-from agent.protocol.messages import Command, Deployment, encode
+from agent.protocol.messages import Command, encode
 from agent.protocol.states import DEPLOY_STATES, IN_PROGRESS, TERMINAL, p95_limit_ms, p95_regressed
 from agent.transport.fake import FakeTransport
 from fleet.publish import announcement
-from tests.agent_helpers import make_artifact, make_keys, write_config
+from tests.agent_helpers import make_artifact, make_keys, sealed_command, sealed_for, write_config
 
 RESTING = (Phase.IDLE, *(Phase(s) for s in TERMINAL))
 
@@ -143,14 +143,16 @@ def test_a_deploy_and_a_rollback_take_only_listed_transitions(tmp_path: Path) ->
         sha = _publish(fake, make_artifact(tmp_path, keys, version=version, seed=seed))
         fake.inject(
             topics.device_topic("dev", "deployment"),
-            encode(Deployment(name="tiny", version=version, sha256=sha)),
+            sealed_for(fake.retained[topics.artifact_manifest(sha)], "tiny", version, device="dev"),
             retain=True,
         )
         agent.drain()
         agent.step(0)
         assert agent.active is not None and agent.active.sha256 == sha
         assert agent.machine.phase is Phase.HEALTHY
-    fake.inject(topics.device_topic("dev", "cmd"), encode(Command(id="c1", op="rollback")))
+    fake.inject(
+        topics.device_topic("dev", "cmd"), sealed_command("dev", Command(id="c1", op="rollback"))
+    )
     agent.drain()
     assert agent.machine.phase is Phase.ROLLED_BACK and agent.machine.illegal == []
     assert not (tmp_path / "state" / "install.json").exists()

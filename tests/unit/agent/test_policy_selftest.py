@@ -81,17 +81,21 @@ def test_policy_rejects_runtime_profile_and_downgrade(tmp_path: Path) -> None:
     pub = [load_public_key(keys.public)]
     vs = VersionStore(tmp_path / "s", keep=1)
     active = vs.unpack(verify_artifact(make_artifact(tmp_path, keys, version="2.0.0"), pub))
+    policy.lines.record(active.manifest)  # what activating it does
     for kw, msg in (
         ({"runtime": "litert"}, "needs runtime 'litert'"),
         ({"profile": "other"}, "profile 'other'"),
-        ({"version": "1.9.9"}, "older than the active 2.0.0"),
+        ({"version": "1.9.9"}, "older than 2.0.0, activated on this device before"),
     ):
         m = verify_artifact(make_artifact(tmp_path, keys, **kw), pub).manifest  # type: ignore[arg-type]
         with pytest.raises(IntegrityError, match=msg):
-            policy.check(m, active)
-    policy.check(
-        verify_artifact(make_artifact(tmp_path, keys, version="2.0.1"), pub).manifest, active
-    )
+            policy.check(m)
+    policy.check(verify_artifact(make_artifact(tmp_path, keys, version="2.0.1"), pub).manifest)
+    # the line's highest version is persisted: a new policy (a restart) still refuses 1.9.9
+    again = resolve_policy(cfg)
+    m = verify_artifact(make_artifact(tmp_path, keys, version="1.9.9"), pub).manifest
+    with pytest.raises(IntegrityError, match="anti-rollback"):
+        again.check(m)
 
 
 class Slow(InferenceSession):

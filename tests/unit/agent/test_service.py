@@ -156,10 +156,15 @@ def test_agent_pings_watchdog_during_self_test_and_swaps_through_holder(
     from agent.deploy.agent import Agent
     from agent.deploy.policy import resolve_policy
     from agent.protocol import topics
-    from agent.protocol.messages import Deployment, encode
+    from agent.protocol.messages import encode
     from agent.transport.fake import FakeTransport
     from fleet.publish import announcement
-    from tests.agent_helpers import make_artifact, make_keys, write_config
+    from tests.agent_helpers import (
+        make_artifact,
+        make_keys,
+        sealed_for,
+        write_config,
+    )
 
     addr, s = abstract_socket
     keys = make_keys(tmp_path / "keys")
@@ -187,7 +192,9 @@ def test_agent_pings_watchdog_during_self_test_and_swaps_through_holder(
     fake.retained[topics.artifact_manifest(ann.sha256)] = encode(ann)
     fake.inject(
         topics.device_topic("dev", "deployment"),
-        encode(Deployment(name="tiny", version="1.0.0", sha256=ann.sha256)),
+        sealed_for(
+            fake.retained[topics.artifact_manifest(ann.sha256)], "tiny", "1.0.0", device="dev"
+        ),
         retain=True,
     )
     got: list[str] = []

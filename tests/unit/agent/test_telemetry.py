@@ -121,7 +121,7 @@ def _cfg(tmp: Path, root: Path, max_messages: int = 100) -> AgentConfig:
             "device_id": "dev1",
             "profile": "test-cpu",
             "state_dir": str(tmp / "state"),
-            "trusted_keys": [str(tmp / "k.pub")],
+            "root_key": str(tmp / "root.pub"),
             "telemetry": {
                 "interval_s": 0.2,
                 "sysfs_root": str(root),

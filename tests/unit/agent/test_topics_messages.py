@@ -80,7 +80,7 @@ def test_segments_cannot_inject_levels(bad: str) -> None:
     at=st.text(max_size=30),
 )
 def test_deployment_round_trip(name: str, v: str, s: str, at: str) -> None:
-    d = Deployment(name=name, version=v, sha256=s, deployed_at=at)
+    d = Deployment(name=name, version=v, sha256=s, size=1, chunks_sha256=s, deployed_at=at)
     assert decode(Deployment, encode(d)) == d
 
 

@@ -78,6 +78,9 @@ def test_agent_start_imports_no_cryptography_until_it_verifies(
     tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
     """What the running agent imports at start (its RSS counts it); cryptography comes on first use."""
+    from tests.agent_helpers import trust_for, trust_root
+
+    trust = trust_for([keys[1]], tmp_path / "trust")
     code = f"""
 import sys
 from pathlib import Path
@@ -85,7 +88,7 @@ import agent.cli, agent.deploy.agent, agent.serve.http, agent.transport.mqtt
 from agent.config import load_config
 from agent.deploy.policy import resolve_policy
 cfg = Path(sys.argv[1]); cfg.write_text('device_id = "d"\\nprofile = "p"\\nstate_dir = "{tmp_path}/s"\\n'
-    'trusted_keys = ["{keys[1]}"]\\n[install]\\nmax_p95_ms = 10.0\\n')
+    'root_key = "{trust_root() / "root.pub"}"\\ntrust_file = "{trust}"\\n[install]\\nmax_p95_ms = 10.0\\n')
 policy = resolve_policy(load_config(cfg))
 assert "cryptography" not in sys.modules, "imported at start"
 from agent.protocol.signing import Signature, verify
