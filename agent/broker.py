@@ -319,9 +319,14 @@ class ConnectWatch:
                 "TLS: the broker closed the connection before accepting it; it probably requires "
                 f"a client certificate (set cert_file and key_file) [{self._recv_error}]"
             )
+        elif self._recv_error and self.cfg.tls:
+            cause = (
+                "TLS: the broker closed the connection before accepting it; it probably refused "
+                f"our client certificate {self.cfg.cert_file} (issued by another CA?) "
+                f"[{self._recv_error}]"
+            )
         elif self._recv_error:
-            hint = "" if self.cfg.tls else " (a TLS port reached with mqtt://?)"
-            cause = self._recv_error + hint
+            cause = self._recv_error + " (a TLS port reached with mqtt://?)"
         else:
             cause = (
                 "the broker closed the connection before accepting it (a TLS port reached "
