@@ -9,8 +9,12 @@ Callers keep to paho's public API (see docs/architecture.md).
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import socket
 import ssl
+import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -166,3 +170,177 @@ def ack_messages(c: mqtt.Client, messages: Iterable[tuple[int, int]]) -> int:
             c.ack(mid, qos)
             n += 1
     return n
+
+
+# -- why a connection failed ---------------------------------------------------------------------
+
+_SSL_REASON_RE = re.compile(r"\[SSL: ([A-Z0-9_]+)\]")
+_NO_CLIENT_CERT = ("CERTIFICATE_REQUIRED", "PEER_DID_NOT_RETURN_A_CERTIFICATE")
+_CLIENT_CERT_REFUSED = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "DECRYPT_ERROR")
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE")
+
+
+def _tls_cause(reason: str, text: str, cfg: BrokerConfig) -> str:
+    if any(r in reason for r in _NO_CLIENT_CERT) or (
+        "HANDSHAKE_FAILURE" in reason and cfg.cert_file is None
+    ):
+        return "TLS: the broker requires a client certificate (set cert_file and key_file)"
+    if any(r in reason for r in _CLIENT_CERT_REFUSED):
+        return (
+            f"TLS: the broker refused our client certificate {cfg.cert_file} ({reason.lower()}): "
+            "is it issued by the CA the broker trusts?"
+        )
+    if any(r in reason for r in _NOT_TLS):
+        return f"TLS: {cfg.host}:{cfg.port} does not speak TLS (is it an mqtt:// port?)"
+    if "PROTOCOL_VERSION" in reason or "UNSUPPORTED_PROTOCOL" in reason:
+        return f"TLS: no TLS version in common with the broker ({reason.lower()})"
+    return f"TLS: {reason.lower() if reason else text}"
+
+
+def connect_failure_cause(exc: BaseException | None, cfg: BrokerConfig) -> str:
+    """One line naming why opening a connection to the broker failed: the TLS check that failed,
+    or the network error. ``exc`` is what paho's connect raised."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        vm = str(exc.verify_message or exc.reason or exc)
+        if "mismatch" in vm.lower():
+            return (
+                f"TLS: the broker's certificate is not valid for host '{cfg.host}' ({vm}): use a "
+                "host name the certificate names, or issue the broker one that names this host"
+            )
+        ca = f"ca_file {cfg.ca_file}" if cfg.ca_file else "the system CAs (no ca_file set)"
+        return (
+            f"TLS: certificate verify failed ({vm}): the broker's certificate is not signed by {ca}"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return _tls_cause(str(exc.reason or ""), str(exc), cfg)
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused by {cfg.host}:{cfg.port} (is the broker running and listening there?)"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host '{cfg.host}' ({exc.strerror or exc})"
+    if isinstance(exc, TimeoutError):
+        return f"no answer from {cfg.host}:{cfg.port} (timed out)"
+    if isinstance(exc, OSError):
+        return str(exc.strerror or exc)
+    return f"connection failed ({type(exc).__name__}: {exc})" if exc else "connection failed"
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """A TLS failure does not fix itself in seconds: a command should not retry it."""
+    return isinstance(exc, ssl.SSLError)
+
+
+def refusal_cause(reason_code: Any) -> str:
+    """One line for a CONNACK that refused us (MQTT 3.1.1 return code or MQTT 5 reason code)."""
+    text = str(reason_code)
+    low = text.lower()
+    if "not authori" in low:
+        return (
+            "the broker refused the login: not authorised (is this identity allowed to connect? "
+            "with client certificates, the certificate's CN is the user name)"
+        )
+    if "user name or password" in low:
+        return "the broker refused the login: bad user name or password"
+    return f"the broker refused the connection: {text}"
+
+
+class ConnectWatch:
+    """Finds out why a client made by ``make_client`` cannot connect, and (with ``log``) logs each
+    distinct cause once per ``period`` seconds (the longest reconnect backoff by default).
+
+    paho reports a failed TCP/TLS handshake only to ``on_connect_fail``, without the error (it
+    calls it inside its ``except OSError`` block, so ``sys.exc_info()`` is the error), and a
+    broker that rejects our certificate after a TLS 1.3 handshake only as a failed read, in its
+    log. The owner of the client calls ``install`` once, then ``connack`` from on_connect and
+    ``disconnected`` from on_disconnect; each returns the cause when there is one.
+    """
+
+    def __init__(
+        self, cfg: BrokerConfig, log: logging.Logger | None = None, period: float | None = None
+    ) -> None:
+        self.cfg, self.log = cfg, log
+        self.period = float(cfg.reconnect_max_s if period is None else period)
+        self.cause: str | None = None  # the latest failure's cause; None once connected
+        self.failures = 0  # failed attempts since the last success
+        self._logged: dict[str, float] = {}
+        self._recv_error = ""
+        self._connack = False
+        self._client: mqtt.Client | None = None
+
+    def install(self, c: mqtt.Client) -> None:
+        self._client = c
+        c.on_connect_fail = self._connect_fail
+        c.on_pre_connect = self._pre_connect
+        c.on_log = self._paho_log  # off once connected: paho formats every line it logs
+
+    def _pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        self._connack, self._recv_error = False, ""
+        client.on_log = self._paho_log
+
+    def _paho_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR and buf.startswith("failed to receive on socket"):
+            self._recv_error = buf
+
+    def _connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self.failed(sys.exc_info()[1])
+
+    def failed(self, exc: BaseException | None) -> str:
+        """Record a connect that raised ``exc``; returns its cause."""
+        return self._failure(connect_failure_cause(exc, self.cfg))
+
+    def connack(self, reason_code: Any) -> str | None:
+        """From on_connect: None when accepted, else the cause of the refusal."""
+        self._connack = True
+        if reason_code.is_failure:
+            return self._failure(refusal_cause(reason_code))
+        if self.log is not None and self.failures:
+            self.log.info(
+                "connected to %s:%s after %d failed attempts",
+                self.cfg.host,
+                self.cfg.port,
+                self.failures,
+            )
+        self.cause, self.failures = None, 0
+        self._logged.clear()
+        if self._client is not None:
+            self._client.on_log = None
+        return None
+
+    def disconnected(self) -> str | None:
+        """From on_disconnect: the cause when the connection closed before any CONNACK."""
+        if self._connack:
+            return None
+        m = _SSL_REASON_RE.search(self._recv_error)
+        if m:
+            cause = _tls_cause(m.group(1), self._recv_error, self.cfg)
+        elif self._recv_error and self.cfg.tls and self.cfg.cert_file is None:
+            # TLS 1.3: the broker checks our certificate after the handshake, and its alert may
+            # be lost in the close (an EOF instead of CERTIFICATE_REQUIRED)
+            cause = (
+                "TLS: the broker closed the connection before accepting it; it probably requires "
+                f"a client certificate (set cert_file and key_file) [{self._recv_error}]"
+            )
+        elif self._recv_error and self.cfg.tls:
+            cause = (
+                "TLS: the broker closed the connection before accepting it; it probably refused "
+                f"our client certificate {self.cfg.cert_file} (issued by another CA?) "
+                f"[{self._recv_error}]"
+            )
+        elif self._recv_error:
+            cause = self._recv_error + " (a TLS port reached with mqtt://?)"
+        else:
+            cause = (
+                "the broker closed the connection before accepting it (a TLS port reached "
+                "with mqtt://? the broker's log says why)"
+            )
+        self._connack = True  # one report per attempt
+        return self._failure(cause)
+
+    def _failure(self, cause: str) -> str:
+        self.cause = cause
+        self.failures += 1
+        now = time.monotonic()
+        last = self._logged.get(cause)
+        if self.log is not None and (last is None or now - last >= self.period):
+            self._logged[cause] = now
+            self.log.warning("cannot connect to %s: %s", self.cfg.url, cause)
+        return cause

@@ -32,7 +32,15 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from pydantic import BaseModel, ValidationError
 
-from agent.broker import BrokerConfig, ack_messages, connect, make_client, no_delay
+from agent.broker import (
+    BrokerConfig,
+    ConnectWatch,
+    ack_messages,
+    connect,
+    is_permanent,
+    make_client,
+    no_delay,
+)
 from agent.errors import BrokerError, DatabaseError, UsageError
 from agent.protocol import topics
 from agent.protocol.messages import (
@@ -258,19 +266,32 @@ class Collector:
         )
         self.c.on_connect = self._on_connect
         self.c.on_message = self._on_message
+        self.c.on_disconnect = self._on_disconnect
+        # why connecting fails; once running, reconnect failures are logged (once per cause)
+        self._watch = ConnectWatch(broker)
+        self._watch.install(self.c)
 
     # -- paho callbacks (network thread): enqueue only, never wait --------------------------
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
     ) -> None:
-        if rc.is_failure:
-            self._refused = str(rc)
+        refused = self._watch.connack(rc)
+        if refused is not None:
+            self._refused = refused
             self._connected.set()
             return
         no_delay(client)
         self.stats.connects += 1
         client.subscribe([(f, 1) for f in subscriptions(self.share_group)])
         self._connected.set()
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
+        lost = self._watch.disconnected()  # closed before a CONNACK: a TLS or login failure
+        if lost is not None and not self._connected.is_set():
+            self._refused = lost
+            self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.qos > 0 and self.q.qsize() >= self.max_queued:
@@ -290,7 +311,9 @@ class Collector:
                 connect(self.c, self.broker, persistent=True, receive_maximum=self.max_queued)
                 break
             except OSError as exc:
-                last = exc.strerror or str(exc)
+                last = self._watch.failed(exc)
+                if is_permanent(exc):
+                    raise BrokerError(f"cannot connect to {self.broker.url}: {last}") from None
         else:
             raise BrokerError(
                 f"cannot connect to {self.broker.url} after {self.connect_attempts} "
@@ -303,7 +326,8 @@ class Collector:
             raise BrokerError(f"{self.broker.url}: no answer within {wait_s:g}s")
         if self._refused:
             self.c.loop_stop()
-            raise BrokerError(f"{self.broker.url} refused the connection: {self._refused}")
+            raise BrokerError(f"cannot connect to {self.broker.url}: {self._refused}")
+        self._watch.log = log
         self._worker = threading.Thread(target=self._run, name="collector-db", daemon=True)
         self._worker.start()
         return self

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
-from agent.broker import BrokerConfig, make_client, no_delay
+from agent.broker import BrokerConfig, ConnectWatch, is_permanent, make_client, no_delay
 from agent.broker import connect as broker_connect
 from agent.errors import BrokerError, UsageError
 
@@ -48,6 +48,10 @@ def broker_config(
         e = exc.errors()[0]
         where = ".".join(str(p) for p in e["loc"])
         raise UsageError(f"--broker {url}: {where}: {e['msg']}") from None
+
+
+class BrokerRefused(BrokerError):
+    """The broker refused us (TLS or login): retrying will not help."""
 
 
 class Message(NamedTuple):
@@ -105,13 +109,17 @@ class SyncClient:
         self._c.on_connect = self._on_connect
         self._c.on_message = self._on_message
         self._c.on_subscribe = self._on_subscribe
+        self._c.on_disconnect = self._on_disconnect
+        self._watch = ConnectWatch(cfg)
+        self._watch.install(self._c)
 
     # -- paho callbacks (network thread): bookkeeping and enqueueing only ----------------------
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
     ) -> None:
-        if rc.is_failure:
-            self._refused = str(rc)
+        refused = self._watch.connack(rc)
+        if refused is not None:
+            self._refused = refused
             self._connected.set()
             return
         no_delay(client)
@@ -120,6 +128,14 @@ class SyncClient:
         for li in listeners:  # a reconnect renews every subscription
             self._subscribe(li)
         self._connected.set()
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
+        lost = self._watch.disconnected()  # closed before a CONNACK: a TLS or login failure
+        if lost is not None and not self._connected.is_set():
+            self._refused = lost
+            self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
@@ -155,14 +171,15 @@ class SyncClient:
         try:
             broker_connect(self._c, self.cfg)
         except OSError as exc:
-            raise BrokerError(f"cannot connect to {self.cfg.url}: {exc.strerror or exc}") from None
+            kind = BrokerRefused if is_permanent(exc) else BrokerError
+            raise kind(f"cannot connect to {self.cfg.url}: {self._watch.failed(exc)}") from None
         self._c.loop_start()
         if not self._connected.wait(self.timeout):
             self.close()
             raise BrokerError(f"{self.cfg.url}: no answer within {self.timeout:g}s")
         if self._refused:
             self.close()
-            raise BrokerError(f"{self.cfg.url} refused the connection: {self._refused}")
+            raise BrokerRefused(f"cannot connect to {self.cfg.url}: {self._refused}")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -255,6 +272,8 @@ def connect(
     for attempt in range(1, tries + 1):
         try:
             return SyncClient(cfg, client_id=client_id, timeout=timeout).__enter__()
+        except BrokerRefused:
+            raise  # a TLS or login failure: trying again will not help
         except BrokerError as exc:
             if attempt == tries:
                 raise BrokerError(f"{exc} (tried {tries} times)") from None

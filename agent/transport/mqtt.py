@@ -12,7 +12,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent.broker import BrokerConfig, connect, make_client, no_delay
+from agent.broker import BrokerConfig, ConnectWatch, connect, make_client, no_delay
 from agent.transport.base import ConnectCallback, MessageCallback, Will
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,15 @@ class MqttTransport:
         c.on_disconnect = self._handle_disconnect
         c.on_message = self._handle_message
         c.on_publish = self._handle_publish
+        # logs why connecting fails (TLS, refused login), once per cause per backoff period
+        self._watch = ConnectWatch(broker, log)
+        self._watch.install(c)
 
     # -- paho callbacks (network thread): only bookkeeping and enqueueing --------------------
     def _handle_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
-        if reason_code.is_failure:
-            log.warning("broker refused the connection: %s", reason_code)
+        if self._watch.connack(reason_code) is not None:
             return
         log.info("connected to %s:%s", self._cfg.host, self._cfg.port)
         no_delay(client)
@@ -88,6 +90,8 @@ class MqttTransport:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
         self.connected.clear()
+        if self._watch.disconnected() is not None or self._watch.cause is not None:
+            return  # the broker never accepted this connection: the watch logged why
         if self._stopping:
             log.info("disconnected from %s:%s", self._cfg.host, self._cfg.port)
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from fleet.commands.broker import broker_grp
 from fleet.commands.collect import collect_cmd
 from fleet.commands.demo import demo_cmd
 from fleet.commands.deploy import deploy_cmd
@@ -18,5 +19,14 @@ from fleet.commands.view import fleet_grp
 
 cli = click.Group(
     "fleet-commands",
-    commands=[keys_grp, publish_cmd, deploy_cmd, device_grp, collect_cmd, fleet_grp, demo_cmd],
+    commands=[
+        keys_grp,
+        publish_cmd,
+        deploy_cmd,
+        device_grp,
+        collect_cmd,
+        fleet_grp,
+        demo_cmd,
+        broker_grp,
+    ],
 )

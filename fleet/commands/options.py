@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from agent.broker import BrokerConfig
+from agent.errors import UsageError
 from fleet.mqtt import broker_config
 
 DB_HELP = "Fleet database: a file path (SQLite) or postgresql://USER@HOST:PORT/DB."
@@ -28,6 +30,14 @@ def broker_options_with(
                 "--cert-file", default=None, help="Client certificate (PEM) for mqtts://."
             ),
             click.option("--key-file", default=None, help="Client key (PEM) for mqtts://."),
+            click.option(
+                "--identity",
+                default=None,
+                envvar="EDGEFLEET_IDENTITY",
+                help="Directory with ca.pem, cert.pem and key.pem (as written by "
+                "'edgefleet broker init', e.g. broker/operator); sets the three files above "
+                "(or $EDGEFLEET_IDENTITY).",
+            ),
             click.option("--username", default=None, help="Broker user name."),
             click.option(
                 "--password",
@@ -46,16 +56,25 @@ def broker_options_with(
 broker_options = broker_options_with()
 
 
+def identity_files(directory: str) -> tuple[str, str, str]:
+    """ca.pem, cert.pem and key.pem of an identity directory; a missing one is a usage error."""
+    d = Path(directory)
+    files = tuple(str(d / n) for n in ("ca.pem", "cert.pem", "key.pem"))
+    missing = [Path(f).name for f in files if not Path(f).is_file()]
+    if missing:
+        raise UsageError(f"--identity {directory}: no {', '.join(missing)} there")
+    return files[0], files[1], files[2]
+
+
 def broker_from_options(kw: dict[str, Any]) -> BrokerConfig:
-    """The BrokerConfig of the broker options in ``kw`` (removed from it)."""
-    return broker_config(
-        kw.pop("broker"),
-        kw.pop("ca_file"),
-        kw.pop("cert_file"),
-        kw.pop("key_file"),
-        kw.pop("username"),
-        kw.pop("password"),
-    )
+    """The BrokerConfig of the broker options in ``kw`` (removed from it). --identity fills in
+    whichever of --ca-file, --cert-file and --key-file were not given."""
+    ca, cert, key = kw.pop("ca_file"), kw.pop("cert_file"), kw.pop("key_file")
+    identity = kw.pop("identity", None)
+    if identity:
+        i_ca, i_cert, i_key = identity_files(identity)
+        ca, cert, key = ca or i_ca, cert or i_cert, key or i_key
+    return broker_config(kw.pop("broker"), ca, cert, key, kw.pop("username"), kw.pop("password"))
 
 
 def operator_option(f: F) -> F:
