@@ -167,13 +167,17 @@ def install(artifact: Path, state: Path, pub: Path) -> None:
 
 
 def write_config(path: Path, state: Path, pub: Path, broker: str, port: int) -> None:
+    from fleet.trust import provision
+
+    trust = provision(path.parent / "trust", [pub])
     path.write_text(
         "\n".join(
             [
                 'device_id = "bench"',
                 'profile = "bench-cpu"',
                 f'state_dir = "{state}"',
-                f'trusted_keys = ["{pub}"]',
+                f'root_key = "{trust.root_pub}"',
+                f'trust_file = "{trust.trust}"',
                 'runtimes = ["onnxruntime"]',
                 "threads = 1",
                 "[broker]",

@@ -37,6 +37,7 @@ import paho.mqtt.client as mqtt  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from bench.fleetsim import PROFILE  # noqa: E402
+from fleet.trust import Operator, provision  # noqa: E402
 from tests.agent_helpers import Broker, make_artifact, make_keys  # noqa: E402
 
 
@@ -115,7 +116,7 @@ def start_workers(
                     str(REPO / "bench" / "fleetsim.py"),
                     "--broker",
                     url,
-                    "--key",
+                    "--trust-dir",
                     str(key),
                     "--dir",
                     str(root / "devices"),
@@ -193,6 +194,8 @@ def main() -> None:
     result: dict[str, Any] = {}
     try:
         keys = make_keys(tmp / "keys")
+        trust_dir = tmp / "trust"
+        signer = Operator(provision(trust_dir, [keys.public]).operator_key or Path())
         art = make_artifact(
             tmp / "art",
             keys,
@@ -207,7 +210,7 @@ def main() -> None:
         )
         t_start = time.monotonic()
         workers = start_workers(
-            args.devices, args.procs, broker.url, keys.public, tmp, args.timeout * 3
+            args.devices, args.procs, broker.url, trust_dir, tmp, args.timeout * 3
         )
         ok = mon.wait(lambda: len(mon.online) >= args.devices, args.timeout, "device births")
         online = len(mon.online)
@@ -218,7 +221,7 @@ def main() -> None:
         t0 = time.monotonic()
         pub = publish_artifact(art, cfg, chunk_size=args.chunk_kb * 1024, force=True)
         mon.sha = pub.sha256
-        deploy(cfg, "fleetbench@1.0.0", group="fleet")
+        deploy(cfg, "fleetbench@1.0.0", signer, group="fleet")
         t_deploy = time.monotonic()
         done = mon.wait(
             lambda: mon.count("ACTIVE") + len(mon.failures) >= online, args.timeout, "ACTIVE events"

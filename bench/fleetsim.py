@@ -8,7 +8,7 @@ loading, the golden self-test and the on-device benchmark are replaced by a no-o
 (``stub_runtime``), so hundreds of devices fit on one small machine; the HTTP endpoint and
 telemetry reporter are off (the ingest bench measures telemetry separately).
 
-Run as a worker: ``python3 bench/fleetsim.py --broker URL --key PUB --dir D --prefix sim --start 0
+Run as a worker: ``python3 bench/fleetsim.py --broker URL --trust-dir DIR --dir D --prefix sim --start 0
 --count 100 --group fleet --max-s 300``; it runs until SIGTERM/SIGINT or ``--max-s``.
 """
 
@@ -77,13 +77,16 @@ def stub_runtime() -> None:
     selftest.golden_check = lambda *a, **k: None
 
 
-def device_config(device: str, broker: str, key: Path, state_dir: Path, group: str) -> AgentConfig:
+def device_config(
+    device: str, broker: str, trust: Path, state_dir: Path, group: str
+) -> AgentConfig:
     doc: dict[str, Any] = {
         "device_id": device,
         "profile": PROFILE,
         "groups": [group],
         "state_dir": str(state_dir),
-        "trusted_keys": [str(key)],
+        "root_key": str(trust / "root.pub"),
+        "trust_file": str(trust / "trust.json"),
         "keep_versions": 1,
         "runtimes": ["onnxruntime"],
         "log_level": "warning",
@@ -133,7 +136,13 @@ class SimFleet:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--broker", required=True)
-    ap.add_argument("--key", required=True, type=Path, help="trusted public key (PEM)")
+    ap.add_argument(
+        "--trust-dir",
+        dest="key",
+        required=True,
+        type=Path,
+        help="directory with root.pub and trust.json (fleet.trust.provision)",
+    )
     ap.add_argument("--dir", required=True, type=Path, help="state directories go here")
     ap.add_argument("--prefix", default="sim")
     ap.add_argument("--start", type=int, default=0)

@@ -44,6 +44,7 @@ from agent.protocol.signing import load_public_key  # noqa: E402
 from agent.serve.tensors import NP_DTYPES  # noqa: E402
 from agent.telemetry.latency import p50_p95_p99  # noqa: E402
 from fleet.localfleet import Procs, free_port, start_broker  # noqa: E402 (no torch/onnx below)
+from fleet.trust import Operator, RootSetup, provision  # noqa: E402
 
 DEVICE = "jetson-check-1"
 PROVIDERS_RE = re.compile(r"session providers (\[[^\]]*\])")
@@ -105,12 +106,13 @@ class Watch:
         self.c.loop_stop()
 
 
-def agent_config(run: Path, url: str, pub: Path, port: int, threads: int) -> Path:
+def agent_config(run: Path, url: str, trust: RootSetup, port: int, threads: int) -> Path:
     """Profile jetson-orin-nano (its providers and latency budget), endpoint on, short probation."""
     text = f"""device_id = "{DEVICE}"
 profile = "jetson-orin-nano"
 state_dir = "{run / "state"}"
-trusted_keys = ["{pub.resolve()}"]
+root_key = "{trust.root_pub.resolve()}"
+trust_file = "{trust.trust.resolve()}"
 threads = {threads}
 profiles_dir = "{ROOT / "device_profiles"}"
 log_level = "info"
@@ -218,7 +220,9 @@ def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, Any]:
     watch = Watch(url)
     try:
         port = free_port()
-        cfg_path = agent_config(tmp, url, args.key, port, profile.runtime.threads)
+        trust = provision(tmp / "trust", [args.key])
+        signer = Operator(trust.operator_key or Path())
+        cfg_path = agent_config(tmp, url, trust, port, profile.runtime.threads)
         t0 = time.monotonic()
         procs.start("agent", [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg_path)])
         t_ready, _ = watch.wait("state", lambda d: d.get("online") is True, 60)
@@ -230,7 +234,7 @@ def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, Any]:
         cfg = broker_config(url)
         _publish(args.artifact, cfg, verify=impl.startswith("amqtt"))
         t_dep = time.monotonic()
-        sha = deploy(cfg, f"{m.name}@{m.version}", device=DEVICE).deployment.sha256
+        sha = deploy(cfg, f"{m.name}@{m.version}", signer, device=DEVICE).deployment.sha256
 
         def state_is(*states: str) -> Any:
             return lambda d: d.get("sha256") == sha and d.get("state") in states
@@ -286,8 +290,9 @@ def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, Any]:
         res = send_command(
             cfg,
             DEVICE,
-            build_command("benchmark", None, min(args.requests, MAX_BENCH_RUNS), None, None),
+            build_command("benchmark", None, min(args.requests, MAX_BENCH_RUNS), None),
             120,
+            signer,
         )
         bench = res.detail
         t_bench = time.monotonic()

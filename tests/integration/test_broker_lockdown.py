@@ -23,7 +23,7 @@ from fleet.broker_init import add_device, init_broker
 from fleet.deploy import deploy
 from fleet.mqtt import SyncClient, broker_config
 from fleet.publish import publish_artifact
-from tests.agent_helpers import TIME_SCALE, AgentProcess, Broker, free_port, write_config
+from tests.agent_helpers import TIME_SCALE, AgentProcess, Broker, free_port, operator, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +99,7 @@ def test_agent_with_its_certificate_gets_a_group_deployment_from_the_operator(
         sha = publish_artifact(
             artifacts(version="1.0.0"), locked.cfg("operator"), chunk_size=4096
         ).sha256
-        deploy(locked.cfg("operator"), "tiny@1.0.0", group="lab")
+        deploy(locked.cfg("operator"), "tiny@1.0.0", operator(), group="lab")
         deadline = time.monotonic() + 60 * TIME_SCALE
         while True:
             m = events.get(max(0.0, deadline - time.monotonic()))

@@ -12,7 +12,7 @@ from agent.protocol import topics
 from fleet.deploy import deploy as fleet_deploy
 from fleet.mqtt import broker_config
 from fleet.publish import publish_artifact
-from tests.agent_helpers import Broker, Listener, deploy, free_port
+from tests.agent_helpers import Broker, Listener, deploy, free_port, operator
 
 pytestmark = pytest.mark.integration
 
@@ -41,12 +41,12 @@ def test_publish_is_idempotent_and_deploy_errors(broker: Broker, artifacts: Any)
     again = publish_artifact(art, cfg, chunk_size=4096)
     assert not first.skipped and again.skipped and again.sha256 == first.sha256
     with pytest.raises(UsageError, match="not published"):
-        fleet_deploy(cfg, "tiny@9.9.9", device="x")
+        fleet_deploy(cfg, "tiny@9.9.9", operator(), device="x")
     with pytest.raises(UsageError, match="NAME@VERSION"):
-        fleet_deploy(cfg, "tiny-1.0", device="x")
+        fleet_deploy(cfg, "tiny-1.0", operator(), device="x")
     with pytest.raises(UsageError, match="exactly one"):
-        fleet_deploy(cfg, "tiny@1.0.0")
-    res = fleet_deploy(cfg, "tiny@1.0.0", group="lab")
+        fleet_deploy(cfg, "tiny@1.0.0", operator())
+    res = fleet_deploy(cfg, "tiny@1.0.0", operator(), group="lab")
     assert res.deployment.sha256 == first.sha256 and res.topic == topics.group_deployment("lab")
     with pytest.raises(BrokerError, match="cannot connect"):
         publish_artifact(art, broker_config(f"mqtt://127.0.0.1:{free_port()}"))
@@ -70,14 +70,14 @@ def test_publish_verifies_before_it_repoints_an_index_entry(
     res = publish_artifact(other, cfg, chunk_size=4096, trusted=[load_public_key(keys.public)])
     assert (
         res.sha256 != first.sha256
-        and fleet_deploy(cfg, "tiny@2.0.0", device="x").deployment.sha256 == res.sha256
+        and fleet_deploy(cfg, "tiny@2.0.0", operator(), device="x").deployment.sha256 == res.sha256
     )
 
 
 def test_deploy_to_a_group_no_device_follows_warns(broker: Broker, artifacts: Any) -> None:
     cfg = broker_config(broker.url)
     publish_artifact(artifacts(version="1.0.0"), cfg, chunk_size=4096)
-    res = fleet_deploy(cfg, "tiny@1.0.0", group="nobody-here")
+    res = fleet_deploy(cfg, "tiny@1.0.0", operator(), group="nobody-here")
     assert (
         len(res.warnings) == 1
         and "no device" in res.warnings[0]

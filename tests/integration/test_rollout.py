@@ -15,7 +15,16 @@ from agent.protocol import topics
 from fleet.mqtt import SyncClient, broker_config
 from fleet.rollout.policy import Gate, Rollout
 from fleet.rollout.runner import staged_rollout
-from tests.agent_helpers import REPO, Broker, Listener, active_sha, deploy, free_port, publish
+from tests.agent_helpers import (
+    REPO,
+    Broker,
+    Listener,
+    active_sha,
+    deploy,
+    free_port,
+    operator,
+    publish,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -50,6 +59,7 @@ def test_canary_rollout_then_offline_device_catches_up(
         "tiny@1.0.0",
         "lab",
         "1",
+        operator(),
         wait=True,
         timeout=60,
         on_change=lambda r: seen.append(r.phase),
@@ -77,7 +87,7 @@ def test_canary_rollout_then_offline_device_catches_up(
     assert active_sha(agents.state_dir("r3")) == sha1
     # an upgrade: the canary's ACTIVE event carries both p95 figures, which the gate compares
     ro2 = staged_rollout(
-        broker_config(broker.url), "tiny@1.1.0", "lab", "34%", wait=True, timeout=60
+        broker_config(broker.url), "tiny@1.1.0", "lab", "34%", operator(), wait=True, timeout=60
     )
     assert ro2.phase == "done", ro2.reason
     c = ro2.devices["r1"]
@@ -145,6 +155,7 @@ def test_halted_rollouts_roll_canaries_back(
         "tiny@1.2.0",
         "lab",
         "1",
+        operator(),
         gate=Gate(max_p95_regression_pct=-100.0, p95_slack_ms=0.0),
         timeout=60,
     )
@@ -163,11 +174,16 @@ def test_halted_rollouts_roll_canaries_back(
 
     # 3. one-line errors: unknown version, a group with no devices, no broker
     with pytest.raises(UsageError, match="not published"):
-        staged_rollout(cfg, "tiny@9.9.9", "lab", "1", timeout=5)
+        staged_rollout(cfg, "tiny@9.9.9", "lab", "1", operator(), timeout=5)
     with pytest.raises(UsageError, match="has no devices"):
-        staged_rollout(cfg, "tiny@1.0.0", "nobody", "1", timeout=5)
+        staged_rollout(cfg, "tiny@1.0.0", "nobody", "1", operator(), timeout=5)
     with pytest.raises(BrokerError, match="cannot connect"):
         staged_rollout(
-            broker_config(f"mqtt://127.0.0.1:{free_port()}"), "tiny@1.0.0", "lab", "1", timeout=5
+            broker_config(f"mqtt://127.0.0.1:{free_port()}"),
+            "tiny@1.0.0",
+            "lab",
+            "1",
+            operator(),
+            timeout=5,
         )
     assert isinstance(ro, Rollout)

@@ -22,7 +22,7 @@ from agent.protocol import topics
 from fleet.deploy import deploy
 from fleet.mqtt import broker_config
 from fleet.publish import publish_artifact
-from tests.agent_helpers import AgentProcess, Broker, write_config
+from tests.agent_helpers import AgentProcess, Broker, operator, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +118,7 @@ def test_agent_over_mqtts(tls_broker: Any, tmp_path: Path, keys: Any, artifacts:
             url, str(d / "ca.pem"), str(d / "client.pem"), str(d / "client.key"), "dev", "s3cret"
         )
         sha = publish_artifact(artifacts(version="1.0.0"), bc, chunk_size=4096).sha256
-        res = deploy(bc, "tiny@1.0.0", device="tls1")
+        res = deploy(bc, "tiny@1.0.0", operator(), device="tls1")
         assert res.deployment.sha256 == sha
         assert healthy.wait(30), (tmp_path / "agent.log").read_text()[-2000:]
     finally:
