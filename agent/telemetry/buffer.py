@@ -2,7 +2,9 @@
 
 SQLite's journal makes every append and delete atomic, so a crash (SIGKILL, power loss) leaves
 the buffer as of some recent commit, never torn. Beyond ``max_messages`` the oldest messages are
-dropped first; how many is kept (in the same database) so the next message can report it. The
+dropped first; how many is kept (in the same database) so the next message can report it. A
+write refused by a full disk raises (sqlite3.OperationalError, SQLITE_FULL): the reporter counts
+that message as dropped in memory and hands the count to the next ``reserve`` that succeeds. The
 sequence number of telemetry messages lives here too, so it keeps increasing across restarts.
 """
 
@@ -56,15 +58,18 @@ class TelemetryBuffer:
             (name, value),
         )
 
-    def reserve(self) -> Reservation:
-        """Take the next seq and the drop count to report (which then starts again from 0)."""
+    def reserve(self, unbuffered: int = 0) -> Reservation:
+        """Take the next seq and the drop count to report (which then starts again from 0);
+        ``unbuffered``: messages dropped because they could not be written (a full disk), added
+        to both counts."""
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             seq = self._counter("seq") + 1
-            dropped = self._counter("dropped")
+            dropped = self._counter("dropped") + unbuffered
             self._set("seq", seq)
             self._set("dropped", 0)
-            total = self._counter("dropped_total")
+            total = self._counter("dropped_total") + unbuffered
+            self._set("dropped_total", total)
             pending = self._pending()
         return Reservation(seq, dropped, total, pending)
 
