@@ -41,9 +41,11 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 def fmt_bytes(n: float) -> str:
-    """``4096 MB`` below 10 GB, ``100.0 GB`` above: the units the config speaks."""
+    """``100.0 GB`` from 10 GB, ``4096 MB`` / ``9.5 MB`` below, ``40 KB`` under 1 MB."""
     if n >= 10 * 1024 * MB:
         return f"{n / (1024 * MB):.1f} GB"
+    if n < MB:
+        return f"{n / 1024:.0f} KB"
     return f"{n / MB:.0f} MB" if n >= 10 * MB else f"{n / MB:.1f} MB"
 
 
