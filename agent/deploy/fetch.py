@@ -269,7 +269,7 @@ class Fetcher:
         )
         self._backoff = (desired.sha256, delay)
         self.job = FetchJob(desired, retry_at=time.monotonic() + delay, deferred=True)
-        log.warning("waiting for disk space: %s (again in %.0fs)", reason, delay)
+        log.warning("waiting for disk space: %s (again in %.1fs)", reason, delay)
         self.machine.enter(
             Phase.WAITING_SPACE,
             desired,

@@ -284,7 +284,13 @@ class Machine:
             and rec.dir == active_dir
         ):
             self.record = InstallRecord(rec.sha256, Phase.PROBATION, rec.dir, rec.previous)
-            self.record.write(self.path)
+            try:
+                self.record.write(self.path)
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    raise
+                # ACTIVATING or PROBATION stays on disk: a restart reads either the same way
+                log.warning("cannot save %s: %s", self.path, exc)
             self.phase = Phase.PROBATION
         else:
             self.clear()

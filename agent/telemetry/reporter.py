@@ -271,4 +271,13 @@ class TelemetryReporter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.unbuffered or self.unreported:  # counted in memory: kept for the next start
+            try:
+                self.buffer.add_dropped(self.unbuffered, self.unreported)
+            except (sqlite3.Error, OSError) as exc:
+                log.error(
+                    "%d telemetry messages dropped (buffer unwritable) and the count not saved: %s",
+                    self.unbuffered,
+                    exc,
+                )
         self.buffer.close()

@@ -459,3 +459,34 @@ def test_disk_full_is_told_from_other_errors() -> None:
     assert not space.is_disk_full(OSError(errno.EACCES, "x"))
     assert space.is_disk_full(sqlite3.OperationalError("database or disk is full"))
     assert not space.is_disk_full(sqlite3.OperationalError("database is locked"))
+
+
+def test_buffer_that_cannot_be_opened_at_start_counts_and_opens_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = TelemetryBuffer._open
+    left = [2]  # the open in __init__ and the first report's
+
+    def open_(self: TelemetryBuffer) -> sqlite3.Connection:
+        if left[0]:
+            left[0] -= 1
+            _full()
+        return real(self)
+
+    monkeypatch.setattr(TelemetryBuffer, "_open", open_)
+    rep, _ = _reporter(tmp_path)  # starts all the same
+    assert rep.buffer.pending() == 0 and rep.pump() == 0
+    assert rep.report() is None
+    msg = rep.report()
+    assert msg is not None and msg.buffer["dropped"] == 1
+    rep.buffer.close()
+
+
+def test_drop_counts_in_memory_are_saved_when_the_reporter_stops(tmp_path: Path) -> None:
+    rep, _ = _reporter(tmp_path)
+    rep.unbuffered, rep.unreported = 2, 1
+    rep.stop()
+    buf = TelemetryBuffer(tmp_path / "state" / "telemetry", 100)
+    res = buf.reserve()
+    assert (res.dropped, res.dropped_total) == (3, 2)
+    buf.close()
