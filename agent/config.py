@@ -23,6 +23,14 @@ class TransferConfig(_Strict):
     window: int = Field(default=8, ge=1, le=256)
     # No chunk for this long while fetching: subscribe the window again.
     stall_s: float = Field(default=20.0, gt=0)
+    # An announced artifact larger than this is refused before anything is written.
+    max_artifact_mb: float = Field(default=4096.0, gt=0)
+    # Free space kept on the state dir's filesystem beyond what a deployment needs (download +
+    # unpacked files); short of it, the deployment waits for space instead of starting.
+    free_space_margin_mb: float = Field(default=64.0, ge=0)
+    # Waiting for disk space: checked again after this, doubling up to disk_retry_max_s.
+    disk_retry_s: float = Field(default=10.0, gt=0)
+    disk_retry_max_s: float = Field(default=300.0, gt=0)
 
 
 class InstallConfig(_Strict):

@@ -598,10 +598,13 @@ def write_config(
     serve: dict[str, Any] | None = None,
     telemetry: dict[str, Any] | None = None,
     keep_versions: int = 1,
+    transfer: dict[str, Any] | None = None,
     **install: Any,
 ) -> Path:
     """``serve``: the [serve] section; default disabled, so agents in one test do not share a port.
-    ``telemetry``: the [telemetry] section (default: the agent's defaults)."""
+    ``telemetry``: the [telemetry] section (default: the agent's defaults); ``transfer``: keys
+    added to (or replacing) [transfer]'s window = 8 and stall_s = 5."""
+    xfer = {"window": 8, "stall_s": 5.0, **(transfer or {})}
     inst = {
         "bench_runs": 10,
         "max_p95_ms": 1000.0,
@@ -626,8 +629,7 @@ def write_config(
         "reconnect_max_s = 2",
         f'protocol = "{protocol}"',
         "[transfer]",
-        "window = 8",
-        "stall_s = 5.0",
+        *[f"{k} = {json.dumps(v)}" for k, v in xfer.items()],
         "[install]",
         *[f"{k} = {json.dumps(v)}" for k, v in inst.items()],
         "[serve]",

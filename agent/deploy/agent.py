@@ -236,7 +236,9 @@ class Agent:
             else:
                 self.fetcher.on_announcement(job, payload)
         elif t.kind == "chunk":
-            if job is None or job.store is None or t.sha256 != job.sha or t.index is None:
+            if job is not None and job.deferred and job.store is None and t.sha256 == job.sha:
+                pass  # sent before the download was discarded for disk space
+            elif job is None or job.store is None or t.sha256 != job.sha or t.index is None:
                 self.out.bad(topic, "chunk for an artifact that is not being fetched")
             else:
                 self.fetcher.on_chunk(job, t.index, payload)
@@ -353,12 +355,20 @@ class Agent:
         phase: Phase = Phase.REJECTED,
         detail: dict[str, Any] | None = None,
     ) -> None:
-        """The attempt at ``dep`` ends in ``phase`` (REJECTED or ROLLED_BACK): remembered, not retried."""
+        """The attempt at ``dep`` ends in ``phase`` (REJECTED or ROLLED_BACK): remembered, not retried.
+
+        The download goes first: on a full disk its space is what saving agent.json needs."""
         self.rejected[dep.sha256] = {"reason": reason, "deployed_at": dep.deployed_at}
-        self.file.save()
         self.fetcher.cancel(dep.sha256, verdict=True)
         discard_download(self.downloads, dep.sha256)
+        self.file.save()
         self.machine.enter(phase, dep, reason, detail)
+
+    def wait_for_space(
+        self, dep: Deployment, reason: str, detail: dict[str, Any] | None = None
+    ) -> None:
+        """A full disk during the install: fetched again once there is room (not a refusal)."""
+        self.fetcher.wait_for_space(dep, reason, detail)
 
     def mark_rejected(self, sha: str, reason: str) -> None:
         """A rolled-back artifact is not fetched again for the deployment that named it."""

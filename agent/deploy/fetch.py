@@ -21,7 +21,8 @@ from agent.protocol.messages import (
     MessageError,
     decode,
 )
-from agent.store.chunks import ChunkStore
+from agent.store.chunks import ChunkStore, discard_download
+from agent.store.space import allocated, check_size, is_disk_full, space_short
 from agent.store.versions import Installed
 from agent.transport.base import Transport
 
@@ -43,6 +44,9 @@ class FetchJob:
     next_report: float = 0.1
     finished: float | None = None
     bad_chunks: dict[int, int] = field(default_factory=dict)
+    # Waiting for disk space: the announcement is asked for again at this time (monotonic).
+    retry_at: float | None = None
+    deferred: bool = False  # made by wait_for_space (chunks left over from before are ignored)
 
     @property
     def sha(self) -> str:
@@ -128,6 +132,7 @@ class Fetcher:
         self.downloads = cfg.state_dir / "downloads"
         self.downloads.mkdir(exist_ok=True)
         self.job: FetchJob | None = None
+        self._backoff: tuple[str, float] | None = None  # (sha, delay) of the last wait for space
 
     def start(self, desired: Deployment) -> None:
         """Fetch ``desired`` (its announcement first), giving up any other download."""
@@ -148,6 +153,9 @@ class Fetcher:
                 self.machine.idle()
 
     def on_announcement(self, job: FetchJob, payload: bytes) -> None:
+        if job.retry_at is not None:
+            return  # waiting for disk space: asked for again when the retry is due
+        short: tuple[str, dict[str, Any]] | None = None
         try:
             ann = decode(ArtifactAnnouncement, payload, MAX_ANNOUNCEMENT_BYTES)
             if ann.sha256 != job.sha:
@@ -171,9 +179,17 @@ class Fetcher:
                     f"deployment names {job.desired.name}@{job.desired.version} "
                     f"but the artifact is {m.name}@{m.version}"
                 )
-            store = ChunkStore(self.downloads, ann)
+            short = self._check_space(ann, m)
+            store = None if short is not None else ChunkStore(self.downloads, ann)
         except (EdgefleetError, OSError) as exc:
-            self.reject(job.desired, str(exc), {})
+            if is_disk_full(exc):
+                self.wait_for_space(job.desired, f"cannot create the download: {exc}")
+            else:
+                self.reject(job.desired, str(exc), {})
+            return
+        if store is None:
+            assert short is not None
+            self.wait_for_space(job.desired, *short)
             return
         job.ann, job.manifest, job.store = ann, m, store
         self.t.unsubscribe([topics.artifact_manifest(job.sha)])
@@ -208,7 +224,12 @@ class Fetcher:
             job.retry(self.t, index)
             return
         except OSError as exc:
-            self.reject(job.desired, f"cannot write the download: {exc}", {"chunk": index})
+            if is_disk_full(exc):
+                self.wait_for_space(
+                    job.desired, f"cannot write the download: {exc}", {"chunk": index}
+                )
+            else:
+                self.reject(job.desired, f"cannot write the download: {exc}", {"chunk": index})
             return
         job.landed(self.t, index, len(payload))
         self._continue(job)
@@ -229,8 +250,49 @@ class Fetcher:
         else:
             job.fill_window(self.t, self.cfg.transfer.window)
 
+    def _check_space(
+        self, ann: ArtifactAnnouncement, m: Manifest
+    ) -> tuple[str, dict[str, Any]] | None:
+        """Before anything is written: refuse an artifact over ``transfer.max_artifact_mb``
+        (TooLargeError); the reason to wait when the state dir lacks room for it (space.py)."""
+        tc = self.cfg.transfer
+        check_size(ann.size, tc.max_artifact_mb)
+        have = allocated(self.downloads / f"{ann.sha256}.part")
+        have += allocated(self.downloads / f"{ann.sha256}.efa")
+        return space_short(self.cfg.state_dir, ann.size, m, tc.free_space_margin_mb, have)
+
+    def wait_for_space(
+        self, desired: Deployment, reason: str, detail: dict[str, Any] | None = None
+    ) -> None:
+        """A full disk, or too little room announced: discard the download first (its space is
+        what the agent's own state files need next), then fetch it again after a backoff
+        (WAITING_SPACE). Not a refusal: nothing is remembered in agent.json."""
+        if self.job is not None:
+            self.job.cancel(self.t)
+        discard_download(self.downloads, desired.sha256)
+        tc = self.cfg.transfer
+        last = self._backoff
+        delay = (
+            min(last[1] * 2, tc.disk_retry_max_s)
+            if last is not None and last[0] == desired.sha256
+            else min(tc.disk_retry_s, tc.disk_retry_max_s)
+        )
+        self._backoff = (desired.sha256, delay)
+        self.job = FetchJob(desired, retry_at=time.monotonic() + delay, deferred=True)
+        log.warning("waiting for disk space: %s (again in %.1fs)", reason, delay)
+        self.machine.enter(
+            Phase.WAITING_SPACE,
+            desired,
+            f"waiting for disk space: {reason}",
+            {**(detail or {}), "waiting": "disk_space", "retry_in_s": round(delay, 3)},
+        )
+
     def tick(self, now: float) -> None:
         job = self.job
+        if job is not None and job.retry_at is not None and now >= job.retry_at:
+            job.retry_at = None  # the retained announcement comes again; its checks run again
+            self.t.subscribe([topics.artifact_manifest(job.sha)])
+            return
         if job is not None and job.inflight and now - job.last_progress > self.cfg.transfer.stall_s:
             log.info(
                 "no chunk for %.0fs; asking again for %d chunks",

@@ -25,6 +25,7 @@ from agent.protocol.messages import Deployment
 from agent.runtime import InferenceSession
 from agent.serve.holder import Loaded, SessionHolder
 from agent.store.chunks import discard_download
+from agent.store.space import is_disk_full
 from agent.store.versions import Installed, VersionStore
 
 
@@ -48,6 +49,9 @@ class Owner(Protocol):
         detail: dict[str, Any] | None = None,
     ) -> None: ...
     def mark_rejected(self, sha: str, reason: str) -> None: ...
+    def wait_for_space(
+        self, dep: Deployment, reason: str, detail: dict[str, Any] | None = None
+    ) -> None: ...
     def settled(self) -> None: ...
     def allowed(self, inst: Installed) -> str | None: ...
 
@@ -78,6 +82,7 @@ class Installer:
         self.session: InferenceSession | None = None
         self.golden: GoldenSet | None = None
         self.probation: Probation | None = None
+        self._candidate: Installed | None = None  # unpacked during ``install``, not yet active
 
     # -- restart ----------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -86,7 +91,10 @@ class Installer:
         active = self.versions.active()
         phase = self.machine.restore(active.dir.name if active is not None else None)
         if active is not None:
-            self.policy.lines.record(active.manifest)  # agents from before lines.json existed
+            try:  # agents from before lines.json existed start with the active version
+                self.policy.lines.record(active.manifest)
+            except OSError as exc:
+                log.error("cannot record %s in lines.json: %s", active.label, exc)
             try:
                 self._load_active(active)
             except (EdgefleetError, OSError, ValueError) as exc:
@@ -124,6 +132,25 @@ class Installer:
 
     # -- FETCHING -> VERIFIED -> UNPACKED -> SELF_TEST -> ACTIVATING -> PROBATION -----------------
     def install(self, job: FetchJob) -> None:
+        """Install a finished download; a full disk before activation (ENOSPC while checking,
+        unpacking or saving install.json) discards what it wrote and waits for space."""
+        self._candidate = None
+        try:
+            self._install(job)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            self._disk_full(job.desired, exc)
+        finally:
+            self._candidate = None
+
+    def _disk_full(self, dep: Deployment, exc: OSError) -> None:
+        self.versions.clean_partial()  # a half-written unpack
+        if self._candidate is not None:
+            self.versions.forget(self._candidate)  # never the active one
+        self.owner.wait_for_space(dep, f"disk full while installing: {exc}")
+
+    def _install(self, job: FetchJob) -> None:
         dep, store, m = job.desired, job.store, self.machine
         assert store is not None
         try:
@@ -135,6 +162,8 @@ class Installer:
                 raise IntegrityError("artifact's manifest differs from the announced one")
             self.policy.check(va.manifest)
         except (EdgefleetError, OSError) as exc:
+            if is_disk_full(exc):
+                raise
             self.owner.reject(dep, str(exc))
             return
         previous = self.active.dir.name if self.active else None
@@ -150,8 +179,11 @@ class Installer:
         try:
             inst = self.versions.unpack(va)
         except (EdgefleetError, OSError) as exc:
+            if is_disk_full(exc):
+                raise
             self.owner.reject(dep, f"unpack failed: {exc}")
             return
+        self._candidate = inst
         m.enter(Phase.UNPACKED, dep, "", {"dir": inst.dir.name}, dir=inst.dir.name)
         m.pause("UNPACKED")
         m.enter(Phase.SELF_TEST, dep)
@@ -185,11 +217,18 @@ class Installer:
             self._failed_candidate(dep, inst, result.reason, result.detail)
             return
         prev = self.active
-        m.enter(
-            Phase.ACTIVATING
-        )  # persisted before the symlink moves: a restart checks which it names
+        try:
+            # persisted before the symlink moves: a restart checks which it names
+            m.enter(Phase.ACTIVATING)
+        except OSError:
+            session.close()
+            raise
         self.versions.activate(inst)
-        self.policy.lines.record(inst.manifest)
+        self._candidate = None  # active: kept whatever happens next
+        try:
+            self.policy.lines.record(inst.manifest)
+        except OSError as exc:  # a full disk: anti-rollback still holds in memory until a restart
+            log.error("cannot record %s in lines.json: %s", inst.label, exc)
         assert result.golden is not None  # set on every passing check
         self._set_active(inst, session, result.golden)
         discard_download(self.downloads, dep.sha256)

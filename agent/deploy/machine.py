@@ -11,7 +11,9 @@ One attempt runs at a time, on the agent's one worker thread:
     IDLE -> FETCHING -> VERIFIED -> UNPACKED -> SELF_TEST -> ACTIVATING -> PROBATION -> HEALTHY
     any failure before ACTIVATING: REJECTED (the artifact is refused) or ROLLED_BACK (it failed
     on this device); during PROBATION: ROLLED_BACK (switched back). HEALTHY, ROLLED_BACK and
-    REJECTED end the attempt and behave like IDLE.
+    REJECTED end the attempt and behave like IDLE. A full disk before ACTIVATING (too little
+    free space announced, or ENOSPC while writing) is WAITING_SPACE: the download is discarded,
+    not refused, and fetched again once the space is there (reported as FETCHING with a reason).
 
 The events carry the public names of ``agent.protocol.states`` (PROBATION is reported as
 ACTIVE; IDLE and ACTIVATING are not reported). A rollback command acts on the active model:
@@ -31,6 +33,7 @@ from typing import Any
 
 from agent.protocol.states import DeployState
 from agent.store.fsutil import read_json, remove, write_json
+from agent.store.space import is_disk_full
 
 log = logging.getLogger("agent.deploy.agent")
 
@@ -42,6 +45,7 @@ PAUSE_ENV = "EDGEFLEET_TEST_PAUSE_AT"
 class Phase(str, Enum):
     IDLE = "IDLE"
     FETCHING = "FETCHING"
+    WAITING_SPACE = "WAITING_SPACE"
     VERIFIED = "VERIFIED"
     UNPACKED = "UNPACKED"
     SELF_TEST = "SELF_TEST"
@@ -61,8 +65,9 @@ class Spec:
 
 
 P = Phase
-# From a resting phase: a download starts, its signed announcement is refused, or a rollback command.
-_REST = (P.FETCHING, P.REJECTED, P.ROLLED_BACK)
+# From a resting phase: a download starts, waits for disk space, its signed announcement is
+# refused, or a rollback command.
+_REST = (P.FETCHING, P.WAITING_SPACE, P.REJECTED, P.ROLLED_BACK)
 TABLE: dict[Phase, Spec] = {
     P.IDLE: Spec(
         None, False, "nothing in flight; the desired deployment is reconciled again", _REST
@@ -71,25 +76,31 @@ TABLE: dict[Phase, Spec] = {
         "FETCHING",
         False,
         "the download resumes from its bitmap; chunks on disk are re-hashed, not fetched",
-        (P.FETCHING, P.VERIFIED, P.REJECTED, P.IDLE, P.ROLLED_BACK),
+        (P.FETCHING, P.VERIFIED, P.WAITING_SPACE, P.REJECTED, P.IDLE, P.ROLLED_BACK),
+    ),
+    P.WAITING_SPACE: Spec(
+        "FETCHING",
+        False,
+        "nothing of the download is on disk; it is fetched again once there is room",
+        (P.FETCHING, P.WAITING_SPACE, P.REJECTED, P.IDLE, P.ROLLED_BACK),
     ),
     P.VERIFIED: Spec(
         "VERIFIED",
         True,
         "the old model serves; the install restarts from the download",
-        (P.UNPACKED, P.REJECTED),
+        (P.UNPACKED, P.WAITING_SPACE, P.REJECTED),
     ),
     P.UNPACKED: Spec(
         "UNPACKED",
         True,
         "the old model serves; the install restarts from the download",
-        (P.SELF_TEST, P.REJECTED),
+        (P.SELF_TEST, P.WAITING_SPACE, P.REJECTED),
     ),
     P.SELF_TEST: Spec(
         "SELF_TEST",
         True,
         "the old model serves; the install restarts from the download",
-        (P.ACTIVATING, P.ROLLED_BACK, P.REJECTED),
+        (P.ACTIVATING, P.WAITING_SPACE, P.ROLLED_BACK, P.REJECTED),
     ),
     P.ACTIVATING: Spec(
         None,
@@ -109,7 +120,7 @@ TABLE: dict[Phase, Spec] = {
 }
 TRANSITIONS: dict[Phase, tuple[Phase, ...]] = {p: s.to for p, s in TABLE.items()}
 # A rollback command during a download switches the active model and leaves the download going.
-KEEPS_PHASE = frozenset({(P.FETCHING, P.ROLLED_BACK)})
+KEEPS_PHASE = frozenset({(P.FETCHING, P.ROLLED_BACK), (P.WAITING_SPACE, P.ROLLED_BACK)})
 # The install.json phases after which a restart finds the candidate active (when `active` says so).
 ACTIVATED = (P.ACTIVATING, P.PROBATION)
 
@@ -163,10 +174,25 @@ class AgentFile:
         seq, rej = doc.get("seq", 0), doc.get("rejected", {})
         self.seq: int = seq if isinstance(seq, int) else 0
         self.rejected: dict[str, dict[str, str]] = rej if isinstance(rej, dict) else {}
+        self.unsaved = False  # the last save failed (a full disk): the next message tries again
 
-    def save(self) -> None:
-        # not fsync'd: seq is saved ahead of use (see Outbox) and a lost rejection is tried again
-        write_json(self.path, {"seq": self.seq, "rejected": self.rejected}, durable=False)
+    def save(self) -> bool:
+        """Write it; False (logged, the old file intact) when the disk is full.
+
+        Not fsync'd: seq is saved ahead of use (see Outbox) and a lost rejection is tried again.
+        A full disk must not stop an event or a refusal: what was not saved is saved with the
+        next save that succeeds (while it fails, a restart may repeat up to SEQ_SAVE_EVERY seqs).
+        """
+        try:
+            write_json(self.path, {"seq": self.seq, "rejected": self.rejected}, durable=False)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            log.warning("cannot save %s: %s", self.path, exc)
+            self.unsaved = True
+            return False
+        self.unsaved = False
+        return True
 
 
 Report = Callable[[DeployState, str, Any, "dict[str, Any] | None"], None]
@@ -216,7 +242,15 @@ class Machine:
                 dir if dir is not None else (old.dir if old else None),
                 previous if previous is not None else (old.previous if old else None),
             )
-            self.record.write(self.path)
+            try:
+                self.record.write(self.path)
+            except OSError as exc:
+                # PROBATION on a full disk: install.json keeps ACTIVATING (the write is atomic),
+                # which a restart reads the same way. Any other phase is not entered.
+                if not (to is Phase.PROBATION and is_disk_full(exc)):
+                    self.record = old
+                    raise
+                log.warning("cannot save %s (%s); it still says ACTIVATING", self.path, exc)
         elif (frm, to) not in KEEPS_PHASE:
             self.clear()
         if (frm, to) not in KEEPS_PHASE:
@@ -226,7 +260,7 @@ class Machine:
 
     def idle(self) -> None:
         """A download given up without a verdict (the desired deployment changed or was cleared)."""
-        if self.phase is Phase.FETCHING:
+        if self.phase in (Phase.FETCHING, Phase.WAITING_SPACE):
             self.enter(Phase.IDLE)
 
     def clear(self) -> None:
@@ -250,7 +284,13 @@ class Machine:
             and rec.dir == active_dir
         ):
             self.record = InstallRecord(rec.sha256, Phase.PROBATION, rec.dir, rec.previous)
-            self.record.write(self.path)
+            try:
+                self.record.write(self.path)
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    raise
+                # ACTIVATING or PROBATION stays on disk: a restart reads either the same way
+                log.warning("cannot save %s: %s", self.path, exc)
             self.phase = Phase.PROBATION
         else:
             self.clear()

@@ -62,7 +62,9 @@ class Outbox:
 
     def next_seq(self) -> int:
         self.file.seq += 1
-        if self.file.seq % SEQ_SAVE_EVERY == 0:  # a rename per message would slow a transfer down
+        # A rename per message would slow a transfer down; after a failed save (a full disk)
+        # every message tries again, so the saved floor catches up as soon as there is room.
+        if self.file.seq % SEQ_SAVE_EVERY == 0 or self.file.unsaved:
             self.file.save()
         return self.file.seq
 

@@ -13,6 +13,7 @@ previous file, and the caller reports the error.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,8 @@ from agent.protocol.trust import (
     parse_time,
 )
 from agent.store.fsutil import atomic_write, read_json, write_json
+
+log = logging.getLogger("agent.deploy.trust")
 
 
 class DeviceTrust:
@@ -101,7 +104,10 @@ class DeviceTrust:
             return False
         check_successor(held, self.pinned, new, self.clock())
         if persist:
-            atomic_write(self.path, payload)
+            try:
+                atomic_write(self.path, payload)
+            except OSError as exc:  # held in memory; the retained copy is taken again at restart
+                log.error("cannot save trust.json: %s", exc)
         self._doc = new.signed
         self.problem = None
         return True
@@ -183,7 +189,13 @@ class DeviceTrust:
     def commit(self, channel: str, env: Envelope) -> None:
         """Record ``env`` as acted on: nothing at or below its counter is taken again."""
         self.counters[channel] = {"counter": env.signed.counter, "digest": env.digest()}
-        write_json(self.counters_path, self.counters)
+        try:
+            write_json(self.counters_path, self.counters)
+        except OSError as exc:
+            # A full disk must not stop the device acting on a valid message: the counter holds
+            # in memory and is written with the next one (a restart before that forgets it, and
+            # only an envelope acted on already, still unexpired, could then be replayed).
+            log.error("cannot save counters.json: %s", exc)
 
 
 class Lines:

@@ -18,14 +18,21 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` so a reader (or a restart after SIGKILL) sees old or new."""
+    """Replace ``path`` with ``data`` so a reader (or a restart after SIGKILL) sees old or new;
+    on an error the old file stays and the temp file is removed."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A failed write (a full disk: ENOSPC on write, flush or close) leaves the old file
+        # intact and no temp file taking the space that is short.
+        remove(tmp)
+        raise
     if durable:
         fsync_dir(path.parent)
 

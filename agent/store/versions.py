@@ -9,6 +9,7 @@ after its files were extracted and fsync'd). ``history.json`` lists activations,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -18,6 +19,9 @@ from pathlib import Path
 from agent.protocol.artifact import VerifiedArtifact, extract_verified
 from agent.protocol.manifest import MANIFEST_NAME, Manifest, parse_manifest
 from agent.store.fsutil import fsync_dir, read_json, remove, write_json
+from agent.store.space import is_disk_full
+
+log = logging.getLogger(__name__)
 
 INFO_NAME = ".edgefleet.json"
 
@@ -141,7 +145,14 @@ class VersionStore:
         fsync_dir(self.root)
         hist = [h for h in self.history() if h != inst.dir.name]
         hist.append(inst.dir.name)
-        write_json(self.history_path, hist)
+        try:
+            write_json(self.history_path, hist)
+        except OSError as exc:
+            # Activated all the same (history only orders rollback targets); the old history
+            # stays intact and the next activation writes it whole.
+            if not is_disk_full(exc):
+                raise
+            log.warning("cannot save %s: %s", self.history_path, exc)
 
     def deactivate(self) -> None:
         remove(self.active_link)
@@ -152,8 +163,11 @@ class VersionStore:
         active = self.active()
         if active is not None and active.dir == inst.dir:
             return
-        write_json(self.history_path, [h for h in self.history() if h != inst.dir.name])
+        # Removed first: on a full disk its space is what rewriting the history needs.
         shutil.rmtree(inst.dir, ignore_errors=True)
+        hist = self.history()
+        if inst.dir.name in hist:  # a candidate that failed before activation is not listed
+            write_json(self.history_path, [h for h in hist if h != inst.dir.name])
 
     def prune(self) -> list[str]:
         """Keep the active version and the ``keep`` most recent previous ones; delete the rest."""

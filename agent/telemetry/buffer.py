@@ -2,17 +2,24 @@
 
 SQLite's journal makes every append and delete atomic, so a crash (SIGKILL, power loss) leaves
 the buffer as of some recent commit, never torn. Beyond ``max_messages`` the oldest messages are
-dropped first; how many is kept (in the same database) so the next message can report it. The
+dropped first; how many is kept (in the same database) so the next message can report it. A
+write refused by a full disk raises (sqlite3.OperationalError, SQLITE_FULL): the reporter counts
+that message as dropped in memory and hands the count to the next ``reserve`` that succeeds. The
 sequence number of telemetry messages lives here too, so it keeps increasing across restarts.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+
+from agent.store.space import is_disk_full
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, payload BLOB NOT NULL);
@@ -36,14 +43,38 @@ class TelemetryBuffer:
         self.path = directory / "telemetry.sqlite"
         self.max_messages = max_messages
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        self._conn: sqlite3.Connection | None = None
+        try:
+            self._open()
+        except sqlite3.Error as exc:
+            # A start on a full disk (SQLite cannot create its WAL index): the agent serves all
+            # the same; every write tries to open it again, and until then counts as dropped.
+            if not is_disk_full(exc):
+                raise
+            log.warning("telemetry buffer %s cannot be opened yet: %s", self.path, exc)
+
+    def _open(self) -> sqlite3.Connection:
+        if self._conn is None:
+            db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.executescript(SCHEMA)
+            except BaseException:
+                db.close()
+                raise
+            self._conn = db
+        return self._conn
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        return self._open()
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def _counter(self, name: str) -> int:
         row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
@@ -56,17 +87,28 @@ class TelemetryBuffer:
             (name, value),
         )
 
-    def reserve(self) -> Reservation:
-        """Take the next seq and the drop count to report (which then starts again from 0)."""
+    def reserve(self, unbuffered: int = 0) -> Reservation:
+        """Take the next seq and the drop count to report (which then starts again from 0);
+        ``unbuffered``: messages dropped because they could not be written (a full disk), added
+        to both counts."""
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             seq = self._counter("seq") + 1
-            dropped = self._counter("dropped")
+            dropped = self._counter("dropped") + unbuffered
             self._set("seq", seq)
             self._set("dropped", 0)
-            total = self._counter("dropped_total")
+            total = self._counter("dropped_total") + unbuffered
+            self._set("dropped_total", total)
             pending = self._pending()
         return Reservation(seq, dropped, total, pending)
+
+    def add_dropped(self, unbuffered: int, unreported: int = 0) -> None:
+        """Record drop counts kept in memory (a reporter stopping): ``unbuffered`` new drops,
+        ``unreported`` already in the total but not yet reported."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._set("dropped", self._counter("dropped") + unbuffered + unreported)
+            self._set("dropped_total", self._counter("dropped_total") + unbuffered)
 
     def append(self, payload: bytes, keep: Collection[int] = ()) -> int:
         """Store ``payload``; drop the oldest messages (except ``keep``: in flight) beyond the bound."""
@@ -91,8 +133,10 @@ class TelemetryBuffer:
         return new_id
 
     def after(self, last_id: int, limit: int) -> list[tuple[int, bytes]]:
-        """Messages with an id above ``last_id``, oldest first."""
+        """Messages with an id above ``last_id``, oldest first (none while it cannot be opened)."""
         with self._lock:
+            if self._conn is None:
+                return []
             rows = self._db.execute(
                 "SELECT id, payload FROM messages WHERE id > ? ORDER BY id LIMIT ?",
                 (last_id, limit),
@@ -111,4 +155,4 @@ class TelemetryBuffer:
 
     def pending(self) -> int:
         with self._lock:
-            return self._pending()
+            return 0 if self._conn is None else self._pending()

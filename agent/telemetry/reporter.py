@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.protocol import topics
 from agent.protocol.messages import ActiveModel, LatencyWindow, Telemetry
+from agent.store.space import is_disk_full
 from agent.telemetry.buffer import TelemetryBuffer
 from agent.telemetry.latency import LatencyRecorder
 from agent.telemetry.thermal import ThermalReader, WindowThermal
@@ -120,18 +122,31 @@ class TelemetryReporter:
         )  # the connection seen with old in-flight messages
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # Messages the buffer could not store (a full disk), not yet in its drop counts; and
+        # drop counts a dropped message would have reported. Both go into the next message.
+        self.unbuffered = 0
+        self.unreported = 0
 
     # -- one interval -------------------------------------------------------------------------
     def sample(self) -> None:
         """A thermal reading within the current window."""
         self.window.add(self.thermal.read())
 
-    def report(self) -> Telemetry:
-        """Build this interval's message and store it in the buffer (sent by ``pump``)."""
+    def report(self) -> Telemetry | None:
+        """Build this interval's message and store it in the buffer (sent by ``pump``).
+
+        None when the buffer cannot take it (a full disk): the message is dropped and counted,
+        and the next message that is stored reports the count in ``buffer.dropped``."""
         now = self.thermal.read()
         self.window.add(now)
         w = self.recorder.window()
-        res = self.buffer.reserve()
+        try:
+            res = self.buffer.reserve(self.unbuffered)
+        except (sqlite3.Error, OSError) as exc:
+            self._dropped(exc)
+            return None
+        self.unbuffered = 0  # now in the buffer's counts (res.dropped, res.dropped_total)
+        unreported, self.unreported = self.unreported, 0
         lat = LatencyWindow(
             count=w.count,
             errors=w.errors,
@@ -157,13 +172,26 @@ class TelemetryReporter:
             cpu_freq_mhz=now.cpu_freq_mhz,
             buffer={
                 "pending": res.pending,
-                "dropped": res.dropped,
+                "dropped": res.dropped + unreported,
                 "dropped_total": res.dropped_total,
             },
             **self.proc.read(),
         )
-        self.buffer.append(encode_telemetry(msg), keep=[f.id for f in self.inflight])
+        try:
+            self.buffer.append(encode_telemetry(msg), keep=[f.id for f in self.inflight])
+        except (sqlite3.Error, OSError) as exc:
+            self.unreported += res.dropped + unreported  # what this message would have told
+            self._dropped(exc)
+            return None
         return msg
+
+    def _dropped(self, exc: BaseException) -> None:
+        """One message not buffered: counted (never silently lost), the reporter goes on."""
+        self.unbuffered += 1
+        if not is_disk_full(exc):
+            log.error("telemetry buffer write failed: %s", exc)
+        elif self.unbuffered == 1:
+            log.warning("telemetry buffer full (disk): dropping messages, counted: %s", exc)
 
     # -- delivery -----------------------------------------------------------------------------
     def pump(self, wait: float = 0.0) -> int:
@@ -172,7 +200,13 @@ class TelemetryReporter:
         if not done and self.inflight and wait > 0 and self.inflight[0].delivery.wait(wait):
             done = [f.id for f in self.inflight if f.delivery.acked()]
         if done:
-            self.buffer.delete(done)
+            try:
+                self.buffer.delete(done)
+            except (sqlite3.Error, OSError) as exc:
+                if not is_disk_full(exc):
+                    raise
+                # Kept in flight (sent and acknowledged): deleted once the disk has room again.
+                return len(self.inflight)
             gone = set(done)
             self.inflight = [f for f in self.inflight if f.id not in gone]
         if not self.t.is_connected():
@@ -237,4 +271,13 @@ class TelemetryReporter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.unbuffered or self.unreported:  # counted in memory: kept for the next start
+            try:
+                self.buffer.add_dropped(self.unbuffered, self.unreported)
+            except (sqlite3.Error, OSError) as exc:
+                log.error(
+                    "%d telemetry messages dropped (buffer unwritable) and the count not saved: %s",
+                    self.unbuffered,
+                    exc,
+                )
         self.buffer.close()
