@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.broker import BrokerConfig
 from agent.errors import ConfigError
@@ -34,6 +34,32 @@ class InstallConfig(_Strict):
     p95_slack_ms: float = Field(default=0.5, ge=0)
     probation_s: float = Field(default=60.0, ge=0)
     probation_interval_s: float = Field(default=5.0, gt=0)
+
+
+class CommandsConfig(_Strict):
+    """[commands]: operator commands cannot starve the agent's worker.
+
+    Commands wait in a queue of at most ``max_pending``; beyond it one is answered at once with
+    ``ok: false`` ("busy: N commands pending"). A benchmark runs at most ``bench_max_s`` and
+    ``bench_max_runs`` runs; benchmarks together use at most ``bench_budget_s`` of every minute (a
+    token bucket: it refills at bench_budget_s/60 per second, up to bench_budget_s); one that the
+    budget cannot cover is refused with the seconds until it can.
+    """
+
+    max_pending: int = Field(default=16, ge=1, le=10_000)
+    bench_max_s: float = Field(default=2.0, gt=0, le=600)
+    bench_max_runs: int = Field(default=1000, ge=1, le=1_000_000)
+    # 0 turns the benchmark command off; else at least bench_max_s (one full benchmark fits).
+    bench_budget_s: float = Field(default=6.0, ge=0, le=60)
+
+    @model_validator(mode="after")
+    def _budget_fits_one(self) -> CommandsConfig:
+        if 0 < self.bench_budget_s < self.bench_max_s:
+            raise ValueError(
+                f"bench_budget_s ({self.bench_budget_s:g}) must be 0 or at least "
+                f"bench_max_s ({self.bench_max_s:g})"
+            )
+        return self
 
 
 class TelemetryConfig(_Strict):
@@ -80,6 +106,7 @@ class AgentConfig(_Strict):
     broker: BrokerConfig = BrokerConfig()
     transfer: TransferConfig = TransferConfig()
     install: InstallConfig = InstallConfig()
+    commands: CommandsConfig = CommandsConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     serve: ServeConfig = ServeConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -497,10 +497,11 @@ def write_config(
     serve: dict[str, Any] | None = None,
     telemetry: dict[str, Any] | None = None,
     keep_versions: int = 1,
+    commands: dict[str, Any] | None = None,
     **install: Any,
 ) -> Path:
     """``serve``: the [serve] section; default disabled, so agents in one test do not share a port.
-    ``telemetry``: the [telemetry] section (default: the agent's defaults)."""
+    ``telemetry``, ``commands``: those sections (default: the agent's defaults)."""
     inst = {
         "bench_runs": 10,
         "max_p95_ms": 1000.0,
@@ -532,6 +533,8 @@ def write_config(
         *[f"{k} = {json.dumps(v)}" for k, v in (serve or {"enabled": False}).items()],
         "[telemetry]",
         *[f"{k} = {json.dumps(v)}" for k, v in (telemetry or {}).items()],
+        "[commands]",
+        *[f"{k} = {json.dumps(v)}" for k, v in (commands or {}).items()],
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
