@@ -135,7 +135,16 @@ def _resolve(base: Path, p: Path | None) -> Path | None:
     if p is None:
         return None
     p = Path(os.path.expanduser(str(p)))
-    return p if p.is_absolute() else (base / p)
+    if p.is_absolute():
+        return p
+    found = base / p
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if len(p.parts) > 1 and creds and base == Path(creds).resolve() and not found.exists():
+        # systemd's LoadCredential=keys:/etc/edgefleet/keys loads keys/NAME as keys_NAME
+        flat = base / "_".join(p.parts)
+        if flat.exists():
+            return flat
+    return found
 
 
 def load_config(path: Path) -> AgentConfig:
