@@ -190,8 +190,9 @@ def render_unit(
     executable: str, config: str = "/etc/edgefleet/agent.toml", user: str | None = None
 ) -> str:
     """The unit text. DynamicUser by default: the config and the flat keys/ directory beside it
-    are passed as credentials (systemd >= 251: a directory credential, %d). A fixed ``user`` (which must exist; also the way
-    on an older systemd) reads them in place: give its group read access to them."""
+    are passed as credentials (systemd >= 251: a directory credential, %d). A fixed ``user``
+    (which must exist; the way on an older systemd) reads them in place: give its group read
+    access to them."""
     if user is None:
         user_lines = "DynamicUser=yes"
         keys = Path(config).parent / "keys"
