@@ -86,7 +86,27 @@ class ServeConfig(_Strict):
     request_timeout_s: float = Field(
         default=10.0, gt=0, le=3600
     )  # a whole request: wait, head and body
+    # When every one is taken, a new connection evicts the oldest not running a request.
     max_connections: int = Field(default=64, ge=1, le=10_000)
+    # Request bodies over 64 KiB being read and parsed at once hold at most this many bytes in
+    # all (a JSON body costs several times its size to parse); beyond it 503 with Retry-After.
+    # Default: 32 MiB, or max_body_bytes if larger; never below max_body_bytes.
+    max_body_bytes_in_flight: int | None = Field(default=None, ge=1024, le=2**34)
+
+    @model_validator(mode="after")
+    def _one_body_fits(self) -> ServeConfig:
+        n = self.max_body_bytes_in_flight
+        if n is not None and n < self.max_body_bytes:
+            raise ValueError(
+                f"max_body_bytes_in_flight ({n}) must be at least max_body_bytes "
+                f"({self.max_body_bytes})"
+            )
+        return self
+
+    @property
+    def body_budget(self) -> int:
+        n = self.max_body_bytes_in_flight
+        return n if n is not None else max(32 * 1024 * 1024, self.max_body_bytes)
 
 
 class AgentConfig(_Strict):
