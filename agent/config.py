@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.broker import BrokerConfig
 from agent.errors import ConfigError
@@ -44,6 +44,32 @@ class InstallConfig(_Strict):
     probation_interval_s: float = Field(default=5.0, gt=0)
 
 
+class CommandsConfig(_Strict):
+    """[commands]: operator commands cannot starve the agent's worker.
+
+    Commands wait in a queue of at most ``max_pending``; beyond it one is answered at once with
+    ``ok: false`` ("busy: N commands pending"). A benchmark runs at most ``bench_max_s`` and
+    ``bench_max_runs`` runs; benchmarks together use at most ``bench_budget_s`` of every minute (a
+    token bucket: it refills at bench_budget_s/60 per second, up to bench_budget_s); one that the
+    budget cannot cover is refused with the seconds until it can.
+    """
+
+    max_pending: int = Field(default=16, ge=1, le=10_000)
+    bench_max_s: float = Field(default=2.0, gt=0, le=600)
+    bench_max_runs: int = Field(default=1000, ge=1, le=1_000_000)
+    # 0 turns the benchmark command off; else at least bench_max_s (one full benchmark fits).
+    bench_budget_s: float = Field(default=6.0, ge=0, le=60)
+
+    @model_validator(mode="after")
+    def _budget_fits_one(self) -> CommandsConfig:
+        if 0 < self.bench_budget_s < self.bench_max_s:
+            raise ValueError(
+                f"bench_budget_s ({self.bench_budget_s:g}) must be 0 or at least "
+                f"bench_max_s ({self.bench_max_s:g})"
+            )
+        return self
+
+
 class TelemetryConfig(_Strict):
     """[telemetry]: one message per interval; buffered on disk while the broker is unreachable."""
 
@@ -68,7 +94,27 @@ class ServeConfig(_Strict):
     request_timeout_s: float = Field(
         default=10.0, gt=0, le=3600
     )  # a whole request: wait, head and body
+    # When every one is taken, a new connection evicts the oldest not running a request.
     max_connections: int = Field(default=64, ge=1, le=10_000)
+    # Request bodies over 64 KiB being read and parsed at once hold at most this many bytes in
+    # all (a JSON body costs several times its size to parse); beyond it 503 with Retry-After.
+    # Default: 32 MiB, or max_body_bytes if larger; never below max_body_bytes.
+    max_body_bytes_in_flight: int | None = Field(default=None, ge=1024, le=2**34)
+
+    @model_validator(mode="after")
+    def _one_body_fits(self) -> ServeConfig:
+        n = self.max_body_bytes_in_flight
+        if n is not None and n < self.max_body_bytes:
+            raise ValueError(
+                f"max_body_bytes_in_flight ({n}) must be at least max_body_bytes "
+                f"({self.max_body_bytes})"
+            )
+        return self
+
+    @property
+    def body_budget(self) -> int:
+        n = self.max_body_bytes_in_flight
+        return n if n is not None else max(32 * 1024 * 1024, self.max_body_bytes)
 
 
 class AgentConfig(_Strict):
@@ -92,6 +138,7 @@ class AgentConfig(_Strict):
     broker: BrokerConfig = BrokerConfig()
     transfer: TransferConfig = TransferConfig()
     install: InstallConfig = InstallConfig()
+    commands: CommandsConfig = CommandsConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     serve: ServeConfig = ServeConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -120,7 +167,16 @@ def _resolve(base: Path, p: Path | None) -> Path | None:
     if p is None:
         return None
     p = Path(os.path.expanduser(str(p)))
-    return p if p.is_absolute() else (base / p)
+    if p.is_absolute():
+        return p
+    found = base / p
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if len(p.parts) > 1 and creds and base == Path(creds).resolve() and not found.exists():
+        # systemd's LoadCredential=keys:/etc/edgefleet/keys loads keys/NAME as keys_NAME
+        flat = base / "_".join(p.parts)
+        if flat.exists():
+            return flat
+    return found
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -101,6 +101,12 @@ class Notifier:
 
 
 UNIT_NAME = "edgefleet-agent.service"
+# The config and keys reach the service as credentials (LoadCredential=): systemd, as root, copies
+# them into a directory only the unit's user can read ($CREDENTIALS_DIRECTORY, "%d" in the unit),
+# so a DynamicUser (whose uid is unknown in advance, so no file can be chowned or grouped to it)
+# reads a root-owned 0640 config and 0600 private key without anything being opened to other
+# users. A directory credential flattens keys/NAME to keys_NAME; load_config resolves the relative
+# path keys/NAME in the config to either, so one config works in /etc/edgefleet and in %d.
 # ProtectSystem=strict leaves only StateDirectory (/var/lib/edgefleet) and RuntimeDirectory
 # (/run/edgefleet) writable. PrivateDevices hides accelerators: a Jetson needs a drop-in with
 # PrivateDevices=no and DeviceAllow= for /dev/nvhost-*. MemoryDenyWriteExecute is left out on
@@ -114,7 +120,7 @@ After=network-online.target
 [Service]
 Type=notify
 NotifyAccess=main
-ExecStart={exec_start} run --config {config}
+{exec_lines}
 Restart=on-failure
 RestartSec=5s
 WatchdogSec=30s
@@ -167,7 +173,10 @@ device_id = "{device}"
 profile = "CHANGE-ME"             # the device profile this device serves (e.g. rpi4)
 groups = []
 state_dir = "/var/lib/edgefleet"  # systemd's StateDirectory=edgefleet
-trusted_keys = ["/etc/edgefleet/keys/release.pub"]
+# Keys and certificates go in /etc/edgefleet/keys/ (flat, no subdirectories) and are named
+# relative to this file: the service reads them, and this file, as systemd credentials.
+root_key = "keys/root.pub"        # the pinned root of trust (docs/security.md)
+trust_file = "keys/trust.json"    # the root-signed trust document (edgefleet keys init-root)
 
 [broker]
 url = "mqtt://broker.lan:1883"
@@ -181,9 +190,21 @@ port = 8000
 def render_unit(
     executable: str, config: str = "/etc/edgefleet/agent.toml", user: str | None = None
 ) -> str:
-    """The unit text: DynamicUser by default, or a fixed ``user`` (which must exist)."""
-    user_lines = "DynamicUser=yes" if user is None else f"User={user}\nGroup={user}"
-    return UNIT_TEMPLATE.format(exec_start=executable, config=config, user_lines=user_lines)
+    """The unit text. DynamicUser by default: the config and the flat keys/ directory beside it
+    are passed as credentials (systemd >= 251: a directory credential, %d). A fixed ``user``
+    (which must exist; the way on an older systemd) reads them in place: give its group read
+    access to them."""
+    if user is None:
+        user_lines = "DynamicUser=yes"
+        keys = Path(config).parent / "keys"
+        exec_lines = (
+            f"LoadCredential=agent.toml:{config}\nLoadCredential=keys:{keys}\n"
+            f"ExecStart={executable} run --config %d/agent.toml"
+        )
+    else:
+        user_lines = f"User={user}\nGroup={user}"
+        exec_lines = f"ExecStart={executable} run --config {config}"
+    return UNIT_TEMPLATE.format(exec_lines=exec_lines, user_lines=user_lines)
 
 
 def install_service(
@@ -201,6 +222,8 @@ def install_service(
         unit.parent.mkdir(parents=True, exist_ok=True)
         unit.write_text(render_unit(exe, "/etc/edgefleet/agent.toml", user))
         written = force or not config.exists()
+        keys = config.parent / "keys"  # LoadCredential=keys: the unit does not start without it
+        keys.mkdir(mode=0o750, parents=True, exist_ok=True)
         if written:
             config.parent.mkdir(parents=True, exist_ok=True)
             device = (
@@ -216,6 +239,7 @@ def install_service(
         "unit": str(unit),
         "config": str(config),
         "config_written": written,
+        "keys_dir": str(keys),
         "exec": exe,
         "user": user,
     }

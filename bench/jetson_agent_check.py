@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from agent.deploy.commands import MAX_BENCH_RUNS  # noqa: E402
+from agent.config import CommandsConfig  # noqa: E402
 from agent.errors import EdgefleetError  # noqa: E402
 from agent.protocol import topics  # noqa: E402
 from agent.protocol.artifact import extract_verified, verify_artifact  # noqa: E402
@@ -290,7 +290,9 @@ def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, Any]:
         res = send_command(
             cfg,
             DEVICE,
-            build_command("benchmark", None, min(args.requests, MAX_BENCH_RUNS), None),
+            build_command(
+                "benchmark", None, min(args.requests, CommandsConfig().bench_max_runs), None
+            ),
             120,
             signer,
         )
@@ -307,7 +309,7 @@ def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, Any]:
                 for _, lf, d in watch.msgs
                 if lf == "telemetry" and d.get("ts", 0) >= t_http
             )
-        sent = 2 * (args.requests + 5) + int(bench.get("runs", 0))
+        sent = 2 * (args.requests + 5)  # served requests; the benchmark's runs are not counted
         print(
             f"telemetry after the benchmark: {json.dumps(window)}; inferences counted in telemetry since "
             f"the HTTP load: {counted} of {sent}"

@@ -599,11 +599,12 @@ def write_config(
     telemetry: dict[str, Any] | None = None,
     keep_versions: int = 1,
     transfer: dict[str, Any] | None = None,
+    commands: dict[str, Any] | None = None,
     **install: Any,
 ) -> Path:
     """``serve``: the [serve] section; default disabled, so agents in one test do not share a port.
-    ``telemetry``: the [telemetry] section (default: the agent's defaults); ``transfer``: keys
-    added to (or replacing) [transfer]'s window = 8 and stall_s = 5."""
+    ``telemetry``, ``commands``: those sections (default: the agent's defaults); ``transfer``:
+    keys added to (or replacing) [transfer]'s window = 8 and stall_s = 5."""
     xfer = {"window": 8, "stall_s": 5.0, **(transfer or {})}
     inst = {
         "bench_runs": 10,
@@ -636,6 +637,8 @@ def write_config(
         *[f"{k} = {json.dumps(v)}" for k, v in (serve or {"enabled": False}).items()],
         "[telemetry]",
         *[f"{k} = {json.dumps(v)}" for k, v in (telemetry or {}).items()],
+        "[commands]",
+        *[f"{k} = {json.dumps(v)}" for k, v in (commands or {}).items()],
     ]
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -16,6 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from agent.config import AgentConfig
@@ -44,6 +45,8 @@ from agent.transport.base import Transport, Will
 QUEUE_MAX = 10_000
 # Bytes waiting in the queue: a flood of large messages is dropped (and counted), not buffered.
 QUEUE_MAX_BYTES = 64 * 1024 * 1024
+# Ids of commands refused as busy that wait for their answer; beyond it they are counted only.
+BUSY_ANSWERS_MAX = 1024
 
 
 class Agent:
@@ -56,6 +59,14 @@ class Agent:
         self._queued_bytes = 0
         self._qlock = threading.Lock()
         self.dropped = 0
+        # Commands queued and not yet handled ([commands] max_pending bounds them); those refused
+        # meanwhile wait here, as (id, pending), for the worker to answer "busy".
+        self._cmd_topic = topics.device_topic(self.dev, "cmd")
+        self.pending_commands = 0
+        self.refused_busy = 0
+        self._busy: deque[tuple[str, int]] = deque()
+        self.bench_budget = commands.BenchBudget(cfg.commands)
+        self.bench_stats = commands.BenchStats()
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.downloads = cfg.state_dir / "downloads"
         self.downloads.mkdir(exist_ok=True)
@@ -63,7 +74,8 @@ class Agent:
         self.rejected = self.file.rejected
         self.desired_device: Deployment | None = None
         self.desired_groups: dict[str, Deployment | None] = {}
-        # Every inference (serving, commands) records here; the telemetry reporter reads windows.
+        # Every served inference (endpoint, LocalModel) records here; the telemetry reporter reads
+        # windows. A benchmark command's runs do not: they are not traffic.
         self.latency = LatencyRecorder()
         # Requests (HTTP endpoint, LocalModel) use the model through the holder, never a session:
         # a swap goes through it, so a request finishes on the model it started with.
@@ -159,6 +171,7 @@ class Agent:
     def step(self, timeout: float = 0.0) -> bool:
         """Handle one queued item (waiting up to ``timeout``), then timers. True if one was handled."""
         handled = False
+        self.answer_busy()
         try:
             kind, topic, payload = (
                 self.q.get(timeout=timeout) if timeout > 0 else self.q.get_nowait()
@@ -169,6 +182,8 @@ class Agent:
             handled = True
             with self._qlock:
                 self._queued_bytes -= len(payload)
+                if kind == "cmd":
+                    self.pending_commands -= 1
             try:
                 if kind == "connect":
                     self.out.publish_state(online=True)
@@ -193,16 +208,53 @@ class Agent:
 
     # -- transport callbacks: enqueue only ------------------------------------------------------
     def _enqueue_message(self, topic: str, payload: bytes, retain: bool) -> None:
+        is_cmd = topic == self._cmd_topic
         with self._qlock:
-            if self._queued_bytes + len(payload) > QUEUE_MAX_BYTES:
-                self.dropped += 1
+            if is_cmd and self.pending_commands >= self.cfg.commands.max_pending:
+                self._refuse_busy(payload)
                 return
-            try:
-                self.q.put_nowait(("msg", topic, payload))
-            except queue.Full:
-                self.dropped += 1
+            full = self._queued_bytes + len(payload) > QUEUE_MAX_BYTES
+            if not full:
+                try:
+                    self.q.put_nowait(("cmd" if is_cmd else "msg", topic, payload))
+                except queue.Full:
+                    full = True
+            if full:  # a flood: dropped and counted; a command still gets its answer
+                if is_cmd:
+                    self._refuse_busy(payload)
+                else:
+                    self.dropped += 1
                 return
             self._queued_bytes += len(payload)
+            if is_cmd:
+                self.pending_commands += 1
+
+    def _refuse_busy(self, payload: bytes) -> None:
+        """A command beyond the queue (transport thread, under ``_qlock``): its id waits for the
+        worker to answer "busy". The transport contract is that callbacks only enqueue, so the
+        answer is not published from here; the worker sends it at its next step or benchmark run.
+        A command whose id cannot be read, or beyond BUSY_ANSWERS_MAX, is counted as dropped."""
+        cid = commands.command_id(payload) if len(payload) <= commands.BUSY_ID_MAX_BYTES else None
+        if cid is None or len(self._busy) >= BUSY_ANSWERS_MAX:
+            self.dropped += 1
+            return
+        self._busy.append((cid, self.pending_commands))
+
+    def answer_busy(self) -> None:
+        """Answer the commands refused as busy since the last call (worker thread)."""
+        if not self._busy:
+            return
+        with self._qlock:
+            refused, self._busy = self._busy, deque()
+        self.refused_busy += len(refused)
+        result_topic = topics.device_topic(self.dev, "cmd/result")
+        for cid, pending in refused:
+            self.t.publish(result_topic, commands.busy_result(cid, pending))
+
+    def bench_tick(self, ms: float) -> None:
+        """Called after every run of a benchmark command: commands refused meanwhile get their
+        answer without waiting for the benchmark to end."""
+        self.answer_busy()
 
     def _enqueue_connect(self) -> None:
         self.q.put(("connect", "", b""))

@@ -6,11 +6,21 @@ a reason in an event (and on cmd/result when the id can be read). Every command 
 cmd/result with its id; an unknown op or a bad argument gets ``ok: false`` and a reason, never
 an exception out of the agent. They run on the agent's worker
 thread and act through its parts (a rollback is the installer's, a deploy sets the desired state).
+
+Commands cannot starve the worker ([commands]): at most ``max_pending`` wait (the agent answers
+the rest "busy"), a benchmark is capped in runs and seconds, and benchmarks share a budget of
+seconds per minute. A benchmark's inferences are not serving traffic: they are not recorded in
+the latency recorder that telemetry and the rollout's canary gate read; the command's own result
+carries their figures, and ``status`` counts them.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.deploy import selftest
@@ -28,11 +38,52 @@ from agent.protocol.messages import (
 from agent.protocol.trust import Target, TrustError
 
 if TYPE_CHECKING:
+    from agent.config import CommandsConfig
     from agent.deploy.agent import Agent
 
-# The benchmark runs on the deployment worker: bounded in count and in time.
-MAX_BENCH_RUNS = 1000
-MAX_BENCH_S = 10.0
+# A command refused as busy is answered with its id, read from at most this many bytes.
+BUSY_ID_MAX_BYTES = 64 * 1024
+
+
+class BenchBudget:
+    """Benchmark seconds as a token bucket: ``bench_budget_s`` at most, refilled at that many per
+    minute; a benchmark starts only when a whole ``bench_max_s`` is in it and pays what it used."""
+
+    def __init__(self, cfg: CommandsConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity, self.need = cfg.bench_budget_s, cfg.bench_max_s
+        self.rate = self.capacity / 60.0
+        self._clock = clock
+        self._tokens, self._t = self.capacity, clock()
+
+    def left(self) -> float:
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._t) * self.rate)
+        self._t = now
+        return self._tokens
+
+    def wait_s(self) -> float:
+        """Seconds until a benchmark may start (0: now); inf when benchmarks are off."""
+        if self.capacity <= 0:
+            return math.inf
+        return max(0.0, (self.need - self.left()) / self.rate)
+
+    def spend(self, seconds: float) -> None:
+        self._tokens = self.left() - max(0.0, seconds)
+
+
+@dataclass
+class BenchStats:
+    """What benchmark commands used since the agent started (``status`` shows them)."""
+
+    commands: int = 0
+    runs: int = 0
+    seconds: float = 0.0
+    refused: int = 0
+
+
+def busy_result(cmd_id: str, pending: int) -> bytes:
+    """The answer to a command that found the queue full."""
+    return encode(CommandResult(id=cmd_id, ok=False, reason=f"busy: {pending} commands pending"))
 
 
 def command_id(payload: bytes) -> str | None:
@@ -65,13 +116,34 @@ def _args_problem(cmd: Command) -> str | None:
 
 
 def _benchmark(agent: Agent, cmd: Command) -> tuple[bool, str, dict[str, Any]]:
+    c, stats = agent.cfg.commands, agent.bench_stats
     if agent.session is None or agent.golden is None:
         return False, "no active model", {}
     runs = cmd.runs if cmd.runs is not None else agent.cfg.install.bench_runs
-    if not 1 <= runs <= MAX_BENCH_RUNS:
-        return False, f"runs must be between 1 and {MAX_BENCH_RUNS}", {}
+    if not 1 <= runs <= c.bench_max_runs:
+        return False, f"runs must be between 1 and {c.bench_max_runs}", {}
+    wait = agent.bench_budget.wait_s()
+    if wait > 0:
+        stats.refused += 1
+        if math.isinf(wait):
+            return False, "benchmarks are off on this device (commands.bench_budget_s = 0)", {}
+        return (
+            False,
+            f"benchmark budget spent ({c.bench_budget_s:g} s a minute): "
+            f"try again in {math.ceil(wait)} s",
+            {"retry_after_s": math.ceil(wait)},
+        )
     before = agent.thermal.read()
-    lat = selftest.benchmark(agent.session, agent.golden, runs, agent.latency.record, MAX_BENCH_S)
+    t0 = time.monotonic()
+    try:
+        # Not agent.latency: a benchmark is not served traffic (telemetry, canary gate).
+        lat = selftest.benchmark(agent.session, agent.golden, runs, agent.bench_tick, c.bench_max_s)
+    finally:
+        used = time.monotonic() - t0
+        agent.bench_budget.spend(used)
+        stats.commands += 1
+        stats.seconds += used
+    stats.runs += lat.runs
     after = agent.thermal.read()
     temps = [t for t in (before.max_temp_c, after.max_temp_c) if t is not None]
     throttled = [t for t in (before.throttled, after.throttled) if t is not None]
@@ -206,4 +278,12 @@ def status(agent: Agent) -> dict[str, Any]:
         else {"sha256": job.sha, "done": job.store.count_done, "chunks": len(job.store.done)},
         "dropped_messages": agent.dropped,
         "kept": [i.label for i in agent.versions.kept()],
+        "commands": {"pending": agent.pending_commands, "refused_busy": agent.refused_busy},
+        "benchmarks": {
+            "commands": agent.bench_stats.commands,
+            "runs": agent.bench_stats.runs,
+            "seconds": round(agent.bench_stats.seconds, 3),
+            "refused": agent.bench_stats.refused,
+            "budget_left_s": round(agent.bench_budget.left(), 3),
+        },
     }

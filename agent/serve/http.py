@@ -1,8 +1,25 @@
 """The local inference endpoint: Open Inference Protocol v2 REST (KServe / Triton) on stdlib http.server.
 
 One thread per connection (keep-alive), at most ``max_connections`` at once; every socket has
-a timeout and a request body a deadline, so a slow or silent client only holds its own thread
-for a bounded time. Responses are written in one send (no Nagle/delayed-ACK stall).
+a timeout and a request a deadline, so a slow or silent client only holds its own thread for a
+bounded time. Responses are written in one send (no Nagle/delayed-ACK stall).
+
+Abuse (docs/protocol.md, "Local inference endpoint"):
+
+* Slow clients. A deadline alone does not stop clients that connect and send nothing (or a byte
+  every few seconds) from holding every slot: they reconnect as fast as they are timed out. So
+  when every slot is taken, a new connection evicts the oldest one that is not running an
+  inference (idle keep-alive, or a request whose head or body has not fully arrived). A real
+  client's request arrives within milliseconds of connecting, so it is never the oldest unfinished
+  one for long; a slow client always is. No minimum body rate is enforced: eviction already bounds
+  what a slow body costs, and a rate would only fail a real client on a slow link. When every
+  slot is running an inference, a new connection gets 503 as before.
+* Large bodies. Bodies being read and parsed hold ``max_body_bytes_in_flight`` bytes at most
+  together (bodies up to 64 KiB are not counted, so small requests never wait on large ones);
+  beyond it a request gets 503 with Retry-After. Parsing a JSON body costs several times its size
+  (a Python float per number), so after a large request the heap is trimmed back to the OS.
+* Non-finite outputs. JSON has no NaN or Infinity; an output holding one is refused with 500 and
+  a reason that says to ask for it as binary data (which carries IEEE floats as they are).
 """
 
 from __future__ import annotations
@@ -14,6 +31,7 @@ import logging
 import os
 import socket
 import socketserver
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +44,7 @@ from agent.config import ServeConfig
 from agent.errors import ConfigError
 from agent.serve.holder import Loaded, SessionHolder
 from agent.serve.tensors import RequestError, encode_response, parse_infer, spec_json
+from agent.service import trim_memory
 from agent.telemetry.latency import LatencyRecorder
 
 log = logging.getLogger(__name__)
@@ -42,6 +61,23 @@ REASONS = {
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
+# Bodies up to this size are not counted against max_body_bytes_in_flight.
+SMALL_BODY = 64 * 1024
+# After a request with a body at least this large, the heap is trimmed (malloc_trim).
+TRIM_AFTER_BYTES = 1024 * 1024
+
+
+class _Conn:
+    """One open connection, as the endpoint's eviction sees it."""
+
+    __slots__ = ("busy", "evicted", "since", "sock", "started")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.since = time.monotonic()  # when it began waiting for its current request
+        self.busy = False  # running a request whose body has arrived: never evicted
+        self.evicted = False
+        self.started = False  # bytes of the current request have arrived
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -52,6 +88,7 @@ class _DeadlineReader(io.RawIOBase):
         self._sock = sock
         self._raw = sock.makefile("rb", buffering=0)
         self.deadline: float | None = None
+        self.conn: _Conn | None = None
 
     def readable(self) -> bool:
         return True
@@ -62,7 +99,10 @@ class _DeadlineReader(io.RawIOBase):
             if left <= 0:
                 raise TimeoutError("request took too long")
             self._sock.settimeout(left)
-        return self._raw.readinto(b)
+        n = self._raw.readinto(b)
+        if n and self.conn is not None:
+            self.conn.started = True
+        return n
 
     def close(self) -> None:
         self._raw.close()
@@ -80,12 +120,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile.close()
         self._reader = _DeadlineReader(self.connection)
+        self._reader.conn = self._conn = self.endpoint.conn_of(self.connection)
         self.rfile = io.BufferedReader(self._reader)
 
     def handle_one_request(self) -> None:
         """Each request (waiting for it, its head and its body) gets request_timeout_s in all."""
         self._reader.deadline = time.monotonic() + self.endpoint.cfg.request_timeout_s
+        self.endpoint.idle(self._conn)
         super().handle_one_request()
+        if self._conn.evicted:
+            self.close_connection = True
 
     def address_string(self) -> str:
         return str(self.client_address[0]) if isinstance(self.client_address, tuple) else "unix"
@@ -100,7 +144,11 @@ class _Handler(BaseHTTPRequestHandler):
         body: bytes,
         ctype: str = "application/json",
         header_len: int | None = None,
+        retry_after: int | None = None,
     ) -> None:
+        if self._conn.evicted:  # its socket is shut: nothing can be sent
+            self.close_connection = True
+            return
         head = [
             f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}",
             f"Content-Type: {ctype}",
@@ -108,6 +156,8 @@ class _Handler(BaseHTTPRequestHandler):
         ]
         if header_len is not None:
             head.append(f"Inference-Header-Content-Length: {header_len}")
+        if retry_after is not None:
+            head.append(f"Retry-After: {retry_after}")
         if self.close_connection:
             head.append("Connection: close")
         self.connection.settimeout(
@@ -115,11 +165,12 @@ class _Handler(BaseHTTPRequestHandler):
         )  # reads may have shortened it
         self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
 
-    def _json(self, status: int, doc: dict[str, Any]) -> None:
-        self._send(status, json.dumps(doc, separators=(",", ":")).encode())
+    def _json(self, status: int, doc: dict[str, Any], retry_after: int | None = None) -> None:
+        body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        self._send(status, body, retry_after=retry_after)
 
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
+    def _error(self, status: int, message: str, retry_after: int | None = None) -> None:
+        self._json(status, {"error": message}, retry_after)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, headers too long) as protocol error JSON."""
@@ -156,9 +207,15 @@ class _Handler(BaseHTTPRequestHandler):
             # request or "no model yet" (503): a rollout's canary gate reads them as model faults.
             if self._infer_route and exc.status == 500:
                 self.endpoint.recorder.error()
-            self._error(exc.status, exc.message)
+            self._error(exc.status, exc.message, exc.retry_after)
 
     _infer_route = _body_read = False
+
+    def _start_work(self) -> None:
+        """The request has fully arrived: from here on its connection is not evicted."""
+        if not self.endpoint.start_work(self._conn):
+            self.close_connection = True
+            raise RequestError(503, "connection evicted")  # not sent: its socket is shut
 
     def _dispatch(self, method: str, parts: list[str]) -> None:
         ep = self.endpoint
@@ -169,6 +226,8 @@ class _Handler(BaseHTTPRequestHandler):
         if method != want:
             self.close_connection = True
             raise RequestError(405, f"{method} is not allowed here (use {want})")
+        if rest[-1:] != ["infer"]:
+            self._start_work()
         if not rest:
             self._json(
                 200,
@@ -214,7 +273,46 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             raise RequestError(404, f"no such endpoint: {self.path[:200]}")
 
-    def _read_body(self) -> bytes:
+    def _read_body(self) -> bytearray:
+        """The body, read into one buffer of Content-Length bytes (no growing copies); the caller
+        holds a reservation of ``len`` bytes of max_body_bytes_in_flight for it."""
+        n = self._content_length()
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            try:  # the reader enforces the request's deadline (set in handle_one_request)
+                k = self.rfile.readinto1(view[got : min(n, got + (1 << 20))])
+            except TimeoutError:
+                self.close_connection = True
+                raise RequestError(408, "request body took too long") from None
+            except OSError:
+                self.close_connection = True
+                raise RequestError(400, "connection lost while reading the body") from None
+            if not k:
+                self.close_connection = True
+                raise RequestError(400, "body shorter than Content-Length")
+            got += k
+        view.release()
+        self._body_read = True
+        return buf
+
+    def _discard_body(self, n: int) -> None:
+        """Read and drop ``n`` body bytes in small pieces (constant memory, within the request's
+        deadline); the connection stays usable. Closing with the body unread would reset it, and
+        a client still sending would never see the answer."""
+        left, scratch = n, bytearray(64 * 1024)
+        while left > 0:
+            try:
+                k = self.rfile.readinto1(memoryview(scratch)[: min(left, len(scratch))])
+            except OSError:  # TimeoutError included: give up on the connection
+                k = 0
+            if not k:
+                self.close_connection = True
+                return
+            left -= k
+        self._body_read = True
+
+    def _content_length(self) -> int:
         cl = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
@@ -235,26 +333,28 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(
                 413, f"body of {n} bytes exceeds the {limit} allowed (serve.max_body_bytes)"
             )
-        if n == 0:
-            self._body_read = True
-            return b""
-        buf = bytearray()
-        while len(buf) < n:
-            try:  # the reader enforces the request's deadline (set in handle_one_request)
-                chunk = self.rfile.read1(min(n - len(buf), 1 << 20))
-            except TimeoutError:
-                self.close_connection = True
-                raise RequestError(408, "request body took too long") from None
-            if not chunk:
-                self.close_connection = True
-                raise RequestError(400, "body shorter than Content-Length")
-            buf += chunk
-        self._body_read = True
-        return bytes(buf)
+        return n
 
     def _infer(self, name: str, version: str | None) -> None:
         ep = self.endpoint
+        n = self._content_length()
+        if not ep.reserve(n):
+            self._discard_body(n)  # so the client, still sending, can read the answer
+            raise RequestError(
+                503,
+                f"too many large request bodies at once (serve.max_body_bytes_in_flight = "
+                f"{ep.cfg.body_budget}): try again shortly",
+                retry_after=1,
+            )
+        try:
+            self._infer_reserved(name, version)
+        finally:
+            ep.release(n)
+
+    def _infer_reserved(self, name: str, version: str | None) -> None:
+        ep = self.endpoint
         body = self._read_body()
+        self._start_work()
         hl = self.headers.get("Inference-Header-Content-Length")
         try:
             header_len = None if hl is None else int(hl)
@@ -267,6 +367,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             ep.check(loaded, name, version)
             req = parse_infer(body, header_len, loaded.inputs, loaded.outputs)
+            del body  # the parsed tensors are what is needed from here
             t0 = time.perf_counter()
             try:
                 result = loaded.session.infer(req.feeds)
@@ -288,7 +389,12 @@ class _Handler(BaseHTTPRequestHandler):
 _BUSY_BODY = b'{"error":"too many connections open"}'
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+    b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
+_EVICTED_BODY = b'{"error":"request too slow: every connection slot is taken"}'
+_EVICTED = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_EVICTED_BODY), _EVICTED_BODY)
 )
 
 
@@ -308,10 +414,81 @@ class Endpoint:
 
     def __init__(self, cfg: ServeConfig, holder: SessionHolder, recorder: LatencyRecorder) -> None:
         self.cfg, self.holder, self.recorder = cfg, holder, recorder
-        self._slots = threading.BoundedSemaphore(cfg.max_connections)
+        self._lock = threading.Lock()
+        self._conns: dict[socket.socket, _Conn] = {}  # those holding a slot
+        self._inflight = 0  # body bytes reserved (max_body_bytes_in_flight)
+        self.evicted = 0
+        self.refused_bodies = 0
         self._server: socketserver.BaseServer | None = None
         self._thread: threading.Thread | None = None
         self.address = ""
+
+    # -- connection slots and eviction (see the module docstring) --------------------------------
+    def conn_of(self, sock: socket.socket) -> _Conn:
+        with self._lock:
+            c = self._conns.get(sock)
+        return c if c is not None else _Conn(sock)
+
+    def idle(self, c: _Conn) -> None:
+        """The connection waits for its next request: evictable, the newest of them."""
+        with self._lock:
+            c.busy, c.started, c.since = False, False, time.monotonic()
+
+    def start_work(self, c: _Conn) -> bool:
+        """The request has arrived: not evictable until it is answered; False if evicted first."""
+        with self._lock:
+            if c.evicted:
+                return False
+            c.busy = True
+            return True
+
+    def _admit(self, sock: socket.socket) -> bool:
+        """A slot for a new connection: free, or taken from the oldest one not running a request."""
+        victim = None
+        with self._lock:
+            if len(self._conns) >= self.cfg.max_connections:
+                idle = [c for c in self._conns.values() if not c.busy]
+                if not idle:
+                    return False
+                victim = min(idle, key=lambda c: c.since)
+                victim.evicted = True
+                del self._conns[victim.sock]
+                self.evicted += 1
+            self._conns[sock] = _Conn(sock)
+        if victim is not None:
+            # A request partly received is told why; an idle keep-alive connection is just closed
+            # (an unasked-for response could be read as the answer to its next request).
+            with contextlib.suppress(OSError):
+                if victim.started:
+                    victim.sock.send(_EVICTED, socket.MSG_DONTWAIT)
+                victim.sock.shutdown(socket.SHUT_RDWR)  # its thread's read returns; it ends
+        return True
+
+    def _leave(self, sock: socket.socket) -> None:
+        with self._lock:
+            c = self._conns.get(sock)
+            if c is not None and not c.evicted:
+                del self._conns[sock]
+
+    # -- body bytes in flight ------------------------------------------------------------------
+    def reserve(self, n: int) -> bool:
+        if n <= SMALL_BODY:
+            return True
+        with self._lock:
+            if self._inflight + n > self.cfg.body_budget:
+                self.refused_bodies += 1
+                return False
+            self._inflight += n
+            return True
+
+    def release(self, n: int) -> None:
+        if n <= SMALL_BODY:
+            return
+        with self._lock:
+            self._inflight -= n
+            last = self._inflight == 0
+        if last and n >= TRIM_AFTER_BYTES:
+            trim_memory()  # parsing left a peak of freed heap: give it back to the OS
 
     def find(self, name: str, version: str | None) -> Loaded:
         m = self.holder.current
@@ -349,10 +526,9 @@ class Endpoint:
         except OSError as exc:
             where = cfg.unix_socket or f"{cfg.host}:{cfg.port}"
             raise ConfigError(f"serve: cannot listen on {where}: {exc.strerror or exc}") from None
-        slots = self._slots
 
         def process_request(request: Any, client_address: Any) -> None:
-            if not slots.acquire(blocking=False):  # over max_connections: answer and hang up
+            if not self._admit(request):  # every slot is running a request: answer and hang up
                 with contextlib.suppress(OSError):
                     request.sendall(_BUSY)
                 server.shutdown_request(request)
@@ -363,10 +539,18 @@ class Endpoint:
             try:
                 socketserver.ThreadingMixIn.process_request_thread(server, request, client_address)  # type: ignore[arg-type]
             finally:
-                slots.release()
+                self._leave(request)
+
+        def handle_error(request: Any, client_address: Any) -> None:
+            exc = sys.exc_info()[1]
+            if isinstance(exc, OSError):  # a client gone, or its connection evicted
+                log.debug("connection ended: %s", exc)
+            else:
+                log.exception("error serving a request")
 
         server.process_request = process_request  # type: ignore[method-assign]
         server.process_request_thread = process_request_thread  # type: ignore[attr-defined]
+        server.handle_error = handle_error  # type: ignore[method-assign]
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 1.0}, name="serve", daemon=True

@@ -35,9 +35,9 @@ NP_DTYPES = {v: k for k, v in V2_DTYPES.items()}
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after = status, message, retry_after
 
 
 @dataclass
@@ -115,7 +115,7 @@ def _from_json(name: str, data: Any, dtype: np.dtype[Any], want: str) -> npt.NDA
 
 
 def parse_infer(
-    body: bytes, header_len: int | None, inputs: list[IOSpec], outputs: list[IOSpec]
+    body: bytes | bytearray, header_len: int | None, inputs: list[IOSpec], outputs: list[IOSpec]
 ) -> InferRequest:
     """Decode and check an infer request against the model's inputs and outputs."""
     if header_len is not None:
@@ -247,12 +247,21 @@ def encode_response(
             o["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
+            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                # JSON has no NaN or Infinity (Python's json would write invalid JSON): refused,
+                # like OpenVINO Model Server; binary data carries them as IEEE floats.
+                raise RequestError(
+                    500,
+                    f"output '{oname}' holds non-finite values (NaN or Infinity), which JSON "
+                    f"cannot carry: ask for it as binary data "
+                    f'(outputs: [{{"name": "{oname}", "parameters": {{"binary_data": true}}}}])',
+                )
             o["data"] = arr.ravel().tolist()
         outs.append(o)
     doc: dict[str, Any] = {"model_name": name, "model_version": version, "outputs": outs}
     if req.id is not None:
         doc["id"] = req.id
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return head, None
     return b"".join([head, *blobs]), len(head)

@@ -1,8 +1,9 @@
 """Inference latency since the last telemetry message, in bounded memory.
 
-Every inference (HTTP endpoint, in-process API, commands) calls ``LatencyRecorder.record``;
-the telemetry loop calls ``window`` once per interval, which returns the figures and starts a
-new window. Percentiles come from a fixed-size uniform reservoir (Vitter's algorithm R), so
+Every served inference (HTTP endpoint, in-process API) calls ``LatencyRecorder.record``; a
+benchmark command's and the self-test's runs do not (they are not traffic, and the canary gate
+reads these figures). The telemetry loop calls ``window`` once per interval, which returns the
+figures and starts a new window. Percentiles come from a fixed-size uniform reservoir (Vitter's algorithm R), so
 memory stays constant however many inferences run; count, errors and max are exact.
 """
 

@@ -103,8 +103,15 @@ def test_unit_verifies_clean_and_rates_ok(tmp_path: Path, user: str | None) -> N
         "Restart=on-failure",
         "DynamicUser=yes",
         "StateDirectory=edgefleet",
+        # a DynamicUser cannot read a root-owned 0640 config: it gets it (and the keys) as
+        # credentials, copied by systemd into a directory only the unit can read
+        "LoadCredential=agent.toml:/etc/edgefleet/agent.toml",
+        "LoadCredential=keys:/etc/edgefleet/keys",
+        "ExecStart=/usr/bin/env edgefleet-agent run --config %d/agent.toml",
     ):
         assert line in text
+    fixed = render_unit("/usr/bin/env edgefleet-agent", user="edgefleet")
+    assert "LoadCredential" not in fixed and "--config /etc/edgefleet/agent.toml" in fixed
 
 
 @needs_analyze
@@ -128,8 +135,13 @@ def test_install_service_writes_unit_and_keeps_config(
     res = json.loads(capsys.readouterr().out)
     unit, config = Path(res["unit"]), Path(res["config"])
     assert unit == tmp_path / "etc/systemd/system/edgefleet-agent.service" and res["config_written"]
-    assert f"ExecStart={exe} run --config /etc/edgefleet/agent.toml" in unit.read_text()
+    assert f"ExecStart={exe} run --config %d/agent.toml" in unit.read_text()
     assert 'state_dir = "/var/lib/edgefleet"' in config.read_text()
+    assert 'root_key = "keys/root.pub"' in config.read_text()
+    assert 'trust_file = "keys/trust.json"' in config.read_text()
+    assert (
+        Path(res["keys_dir"]) == tmp_path / "etc/edgefleet/keys" and Path(res["keys_dir"]).is_dir()
+    )
     config.write_text("# mine\n")
     assert (
         main(["install-service", "--root", str(tmp_path), "--exec", exe, "--user", "edgefleet"])
@@ -137,6 +149,7 @@ def test_install_service_writes_unit_and_keeps_config(
     )
     assert "kept" in capsys.readouterr().out and config.read_text() == "# mine\n"
     assert "User=edgefleet" in unit.read_text() and "DynamicUser" not in unit.read_text()
+    assert f"ExecStart={exe} run --config /etc/edgefleet/agent.toml" in unit.read_text()
     assert main(["install-service", "--root", str(tmp_path), "--exec", exe, "--force"]) == 0
     assert config.read_text() != "# mine\n"
     if ANALYZE is not None and Path(exe).is_absolute() and os.access(exe, os.X_OK):
@@ -144,6 +157,39 @@ def test_install_service_writes_unit_and_keeps_config(
         assert v.stdout.strip() == "" and v.stderr.strip() == "", v.stdout + v.stderr
     assert main(["install-service", "--root", str(tmp_path), "--exec", "relative/agent"]) == 2
     assert "absolute path" in capsys.readouterr().err
+
+
+def test_one_config_loads_in_place_and_from_systemd_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/etc/edgefleet/{agent.toml,keys/*} as written, and as LoadCredential= lays them out in
+    $CREDENTIALS_DIRECTORY (agent.toml, keys_NAME): relative key paths resolve in both."""
+    from agent.config import load_config
+    from fleet.trust import init_root
+
+    etc = tmp_path / "etc"
+    init_root(etc / "keys")
+    (etc / "keys" / "ca.pem").write_text("ca")
+    text = (
+        'device_id = "d1"\nprofile = "rpi4"\nstate_dir = "/var/lib/edgefleet"\n'
+        'root_key = "keys/root.pub"\ntrust_file = "keys/trust.json"\n'
+        '[broker]\nurl = "mqtts://broker.lan:8883"\nca_file = "keys/ca.pem"\n'
+    )
+    (etc / "agent.toml").write_text(text)
+    cfg = load_config(etc / "agent.toml")
+    assert cfg.root_key == (etc / "keys" / "root.pub").resolve()
+    assert cfg.trust_file == (etc / "keys" / "trust.json").resolve()
+    creds = tmp_path / "creds"  # what systemd makes of the unit's two LoadCredential= lines
+    creds.mkdir()
+    (creds / "agent.toml").write_text(text)
+    for f in (etc / "keys").iterdir():
+        (creds / f"keys_{f.name}").write_bytes(f.read_bytes())
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    cfg = load_config(creds / "agent.toml")
+    assert cfg.root_key == creds.resolve() / "keys_root.pub"
+    assert cfg.trust_file == creds.resolve() / "keys_trust.json"
+    assert cfg.broker.ca_file == creds.resolve() / "keys_ca.pem"
+    assert cfg.state_dir == Path("/var/lib/edgefleet")
 
 
 def test_agent_pings_watchdog_during_self_test_and_swaps_through_holder(
