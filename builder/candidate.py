@@ -246,6 +246,7 @@ def pack(
     recipe_steps: list[tuple[str, dict[str, Any]]],
     key: Any,
     workdir: Path,
+    security_floor: str | None = None,
 ) -> Path:
     """Golden vectors, report.json and the signed artifact for a measured candidate."""
     assert model.path is not None
@@ -334,6 +335,7 @@ def pack(
             min_top1_agreement=min_agree,
         ),
         budgets=profile.budgets.model_dump(),
+        security_floor=security_floor,
     )
     out = workdir / manifest.artifact_name
     write_artifact(out, manifest, files, key)
@@ -354,6 +356,7 @@ def evaluate_and_pack(
     recipe_steps: list[tuple[str, dict[str, Any]]],
     key: Any,
     workdir: Path,
+    security_floor: str | None = None,
 ) -> None:
     """Measure, gate and (only when it fits) pack ``cand``: nothing over a budget is signed."""
     metrics = measure(cand, model, profile, data, ref)
@@ -377,5 +380,6 @@ def evaluate_and_pack(
         recipe_steps=recipe_steps,
         key=key,
         workdir=workdir,
+        security_floor=security_floor,
     )
     metrics["artifact_bytes"] = cand.artifact.stat().st_size

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.errors import ConfigError
-from agent.protocol.manifest import Version
+from agent.protocol.manifest import Version, version_key
 from agent.protocol.profile import Budgets, DeviceProfile
 from agent.protocol.validation import load_toml, parse_model
 
@@ -83,6 +83,9 @@ class ProfileOverride(_Strict):
 class BuildConfig(_Strict):
     name: str
     version: Version
+    # Anti-rollback (docs/security.md): devices that activate this version never run a version
+    # of NAME below this one again. For a release that fixes a vulnerability.
+    security_floor: Version | None = None
     # classification: top-1 against labels; regression/embedding: cosine and error against fp32.
     task: Literal["classification", "regression", "embedding"] = "classification"
     # A user metric, "file.py:function" or "module:function":
@@ -100,6 +103,17 @@ class BuildConfig(_Strict):
     # student_factory, epochs, ...); without it those recipes are skipped.
     distill: dict[str, Any] = {}
     golden_count: int = Field(default=8, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _floor(self) -> BuildConfig:
+        if self.security_floor is not None and version_key(self.security_floor) > version_key(
+            self.version
+        ):
+            raise ValueError(
+                f"security_floor {self.security_floor} is above version {self.version}"
+            )
+        return self
+
     seed: int = 0
     base_dir: Path = Path(".")
 

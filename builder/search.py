@@ -376,6 +376,7 @@ class Builder:
                 recipe_steps=steps,
                 key=self.key,
                 workdir=stage / cand.recipe,
+                security_floor=self.cfg.security_floor,
             )
         except EdgefleetError as exc:
             # One failing recipe does not stop the others; the table says why.

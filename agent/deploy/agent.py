@@ -28,7 +28,7 @@ from agent.deploy.outbox import Outbox, log
 from agent.deploy.policy import Policy
 from agent.protocol import topics
 from agent.protocol.golden import GoldenSet
-from agent.protocol.messages import MAX_CONTROL_BYTES, Deployment, MessageError
+from agent.protocol.messages import MAX_CONTROL_BYTES, Deployment, MessageError, validate
 from agent.protocol.trust import Target, TrustError
 from agent.runtime import InferenceSession
 from agent.serve.holder import SessionHolder
@@ -310,12 +310,9 @@ class Agent:
             env, new = self.policy.trust.open(
                 payload, "deployment", target, channel, MAX_CONTROL_BYTES
             )
-            dep = Deployment.model_validate(env.signed.body)
+            dep = validate(Deployment, env.signed.body)
         except (TrustError, MessageError) as exc:
             self.out.bad(topic, str(exc))
-            return old
-        except ValueError as exc:  # pydantic's ValidationError
-            self.out.bad(topic, f"deployment body: {str(exc).splitlines()[-1].strip()}")
             return old
         if new:
             self.policy.trust.commit(channel, env)

@@ -34,6 +34,7 @@ from agent.protocol.messages import (
     Deployment,
     MessageError,
     encode,
+    validate,
 )
 from agent.protocol.trust import Target, TrustError
 
@@ -192,17 +193,14 @@ def handle_command(agent: Agent, cmd: Command) -> CommandResult:
         if not (cmd.name and cmd.version and cmd.sha256 and cmd.size and cmd.chunks_sha256):
             ok, reason = False, "deploy needs name, version, sha256, size and chunks_sha256"
         else:
+            fields = ("name", "version", "sha256", "size", "chunks_sha256")
             try:
-                dep = Deployment(
-                    name=cmd.name,
-                    version=cmd.version,
-                    sha256=cmd.sha256,
-                    size=cmd.size,
-                    chunks_sha256=cmd.chunks_sha256,
-                    deployed_at=f"cmd:{cmd.id}",
+                dep = validate(
+                    Deployment,
+                    {**{f: getattr(cmd, f) for f in fields}, "deployed_at": f"cmd:{cmd.id}"},
                 )
-            except ValueError as exc:
-                ok, reason = False, f"invalid deploy command: {str(exc).splitlines()[-1].strip()}"
+            except MessageError as exc:
+                ok, reason = False, f"invalid deploy command: {exc}"
             else:
                 agent.deploy_command(dep)
     return CommandResult(id=cmd.id, ok=ok, reason=reason, detail=detail)
@@ -218,10 +216,7 @@ def on_command(agent: Agent, topic: str, payload: bytes) -> None:
         if not new:
             log.info("command delivered again (counter %d): already answered", env.signed.counter)
             return
-        try:
-            cmd = Command.model_validate(env.signed.body)
-        except ValueError as exc:  # pydantic's ValidationError
-            raise MessageError(f"command body: {str(exc).splitlines()[-1].strip()}") from None
+        cmd = validate(Command, env.signed.body)
         # Acted on from here: a replay of this envelope is refused even if the command fails.
         agent.policy.trust.commit(topic, env)
     except (TrustError, MessageError) as exc:

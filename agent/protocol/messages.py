@@ -243,6 +243,12 @@ def decode(model: type[M], payload: bytes, max_bytes: int = MAX_CONTROL_BYTES) -
         doc = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise MessageError("payload is not UTF-8 JSON") from None
+    return validate(model, doc)
+
+
+def validate(model: type[M], doc: Any) -> M:
+    """``doc`` (parsed JSON, e.g. a signed envelope's body) as ``model``; a MessageError naming
+    the model, the field and what is wrong otherwise."""
     if not isinstance(doc, dict):
         raise MessageError(f"payload is a JSON {type(doc).__name__}, expected an object")
     try:

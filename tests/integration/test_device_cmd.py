@@ -14,7 +14,17 @@ import pytest
 
 from agent.clikit import main as edgefleet
 from agent.protocol import topics
-from tests.agent_helpers import REPO, Broker, Listener, active_sha, deploy, free_port, publish, send
+from tests.agent_helpers import (
+    REPO,
+    Broker,
+    Listener,
+    active_sha,
+    deploy,
+    free_port,
+    publish,
+    sealed_command,
+    send,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -125,23 +135,33 @@ def test_device_commands(
 
     # malformed payloads: answered when the id can be read, a bad_message event either way
     cmd_topic = topics.device_topic("dev1", "cmd")
-    send(broker.url, cmd_topic, b'{"id": "m1", "op": "status", "bogus": 1}')
+    send(broker.url, cmd_topic, sealed_command("dev1", {"id": "m1", "op": "status", "bogus": 1}))
     assert _result(listener, "dev1", "m1") == {
         "id": "m1",
         "ok": False,
         "reason": "Command: bogus: unknown field",
         "detail": {},
     }
-    send(broker.url, cmd_topic, b'{"id": "m2", "op": "benchmark", "runs": "many"}')
-    assert "runs" in _result(listener, "dev1", "m2")["reason"]
     send(
         broker.url,
         cmd_topic,
-        b'{"id": "m3", "op": "deploy", "name": "tiny", "version": "1.0.0", "sha256": "zz"}',
+        sealed_command("dev1", {"id": "m2", "op": "benchmark", "runs": "many"}),
+    )
+    assert "runs" in _result(listener, "dev1", "m2")["reason"]
+    bad_deploy = {"name": "tiny", "version": "1.0.0", "sha256": "zz", "size": 1}
+    send(
+        broker.url,
+        cmd_topic,
+        sealed_command(
+            "dev1", {"id": "m3", "op": "deploy", **bad_deploy, "chunks_sha256": "0" * 64}
+        ),
     )
     assert _result(listener, "dev1", "m3")["reason"].startswith("invalid deploy command")
+    # unsigned: refused with the reason, answered on cmd/result since its id can be read
+    send(broker.url, cmd_topic, b'{"id": "m4", "op": "status"}')
+    assert "unsigned" in _result(listener, "dev1", "m4")["reason"]
     send(broker.url, cmd_topic, b"\xff not json")
-    send(broker.url, cmd_topic, b'{"id": 7, "op": "status"}')
+    send(broker.url, cmd_topic, sealed_command("dev1", {"id": 7, "op": "status"}))
     listener.wait_event(
         "dev1", lambda e: e["kind"] == "bad_message" and "not UTF-8 JSON" in e["reason"]
     )

@@ -242,3 +242,25 @@ def test_json_document_when_every_candidate_fails(
         assert r["chosen"] is None and r["artifact"] is None and r["candidates"]
         assert all(c["violations"] and not c["fits"] for c in r["candidates"])
     assert not list((p.dir / "out").glob("*.efa"))
+
+
+def test_security_floor_is_signed_into_the_manifest(
+    tmp_path: Path, prof: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`security_floor` (anti-rollback, docs/security.md) goes into the signed manifest; one
+    above the version is a one-line config error."""
+    import json
+    import tarfile
+
+    arrays = {"x": np.ones((8, 4), np.float32), "y": np.zeros(8, np.int64)}
+    bad = onnx_project(tmp_path / "bad", arrays, config='security_floor = "2.0"\n' + ONNX_CFG)
+    code, _, err = bad.build(capsys, "-p", str(prof), "--check")
+    assert_one_line_error(code, err, 2, "security_floor 2.0 is above version 1.0.0")
+    p = onnx_project(tmp_path / "ok", arrays, config='security_floor = "0.9"\n' + ONNX_CFG)
+    code, _, err = p.build(capsys, "-p", str(prof))
+    assert code == 0, err
+    (art,) = (p.dir / "out").glob("*.efa")
+    with tarfile.open(art) as tar:
+        f = tar.extractfile("manifest.json")
+        assert f is not None
+        assert json.load(f)["security_floor"] == "0.9"
