@@ -20,6 +20,7 @@ from tests.agent_helpers import (
     make_artifact,
     publish,
     rewrite_tar,
+    sealed_command,
     send,
     set_deployment,
 )
@@ -79,7 +80,7 @@ def test_bad_signature_and_unknown_key_and_unsigned(
     foreign = make_artifact(tmp_path, other_keys, version="1.3.0", seed=3)
     sha_f = publish(broker.url, foreign)
     set_deployment(broker.url, "d2", "tiny", "1.3.0", sha_f)
-    assert "unknown key" in _rejected(listener, "d2", sha_f)
+    assert "is not a release key in trust document" in _rejected(listener, "d2", sha_f)
 
     # unsigned: the publisher refuses it, so announce it by hand with an empty signature
     unsigned_src = artifacts(version="1.4.0", seed=4)
@@ -104,7 +105,7 @@ def test_other_profile_and_older_version_and_rollback_command(
     listener.wait_state("d3", "HEALTHY", sha2, timeout=30)
     sha_old = publish(broker.url, artifacts(version="0.9.0", seed=6))
     deploy(broker.url, "tiny@0.9.0", device="d3")
-    assert "older than the active 1.1.0" in _rejected(listener, "d3", sha_old)
+    assert "older than 1.1.0, activated on this device before" in _rejected(listener, "d3", sha_old)
     assert active_sha(agents.state_dir("d3")) == sha2
 
     # the explicit way back
@@ -112,7 +113,7 @@ def test_other_profile_and_older_version_and_rollback_command(
     send(
         broker.url,
         topics.device_topic("d3", "cmd"),
-        json.dumps({"id": cid, "op": "rollback"}).encode(),
+        sealed_command("d3", {"id": cid, "op": "rollback"}),
     )
     ev = listener.wait_state("d3", "ROLLED_BACK", sha2, timeout=30)
     assert ev["detail"]["active"] == "tiny@1.0.0"

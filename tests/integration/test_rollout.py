@@ -34,6 +34,12 @@ def _retained(url: str, topic: str) -> bytes | None:
         return c.retained(topic, quiet=0.3, limit=2.0).get(topic)
 
 
+def _desired_sha(url: str, topic: str) -> str | None:
+    """The artifact a retained (signed) deployment names."""
+    payload = _retained(url, topic)
+    return None if not payload else str(json.loads(payload)["signed"]["body"]["sha256"])
+
+
 def _birth(listener: Listener, device: str, online: bool = True) -> None:
     listener.wait_message(
         topics.device_topic(device, "state"), lambda m: m["online"] is online, timeout=20
@@ -77,9 +83,7 @@ def test_canary_rollout_then_offline_device_catches_up(
     assert r2_fetch["ts"] >= r1_healthy["ts"]
     assert "canary" in seen and "promoted" in seen
     # the group holds the deployment; the canary's own pin is gone (so later group deploys reach it)
-    assert (
-        json.loads(_retained(broker.url, topics.group_deployment("lab")) or b"{}")["sha256"] == sha1
-    )
+    assert _desired_sha(broker.url, topics.group_deployment("lab")) == sha1
     assert _retained(broker.url, topics.device_topic("r1", "deployment")) is None
     # the offline device catches up from the retained desired state when it comes back
     agents.start("r3")
@@ -141,9 +145,7 @@ def test_halted_rollouts_roll_canaries_back(
     assert summary["devices"]["h1"]["state"] == "ROLLED_BACK"
     assert proc.stderr.strip().splitlines()[-1].startswith("error: rollout halted: h1: ROLLED_BACK")
     assert not any(e.get("sha256") == bad for e in listener.events("h2"))
-    assert (
-        json.loads(_retained(broker.url, topics.group_deployment("lab")) or b"{}")["sha256"] == sha1
-    )
+    assert _desired_sha(broker.url, topics.group_deployment("lab")) == sha1
     assert _retained(broker.url, topics.device_topic("h1", "deployment")) is None
     assert active_sha(agents.state_dir("h1")) == sha1
 
