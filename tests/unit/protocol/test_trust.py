@@ -268,6 +268,15 @@ def test_unsigned_message_refused() -> None:
         decode_envelope(b" " * 70000, 65536)
 
 
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "1e400"])
+def test_non_finite_number_in_a_signed_body_is_refused(value: str) -> None:
+    """json.loads takes NaN, Infinity and 1e400 (inf); canonical JSON cannot encode them, so the
+    signed bytes cannot be rebuilt: a TrustError, not a ValueError out of the agent."""
+    env = json.dumps(envelope()).replace('"op": "status"', f'"op": "status", "x": {value}')
+    with pytest.raises(TrustError, match="cannot be signed"):
+        check_envelope(decode_envelope(env.encode(), 65536), HELD, "command", DEV, NOW)
+
+
 # ------------------------------------------------------------------------------ property
 
 json_values = st.recursive(
