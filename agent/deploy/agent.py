@@ -18,6 +18,8 @@ import threading
 import time
 from typing import Any
 
+from pydantic import ValidationError
+
 from agent.config import AgentConfig
 from agent.deploy import commands
 from agent.deploy.fetch import Fetcher, FetchJob
@@ -27,7 +29,12 @@ from agent.deploy.outbox import Outbox, log
 from agent.deploy.policy import Policy
 from agent.protocol import topics
 from agent.protocol.golden import GoldenSet
-from agent.protocol.messages import MAX_CONTROL_BYTES, Deployment, MessageError
+from agent.protocol.messages import (
+    MAX_CONTROL_BYTES,
+    Deployment,
+    MessageError,
+    validation_reason,
+)
 from agent.protocol.trust import Target, TrustError
 from agent.runtime import InferenceSession
 from agent.serve.holder import SessionHolder
@@ -260,8 +267,8 @@ class Agent:
         except (TrustError, MessageError) as exc:
             self.out.bad(topic, str(exc))
             return old
-        except ValueError as exc:  # pydantic's ValidationError
-            self.out.bad(topic, f"deployment body: {str(exc).splitlines()[-1].strip()}")
+        except ValidationError as exc:
+            self.out.bad(topic, f"deployment body: {validation_reason(exc)}")
             return old
         if new:
             self.policy.trust.commit(channel, env)

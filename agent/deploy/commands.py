@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from agent.deploy import selftest
 from agent.deploy.outbox import log
 from agent.protocol import topics
@@ -24,6 +26,7 @@ from agent.protocol.messages import (
     Deployment,
     MessageError,
     encode,
+    validation_reason,
 )
 from agent.protocol.trust import Target, TrustError
 
@@ -129,8 +132,8 @@ def handle_command(agent: Agent, cmd: Command) -> CommandResult:
                     chunks_sha256=cmd.chunks_sha256,
                     deployed_at=f"cmd:{cmd.id}",
                 )
-            except ValueError as exc:
-                ok, reason = False, f"invalid deploy command: {str(exc).splitlines()[-1].strip()}"
+            except ValidationError as exc:
+                ok, reason = False, f"invalid deploy command: {validation_reason(exc)}"
             else:
                 agent.deploy_command(dep)
     return CommandResult(id=cmd.id, ok=ok, reason=reason, detail=detail)
@@ -155,8 +158,8 @@ def on_command(agent: Agent, topic: str, payload: bytes) -> None:
             return
         try:
             cmd = Command.model_validate(env.signed.body)
-        except ValueError as exc:  # pydantic's ValidationError
-            raise MessageError(f"command body: {str(exc).splitlines()[-1].strip()}") from None
+        except ValidationError as exc:
+            raise MessageError(f"command body: {validation_reason(exc)}") from None
         # Acted on from here: a replay of this envelope is refused even if the command fails.
         agent.policy.trust.commit(topic, env)
     except (TrustError, MessageError) as exc:

@@ -14,7 +14,17 @@ import pytest
 
 from agent.clikit import main as edgefleet
 from agent.protocol import topics
-from tests.agent_helpers import REPO, Broker, Listener, active_sha, deploy, free_port, publish, send
+from tests.agent_helpers import (
+    REPO,
+    Broker,
+    Listener,
+    active_sha,
+    deploy,
+    free_port,
+    publish,
+    sealed_command,
+    send,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -126,30 +136,46 @@ def test_device_commands(
     rc, res, _ = _cmd(capsys, broker, "dev1", "status", "--runs", "3")
     assert rc == 10 and res["reason"] == "status does not take runs"
 
-    # malformed payloads: answered when the id can be read, a bad_message event either way
+    # malformed commands (signed, so the body is what is wrong): answered when the id can be
+    # read, a bad_message event either way; the reason names the field
     cmd_topic = topics.device_topic("dev1", "cmd")
-    send(broker.url, cmd_topic, b'{"id": "m1", "op": "status", "bogus": 1}')
+    send(broker.url, cmd_topic, sealed_command("dev1", {"id": "m1", "op": "status", "bogus": 1}))
     assert _result(listener, "dev1", "m1") == {
         "id": "m1",
         "ok": False,
-        "reason": "Command: bogus: unknown field",
+        "reason": "command body: bogus: unknown field",
         "detail": {},
     }
-    send(broker.url, cmd_topic, b'{"id": "m2", "op": "benchmark", "runs": "many"}')
+    send(
+        broker.url,
+        cmd_topic,
+        sealed_command("dev1", {"id": "m2", "op": "benchmark", "runs": "many"}),
+    )
     assert "runs" in _result(listener, "dev1", "m2")["reason"]
     send(
         broker.url,
         cmd_topic,
-        b'{"id": "m3", "op": "deploy", "name": "tiny", "version": "1.0.0", "sha256": "zz"}',
+        sealed_command(
+            "dev1",
+            {
+                "id": "m3",
+                "op": "deploy",
+                "name": "tiny",
+                "version": "1.0.0",
+                "sha256": "zz",
+                "size": 1,
+                "chunks_sha256": "ab" * 32,
+            },
+        ),
     )
-    assert _result(listener, "dev1", "m3")["reason"].startswith("invalid deploy command")
+    assert _result(listener, "dev1", "m3")["reason"].startswith("invalid deploy command: sha256:")
     send(broker.url, cmd_topic, b"\xff not json")
-    send(broker.url, cmd_topic, b'{"id": 7, "op": "status"}')
+    send(broker.url, cmd_topic, sealed_command("dev1", {"id": 7, "op": "status"}))
     listener.wait_event(
         "dev1", lambda e: e["kind"] == "bad_message" and "not UTF-8 JSON" in e["reason"]
     )
     listener.wait_event(
-        "dev1", lambda e: e["kind"] == "bad_message" and "Command: id" in e["reason"]
+        "dev1", lambda e: e["kind"] == "bad_message" and "command body: id:" in e["reason"]
     )
     rc, res, _ = _cmd(capsys, broker, "dev1", "status")  # still serving, same model
     assert rc == 0 and res["detail"]["active"]["version"] == "2.0.0"
