@@ -206,9 +206,11 @@ def make_artifact(
     bad_golden: bool = False,
     extra_params: int = 0,
     ir_version: int | None = None,
+    security_floor: str | None = None,
 ) -> Path:
     """A signed artifact built with the real manifest/golden/package code. ``ir_version`` restamps
-    the model after its golden outputs are computed (a model newer than the installed runtime)."""
+    the model after its golden outputs are computed (a model newer than the installed runtime);
+    ``security_floor`` goes in the manifest (no version of NAME below it runs once activated)."""
     from builder.package import file_entry, write_artifact
 
     work = out_dir / f"work-{name}-{version}-{profile}-{seed}"
@@ -245,10 +247,11 @@ def make_artifact(
         metrics={},
         recipe=Recipe(name="test", steps=[]),
         golden=Golden(file="golden.npz", count=8, atol=1e-4, rtol=1e-4, min_top1_agreement=0.9),
+        security_floor=security_floor,
     )
     out = (
         out_dir
-        / f"{name}-{version}-{profile}-{seed}{'-bad' if bad_golden else ''}{f'-ir{ir_version}' if ir_version else ''}.efa"
+        / f"{name}-{version}-{profile}-{seed}{'-bad' if bad_golden else ''}{f'-ir{ir_version}' if ir_version else ''}{f'-floor{security_floor}' if security_floor else ''}.efa"
     )
     return write_artifact(
         out, manifest, {"model.onnx": model, "golden.npz": golden}, load_private_key(keys.private)

@@ -214,7 +214,14 @@ def on_command(agent: Agent, topic: str, payload: bytes) -> None:
             payload, "command", Target(device=agent.dev), topic, MAX_CONTROL_BYTES
         )
         if not new:
-            log.info("command delivered again (counter %d): already answered", env.signed.counter)
+            # The command acted on last, again: a QoS 1 duplicate or a captured copy replayed.
+            # Not acted on twice, and not answered twice, but said in an event so a replay
+            # leaves a trace like every other refused message.
+            agent.out.bad(
+                topic,
+                f"command {command_id(payload) or ''} (counter {env.signed.counter}) delivered "
+                "again: already acted on, ignored",
+            )
             return
         cmd = validate(Command, env.signed.body)
         # Acted on from here: a replay of this envelope is refused even if the command fails.

@@ -254,13 +254,18 @@ def validate(model: type[M], doc: Any) -> M:
     try:
         return model.model_validate(doc)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise MessageError(f"{model.__name__}: {loc}: {msg}{more}") from None
+        raise MessageError(f"{model.__name__}: {validation_reason(exc)}") from None
     except RecursionError:
         raise MessageError("payload is nested too deeply") from None
+
+
+def validation_reason(exc: ValidationError) -> str:
+    """A pydantic error in one short line: 'field: what is wrong (+N more)'."""
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{loc}: {msg}{more}"
 
 
 def encode(msg: BaseModel) -> bytes:

@@ -267,6 +267,14 @@ def _validate(model: type[_SignedDoc], doc: Any, what: str) -> Any:
         loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
         msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
         raise TrustError(f"{what}: {loc}: {msg}") from None
+    try:
+        # json.loads takes NaN, Infinity and 1e400; canonical JSON cannot encode them, so no
+        # signature can cover them: refused here, not a ValueError when a signature is checked.
+        canonical_json(doc["signed"])
+    except ValueError:
+        raise TrustError(
+            f"{what}: signed: holds values that cannot be signed (non-finite numbers)"
+        ) from None
     result._raw = doc["signed"]
     return result
 

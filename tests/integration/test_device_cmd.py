@@ -133,7 +133,8 @@ def test_device_commands(
     rc, res, _ = _cmd(capsys, broker, "dev1", "status", "--runs", "3")
     assert rc == 10 and res["reason"] == "status does not take runs"
 
-    # malformed payloads: answered when the id can be read, a bad_message event either way
+    # malformed commands (signed, so the body is what is wrong): answered when the id can be
+    # read, a bad_message event either way; the reason names the field
     cmd_topic = topics.device_topic("dev1", "cmd")
     send(broker.url, cmd_topic, sealed_command("dev1", {"id": "m1", "op": "status", "bogus": 1}))
     assert _result(listener, "dev1", "m1") == {
@@ -166,7 +167,7 @@ def test_device_commands(
         "dev1", lambda e: e["kind"] == "bad_message" and "not UTF-8 JSON" in e["reason"]
     )
     listener.wait_event(
-        "dev1", lambda e: e["kind"] == "bad_message" and "Command: id" in e["reason"]
+        "dev1", lambda e: e["kind"] == "bad_message" and "Command: id:" in e["reason"]
     )
     rc, res, _ = _cmd(capsys, broker, "dev1", "status")  # still serving, same model
     assert rc == 0 and res["detail"]["active"]["version"] == "2.0.0"
