@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -78,6 +79,15 @@ def check_config_cmd(config: Path, as_json: bool) -> None:
     cfg, policy = _load(config)
     assert isinstance(cfg, AgentConfig) and isinstance(policy, Policy)
     policy.trust.verify_now()  # the provisioned trust document's signature, against root_key
+    if policy.trust.doc is None:
+        policy = dataclasses.replace(
+            policy,
+            warnings=(
+                *policy.warnings,
+                "no trust document (trust_file unset, none held in state_dir): the agent "
+                "installs nothing until one signed by root_key arrives on edgefleet/v1/trust",
+            ),
+        )
     found = policy.device.runtimes
     missing = [r for r in policy.runtimes if r not in found]
     if as_json:
@@ -108,7 +118,8 @@ def check_config_cmd(config: Path, as_json: bool) -> None:
             f"{', '.join(policy.runtimes) or 'none'}"
         )
         for w in policy.warnings:
-            click.echo(f'WARNING: {w} (arch_check = "refuse" makes this an error)')
+            hint = ' (arch_check = "refuse" makes this an error)' if "arch" in w else ""
+            click.echo(f"WARNING: {w}{hint}")
     if missing:
         package = {"onnxruntime": "onnxruntime", "litert": "ai-edge-litert"}.get(
             missing[0], missing[0]

@@ -12,6 +12,7 @@ refuse anything unsigned, foreign, stale, replayed or meant for another device.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -72,8 +73,21 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _write(path: Path, signed: dict[str, Any], keys: list[Ed25519PrivateKey]) -> TrustDocument:
-    doc = {"signed": signed, "signatures": sign_signed(signed, keys)}
+def _write(
+    path: Path, signed: dict[str, Any], keys: list[Ed25519PrivateKey], rotation: bool = False
+) -> TrustDocument:
+    """Sign ``signed`` and write the document, carrying on the root rotation chain of the
+    document it replaces (with ``rotation``, this one joins the chain: it changes the root)."""
+    chain: list[dict[str, Any]] = []
+    if path.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            old = json.loads(path.read_bytes())
+            chain = list(old.get("chain") or []) if isinstance(old, dict) else []
+    doc: dict[str, Any] = {"signed": signed, "signatures": sign_signed(signed, keys)}
+    if rotation:
+        chain = [*chain, {"signed": signed, "signatures": doc["signatures"]}][-16:]
+    if chain:
+        doc["chain"] = chain
     payload = json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
     _atomic_write(path, payload)
     return decode_trust(payload)
@@ -141,6 +155,7 @@ def init_root(out_dir: Path, force: bool = False, role_keys: bool = True) -> Roo
         "keys": keys,
         "revoked": [],
     }
+    trust.unlink(missing_ok=True)  # a new root of trust starts a new chain
     _write(trust, signed, [root])
     return RootSetup(root_priv, root_pub, trust, made.get("release"), made.get("operator"))
 
@@ -241,7 +256,7 @@ def rotate_root(
     new_root = load_private_key(priv)
     tk = read_trusted_key(pub)
     signed = _next(doc, old_root, TRUST_DAYS, root_keys={tk.key_id: public_b64(tk)})
-    return _write(trust, signed, [old_root, new_root]), priv, pub
+    return _write(trust, signed, [old_root, new_root], rotation=True), priv, pub
 
 
 def renew(trust: Path, root_key: Path, days: float = TRUST_DAYS) -> TrustDocument:

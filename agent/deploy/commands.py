@@ -256,9 +256,16 @@ def rollback(agent: Agent, cmd_id: str, version: str | None = None) -> tuple[boo
             kept = ", ".join(i.label for i in agent.versions.kept()) or "none"
             return False, f"version {version} is not kept on this device (kept: {kept})"
     else:
-        target = agent.versions.previous()
+        # the newest kept version that may serve (its key trusted, at or above its line's floor)
+        candidates = agent.versions.kept()
+        target = next(
+            (k for k in candidates if agent.allowed(k) is None),
+            candidates[0] if candidates else None,
+        )
     if target is not None and (problem := agent.allowed(target)) is not None:
-        return False, f"cannot roll back to {target.label}: {problem}"
+        reason = f"cannot roll back to {target.label}: {problem}"
+        agent.out.event("command", reason=reason, subject=target, detail={"command": cmd_id})
+        return False, reason
     if agent.installer.rollback(
         f"rollback requested by command {cmd_id}", by_command=True, target=target
     ):

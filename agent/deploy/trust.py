@@ -27,6 +27,7 @@ from agent.protocol.trust import (
     Target,
     TrustError,
     TrustSigned,
+    chain_links,
     check_envelope,
     check_successor,
     decode_envelope,
@@ -102,7 +103,20 @@ class DeviceTrust:
         held = self.doc
         if held is not None and new.signed == held:
             return False
-        check_successor(held, self.pinned, new, self.clock())
+        now = self.clock()
+        base = held
+        # Root rotations this device missed: walk them in order (an intermediate document's
+        # expiry does not matter, as in TUF; only the document taken must be fresh).
+        for link in chain_links(new):
+            if base is not None and link.signed.version <= base.version:
+                continue
+            try:
+                check_successor(base, self.pinned, link, now, check_expiry=False)
+            except TrustError:
+                break
+            base = link.signed
+        if base is None or base != new.signed:
+            check_successor(base, self.pinned, new, now)
         if persist:
             try:
                 atomic_write(self.path, payload)

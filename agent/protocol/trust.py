@@ -169,9 +169,16 @@ class _SignedDoc(_Strict):
 
 
 class TrustDocument(_SignedDoc):
-    """Retained on edgefleet/v1/trust; also the file a device is provisioned with."""
+    """Retained on edgefleet/v1/trust; also the file a device is provisioned with.
+
+    ``chain`` carries the documents that rotated the root key (each a whole document, signed by
+    the old and the new root), oldest first, so a device that missed a rotation can still walk
+    from the root it trusts to this document (TUF's root chain). It is not part of ``signed``:
+    each link proves itself.
+    """
 
     signed: TrustSigned
+    chain: list[dict[str, Any]] = Field(default=[], max_length=16)
 
 
 class Target(_Strict):
@@ -285,6 +292,17 @@ def decode_trust(payload: bytes) -> TrustDocument:
     return result
 
 
+def chain_links(doc: TrustDocument) -> list[TrustDocument]:
+    """The root rotation documents ``doc`` carries (malformed links are left out)."""
+    links = []
+    for i, link in enumerate(doc.chain):
+        try:
+            links.append(_validate(TrustDocument, link, f"trust document chain.{i}"))
+        except TrustError:
+            continue
+    return links
+
+
 def decode_envelope(payload: bytes, max_bytes: int) -> Envelope:
     doc = _load_json(payload, max_bytes, "envelope")
     if isinstance(doc, dict) and "signed" not in doc:
@@ -294,7 +312,11 @@ def decode_envelope(payload: bytes, max_bytes: int) -> Envelope:
 
 
 def check_successor(
-    current: TrustSigned | None, pinned: list[TrustedKey], new: TrustDocument, now: float
+    current: TrustSigned | None,
+    pinned: list[TrustedKey],
+    new: TrustDocument,
+    now: float,
+    check_expiry: bool = True,
 ) -> None:
     """Raise TrustError unless ``new`` may replace ``current`` (TUF's root update rules).
 
@@ -320,7 +342,7 @@ def check_successor(
         raise TrustError(
             f"trust document v{s.version} is not newer than the one held (v{current.version})"
         )
-    if parse_time(s.expires) <= now:
+    if check_expiry and parse_time(s.expires) <= now:
         raise TrustError(f"trust document v{s.version} expired at {s.expires}")
 
 

@@ -207,3 +207,38 @@ def test_publish_to_a_real_broker(
     rc = main(["keys", "publish", "--trust", trust, "--broker", b.url])
     err = capsys.readouterr().err
     assert rc != 0 and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_a_device_that_missed_root_rotations_walks_the_chain(
+    keys_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two root rotations and a renewal signed only by the newest root: a device still holding
+    v1 takes the newest document through the rotation documents it carries (TUF's chain), and
+    a link tampered with breaks the walk."""
+    trust = keys_dir / "trust.json"
+    dev = device(keys_dir, tmp_path / "state")
+    assert dev.version == 1
+    root = keys_dir / "root.key"
+    for name in ("root2", "root3"):
+        run(capsys, "rotate", "--role", "root", "--out", str(keys_dir), "--name", name,
+            "--trust", str(trust), "--root-key", str(root))  # fmt: skip
+        root = keys_dir / f"{name}.key"
+    run(capsys, "renew", "--trust", str(trust), "--root-key", str(root))
+    doc = json.loads(trust.read_bytes())
+    assert doc["signed"]["version"] == 4 and len(doc["chain"]) == 2
+    # without the chain v4 is signed by a root this device has never seen
+    bare = json.dumps({k: v for k, v in doc.items() if k != "chain"}).encode()
+    with pytest.raises(TrustError, match="not signed by a trusted root key"):
+        dev.update(bare)
+    tampered = json.loads(json.dumps(doc))
+    tampered["chain"][0]["signed"]["expires"] = "2099-01-01T00:00:00Z"
+    with pytest.raises(TrustError, match="not signed by a trusted root key"):
+        dev.update(json.dumps(tampered).encode())
+    assert dev.version == 1
+    assert dev.update(trust.read_bytes()) is True and dev.version == 4
+    assert dev.doc is not None and set(dev.doc.root_keys) == {
+        read_trusted_key(keys_dir / "root3.pub").key_id
+    }
+    # a fresh root of trust (init-root --force) starts without the old chain
+    run(capsys, "init-root", "--out", str(keys_dir), "--force")
+    assert "chain" not in json.loads(trust.read_bytes())
