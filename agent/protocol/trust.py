@@ -63,6 +63,10 @@ def format_time(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _a(role: str) -> str:
+    return f"an {role}" if role[0] in "aeiou" else f"a {role}"
+
+
 def _time(v: str) -> str:
     parse_time(v)
     return v
@@ -138,9 +142,9 @@ class TrustSigned(_Strict):
             return f"key {kid} is revoked (trust document v{self.version})"
         entry = self.keys.get(kid)
         if entry is None:
-            return f"key {kid} is not a {role} key in trust document v{self.version}"
+            return f"key {kid} is not {_a(role)} key in trust document v{self.version}"
         if entry.role != role:
-            return f"key {kid} is a {entry.role} key, not a {role} key"
+            return f"key {kid} is {_a(entry.role)} key, not {_a(role)} key"
         if parse_time(entry.expires) <= now:
             return f"{role} key {kid} expired at {entry.expires}"
         return None

@@ -166,12 +166,12 @@ def test_unsigned_foreign_expired_tampered_replayed_and_mis_targeted_messages_re
     # b. Signed, but not by an operator key of the trust document.
     release = Operator(keys.private)
     send(broker.url, CMD, release.command(DEV, {"id": "rel", "op": "rollback"}))
-    w.refused(f"command refused: key {kid(keys)} is a release key, not a operator key")
+    w.refused(f"command refused: key {kid(keys)} is a release key, not an operator key")
     assert w.result("rel")["ok"] is False
     generate_keypair(tmp_path / "foreign", "foreign")
     foreign = Operator(tmp_path / "foreign" / "foreign.key")
     send(broker.url, CMD, foreign.command(DEV, {"id": "for", "op": "rollback"}))
-    w.refused(f"command refused: key {foreign.key_id} is not a operator key in trust document v2")
+    w.refused(f"command refused: key {foreign.key_id} is not an operator key in trust document v2")
     assert w.result("for")["ok"] is False
 
     # An expired command, and one modified after signing.
@@ -196,7 +196,7 @@ def test_unsigned_foreign_expired_tampered_replayed_and_mis_targeted_messages_re
     from agent.protocol.trust import Target
 
     send(broker.url, DEP, release.deployment(Target(device=DEV), body), retain=True)
-    w.refused(f"deployment refused: key {kid(keys)} is a release key, not a operator key")
+    w.refused(f"deployment refused: key {kid(keys)} is a release key, not an operator key")
     send(broker.url, DEP, operator().deployment(Target(device=DEV), body, ttl_s=-1), retain=True)
     w.refused("deployment expired at")
     assert active_sha(sd) == shas[1]

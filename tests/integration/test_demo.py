@@ -67,7 +67,7 @@ class Watched:
     def snapshot(self) -> None:
         try:
             for c in psutil.Process(self.p.pid).children(recursive=True):
-                self.seen.setdefault(c.pid, " ".join(c.cmdline())[:200])
+                self.seen.setdefault(c.pid, " ".join(c.cmdline())[:400])
                 self._procs.setdefault(c.pid, c)
         except psutil.Error:
             pass

@@ -244,10 +244,10 @@ def test_unsigned_and_foreign_envelopes_refused(setup: dict[str, Any], tmp_path:
 
     generate_keypair(tmp_path / "f", "foreign", force=True)
     foreign = Operator(tmp_path / "f" / "foreign.key")
-    with pytest.raises(TrustError, match=f"key {foreign.key_id} is not a operator key"):
+    with pytest.raises(TrustError, match=f"key {foreign.key_id} is not an operator key"):
         t.open(foreign.command("dev1", {"id": "x", "op": "status"}), "command", DEV, CHANNEL, 65536)
     release = Operator(setup["release"].private)
-    with pytest.raises(TrustError, match="is a release key, not a operator key"):
+    with pytest.raises(TrustError, match="is a release key, not an operator key"):
         t.open(release.command("dev1", {"id": "x", "op": "status"}), "command", DEV, CHANNEL, 65536)
 
 

@@ -187,14 +187,14 @@ def test_key_problem() -> None:
         doc.key_problem(foreign, "release", NOW) == f"key {foreign} is revoked (trust document v3)"
     )
     assert (
-        doc.key_problem(rel, "operator", NOW) == f"key {rel} is a release key, not a operator key"
+        doc.key_problem(rel, "operator", NOW) == f"key {rel} is a release key, not an operator key"
     )
     assert doc.key_problem(op, "operator", NOW) == (
         f"operator key {op} expired at {doc.keys[op].expires}"
     )
     unknown = tk(ROOT2).key_id
     assert doc.key_problem(unknown, "operator", NOW) == (
-        f"key {unknown} is not a operator key in trust document v3"
+        f"key {unknown} is not an operator key in trust document v3"
     )
     assert [k.key_id for k in doc.role_keys("release", NOW)] == [rel]
     assert doc.role_keys("operator", NOW) == []
@@ -232,13 +232,13 @@ def test_group_target_refused_on_another_group() -> None:
 
 def test_foreign_key_refused() -> None:
     kid = tk(FOREIGN).key_id
-    with pytest.raises(TrustError, match=f"command refused: key {kid} is not a operator key"):
+    with pytest.raises(TrustError, match=f"command refused: key {kid} is not an operator key"):
         check(envelope(signer=FOREIGN))
 
 
 def test_release_key_cannot_act_as_operator() -> None:
     kid = tk(RELEASE).key_id
-    with pytest.raises(TrustError, match=f"key {kid} is a release key, not a operator key"):
+    with pytest.raises(TrustError, match=f"key {kid} is a release key, not an operator key"):
         check(envelope(signer=RELEASE))
 
 
