@@ -23,6 +23,9 @@ class TransferConfig(_Strict):
     window: int = Field(default=8, ge=1, le=256)
     # No chunk for this long while fetching: subscribe the window again.
     stall_s: float = Field(default=20.0, gt=0)
+    # Stalls in a row (no chunk for stall_s each, while connected) before the download is given
+    # up: REJECTED with a reason (chunks pruned from the broker?), the partial file discarded.
+    stall_tries: int = Field(default=6, ge=1, le=1000)
     # An announced artifact larger than this is refused before anything is written.
     max_artifact_mb: float = Field(default=4096.0, gt=0)
     # Free space kept on the state dir's filesystem beyond what a deployment needs (download +

@@ -72,6 +72,9 @@ class Agent:
         self.downloads.mkdir(exist_ok=True)
         self.file = AgentFile(cfg.state_dir / "agent.json")
         self.rejected = self.file.rejected
+        # Artifacts given up because their chunks stopped coming (sha -> deployed_at): in memory
+        # only, not refusals. A new deployment, a reconnect or a restart tries them again.
+        self.missing: dict[str, str] = {}
         self.desired_device: Deployment | None = None
         self.desired_groups: dict[str, Deployment | None] = {}
         # Every served inference (endpoint, LocalModel) records here; the telemetry reporter reads
@@ -94,7 +97,9 @@ class Agent:
             lambda: self.installer.active,
             lambda dep, reason, detail: self.reject(dep, reason, detail=detail or None),
             self.installer.install,
+            self.give_up,
         )
+        self.out.pending = self.fetcher.pending
 
     # -- what the parts hold, read by commands, telemetry and tests ----------------------------------
     @property
@@ -187,6 +192,9 @@ class Agent:
             try:
                 if kind == "connect":
                     self.out.publish_state(online=True)
+                    if self.missing:  # the broker may hold them again (a re-publish)
+                        self.missing.clear()
+                        self.reconcile()
                 else:
                     self._on_message(topic, payload)
             except Exception as exc:  # a bug, but the agent must keep serving
@@ -392,6 +400,7 @@ class Agent:
             desired is None
             or (active is not None and active.sha256 == desired.sha256)
             or desired.sha256 in self.rejected
+            or self.missing.get(desired.sha256) == desired.deployed_at
         ):
             self.fetcher.cancel()
             return
@@ -412,6 +421,17 @@ class Agent:
         discard_download(self.downloads, dep.sha256)
         self.file.save()
         self.machine.enter(phase, dep, reason, detail)
+
+    def give_up(self, dep: Deployment, reason: str, detail: dict[str, Any]) -> None:
+        """The chunks of ``dep`` stopped coming (pruned from the broker?): REJECTED with the
+        reason, the partial download discarded, the active model serving on. Not remembered in
+        agent.json: a new deployment (a new deployed_at), a reconnect or a restart fetches it
+        again, so a re-publish and re-deploy installs it."""
+        self.missing[dep.sha256] = dep.deployed_at
+        self.fetcher.cancel(dep.sha256, verdict=True)
+        discard_download(self.downloads, dep.sha256)
+        self.machine.enter(Phase.REJECTED, dep, reason, detail)
+        self.out.publish_state(online=True)
 
     def wait_for_space(
         self, dep: Deployment, reason: str, detail: dict[str, Any] | None = None
@@ -446,6 +466,7 @@ class Agent:
 
     def deploy_command(self, dep: Deployment) -> None:
         self.rejected.pop(dep.sha256, None)
+        self.missing.pop(dep.sha256, None)
         self.desired_device = dep
         self.reconcile()
 

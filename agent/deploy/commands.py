@@ -285,6 +285,8 @@ def status(agent: Agent) -> dict[str, Any]:
         "fetching": None
         if job is None or job.store is None
         else {"sha256": job.sha, "done": job.store.count_done, "chunks": len(job.store.done)},
+        # the deployment in flight (name, version, sha256, age_s, what it waits for), or None
+        "pending": p.model_dump() if (p := agent.fetcher.pending()) else None,
         "dropped_messages": agent.dropped,
         "kept": [i.label for i in agent.versions.kept()],
         "commands": {"pending": agent.pending_commands, "refused_busy": agent.refused_busy},

@@ -19,6 +19,7 @@ from agent.protocol.messages import (
     ArtifactAnnouncement,
     Deployment,
     MessageError,
+    PendingDeployment,
     decode,
 )
 from agent.store.chunks import ChunkStore, discard_download
@@ -47,6 +48,12 @@ class FetchJob:
     # Waiting for disk space: the announcement is asked for again at this time (monotonic).
     retry_at: float | None = None
     deferred: bool = False  # made by wait_for_space (chunks left over from before are ignored)
+    created: float = field(default_factory=time.monotonic)  # the deployment's fetch began
+    stalls: int = 0  # stall periods in a row without a chunk, while connected
+
+    @property
+    def age_s(self) -> float:
+        return round(time.monotonic() - self.created, 1)
 
     @property
     def sha(self) -> str:
@@ -74,6 +81,7 @@ class FetchJob:
         self.fetched_chunks += 1
         self.fetched_bytes += size
         self.last_progress = time.monotonic()
+        self.stalls = 0
 
     def retry(self, transport: Transport, index: int) -> None:
         name = topics.artifact_chunk(self.sha, index)
@@ -112,8 +120,13 @@ class FetchJob:
 class Fetcher:
     """The FETCHING phase: one job at a time, fed the announcement and chunks the worker routes here.
 
-    A part of the agent owned by its one worker thread; ``reject`` and ``complete`` go back to it
-    (a refused artifact; a finished download to install).
+    A part of the agent owned by its one worker thread; ``reject``, ``give_up`` and ``complete``
+    go back to it (a refused artifact; chunks that stopped coming; a finished download to install).
+
+    A fetch that makes no progress for ``transfer.stall_s`` says so in a FETCHING event with a
+    reason, once per stall period: the manifest has not come (not on the broker?) or no chunk
+    came (the window is asked for again). After ``transfer.stall_tries`` chunk stalls in a row
+    while connected, it gives up: the artifact is no longer (completely) on the broker.
     """
 
     def __init__(
@@ -126,9 +139,10 @@ class Fetcher:
         active: Callable[[], Installed | None],
         reject: Callable[[Deployment, str, dict[str, Any]], None],
         complete: Callable[[FetchJob], None],
+        give_up: Callable[[Deployment, str, dict[str, Any]], None],
     ) -> None:
         self.cfg, self.policy, self.t, self.machine, self.out = cfg, policy, transport, machine, out
-        self.active, self.reject, self.complete = active, reject, complete
+        self.active, self.reject, self.complete, self.give_up = active, reject, complete, give_up
         self.downloads = cfg.state_dir / "downloads"
         self.downloads.mkdir(exist_ok=True)
         self.job: FetchJob | None = None
@@ -287,16 +301,87 @@ class Fetcher:
             {**(detail or {}), "waiting": "disk_space", "retry_in_s": round(delay, 3)},
         )
 
+    def pending(self) -> PendingDeployment | None:
+        """The deployment being fetched (for status and the state message), or None."""
+        job = self.job
+        if job is None:
+            return None
+        d = job.desired
+        if job.retry_at is not None:
+            waiting = "disk_space"
+        elif job.ann is None:
+            waiting = "manifest"
+        else:
+            waiting = "chunks" if job.stalls else ""
+        return PendingDeployment(
+            name=d.name, version=d.version, sha256=d.sha256, age_s=job.age_s, waiting=waiting
+        )
+
     def tick(self, now: float) -> None:
         job = self.job
-        if job is not None and job.retry_at is not None and now >= job.retry_at:
-            job.retry_at = None  # the retained announcement comes again; its checks run again
-            self.t.subscribe([topics.artifact_manifest(job.sha)])
+        if job is None:
             return
-        if job is not None and job.inflight and now - job.last_progress > self.cfg.transfer.stall_s:
-            log.info(
-                "no chunk for %.0fs; asking again for %d chunks",
-                self.cfg.transfer.stall_s,
-                len(job.inflight),
+        if job.retry_at is not None:
+            if now >= job.retry_at:
+                job.retry_at = None  # the retained announcement comes again; its checks run again
+                job.last_progress = now
+                self.t.subscribe([topics.artifact_manifest(job.sha)])
+            return
+        stall_s = self.cfg.transfer.stall_s
+        if now - job.last_progress <= stall_s:
+            return
+        sha = job.sha[:16]
+        if job.ann is None:
+            # Nothing to ask again: the broker delivers the retained manifest on subscribe, and a
+            # later publish reaches the subscription. Say so, and keep waiting.
+            job.last_progress = now
+            self._stuck(
+                job,
+                f"waiting {job.age_s:.0f} s for the manifest of {sha} (not on the broker?)",
+                {"waiting": "manifest"},
             )
-            job.resubscribe(self.t)
+            return
+        if not job.inflight:
+            return
+        if self.t.is_connected():  # a broker away is not a missing artifact
+            job.stalls += 1
+        tries = self.cfg.transfer.stall_tries
+        missing = sorted(job.inflight)
+        if job.stalls >= tries:
+            self.give_up(
+                job.desired,
+                f"chunks {ranges(missing)} of {sha} not delivered after {job.stalls} tries "
+                "(pruned from the broker?)",
+                {"chunks": missing[:64], "tries": job.stalls},
+            )
+            return
+        log.info("no chunk for %.0fs; asking again for %d chunks", stall_s, len(missing))
+        job.resubscribe(self.t)
+        self._stuck(
+            job,
+            f"no chunk for {stall_s:.0f} s: waiting for chunks {ranges(missing)} of {sha} "
+            f"(try {job.stalls + 1} of {tries})",
+            {"waiting": "chunks", "chunks": missing[:64], "stalls": job.stalls},
+        )
+
+    def _stuck(self, job: FetchJob, reason: str, detail: dict[str, Any]) -> None:
+        """A report, not a transition: the machine stays where it is. The retained state is
+        published again so it carries the pending deployment's current age."""
+        log.warning("%s", reason)
+        detail = {**detail, "age_s": job.age_s}
+        self.out.event("deployment", "FETCHING", reason, job.desired, detail)
+        self.out.publish_state(online=True)
+
+
+def ranges(indices: list[int]) -> str:
+    """Sorted chunk indices as '3..9, 12' (consecutive runs joined)."""
+    out: list[str] = []
+    start = prev = None
+    for i in [*indices, None]:
+        if i is not None and prev is not None and i == prev + 1:
+            prev = i
+            continue
+        if start is not None:
+            out.append(str(start) if start == prev else f"{start}..{prev}")
+        start = prev = i
+    return ", ".join(out)

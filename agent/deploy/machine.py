@@ -115,7 +115,11 @@ TABLE: dict[Phase, Spec] = {
     P.HEALTHY: Spec("HEALTHY", False, "the new model serves; nothing in flight", _REST),
     P.ROLLED_BACK: Spec("ROLLED_BACK", False, "the model switched back to serves", _REST),
     P.REJECTED: Spec(
-        "REJECTED", False, "the old model serves; the artifact stays refused (agent.json)", _REST
+        "REJECTED",
+        False,
+        "the old model serves; the artifact stays refused (agent.json), except one given up "
+        "because its chunks stopped coming: that one is fetched again",
+        _REST,
     ),
 }
 TRANSITIONS: dict[Phase, tuple[Phase, ...]] = {p: s.to for p, s in TABLE.items()}

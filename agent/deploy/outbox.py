@@ -17,7 +17,16 @@ from agent.config import AgentConfig
 from agent.deploy.machine import AgentFile
 from agent.deploy.policy import Policy
 from agent.protocol import topics
-from agent.protocol.messages import ActiveModel, Deployment, DeviceInfo, Event, StateMessage, encode
+from agent.protocol.messages import (
+    ActiveModel,
+    Deployment,
+    DeviceInfo,
+    Event,
+    PendingDeployment,
+    StateMessage,
+    encode,
+    encode_state,
+)
 from agent.protocol.states import IN_PROGRESS, DeployState
 from agent.service import Notifier
 from agent.store.versions import Installed
@@ -48,6 +57,8 @@ class Outbox:
         self.cfg, self.policy, self.t, self.file = cfg, policy, transport, file
         self.dev = cfg.device_id
         self.active = active
+        # The deployment being fetched, for the state message (set by the agent: the fetcher's).
+        self.pending: Callable[[], PendingDeployment | None] = lambda: None
         # systemd sd_notify (READY, WATCHDOG, STATUS); sends nothing outside systemd
         self.notifier = Notifier(None)
         # Saved now too: a run that sends fewer than SEQ_SAVE_EVERY messages must still move the
@@ -85,7 +96,7 @@ class Outbox:
             runtimes=dict(d.runtimes),
             warnings=list(self.policy.warnings),
         )
-        return encode(
+        return encode_state(
             StateMessage(
                 device=self.dev,
                 online=online,
@@ -96,6 +107,7 @@ class Outbox:
                 seq=self.next_seq(),
                 ts=time.time(),
                 device_info=info,
+                pending=self.pending(),
             )
         )
 

@@ -132,6 +132,19 @@ class DeviceInfo(_Strict):
     warnings: list[str] = []
 
 
+class PendingDeployment(_Strict):
+    """A deployment the agent is fetching and has not installed yet (StateMessage.pending).
+
+    ``waiting`` says what has not arrived: "manifest" (the announcement), "chunks", or "" (it
+    flows); ``age_s`` is the seconds since the fetch started."""
+
+    name: str
+    version: str
+    sha256: str
+    age_s: float = Field(ge=0)
+    waiting: str = ""
+
+
 class StateMessage(_Strict):
     """Retained birth on devices/{id}/state; the Last Will carries online=false."""
 
@@ -144,6 +157,9 @@ class StateMessage(_Strict):
     seq: int = Field(ge=0)
     ts: float
     device_info: DeviceInfo | None = None  # absent from agents before 0.1.0's device report
+    # Absent (not null) when nothing is pending, so collectors before 0.3 still read it: see
+    # encode_state.
+    pending: PendingDeployment | None = None
 
 
 class Event(_Strict):
@@ -270,3 +286,12 @@ def validation_reason(exc: ValidationError) -> str:
 
 def encode(msg: BaseModel) -> bytes:
     return json.dumps(msg.model_dump(mode="json"), separators=(",", ":"), allow_nan=False).encode()
+
+
+def encode_state(msg: StateMessage) -> bytes:
+    """A StateMessage without ``pending`` when it is None: older (strict) readers refuse an
+    unknown field, so an idle device's state stays readable by them."""
+    doc = msg.model_dump(mode="json")
+    if doc.get("pending") is None:
+        doc.pop("pending", None)
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
