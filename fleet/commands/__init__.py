@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from fleet.commands.artifacts import artifacts_grp
 from fleet.commands.broker import broker_grp
 from fleet.commands.collect import collect_cmd
 from fleet.commands.demo import demo_cmd
@@ -28,5 +29,6 @@ cli = click.Group(
         fleet_grp,
         demo_cmd,
         broker_grp,
+        artifacts_grp,
     ],
 )
