@@ -797,3 +797,25 @@ def check_loadable(state_dir: Path) -> str | None:
     with selftest.load(inst, 1) as sess:
         assert selftest.golden_check(sess, inst, selftest.golden_of(inst)) is None
     return inst.sha256
+
+
+def retained_figures(broker_url: str, quiet: float = 1.0) -> dict[str, int]:
+    """What the broker retains, seen by a fresh subscriber to '#' (messages and payload bytes;
+    run it while nothing else publishes), and mosquitto's own `$SYS/broker/retained messages/
+    count` (-1 unless the broker publishes $SYS: sys_interval)."""
+    from fleet.mqtt import SyncClient, broker_config
+
+    with SyncClient(broker_config(broker_url)) as c:
+        li = c.listen([("#", 1)], wait=True)
+        n = size = 0
+        while (m := li.get(quiet)) is not None:
+            if m.payload:
+                n += 1
+                size += len(m.payload)
+        c.unlisten(li)
+        sys_count = c.retained_one("$SYS/broker/retained messages/count", limit=2.0)
+    return {
+        "retained_messages": n,
+        "retained_bytes": size,
+        "sys_retained_count": int(sys_count) if sys_count else -1,
+    }
