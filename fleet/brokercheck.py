@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
-from agent.errors import BrokerError
+from agent.errors import BrokerError, BrokerUnfitError, EdgefleetError
 from agent.protocol import topics
 from fleet.mqtt import Listener, Message
 
@@ -392,16 +392,21 @@ def retained_wildcard_broken(c: Client, timeout: float = 2.0) -> bool:
     return exact and not wild
 
 
-def explain_unseen(c: Client, topic: str) -> str:
-    """Why a retained ``topic`` this client was acknowledged for cannot be read back."""
+def unseen_error(c: Client, url: str, topic: str) -> EdgefleetError:
+    """The error for a retained ``topic`` the broker acknowledged but does not hand back."""
     with contextlib.suppress(BrokerError):
         probe = rewritten_as(c)
         if probe is not None:
             new = rewrite(topic, probe)
             if new is not None:
-                return f"the broker rewrote topic {topic} as {new} (RabbitMQ's MQTT plugin does this); {SEE}"
-            return f"the broker changes topic names (it delivered a.b as {probe}); {SEE}"
-    return f"the broker acknowledged {topic} but does not hold it; {SEE}"
+                return BrokerUnfitError(
+                    f"{url}: the broker rewrote topic {topic} as {new} (RabbitMQ's MQTT plugin "
+                    f"does this); {SEE}"
+                )
+            return BrokerUnfitError(
+                f"{url}: the broker changes topic names (it delivered a.b as {probe}); {SEE}"
+            )
+    return BrokerError(f"{url}: the broker acknowledged {topic} but does not hold it; {SEE}")
 
 
 def explain_missing_index(c: Client) -> str:
