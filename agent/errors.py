@@ -10,6 +10,7 @@ escapes is a bug and keeps its traceback. Part of the shared core (docs/architec
     3 data                    9 database error, or a device that did not answer in time
     4 model                  10 a device refused a command
     5 no candidate in budget 11 a rollout halted or failed
+                             12 the broker lacks something the fleet needs
   130 interrupted (Ctrl-C)
 """
 
@@ -87,6 +88,12 @@ class BrokerError(EdgefleetError):
     """The MQTT broker cannot be reached or refused us."""
 
     exit_code = 8
+
+
+class BrokerUnfitError(EdgefleetError):
+    """The broker answers, but breaks something the fleet relies on (`edgefleet broker check`)."""
+
+    exit_code = 12
 
 
 class DatabaseError(EdgefleetError):

@@ -58,6 +58,7 @@ log = logging.getLogger("edgefleet.collect")
 MAX_PAYLOAD = 64 * 1024  # larger messages on these topics are rejected, not parsed
 PREFIX_CHARS = 200  # how much of a rejected payload is kept
 MAX_QUEUED = 50_000  # received but not yet committed; beyond it messages wait on the broker
+SHARE_SILENCE_S = 60.0  # six default telemetry intervals with devices online and nothing shared
 LEAVES = ("state", "events", "telemetry", "cmd/result")
 _MODELS: dict[str, type[BaseModel]] = {
     "state": StateMessage,
@@ -211,6 +212,40 @@ def _reject(batch: Batch, topic: str, reason: str, payload: bytes, received: flo
     return False
 
 
+class ShareWatch:
+    """Notices a broker that grants a shared subscription but delivers nothing on it (RabbitMQ
+    3.10, amqtt): devices' retained states say they are online, yet after ``silence_s`` not one
+    message came through $share. ``warning()`` says so once; it costs a set and a counter."""
+
+    def __init__(self, group: str | None, silence_s: float = SHARE_SILENCE_S) -> None:
+        self.group, self.silence_s = group, silence_s
+        self.started = time.monotonic()
+        self.shared = 0  # messages that came through the shared subscription
+        self.online: set[str] = set()
+        self.warned = False
+
+    def saw(self, items: list[tuple[str, bytes, int, int, float]], batch: Batch) -> None:
+        if self.group is None or self.shared:
+            return
+        self.shared += sum(1 for t, *_ in items if not t.endswith("/state"))
+        for dev, online, *_ in batch.device_states:
+            (self.online.add if online else self.online.discard)(dev)
+
+    def warning(self, now: float | None = None) -> str | None:
+        now = time.monotonic() if now is None else now
+        if self.warned or self.group is None or self.shared or not self.online:
+            return None
+        if now - self.started < self.silence_s:
+            return None
+        self.warned = True
+        sub = subscriptions(self.group)[1]
+        return (
+            f"no message arrived on {sub} (or the other shared topics) in {self.silence_s:g}s "
+            f"although {len(self.online)} device(s) are online; this broker may not support "
+            f"shared subscriptions: edgefleet broker check"
+        )
+
+
 @dataclass
 class Stats:
     received: int = 0
@@ -241,6 +276,7 @@ class Collector:
         batch_max: int = 5000,
         connect_attempts: int = 4,
         max_queued: int = MAX_QUEUED,
+        share_silence_s: float = SHARE_SILENCE_S,
     ) -> None:
         self.broker = broker
         self.db = db if isinstance(db, FleetDB) else FleetDB(db)
@@ -254,6 +290,7 @@ class Collector:
             max_queued,
         )
         self.stats = Stats()
+        self.share = ShareWatch(share_group, share_silence_s)
         self.q: queue.SimpleQueue[tuple[str, bytes, int, int, float]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._done = threading.Event()
@@ -328,6 +365,7 @@ class Collector:
             self.c.loop_stop()
             raise BrokerError(f"cannot connect to {self.broker.url}: {self._refused}")
         self._watch.log = log
+        self.share.started = time.monotonic()
         self._worker = threading.Thread(target=self._run, name="collector-db", daemon=True)
         self._worker.start()
         return self
@@ -408,6 +446,7 @@ class Collector:
             if not add_message(batch, topic, payload, received):
                 rejected += 1
         new = self.db.store(batch)
+        self.share.saw(items, batch)
         s = self.stats
         s.received += len(items)
         s.rejected += rejected

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from agent.broker import BrokerConfig
-from agent.errors import UsageError
+from agent.errors import BrokerUnfitError, UsageError
 from agent.protocol import topics
 from agent.protocol.manifest import VERSION_RE
 from agent.protocol.messages import (
@@ -27,6 +27,7 @@ from agent.protocol.messages import (
     decode,
 )
 from agent.protocol.trust import Target
+from fleet.brokercheck import explain_missing_index
 from fleet.mqtt import SyncClient
 from fleet.trust import Operator
 
@@ -83,6 +84,9 @@ def resolve(
         if attempt < LOOKUP_TRIES - 1:
             time.sleep(0.5)
     if not found:
+        why = explain_missing_index(c)  # a broker that breaks the lookup, rather than no artifact
+        if why:
+            raise BrokerUnfitError(f"{name}@{version} cannot be looked up on {c.cfg.url}: {why}")
         raise UsageError(
             f"{name}@{version} is not published on {c.cfg.url} (run `edgefleet publish` first)"
         )

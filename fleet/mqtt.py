@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -58,6 +59,12 @@ class Message(NamedTuple):
     topic: str
     payload: bytes
     received: float  # time.time() when paho handed it over
+    qos: int = 0  # the QoS the broker delivered it at
+
+
+def shared_filter(f: str) -> str:
+    """The topic filter under a shared subscription: ``$share/G/a/+`` matches what ``a/+`` does."""
+    return f.split("/", 2)[2] if f.startswith("$share/") and f.count("/") >= 2 else f
 
 
 class Listener:
@@ -70,11 +77,11 @@ class Listener:
         self.subscribed = threading.Event()
 
     def matches(self, topic: str) -> bool:
-        return any(mqtt.topic_matches_sub(f, topic) for f, _q in self.filters)
+        return any(mqtt.topic_matches_sub(shared_filter(f), topic) for f, _q in self.filters)
 
-    def put(self, topic: str, payload: bytes) -> None:
+    def put(self, topic: str, payload: bytes, qos: int = 0) -> None:
         try:
-            self.q.put_nowait(Message(topic, payload, time.time()))
+            self.q.put_nowait(Message(topic, payload, time.time(), qos))
         except queue.Full:
             self.dropped += 1
 
@@ -94,11 +101,23 @@ class Listener:
 
 class SyncClient:
     """Connects (blocking, with a timeout), publishes QoS 1 with a bounded window of unacked
-    messages, reads retained messages, and hands subscribed messages to Listeners."""
+    messages, reads retained messages, and hands subscribed messages to Listeners.
 
-    def __init__(self, cfg: BrokerConfig, client_id: str = "", timeout: float = 10.0) -> None:
+    ``will`` (topic, payload) is a Last Will the broker publishes (QoS 1, not retained) if this
+    client goes away without a DISCONNECT, as ``drop()`` does.
+    """
+
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        client_id: str = "",
+        timeout: float = 10.0,
+        will: tuple[str, bytes] | None = None,
+    ) -> None:
         self.cfg, self.timeout = cfg, timeout
         self._c = make_client(cfg, client_id, max_inflight=64)
+        if will is not None:
+            self._c.will_set(will[0], will[1], qos=1, retain=False)
         self._connected = threading.Event()
         self._refused: str | None = None
         self._lock = threading.Lock()
@@ -141,7 +160,7 @@ class SyncClient:
         with self._lock:
             listeners = [li for li in self._listeners if li.matches(msg.topic)]
         for li in listeners:
-            li.put(msg.topic, bytes(msg.payload))
+            li.put(msg.topic, bytes(msg.payload), msg.qos)
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, props: Any
@@ -189,6 +208,17 @@ class SyncClient:
         with contextlib.suppress(Exception):
             self._c.disconnect()
         self._c.loop_stop()
+
+    def drop(self) -> None:
+        """Close the connection without a DISCONNECT, as a device losing power would: the broker
+        then publishes this client's Last Will."""
+        self._c.loop_stop()  # paho's thread no longer touches the socket (nor reconnects)
+        sock = self._c.socket()
+        if isinstance(sock, socket.socket):  # ssl.SSLSocket is one too
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
 
     # -- subscribing ----------------------------------------------------------------------------
     def listen(self, filters: list[tuple[str, int]], wait: bool = False) -> Listener:

@@ -18,7 +18,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.broker import BrokerConfig
-from agent.errors import BrokerError, IntegrityError, UsageError
+from agent.errors import IntegrityError, UsageError
 from agent.protocol import topics
 from agent.protocol.artifact import verify_artifact
 from agent.protocol.manifest import MANIFEST_NAME, SIGNATURE_NAME, parse_manifest
@@ -30,6 +30,7 @@ from agent.protocol.messages import (
     decode,
     encode,
 )
+from fleet.brokercheck import unseen_error
 from fleet.mqtt import SyncClient
 
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -214,10 +215,12 @@ def _confirm_retained(c: SyncClient, broker: BrokerConfig, heads: dict[str, byte
     retained messages it has not stored yet when the publisher disconnects (seen on Python 3.12:
     the last two of every publish, deterministically). The round trip on the same connection
     lets it finish; their presence is what tells devices and `deploy` that the artifact is there.
+    When one does not come back, a quick probe tells a broker that rewrites topic names
+    (RabbitMQ's MQTT plugin turns '.' into '/') from one that lost the message.
     """
     for topic, payload in heads.items():
         if c.retained_one(topic, limit=10.0) != payload:
-            raise BrokerError(f"{broker.url}: the broker acknowledged {topic} but does not hold it")
+            raise unseen_error(c, broker.url, topic)
 
 
 def chunk_count(path: Path, chunk_size: int) -> int:

@@ -1,5 +1,6 @@
 """`edgefleet broker init` and `edgefleet broker add-device`: certificates, mosquitto config and
-ACL for a broker that admits only the fleet's own identities."""
+ACL for a broker that admits only the fleet's own identities; `edgefleet broker check`: does a
+broker do what the fleet relies on."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 
 import click
 
-from agent.errors import UsageError
+from agent.errors import BrokerUnfitError, UsageError
+from fleet.commands.options import broker_from_options, broker_options_with
 
 DIR_HELP = "Directory holding the broker setup (CA, certificates, mosquitto.conf, acl)."
 
@@ -36,10 +38,11 @@ def _summary(setup: Any, what: str) -> str:
 
 @click.group("broker")
 def broker_grp() -> None:
-    """Set up a locked-down mosquitto: TLS, one certificate per client, an ACL.
+    """Set up a locked-down mosquitto (TLS, one certificate per client, an ACL); check a broker.
 
     \b
     Start with 'edgefleet broker init', then add devices with 'edgefleet broker add-device'.
+    'edgefleet broker check' tells whether a broker (any make) does what the fleet needs.
     docs/fleet.md ("Locking down the broker") explains what each identity may do.
     """
 
@@ -194,3 +197,81 @@ def add_device_cmd(
         + "\nreload the broker so the ACL takes effect: kill -HUP $(pidof mosquitto)  "
         "(or: systemctl reload mosquitto)"
     )
+
+
+@broker_grp.command("check")
+@broker_options_with(
+    "Broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT. Give it twice for two nodes of one "
+    "cluster: a retained message published on the first must be seen on the second.",
+    multiple=True,
+)
+@click.option(
+    "--chunk-size",
+    default=1 << 20,  # fleet.publish.DEFAULT_CHUNK_SIZE, not imported: --help stays light
+    show_default=True,
+    type=click.IntRange(1024, 16 * 1024 * 1024),
+    help="Bytes per artifact chunk, as `edgefleet publish --chunk-size` will use.",
+)
+@click.option(
+    "--timeout",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0.5, 60),
+    help="Seconds each check waits for a message before it fails.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def check_cmd(chunk_size: int, timeout: float, as_json: bool, **kw: Any) -> None:
+    """Check that a broker does what the fleet relies on, before pointing a fleet at it.
+
+    \b
+    Checks: retained messages reach wildcard subscriptions; topic names come back unchanged
+    ('.' included); QoS 1; Last Will; a retained message of the chunk size; $share
+    subscriptions; and, given two --broker URLs, retained messages across cluster nodes.
+    Everything happens under a scratch prefix (edgefleet/v1/_check/RANDOM/) and the retained
+    messages it leaves are cleared afterwards. Exits 0 when everything holds, 12 when the
+    broker breaks something the fleet needs (8 when it cannot be reached). Example:
+      edgefleet broker check --broker mqtts://broker.lan:8883 --identity broker/operator
+    """
+    from fleet.brokercheck import run_checks
+    from fleet.mqtt import SyncClient
+
+    urls = list(kw.pop("broker"))
+    if len(urls) > 2:
+        raise UsageError("--broker: give one URL, or two nodes of one cluster")
+    cfgs = [broker_from_options({**kw, "broker": u}) for u in urls]
+
+    def open_client(node: int, will: tuple[str, bytes] | None) -> SyncClient:
+        return SyncClient(cfgs[node], timeout=max(timeout, 5.0), will=will).__enter__()
+
+    for node in range(len(cfgs)):  # unreachable is exit 8, before any check runs
+        open_client(node, None).close()
+    rep = run_checks(open_client, urls, chunk_size, timeout)
+    if as_json:
+        click.echo(json.dumps(rep.as_dict()))
+    else:
+        click.echo(_table(rep))
+    if not rep.ok:
+        failed = [c.name for c in rep.checks if c.status == "fails"]
+        raise BrokerUnfitError(
+            f"{', '.join(urls)} fails {', '.join(failed)}: the fleet needs "
+            f"{'it' if len(failed) == 1 else 'them'} (what it would lose is listed above)"
+        )
+
+
+def _table(rep: Any) -> str:
+    width = max(len(c.name) for c in rep.checks)
+    lines = [f"broker check of {', '.join(rep.brokers)} (scratch topics under {rep.prefix}/)", ""]
+    for c in rep.checks:
+        lines.append(f"{c.name:<{width}}  {c.status:<7}  {c.what}")
+        if c.detail:
+            lines.append(f"{'':<{width}}           {c.detail}")
+        if c.loses:
+            lines.append(f"{'':<{width}}           the fleet would lose: {c.loses}")
+    lines.append("")
+    if rep.leftover:
+        lines.append(f"could not clear retained scratch topics: {', '.join(rep.leftover)}")
+    verdict = (
+        "everything the fleet needs holds" if rep.ok else "this broker breaks what the fleet needs"
+    )
+    lines.append(f"{verdict} ({rep.seconds:.1f}s)")
+    return "\n".join(lines)

@@ -123,6 +123,8 @@ def collect_cmd(
             now = time.monotonic()
             if duration and now - t0 >= duration:
                 break
+            if (warning := col.share.warning()) is not None:
+                click.echo(f"warning: {warning}", err=True)
             if now >= next_report:
                 report()
                 next_report = now + stats_every

@@ -18,13 +18,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def broker_options_with(
-    broker_help: str = "Broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT.", required: bool = True
+    broker_help: str = "Broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT.",
+    required: bool = True,
+    multiple: bool = False,
 ) -> Callable[[F], F]:
     """--broker plus its TLS and login options, shared by every command that talks to a broker."""
 
     def deco(f: F) -> F:
         opts = [
-            click.option("--broker", required=required, default=None, help=broker_help),
+            click.option(
+                "--broker", required=required, default=None, multiple=multiple, help=broker_help
+            ),
             click.option("--ca-file", default=None, help="CA certificate (PEM) for mqtts://."),
             click.option(
                 "--cert-file", default=None, help="Client certificate (PEM) for mqtts://."
