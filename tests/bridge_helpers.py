@@ -65,6 +65,9 @@ class Uplink:
         """Close the listener and every relayed connection; waits (bounded) for the relay threads."""
         ls, self._listener = self._listener, None
         if ls is not None:
+            # shutdown wakes the thread blocked in accept(); close alone leaves it listening
+            with contextlib.suppress(OSError):
+                ls.shutdown(socket.SHUT_RDWR)
             ls.close()
         with self._lock:
             socks, self._socks = self._socks, []
@@ -155,6 +158,19 @@ class Central(Broker):
     def __init__(self, directory: Path) -> None:
         super().__init__(directory)
         self.conf.write_text(self.conf.read_text() + "sys_interval 1\n")
+
+
+def retained(url: str, topic: str, limit: float = 2.0) -> bytes | None:
+    """The retained payload on ``topic`` at broker ``url`` (None: none within ``limit`` s)."""
+    from fleet.mqtt import SyncClient, broker_config
+
+    with SyncClient(broker_config(url)) as c:
+        return c.retained_one(topic, limit=limit)
+
+
+def bridge_up(site: SiteBroker) -> bool:
+    """The site bridge's notification (retained on the site): b"1" while connected to central."""
+    return retained(site.url, f"$SYS/broker/connection/site-{site.dir.name}/state", 1.0) == b"1"
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from agent.protocol import topics
-from fleet.mqtt import SyncClient, broker_config
 from tests.agent_helpers import (
     AgentProcess,
     Keys,
@@ -23,21 +22,19 @@ from tests.agent_helpers import (
     publish,
     write_config,
 )
-from tests.bridge_helpers import Central, SiteBroker, Uplink, site_topics, wait_for
+from tests.bridge_helpers import (
+    Central,
+    SiteBroker,
+    Uplink,
+    bridge_up,
+    retained,
+    site_topics,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
 GROUP, DEVICE = "north-lab", "north-01"
-
-
-def retained(url: str, topic: str, limit: float = 2.0) -> bytes | None:
-    with SyncClient(broker_config(url)) as c:
-        return c.retained_one(topic, limit=limit)
-
-
-def bridge_up(site: SiteBroker) -> bool:
-    """The site's bridge notification (retained, local): b"1" while connected to central."""
-    return retained(site.url, f"$SYS/broker/connection/site-{site.dir.name}/state", 1.0) == b"1"
 
 
 def seen_since(
@@ -87,6 +84,7 @@ def test_site_agent_through_bridge_survives_uplink_cut(
         assert retained(site.url, topics.artifact_manifest(sha_other)) is not None
 
         uplink.cut()
+        t_cut = time.time()
         wait_for(lambda: not bridge_up(site), 15, "site sees the bridge down")
         n_central = len(lst.messages)
         # the site holds its deployment; a restarted agent comes back with its model
@@ -106,7 +104,6 @@ def test_site_agent_through_bridge_survives_uplink_cut(
             "restarted site agent online with its model",
         )
         assert active_sha(d / "state") == sha_a
-        t_cut_sent = time.time()
 
         # while cut: a new version is published and deployed on central only
         sha_b = publish(central.url, artifacts(version="2.0.0", seed=7))
@@ -114,13 +111,20 @@ def test_site_agent_through_bridge_survives_uplink_cut(
         assert retained(site.url, topics.artifact_manifest(sha_b), 0.5) is None
         assert len(lst.messages) == n_central, "nothing crossed the cut uplink"
 
+        tel_topic = topics.device_topic(DEVICE, "telemetry")
+        wait_for(
+            lambda: seen_since(site_lst, n_site, tel_topic, lambda m: m["ts"] > t_cut),
+            20,
+            "telemetry on the site during the cut",
+        )
+        t_restore = time.time()
         uplink.restore()
         lst.wait_state(DEVICE, "HEALTHY", sha_b, timeout=60)
         assert active_sha(d / "state") == sha_b
         # telemetry the agent sent during the cut was queued on the site (local_cleansession
         # false) and reached central after the uplink came back
         assert any(
-            t.endswith("/telemetry") and json.loads(p)["ts"] < t_cut_sent
+            t.endswith("/telemetry") and t_cut < json.loads(p)["ts"] < t_restore
             for t, p in lst.messages[n_central:]
         ), "telemetry from the cut reached central"
         print(
@@ -135,4 +139,5 @@ def test_site_agent_through_bridge_survives_uplink_cut(
                 li.close()
         site.stop()
         uplink.cut()
+        t_cut = time.time()
         central.stop()
