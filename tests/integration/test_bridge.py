@@ -120,6 +120,7 @@ def test_site_agent_through_bridge_survives_uplink_cut(
         t_restore = time.time()
         uplink.restore()
         lst.wait_state(DEVICE, "HEALTHY", sha_b, timeout=60)
+        t_catch_up = time.time() - t_restore
         assert active_sha(d / "state") == sha_b
         # telemetry the agent sent during the cut was queued on the site (local_cleansession
         # false) and reached central after the uplink came back
@@ -128,7 +129,8 @@ def test_site_agent_through_bridge_survives_uplink_cut(
             for t, p in lst.messages[n_central:]
         ), "telemetry from the cut reached central"
         print(
-            f"HEALTHY via bridge {t_healthy:.1f}s; total {time.monotonic() - t0:.1f}s; "
+            f"HEALTHY via bridge {t_healthy:.1f}s; new version HEALTHY {t_catch_up:.1f}s after "
+            f"the uplink came back; total {time.monotonic() - t0:.1f}s; "
             f"uplink connections {uplink.connections}, bytes down {uplink.bytes_down}"
         )
     finally:
