@@ -298,7 +298,8 @@ def test_no_request_fails_across_a_model_swap(
     port = free_port()
     sha1 = publish(broker.url, artifacts(version="1.0.0"))
     sha2 = publish(broker.url, artifacts(version="1.1.0", seed=1))
-    agents.start("swap", serve=_serve_cfg(port, max_connections=64))
+    # the swap, not the latency gate, is under test: 4 clients hammer the endpoint meanwhile
+    agents.start("swap", serve=_serve_cfg(port, max_connections=64), p95_slack_ms=100.0)
     deploy(broker.url, "tiny@1.0.0", device="swap")
     listener.wait_state("swap", "HEALTHY", sha1, timeout=30)
     _wait_ready(port)
