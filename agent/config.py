@@ -86,6 +86,23 @@ class TelemetryConfig(_Strict):
     buffer_max_messages: int = Field(default=10_000, ge=1, le=10_000_000)
 
 
+class MonitorConfig(_Strict):
+    """[monitor]: drift of served inputs/outputs against the artifact's reference profile.
+
+    Unset values come from the artifact's reference.json defaults (PSI threshold 0.25, 2
+    windows, 50 observations). A window is one telemetry interval.
+    """
+
+    enabled: bool = True
+    # A drift event when the largest score is over this for drift_windows windows in a row.
+    drift_threshold: float | None = Field(default=None, gt=0)
+    drift_windows: int | None = Field(default=None, ge=1, le=1000)
+    # Windows with fewer observations count neither toward nor against an episode.
+    min_count: int | None = Field(default=None, ge=1)
+    # Observing costs at most this share of inference time (calls are sampled to fit).
+    max_overhead: float = Field(default=0.05, gt=0, le=1)
+
+
 class ServeConfig(_Strict):
     """[serve]: the local inference endpoint (Open Inference Protocol v2 REST). No authentication: keep it on loopback."""
 
@@ -144,6 +161,7 @@ class AgentConfig(_Strict):
     commands: CommandsConfig = CommandsConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     serve: ServeConfig = ServeConfig()
+    monitor: MonitorConfig = MonitorConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("device_id", "profile")

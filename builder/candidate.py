@@ -23,6 +23,7 @@ from agent.protocol.manifest import (
     Golden,
     Manifest,
     ModelInfo,
+    MonitorRef,
     Quantization,
     Recipe,
     RecipeStep,
@@ -37,6 +38,7 @@ from builder.evaluate.latency import measure_latency
 from builder.evaluate.memory import measure_peak_rss
 from builder.package import file_entry, write_artifact
 from builder.passes import ModelHandle
+from builder.reference import REFERENCE_FILE, build_reference, encode_reference
 
 # Tolerance of the on-device self-test against this candidate's host outputs, relative to
 # the largest output magnitude: runtimes on other CPUs round differently, int8 most of all.
@@ -269,6 +271,9 @@ def pack(
                 )
             )
         inputs, outs = _specs(sess, model.path)
+        # The drift monitor's reference: this candidate's own outputs on the eval data (what the
+        # device will see when traffic looks like the eval data).
+        reference = build_reference(data.inputs, run_batched(sess, data, model.batch_axes), task)
     golden = (
         GoldenSet(cases[0].inputs, cases[0].reference, cases[0].expected)
         if batched
@@ -309,7 +314,14 @@ def pack(
         profile.runtime.threads,
     )
     report_path.write_text(json.dumps(cand.report, indent=2, default=str))
-    files = {model_file: model_copy, "golden.npz": golden_path, "report.json": report_path}
+    reference_path = workdir / REFERENCE_FILE
+    reference_path.write_bytes(encode_reference(reference))
+    files = {
+        model_file: model_copy,
+        "golden.npz": golden_path,
+        "report.json": report_path,
+        REFERENCE_FILE: reference_path,
+    }
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         name=name,
@@ -336,6 +348,7 @@ def pack(
         ),
         budgets=profile.budgets.model_dump(),
         security_floor=security_floor,
+        monitor=MonitorRef(file=REFERENCE_FILE),
     )
     out = workdir / manifest.artifact_name
     write_artifact(out, manifest, files, key)

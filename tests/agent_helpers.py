@@ -20,7 +20,15 @@ from typing import Any
 import numpy as np
 
 from agent.protocol.golden import GoldenSet
-from agent.protocol.manifest import FORMAT_VERSION, Golden, Manifest, ModelInfo, Recipe, TensorSpec
+from agent.protocol.manifest import (
+    FORMAT_VERSION,
+    Golden,
+    Manifest,
+    ModelInfo,
+    MonitorRef,
+    Recipe,
+    TensorSpec,
+)
 from agent.protocol.signing import generate_keypair, load_private_key
 from fleet.localfleet import free_port as free_port  # one helper, re-exported
 
@@ -207,11 +215,15 @@ def make_artifact(
     extra_params: int = 0,
     ir_version: int | None = None,
     security_floor: str | None = None,
+    reference: bool = False,
 ) -> Path:
     """A signed artifact built with the real manifest/golden/package code. ``ir_version`` restamps
     the model after its golden outputs are computed (a model newer than the installed runtime);
-    ``security_floor`` goes in the manifest (no version of NAME below it runs once activated)."""
+    ``security_floor`` goes in the manifest (no version of NAME below it runs once activated);
+    ``reference`` adds a drift reference profile (reference.json, the builder's code) of the
+    model on standard-normal inputs."""
     from builder.package import file_entry, write_artifact
+    from builder.reference import REFERENCE_FILE, build_reference, encode_reference
 
     work = out_dir / f"work-{name}-{version}-{profile}-{seed}"
     work.mkdir(parents=True, exist_ok=True)
@@ -222,6 +234,12 @@ def make_artifact(
     exp = y + 5.0 if bad_golden else y
     golden = work / "golden.npz"
     GoldenSet({"x": x}, {"y": y}, {"y": exp}).save(golden)
+    files = {"model.onnx": model, "golden.npz": golden}
+    if reference:
+        rx = np.random.default_rng(seed + 200).standard_normal((2000, 64)).astype(np.float32)
+        ref = build_reference({"x": rx}, {"y": _run_onnx(model, rx)}, "classification")
+        files[REFERENCE_FILE] = work / REFERENCE_FILE
+        files[REFERENCE_FILE].write_bytes(encode_reference(ref))
     if ir_version is not None:
         import onnx
 
@@ -243,19 +261,18 @@ def make_artifact(
             inputs=[TensorSpec(name="x", dtype="float32", shape=["batch", 64])],
             outputs=[TensorSpec(name="y", dtype="float32", shape=["batch", 10])],
         ),
-        files={"model.onnx": file_entry(model), "golden.npz": file_entry(golden)},
+        files={k: file_entry(p) for k, p in files.items()},
         metrics={},
         recipe=Recipe(name="test", steps=[]),
         golden=Golden(file="golden.npz", count=8, atol=1e-4, rtol=1e-4, min_top1_agreement=0.9),
         security_floor=security_floor,
+        monitor=MonitorRef(file=REFERENCE_FILE) if reference else None,
     )
     out = (
         out_dir
-        / f"{name}-{version}-{profile}-{seed}{'-bad' if bad_golden else ''}{f'-ir{ir_version}' if ir_version else ''}{f'-floor{security_floor}' if security_floor else ''}.efa"
+        / f"{name}-{version}-{profile}-{seed}{'-bad' if bad_golden else ''}{f'-ir{ir_version}' if ir_version else ''}{f'-floor{security_floor}' if security_floor else ''}{'-ref' if reference else ''}.efa"
     )
-    return write_artifact(
-        out, manifest, {"model.onnx": model, "golden.npz": golden}, load_private_key(keys.private)
-    )
+    return write_artifact(out, manifest, files, load_private_key(keys.private))
 
 
 # A model with the inputs real models have: int64 ids and mask with a dynamic sequence axis,
@@ -603,10 +620,11 @@ def write_config(
     keep_versions: int = 1,
     transfer: dict[str, Any] | None = None,
     commands: dict[str, Any] | None = None,
+    monitor: dict[str, Any] | None = None,
     **install: Any,
 ) -> Path:
     """``serve``: the [serve] section; default disabled, so agents in one test do not share a port.
-    ``telemetry``, ``commands``: those sections (default: the agent's defaults); ``transfer``:
+    ``telemetry``, ``commands``, ``monitor``: those sections (default: the agent's defaults); ``transfer``:
     keys added to (or replacing) [transfer]'s window = 8 and stall_s = 5."""
     xfer = {"window": 8, "stall_s": 5.0, **(transfer or {})}
     inst = {
@@ -642,6 +660,8 @@ def write_config(
         *[f"{k} = {json.dumps(v)}" for k, v in (telemetry or {}).items()],
         "[commands]",
         *[f"{k} = {json.dumps(v)}" for k, v in (commands or {}).items()],
+        "[monitor]",
+        *[f"{k} = {json.dumps(v)}" for k, v in (monitor or {}).items()],
     ]
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -26,6 +26,7 @@ from agent.deploy.install import Installer, Probation
 from agent.deploy.machine import AgentFile, Machine, Phase
 from agent.deploy.outbox import Outbox, log
 from agent.deploy.policy import Policy
+from agent.monitor.monitor import Monitor
 from agent.protocol import topics
 from agent.protocol.golden import GoldenSet
 from agent.protocol.messages import MAX_CONTROL_BYTES, Deployment, MessageError, validate
@@ -84,6 +85,8 @@ class Agent:
         # a swap goes through it, so a request finishes on the model it started with.
         self.holder = SessionHolder()
         self.local = LocalModel(self.holder, self.latency)
+        # Drift episode events from the telemetry thread (deque: appends and pops are atomic).
+        self.drift_events: deque[dict[str, Any]] = deque(maxlen=64)
         self.thermal = ThermalReader(cfg.telemetry.sysfs_root)  # for the benchmark command
         self.out = Outbox(cfg, policy, transport, self.file, lambda: self.installer.active)
         self.machine = Machine(cfg.state_dir, self.out.deployment)
@@ -169,14 +172,32 @@ class Agent:
         """The reporter thread ([telemetry]); it reads only ``latency`` and the active model."""
         if not self.cfg.telemetry.enabled:
             return None
-        reporter = TelemetryReporter(self.cfg, self.t, self.latency, self.out.active_model)
+        reporter = TelemetryReporter(
+            self.cfg,
+            self.t,
+            self.latency,
+            self.out.active_model,
+            monitor=self.active_monitor,
+            drift_event=self.drift_events.append,
+        )
         reporter.start()
         return reporter
+
+    def active_monitor(self) -> Monitor | None:
+        cur = self.holder.current
+        return None if cur is None else cur.monitor
+
+    def publish_drift_events(self) -> None:
+        """Drift episode events queued by the telemetry thread, sent on the worker's sequence."""
+        while self.drift_events:
+            ev = self.drift_events.popleft()
+            self.out.event("drift", reason=ev["reason"], subject=self.active, detail=ev["detail"])
 
     def step(self, timeout: float = 0.0) -> bool:
         """Handle one queued item (waiting up to ``timeout``), then timers. True if one was handled."""
         handled = False
         self.answer_busy()
+        self.publish_drift_events()
         try:
             kind, topic, payload = (
                 self.q.get(timeout=timeout) if timeout > 0 else self.q.get_nowait()

@@ -19,6 +19,7 @@ from agent.deploy.machine import Machine, Phase
 from agent.deploy.outbox import Outbox, log
 from agent.deploy.policy import Policy
 from agent.errors import EdgefleetError, IntegrityError, RuntimeTooOldError
+from agent.monitor.monitor import Monitor
 from agent.protocol.artifact import verify_artifact
 from agent.protocol.golden import GoldenSet
 from agent.protocol.messages import Deployment
@@ -126,9 +127,24 @@ class Installer:
         self.holder.swap(
             None
             if m is None or inst is None or session is None
-            else Loaded(m.name, m.version, inst.sha256, m.runtime, session)
+            else Loaded(
+                m.name, m.version, inst.sha256, m.runtime, session, monitor=self._monitor(inst)
+            )
         )
         self.out.notifier.status(self.out.status_line())
+
+    def _monitor(self, inst: Installed) -> Monitor | None:
+        """A drift monitor for the version about to serve: none without a reference profile."""
+        mc, ref = self.cfg.monitor, inst.manifest.monitor
+        if not mc.enabled or ref is None:
+            return None
+        return Monitor.load(
+            inst.dir / ref.file,
+            threshold=mc.drift_threshold,
+            windows=mc.drift_windows,
+            min_count=mc.min_count,
+            max_overhead=mc.max_overhead,
+        )
 
     # -- FETCHING -> VERIFIED -> UNPACKED -> SELF_TEST -> ACTIVATING -> PROBATION -----------------
     def install(self, job: FetchJob) -> None:

@@ -80,6 +80,12 @@ class Golden(_Strict):
     min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
 
 
+class MonitorRef(_Strict):
+    """The reference profile (a JSON file named in ``files``) the agent's drift monitor reads."""
+
+    file: str
+
+
 class RecipeStep(_Strict):
     name: str = Field(alias="pass")
     config: dict[str, Any] = {}
@@ -113,6 +119,9 @@ class Manifest(_Strict):
     # Anti-rollback: once this version is activated, no version of NAME below this one may run on
     # the device again (a security fix). Left out of the JSON when unset, so older agents read it.
     security_floor: Version | None = None
+    # Drift monitoring: the reference profile of inputs/outputs (see docs/artifact.md). Left out
+    # of the JSON when unset, so artifacts without one verify and older agents read it.
+    monitor: MonitorRef | None = None
 
     @field_validator("name", "profile")
     @classmethod
@@ -131,8 +140,9 @@ class Manifest(_Strict):
 
     def to_dict(self) -> dict[str, Any]:
         doc = self.model_dump(mode="json", by_alias=True)
-        if doc.get("security_floor") is None:
-            doc.pop("security_floor", None)
+        for optional in ("security_floor", "monitor"):
+            if doc.get(optional) is None:
+                doc.pop(optional, None)
         return doc
 
     def canonical_bytes(self) -> bytes:
@@ -161,7 +171,8 @@ def parse_manifest(data: Any, source: str = "manifest.json") -> Manifest:
         m = Manifest.model_validate(data)
     except ValidationError as exc:
         raise IntegrityError(format_validation_error(source, exc)) from None
-    for ref in (m.model.file, m.golden.file):
+    refs = [m.model.file, m.golden.file] + ([m.monitor.file] if m.monitor else [])
+    for ref in refs:
         if ref not in m.files:
             raise IntegrityError(f"{source}: '{ref}' is referenced but not listed in files")
     return m

@@ -163,12 +163,13 @@ class StateMessage(_Strict):
 
 
 class Event(_Strict):
-    """devices/{id}/events: deployment progress, rollbacks and rejected messages, each with a reason."""
+    """devices/{id}/events: deployment progress, rollbacks, rejected messages and drift episodes
+    (kind "drift": one when an episode starts, one when it ends), each with a reason."""
 
     device: str
     seq: int = Field(ge=0)
     ts: float
-    kind: Literal["deployment", "bad_message", "command", "info"]
+    kind: Literal["deployment", "bad_message", "command", "info", "drift"]
     state: DeployState | None = None
     name: str | None = None
     version: str | None = None
@@ -249,6 +250,9 @@ class Telemetry(_Strict):
     throttle_detail: dict[str, Any] = {}
     cpu_freq_mhz: float | None = None
     buffer: dict[str, int] = {}
+    # Drift of served inputs/outputs against the active model's reference profile, this window
+    # (see docs/protocol.md); absent without a monitored model or with nothing observed.
+    monitor: dict[str, Any] | None = None
 
 
 def decode(model: type[M], payload: bytes, max_bytes: int = MAX_CONTROL_BYTES) -> M:

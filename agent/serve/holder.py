@@ -11,6 +11,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from agent.monitor.monitor import Monitor
 from agent.runtime import InferenceSession, IOSpec
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ class Loaded:
     outputs: list[IOSpec] = field(default_factory=list)
     refs: int = 0
     retired: bool = False
+    # Drift monitor built from this version's reference.json (None: no reference, or disabled).
+    monitor: Monitor | None = None
 
     def __post_init__(self) -> None:
         if not self.inputs:

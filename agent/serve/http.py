@@ -374,6 +374,8 @@ class _Handler(BaseHTTPRequestHandler):
             except Exception as exc:  # a runtime's own error types
                 raise RequestError(500, f"inference failed: {type(exc).__name__}: {exc}") from None
             ms = (time.perf_counter() - t0) * 1000.0
+            if loaded.monitor is not None:
+                loaded.monitor.offer(req.feeds, result, ms / 1000.0)
             out, header_len = encode_response(loaded.name, loaded.version, req, result)
         finally:
             holder.release(loaded)

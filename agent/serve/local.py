@@ -45,7 +45,7 @@ class LocalModel:
         try:
             t0 = time.perf_counter()
             out = loaded.session.infer(feeds)
-            ms = (time.perf_counter() - t0) * 1000.0
+            s = time.perf_counter() - t0
         except Exception as exc:  # a runtime's own error types
             self.recorder.error()
             raise InferenceError(
@@ -53,5 +53,8 @@ class LocalModel:
             ) from None
         finally:
             holder.release(loaded)
-        self.recorder.record(ms)
+        mon = loaded.monitor
+        if mon is not None:
+            mon.offer(feeds, out, s)
+        self.recorder.record(s * 1000.0)
         return out

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.config import AgentConfig
+from agent.monitor.monitor import Monitor
 from agent.protocol import topics
 from agent.protocol.messages import ActiveModel, LatencyWindow, Telemetry
 from agent.store.space import is_disk_full
@@ -102,6 +103,8 @@ class TelemetryReporter:
         recorder: LatencyRecorder,
         active: Callable[[], ActiveModel | None],
         thermal: ThermalReader | None = None,
+        monitor: Callable[[], Monitor | None] = lambda: None,
+        drift_event: Callable[[dict[str, Any]], None] = lambda ev: None,
     ) -> None:
         tc = cfg.telemetry
         self.device, self.t, self.recorder, self.active = cfg.device_id, transport, recorder, active
@@ -112,6 +115,9 @@ class TelemetryReporter:
         )
         self.thermal = thermal or ThermalReader(tc.sysfs_root)
         self.proc = ProcessStats()
+        # The active model's drift monitor, and where its episode events go (the agent's worker
+        # publishes them: events are numbered on the worker's sequence).
+        self.monitor, self.drift_event = monitor, drift_event
         self.started = time.monotonic()
         self.window = WindowThermal()
         self.inflight: list[_Inflight] = []
@@ -158,6 +164,12 @@ class TelemetryReporter:
             thermal=self.window.summary(),
         )
         self.window = WindowThermal()
+        mon = self.monitor()
+        block = None
+        if mon is not None:
+            block = mon.window()
+            for ev in mon.take_events():
+                self.drift_event(ev)
         msg = Telemetry(
             device=self.device,
             seq=res.seq,
@@ -175,6 +187,7 @@ class TelemetryReporter:
                 "dropped": res.dropped + unreported,
                 "dropped_total": res.dropped_total,
             },
+            monitor=block,
             **self.proc.read(),
         )
         try:

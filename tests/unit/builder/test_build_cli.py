@@ -87,7 +87,9 @@ def test_build_writes_one_verified_artifact_per_profile(
         "model.onnx",
         "golden.npz",
         "report.json",
+        "reference.json",
     }
+    assert m["monitor"] == {"file": "reference.json"}
     code, text, _ = run_cli(capsys, "inspect", str(out / names[1]), "--key", str(digits.public_key))
     assert code == 0 and "verified   signature by key" in text and "accuracy   top-1" in text
     assert "layers     Conv " in text and "time       " in text  # the report's summary
