@@ -78,7 +78,8 @@ class TelemetryConfig(_Strict):
 
     enabled: bool = True
     interval_s: float = Field(default=10.0, ge=0.05, le=86_400)
-    # Root under which sys/class/thermal and sys/devices/system/cpu are read ("/" on a device).
+    # Root under which sys/class/{thermal,powercap,hwmon} and sys/devices/system/cpu are read
+    # ("/" on a device).
     sysfs_root: Path = Path("/")
     # Where undelivered messages wait (SQLite); default STATE_DIR/telemetry.
     buffer_dir: Path | None = None

@@ -39,6 +39,7 @@ from agent.store.chunks import discard_download
 from agent.store.fsutil import remove
 from agent.store.versions import Installed, VersionStore
 from agent.telemetry.latency import LatencyRecorder
+from agent.telemetry.power import PowerReader
 from agent.telemetry.reporter import TelemetryReporter
 from agent.telemetry.thermal import ThermalReader
 from agent.transport.base import Transport, Will
@@ -87,7 +88,9 @@ class Agent:
         self.local = LocalModel(self.holder, self.latency)
         # Drift episode events from the telemetry thread (deque: appends and pops are atomic).
         self.drift_events: deque[dict[str, Any]] = deque(maxlen=64)
-        self.thermal = ThermalReader(cfg.telemetry.sysfs_root)  # for the benchmark command
+        # For the benchmark command: thermal state and energy before and after.
+        self.thermal = ThermalReader(cfg.telemetry.sysfs_root)
+        self.power = PowerReader(cfg.telemetry.sysfs_root)
         self.out = Outbox(cfg, policy, transport, self.file, lambda: self.installer.active)
         self.machine = Machine(cfg.state_dir, self.out.deployment)
         self.installer = Installer(cfg, policy, self.machine, self.out, self.holder, self)

@@ -37,6 +37,7 @@ from agent.protocol.messages import (
     validate,
 )
 from agent.protocol.trust import Target, TrustError
+from agent.telemetry.power import WindowPower, energy_fields
 
 if TYPE_CHECKING:
     from agent.config import CommandsConfig
@@ -135,6 +136,8 @@ def _benchmark(agent: Agent, cmd: Command) -> tuple[bool, str, dict[str, Any]]:
             {"retry_after_s": math.ceil(wait)},
         )
     before = agent.thermal.read()
+    power = WindowPower()
+    power.add(agent.power.read())
     t0 = time.monotonic()
     try:
         # Not agent.latency: a benchmark is not served traffic (telemetry, canary gate).
@@ -146,6 +149,9 @@ def _benchmark(agent: Agent, cmd: Command) -> tuple[bool, str, dict[str, Any]]:
         stats.seconds += used
     stats.runs += lat.runs
     after = agent.thermal.read()
+    power.add(agent.power.read())
+    # The warm-up runs used energy in the same span: they count as inferences too.
+    energy = energy_fields(power.result(used), lat.runs + selftest.WARMUP_RUNS)
     temps = [t for t in (before.max_temp_c, after.max_temp_c) if t is not None]
     throttled = [t for t in (before.throttled, after.throttled) if t is not None]
     thermal: dict[str, Any] = {}
@@ -168,6 +174,7 @@ def _benchmark(agent: Agent, cmd: Command) -> tuple[bool, str, dict[str, Any]]:
             "max_ms": round(lat.max_ms, 4),
             "model": a.label if a else None,
             "thermal": thermal,
+            **energy,
         },
     )
 

@@ -13,6 +13,9 @@ from agent.runtime import InferenceSession, load_session
 from agent.store.versions import Installed
 from agent.telemetry.latency import p50_p95_p99
 
+# Untimed calls before a benchmark's measured runs (first-call allocations, caches).
+WARMUP_RUNS = 3
+
 
 @dataclass
 class Latency:
@@ -57,7 +60,7 @@ def benchmark(
     """Batch-1 latency over ``runs`` calls after a short warm-up (fewer if ``max_s`` runs out);
     each measured call's milliseconds also go to ``record`` when given."""
     feeds = golden.bench_feed()
-    for _ in range(3):
+    for _ in range(WARMUP_RUNS):
         session.infer(feeds)
     times = []
     deadline = None if max_s is None else time.monotonic() + max_s

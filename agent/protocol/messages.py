@@ -233,6 +233,9 @@ class Telemetry(_Strict):
     ``buffer`` reports the on-disk backlog: {"pending": n, "dropped": n, "dropped_total": n}
     (dropped: oldest messages discarded, since the previous message, while the broker was
     unreachable and the buffer was full; dropped_total: since the buffer was created).
+    ``power_w`` is the average power over the interval and ``energy_mj_per_inference`` its
+    energy divided by the inferences served in it (absent when none were); ``power_source``
+    names the sensor (agent.telemetry.power). All three are absent on a device without one.
     """
 
     device: str
@@ -249,6 +252,9 @@ class Telemetry(_Strict):
     throttled: bool | None = None
     throttle_detail: dict[str, Any] = {}
     cpu_freq_mhz: float | None = None
+    power_w: float | None = None
+    energy_mj_per_inference: float | None = None
+    power_source: str | None = None
     buffer: dict[str, int] = {}
     # Drift of served inputs/outputs against the active model's reference profile, this window
     # (see docs/protocol.md); absent without a monitored model or with nothing observed.

@@ -29,6 +29,7 @@ from agent.protocol.messages import ActiveModel, LatencyWindow, Telemetry
 from agent.store.space import is_disk_full
 from agent.telemetry.buffer import TelemetryBuffer
 from agent.telemetry.latency import LatencyRecorder
+from agent.telemetry.power import PowerReader, WindowPower, energy_fields
 from agent.telemetry.thermal import ThermalReader, WindowThermal
 from agent.transport.base import Delivery, Transport
 
@@ -105,6 +106,7 @@ class TelemetryReporter:
         thermal: ThermalReader | None = None,
         monitor: Callable[[], Monitor | None] = lambda: None,
         drift_event: Callable[[dict[str, Any]], None] = lambda ev: None,
+        power: PowerReader | None = None,
     ) -> None:
         tc = cfg.telemetry
         self.device, self.t, self.recorder, self.active = cfg.device_id, transport, recorder, active
@@ -120,6 +122,10 @@ class TelemetryReporter:
         self.monitor, self.drift_event = monitor, drift_event
         self.started = time.monotonic()
         self.window = WindowThermal()
+        self.power = power or PowerReader(tc.sysfs_root)
+        # Power over the window: the first reading is a RAPL counter's starting point.
+        self.power_window = WindowPower()
+        self.power_window.add(self.power.read())
         self.inflight: list[_Inflight] = []
         self.sent_upto = 0  # highest buffered id handed to the transport
         self._reconnected, self._reconnected_at = (
@@ -135,8 +141,9 @@ class TelemetryReporter:
 
     # -- one interval -------------------------------------------------------------------------
     def sample(self) -> None:
-        """A thermal reading within the current window."""
+        """A thermal and a power reading within the current window."""
         self.window.add(self.thermal.read())
+        self.power_window.add(self.power.read())
 
     def report(self) -> Telemetry | None:
         """Build this interval's message and store it in the buffer (sent by ``pump``).
@@ -145,7 +152,11 @@ class TelemetryReporter:
         and the next message that is stored reports the count in ``buffer.dropped``."""
         now = self.thermal.read()
         self.window.add(now)
+        self.power_window.add(self.power.read())
         w = self.recorder.window()
+        # Started again with the latency window, so the energy matches the inferences it saw.
+        energy = self.power_window.result(w.seconds)
+        self.power_window = self.power_window.next()
         try:
             res = self.buffer.reserve(self.unbuffered)
         except (sqlite3.Error, OSError) as exc:
@@ -170,6 +181,7 @@ class TelemetryReporter:
             block = mon.window()
             for ev in mon.take_events():
                 self.drift_event(ev)
+        stats: dict[str, Any] = {**self.proc.read(), **energy_fields(energy, w.count)}
         msg = Telemetry(
             device=self.device,
             seq=res.seq,
@@ -188,7 +200,7 @@ class TelemetryReporter:
                 "dropped_total": res.dropped_total,
             },
             monitor=block,
-            **self.proc.read(),
+            **stats,
         )
         try:
             self.buffer.append(encode_telemetry(msg), keep=[f.id for f in self.inflight])

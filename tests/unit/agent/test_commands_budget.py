@@ -22,6 +22,7 @@ from agent.deploy.policy import resolve_policy
 from agent.protocol import topics
 from agent.protocol.messages import encode
 from agent.runtime import InferenceSession
+from agent.telemetry.power import PowerReader
 from agent.transport.fake import FakeTransport
 from fleet.publish import announcement
 from tests.agent_helpers import (
@@ -32,6 +33,7 @@ from tests.agent_helpers import (
     sealed_for,
     write_config,
 )
+from tests.unit.agent.test_power import POWER_KEYS, rapl_tree
 
 CHUNK = 1024
 INFER_S = 0.002  # each benchmark run of the slowed model
@@ -238,3 +240,36 @@ def test_bench_budget_refills_at_its_rate() -> None:
     assert b.left() == 6.0  # never beyond the budget
     with pytest.raises(ValueError, match="bench_budget_s"):
         CommandsConfig(bench_budget_s=1, bench_max_s=2)
+
+
+def test_benchmark_reports_energy_per_inference(tmp_path: Path) -> None:
+    agent, fake = _agent(tmp_path)
+    _send(fake, "none", "benchmark", runs=5)
+    agent.power = PowerReader(tmp_path / "no-sensors")
+    agent.drain()
+    assert not set(POWER_KEYS) & set(_results(fake)["none"]["detail"])
+
+    root = rapl_tree(tmp_path / "sysfs", pkg0_uj=1_000_000)
+    agent.power = PowerReader(root)
+    counter = root / "sys/class/powercap/intel-rapl:0/energy_uj"
+    slow = agent.session
+
+    class _Metered:
+        """Each inference uses 2 mJ of package 0's counter."""
+
+        def infer(self, feeds: Any) -> Any:
+            counter.write_text(f"{int(counter.read_text()) + 2000}\n")
+            return slow.infer(feeds)  # type: ignore[union-attr]
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(slow, name)
+
+    agent.installer.session = _Metered()  # type: ignore[assignment]
+    _send(fake, "b", "benchmark", runs=20)
+    agent.drain()
+    d = _results(fake)["b"]["detail"]
+    assert d["runs"] == 20 and d["power_source"] == "rapl"
+    # warm-up runs are in the energy and in the count alike
+    assert d["energy_mj_per_inference"] == pytest.approx(2.0)
+    # 2 mJ per inference of at least INFER_S: at most 1 W on average
+    assert 0 < d["power_w"] <= 2e-3 / INFER_S
