@@ -168,7 +168,7 @@ class Event(_Strict):
     device: str
     seq: int = Field(ge=0)
     ts: float
-    kind: Literal["deployment", "bad_message", "command", "info"]
+    kind: Literal["deployment", "bad_message", "command", "info", "drift"]
     state: DeployState | None = None
     name: str | None = None
     version: str | None = None
@@ -249,6 +249,7 @@ class Telemetry(_Strict):
     throttle_detail: dict[str, Any] = {}
     cpu_freq_mhz: float | None = None
     buffer: dict[str, int] = {}
+    monitor: dict[str, Any] | None = None
 
 
 def decode(model: type[M], payload: bytes, max_bytes: int = MAX_CONTROL_BYTES) -> M:

@@ -158,6 +158,7 @@ class TelemetryReporter:
             thermal=self.window.summary(),
         )
         self.window = WindowThermal()
+        proc: dict[str, Any] = dict(self.proc.read())  # Any: Telemetry also has dict fields
         msg = Telemetry(
             device=self.device,
             seq=res.seq,
@@ -175,7 +176,7 @@ class TelemetryReporter:
                 "dropped": res.dropped + unreported,
                 "dropped_total": res.dropped_total,
             },
-            **self.proc.read(),
+            **proc,
         )
         try:
             self.buffer.append(encode_telemetry(msg), keep=[f.id for f in self.inflight])
