@@ -52,6 +52,7 @@ from agent.protocol.messages import (
     decode,
 )
 from fleet.db import Batch, FleetDB
+from fleet.monitor_store import monitor_row
 
 log = logging.getLogger("edgefleet.collect")
 
@@ -152,6 +153,8 @@ def add_message(batch: Batch, topic: str, payload: bytes, received: float) -> bo
                 msg.buffer.get("dropped"),
             )
         )
+        if (mon := monitor_row(dev, msg, received)) is not None:
+            r["monitor"].append(mon)
     elif isinstance(msg, StateMessage):
         a = msg.active
         model_cols = (a.name, a.version, a.sha256) if a else (None, None, None)

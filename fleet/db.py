@@ -15,7 +15,9 @@ from typing import Any
 
 from agent.errors import DatabaseError, UsageError, missing_dependency
 
-SCHEMA_VERSION = 1
+# 1: the first schema. 2: + monitor (per-window model monitoring). An older database gains new
+# tables through CREATE TABLE IF NOT EXISTS at the collector's next start; nothing is rewritten.
+SCHEMA_VERSION = 2
 
 
 # Column kinds map to one SQL type per dialect.
@@ -127,6 +129,23 @@ TABLES: dict[str, Table] = {
             (("ts",),),
         ),
         Table(
+            "monitor",  # the `monitor` block of a telemetry message, when the device sends one
+            (
+                *_MSG,
+                *_MODEL,
+                ("count", "int"),
+                ("metric", "text"),
+                ("drift_max", "float"),
+                ("mean_confidence", "float"),
+                ("low_confidence_rate", "float"),
+                ("non_finite", "int"),
+                ("drifting", "bool"),
+                ("block", "json"),
+            ),
+            ("device", "seq"),
+            (("ts",),),
+        ),
+        Table(
             "cmd_results",
             (
                 ("device", "text"),
@@ -152,7 +171,7 @@ TABLES: dict[str, Table] = {
         ),
     )
 }
-MESSAGE_TABLES = ("states", "events", "telemetry", "cmd_results")
+MESSAGE_TABLES = ("states", "events", "telemetry", "monitor", "cmd_results")
 
 
 def ddl(dialect: str) -> list[str]:
@@ -303,6 +322,12 @@ class FleetDB:
                     f"INSERT INTO meta (key, value) VALUES ({self.ph}, {self.ph}) ON CONFLICT DO NOTHING",
                     ("schema_version", str(SCHEMA_VERSION)),
                 )
+                # an older database has just gained the newer tables: record that it is current
+                cur.execute(
+                    f"UPDATE meta SET value = {self.ph} WHERE key = 'schema_version' "
+                    f"AND CAST(value AS INTEGER) < {self.ph}",
+                    (str(SCHEMA_VERSION), SCHEMA_VERSION),
+                )
                 self.conn.commit()
         except self._errors() as exc:
             self._rollback()
@@ -317,7 +342,7 @@ class FleetDB:
             self.conn.rollback()
 
     def store(self, batch: Batch) -> int:
-        """Write a batch in one transaction; returns how many rows were new (duplicates skipped)."""
+        """Write a batch in one transaction; returns how many messages were new (duplicates skipped)."""
         new = 0
         try:
             with self._lock:
@@ -325,7 +350,9 @@ class FleetDB:
                 for table, rows in batch.rows.items():
                     if rows:
                         cur.executemany(insert_sql(table, self.ph), rows)
-                        new += max(cur.rowcount, 0) if table != "rejected" else 0
+                        # counted per message: a monitor row rides on a telemetry message
+                        if table not in ("rejected", "monitor"):
+                            new += max(cur.rowcount, 0)
                 if batch.device_states:
                     cur.executemany(_device_state_sql(self.ph), batch.device_states)
                 if batch.seen:
@@ -352,6 +379,22 @@ class FleetDB:
         except self._errors() as exc:
             self._rollback()
             raise DatabaseError(f"--db {self.label}: query failed ({_first_line(exc)})") from None
+
+    def has_table(self, table: str) -> bool:
+        """Whether ``table`` exists: a reader opening an older database read-only (which the
+        collector has not upgraded yet) lacks the newer tables."""
+        if self.dialect == "postgres":
+            sql = (
+                "SELECT 1 AS x FROM information_schema.tables "
+                "WHERE table_name = ? AND table_schema = current_schema()"
+            )
+        else:
+            sql = "SELECT 1 AS x FROM sqlite_master WHERE type = 'table' AND name = ?"
+        return bool(self.query(sql, (table,)))
+
+    def schema_version(self) -> int:
+        rows = self.query("SELECT value FROM meta WHERE key = 'schema_version'")
+        return int(rows[0]["value"]) if rows else 0
 
     def count(self, table: str) -> int:
         return int(self.query(f"SELECT COUNT(*) AS n FROM {TABLES[table].name}")[0]["n"])

@@ -17,7 +17,7 @@ from agent.errors import UsageError
 from agent.htmlkit import esc
 from agent.protocol.states import FAILED, SERVING, TERMINAL
 from fleet.db import FleetDB
-from fleet.view import COLUMNS, NUMERIC_COLUMNS, DeviceRow, cells, rows_from_db
+from fleet.view import COLUMNS, DRIFT_COLUMN, NUMERIC_COLUMNS, DeviceRow, cells, rows_from_db
 
 MAX_POINTS = 400  # per series; longer series are averaged into buckets
 _OUTCOME_CLASS = {**{s: "ok" for s in SERVING}, **{s: "bad" for s in FAILED}}
@@ -251,7 +251,7 @@ def _fleet_table(rows: list[DeviceRow], now: float) -> str:
             cls = "num" if COLUMNS[i] in NUMERIC_COLUMNS else ""
             if i == 1:
                 cls = {"online": "ok", "offline": "bad"}.get(v, "muted")
-            if i == 9 and v == "yes":
+            if (i == 9 and v == "yes") or (i == DRIFT_COLUMN and r.drifting):
                 cls = "warn"
             tds.append(f'<td class="{cls}">{esc(v)}</td>')
         body.append(f"<tr>{''.join(tds)}</tr>")
@@ -297,7 +297,15 @@ def _rejected_table(db: FleetDB, limit: int = 20) -> str:
     )
 
 
-def _device_section(db: FleetDB, r: DeviceRow, now: float, history: list[dict[str, Any]]) -> str:
+def _device_section(
+    db: FleetDB,
+    r: DeviceRow,
+    now: float,
+    history: list[dict[str, Any]],
+    episodes: list[dict[str, Any]],
+) -> str:
+    from fleet.report_drift import drift_charts  # it builds on this module's charts
+
     tel = db.query(
         "SELECT ts, p50_ms, p95_ms, temp_max_c, rss_mb FROM telemetry WHERE device = ? ORDER BY ts",
         (r.device,),
@@ -334,6 +342,7 @@ def _device_section(db: FleetDB, r: DeviceRow, now: float, history: list[dict[st
         line_chart(
             "agent memory (RSS)", "MB", [Series("RSS", "#188038", pts("rss_mb"))], x_range, marks
         ),
+        *drift_charts(db, r.device, x_range, marks, episodes),
     ]
     status = (
         ("ok", "online")
@@ -356,10 +365,15 @@ def render(db: FleetDB, now: float | None = None, title: str = "edgefleet fleet 
 
 def _render(db: FleetDB, now: float | None, title: str) -> tuple[str, dict[str, Any]]:
     """The page and the fleet summary it shows."""
+    from fleet.report_drift import drift_episodes, episodes_table
+
     now = time.time() if now is None else now
     rows = rows_from_db(db)
     history = deployment_history(db)
+    episodes = drift_episodes(db)
     s = summary(db, rows, history)
+    s["drift_episodes"] = len(episodes)
+    s["drifting"] = sum(1 for r in rows if r.drifting)
     dep = s["deployments"]
     healthy = sum(dep.get(st, 0) for st in SERVING)
     failed = sum(dep.get(st, 0) for st in FAILED)
@@ -376,6 +390,7 @@ def _render(db: FleetDB, now: float | None, title: str) -> tuple[str, dict[str, 
             ),
             _card(dep.get("REJECTED", 0), "rejected", "bad" if dep.get("REJECTED") else ""),
             _card(s["throttled"], "throttled now", "warn" if s["throttled"] else ""),
+            _card(s["drifting"], "drifting now", "warn" if s["drifting"] else ""),
             _card(
                 "-" if s["median_p95_ms"] is None else f"{s['median_p95_ms']:.2f} ms", "median p95"
             ),
@@ -385,7 +400,7 @@ def _render(db: FleetDB, now: float | None, title: str) -> tuple[str, dict[str, 
     )
     models = ", ".join(f"{esc(m)} ({n})" for m, n in sorted(s["models"].items())) or "none"
     span = f"{_fmt_time(s['from'])} – {_fmt_time(s['to'])}" if s["from"] else "no telemetry yet"
-    sections = "".join(_device_section(db, r, now, history) for r in rows)
+    sections = "".join(_device_section(db, r, now, history, episodes) for r in rows)
     data = esc(json.dumps({"summary": s, "failed_deployments": failed}))
     page = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
@@ -396,6 +411,7 @@ def _render(db: FleetDB, now: float | None, title: str) -> tuple[str, dict[str, 
         f'<p class="muted">Models running: {models}</p>'
         f"<h2>Devices</h2>{_fleet_table(rows, now)}"
         f"<h2>Deployment history</h2>{_history_table(history)}"
+        f"<h2>Drift episodes</h2>{episodes_table(episodes)}"
         f"<h2>Bad messages (latest {min(20, s['rejected'])} of {s['rejected']})</h2>{_rejected_table(db)}"
         f'<h2>Per device</h2><p class="muted">Dashed lines mark deployment outcomes '
         f"(green: healthy/active, red: rolled back/rejected).</p>{sections}"

@@ -1,5 +1,5 @@
 """One row per device (online, model, latest latency, memory, CPU, temperature, throttling,
-last seen), read from the fleet database or live from the broker, rendered as a rich table or
+model drift and confidence, last seen), read from the fleet database or live from the broker, rendered as a rich table or
 JSON. `fleet status`, `fleet watch` and the demo share this code.
 """
 
@@ -16,6 +16,7 @@ from agent.broker import BrokerConfig
 from agent.protocol import topics
 from agent.protocol.messages import MessageError, StateMessage, Telemetry, decode
 from fleet.db import FleetDB
+from fleet.monitor_store import MonitorWindow, latest_windows
 from fleet.mqtt import Listener, SyncClient
 
 
@@ -32,6 +33,9 @@ class DeviceRow:
     cpu_percent: float | None = None
     temp_max_c: float | None = None
     throttled: bool | None = None
+    drift: float | None = None  # the latest monitor window's max drift score
+    drifting: bool | None = None  # the agent judged that window drifting
+    mean_confidence: float | None = None
     last_seen: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -53,9 +57,11 @@ def _bool(v: Any) -> bool | None:
 def rows_from_db(db: FleetDB) -> list[DeviceRow]:
     """Every device the database knows, with its current state and latest telemetry."""
     tel = {r["device"]: r for r in db.query(_LATEST_TELEMETRY)}
+    mon = latest_windows(db)
     out = []
     for d in db.query("SELECT * FROM devices ORDER BY device"):
         t = tel.get(d["device"], {})
+        m = mon.get(d["device"], {})
         out.append(
             DeviceRow(
                 device=d["device"],
@@ -69,6 +75,9 @@ def rows_from_db(db: FleetDB) -> list[DeviceRow]:
                 cpu_percent=t.get("cpu_percent"),
                 temp_max_c=t.get("temp_max_c"),
                 throttled=_bool(t.get("throttled")),
+                drift=m.get("drift_max"),
+                drifting=_bool(m.get("drifting")),
+                mean_confidence=m.get("mean_confidence"),
                 last_seen=d["last_seen"],
             )
         )
@@ -121,6 +130,14 @@ class LiveFleet:
                     throttled=msg.throttled,
                     last_seen=received,
                 )
+                if msg.monitor:
+                    w = MonitorWindow.parse(msg.monitor)
+                    row = replace(
+                        row,
+                        drift=w.drift_max,
+                        drifting=w.drifting,
+                        mean_confidence=w.mean_confidence,
+                    )
                 if row.model is None and msg.active is not None:
                     row = replace(row, model=msg.active.name, version=msg.active.version)
             if isinstance(msg, Telemetry):
@@ -170,10 +187,14 @@ COLUMNS = (
     "CPU",
     "max temp",
     "throttled",
+    "drift",
+    "conf",
     "last seen",
 )
+DRIFT_COLUMN = COLUMNS.index("drift")
+DRIFT_MARK = "⚠"  # before the score of a window the agent judged drifting
 NUMERIC_COLUMNS = frozenset(
-    {"p50", "p95", "RSS", "CPU", "max temp"}
+    {"p50", "p95", "RSS", "CPU", "max temp", "drift", "conf"}
 )  # right-aligned in table and report
 
 
@@ -208,8 +229,17 @@ def cells(r: DeviceRow, now: float) -> list[str]:
         _num(r.cpu_percent, "%"),
         _num(r.temp_max_c, " °C"),
         throttled,
+        drift_cell(r),
+        _num(r.mean_confidence, "", ".2f"),
         ago(r.last_seen, now),
     ]
+
+
+def drift_cell(r: DeviceRow) -> str:
+    """The latest window's max drift score, marked when the agent judged it drifting."""
+    if r.drift is None:
+        return f"{DRIFT_MARK} -" if r.drifting else "-"
+    return f"{DRIFT_MARK} {r.drift:.3f}" if r.drifting else f"{r.drift:.3f}"
 
 
 def render_table(
@@ -230,6 +260,8 @@ def render_table(
         )
         if r.throttled:
             c[9] = "[bold yellow]yes[/bold yellow]"
+        if r.drifting:
+            c[DRIFT_COLUMN] = f"[bold red]{c[DRIFT_COLUMN]}[/bold red]"
         t.add_row(*c)
     if not rows:
         t.caption = "no devices yet"

@@ -111,6 +111,8 @@ def telemetry(
     rss: float | None = 80.0,
     throttled: bool | None = False,
     model: tuple[str, str] | None = ("tiny", "1.0.0"),
+    monitor: dict[str, Any] | None = None,
+    sha: str = "ab" * 32,
 ) -> dict[str, Any]:
     """A Telemetry message as the agent sends it; sensors passed as None are left out."""
     doc: dict[str, Any] = {
@@ -133,7 +135,9 @@ def telemetry(
         "buffer": {"pending": 0, "dropped": 0},
     }
     if model:
-        doc["active"] = {"name": model[0], "version": model[1], "sha256": "ab" * 32}
+        doc["active"] = {"name": model[0], "version": model[1], "sha256": sha}
+    if monitor is not None:
+        doc["monitor"] = monitor
     if rss is not None:
         doc["rss_mb"] = rss
     if temp is not None:
@@ -183,6 +187,47 @@ def event(
         "sha256": sha,
         "reason": reason,
         "detail": {},
+    }
+
+
+def monitor(
+    drift: float = 0.03,
+    classes: dict[str, int] | None = None,
+    confidence: float = 0.91,
+    drifting: bool = False,
+) -> dict[str, Any]:
+    """A telemetry window's ``monitor`` block as the agent sends it (input x carries ``drift``)."""
+    counts = {"0": 12, "1": 30} if classes is None else classes
+    return {
+        "count": sum(counts.values()),
+        "metric": "psi",
+        "drift": {"inputs": {"x": drift}, "outputs": {"y": 0.01}, "classes": 0.002, "max": drift},
+        "classes": counts,
+        "mean_confidence": confidence,
+        "low_confidence_rate": 0.02,
+        "non_finite": 0,
+        "drifting": drifting,
+    }
+
+
+def drift_event(
+    device: str, seq: int, ended: bool = False, ts: float | None = None, score: float = 0.41
+) -> dict[str, Any]:
+    """The agent's drift event: an episode's start, or (``ended``) its end."""
+    reason = (
+        f"drift ended: input x PSI {score} <= 0.25"
+        if ended
+        else f"drift: input x PSI {score} > 0.25 (3 windows)"
+    )
+    return {
+        "device": device,
+        "seq": seq,
+        "ts": time.time() if ts is None else ts,
+        "kind": "drift",
+        "name": "tiny",
+        "version": "1.0.0",
+        "reason": reason,
+        "detail": {"scores": {"inputs": {"x": score}}, "threshold": 0.25, "windows": 3},
     }
 
 

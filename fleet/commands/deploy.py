@@ -53,6 +53,15 @@ from fleet.commands.options import broker_from_options, broker_options, operator
     "the end of the agent's probation).",
 )
 @click.option(
+    "--max-output-drift",
+    default=None,
+    type=click.FloatRange(0.0, 1.0),
+    metavar="JS",
+    help="With --canary: also halt when a canary's predicted-class distribution diverges from "
+    "what the old model predicts on the rest of the group (Jensen-Shannon divergence in bits, "
+    "0..1; e.g. 0.25). Needs devices that send monitor blocks with class counts.",
+)
+@click.option(
     "--timeout",
     default=600.0,
     show_default=True,
@@ -74,6 +83,7 @@ def deploy_cmd(
     max_p95_regression_pct: float,
     p95_slack_ms: float,
     observe: float | None,
+    max_output_drift: float | None,
     timeout: float,
     operator_key: str | None,
     as_json: bool,
@@ -102,7 +112,9 @@ def deploy_cmd(
 
         if group is None or device is not None:
             raise UsageError("--canary and --wait need --group G (and no --device)")
-        gate = Gate(max_p95_regression_pct, p95_slack_ms, observe)
+        if max_output_drift is not None and canary is None:
+            raise UsageError("--max-output-drift judges canaries: give --canary N too")
+        gate = Gate(max_p95_regression_pct, p95_slack_ms, observe, max_output_drift)
         with RolloutDisplay(f"deploy --group {group}") as show:
             ro = staged_rollout(
                 broker_from_options(kw),

@@ -70,7 +70,8 @@ RETAINED_S = 1.0  # enough for the retained state messages of a fleet
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON list.")
 def status_cmd(db_target: str | None, listen: float | None, as_json: bool, **kw: Any) -> None:
     """One row per device: online/offline, profile, active model, last p50/p95, RSS, CPU, max
-    temperature, throttling and when it was last heard from."""
+    temperature, throttling, model drift (the latest monitor window's max drift score, marked
+    ⚠ when the device judged it drifting) and mean confidence, and when it was last heard from."""
     from fleet.view import LiveFleet, render_table, rows_json
 
     _source(kw["broker"], db_target)
@@ -155,7 +156,8 @@ def watch_cmd(db_target: str | None, refresh: float, duration: float, **kw: Any)
 @click.option("--json", "as_json", is_flag=True, help="Print the fleet summary as JSON.")
 def report_cmd(db_target: str, out: Path, as_json: bool) -> None:
     """Write one self-contained HTML page (no network needed): fleet summary, per-device plots of
-    latency, temperature and memory, and the deployment history with outcomes and reasons."""
+    latency, temperature, memory, model drift and confidence, the deployment history with
+    outcomes and reasons, and the drift episodes."""
     from fleet.db import FleetDB
     from fleet.fleet_report import write_report
 

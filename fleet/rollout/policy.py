@@ -19,6 +19,8 @@ from agent.errors import UsageError
 from agent.protocol import topics
 from agent.protocol.messages import Event, MessageError, StateMessage, Telemetry, decode
 from agent.protocol.states import FAILED, IN_PROGRESS, INSTALLING, SERVING, TERMINAL, p95_regressed
+from fleet.monitor_store import MonitorWindow
+from fleet.rollout import output_drift
 
 Verdict = Literal["wait", "ok", "fail"]
 CANARY_RE = re.compile(r"^(\d{1,6})(%?)$")
@@ -39,11 +41,16 @@ class Gate:
 
     ``observe_s``: a canary ACTIVE that long without a rollback or error counts as healthy
     without waiting for the agent's probation to end (None: wait for HEALTHY).
+    ``max_output_drift`` (opt-in): the most a canary's predicted-class distribution may diverge
+    from the old model's on the not-yet-updated members (fleet/rollout/output_drift.py), judged
+    once each side reported ``min_output_samples`` predictions.
     """
 
     max_p95_regression_pct: float = 20.0
     p95_slack_ms: float = 0.5
     observe_s: float | None = None
+    max_output_drift: float | None = None
+    min_output_samples: int = 100
 
     def p95_problem(self, new: float | None, old: float | None, source: str) -> str | None:
         if (
@@ -78,6 +85,8 @@ class DeviceView:
     tele_errors: int = 0
     active_at: float | None = None
     rolled_back: bool = False
+    classes_new: dict[str, float] = field(default_factory=dict)  # class counts on the new model
+    classes_old: dict[str, float] = field(default_factory=dict)  # ... on any other model
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -191,8 +200,14 @@ class Rollout:
 
     def _telemetry(self, v: DeviceView, tm: Telemetry) -> bool:
         lat = tm.latency
-        if tm.active is None or lat.count == 0:
+        if tm.active is None:
             return False
+        classes = MonitorWindow.parse(tm.monitor).classes if tm.monitor else None
+        if classes:
+            new = tm.active.sha256 == self.sha
+            output_drift.add_counts(v.classes_new if new else v.classes_old, classes)
+        if lat.count == 0:
+            return bool(classes)
         if tm.active.sha256 == self.sha:
             v.tele_after_p95 = lat.p95_ms if lat.p95_ms is not None else v.tele_after_p95
             v.tele_errors += lat.errors
@@ -228,14 +243,28 @@ class Rollout:
         return "wait", ""
 
     def canary_verdict(self, now: float) -> tuple[Verdict, str]:
-        """fail as soon as one canary fails; ok when every canary is healthy."""
-        verdicts = [self.device_health(d, now) for d in self.canaries]
+        """fail as soon as one canary fails; ok when every canary is healthy (and, with
+        ``max_output_drift``, predicts like the old model does on the rest of the group)."""
+        verdicts = [self._output_drift(d, *self.device_health(d, now)) for d in self.canaries]
         fails = [r for v, r in verdicts if v == "fail"]
         if fails:
             return "fail", "; ".join(fails)
         if all(v == "ok" for v, _ in verdicts):
             return "ok", ""
-        return "wait", ""
+        return "wait", "; ".join(r for v, r in verdicts if v == "wait" and r)
+
+    def _output_drift(self, dev: str, verdict: Verdict, reason: str) -> tuple[Verdict, str]:
+        """A healthy canary, further judged on its output distribution when the gate asks."""
+        v = self.devices[dev]
+        if verdict != "ok" or self.gate.max_output_drift is None or v.reason == ALREADY_ACTIVE:
+            return verdict, reason
+        old: dict[str, float] = {}
+        for other in self.devices.values():
+            if other.role == "rest":
+                output_drift.add_counts(old, other.classes_old)
+        return output_drift.check(
+            dev, v.classes_new, old, self.gate.max_output_drift, self.gate.min_output_samples
+        )
 
     def rest_verdict(self, now: float) -> tuple[Verdict, list[str], list[str]]:
         """After promotion: (ok|wait|fail, failures, pending offline devices). Offline ones don't block."""

@@ -144,3 +144,44 @@ def test_pg_collector_killed_before_commit_loses_nothing(
     finally:
         rc = stop_process(p, signal.SIGTERM)
     assert rc == 0
+
+
+def test_pg_schema_1_database_gains_monitor_rows(
+    pg: Postgres, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An existing PostgreSQL database (schema 1) gains the monitor table without losing rows."""
+    import psycopg
+
+    from fleet.collect import add_message
+    from fleet.db import Batch, ddl
+    from tests.fleet_helpers import drift_event, dumps, monitor, state, telemetry
+
+    url = pg.create_db("upgrade")
+    with psycopg.connect(url, autocommit=True) as c:
+        for stmt in ddl("postgres"):
+            if "monitor" not in stmt:
+                c.execute(stmt)
+        c.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+        c.execute("INSERT INTO telemetry (device, seq, ts, p95_ms) VALUES ('d0', 1, 5.0, 3.0)")
+    db = FleetDB(url)
+    assert db.schema_version() == 2 and db.has_table("monitor")
+    b = Batch.empty()
+    t = "edgefleet/v1/devices/d0/{}"
+    add_message(b, t.format("state"), dumps(state("d0", 1)), 6.0)
+    doc = telemetry("d0", 2, monitor=monitor(0.4, drifting=True, confidence=0.7))
+    add_message(b, t.format("telemetry"), dumps(doc), 6.0)
+    add_message(b, t.format("events"), dumps(drift_event("d0", 3)), 6.0)
+    assert db.store(b) == 3 and db.store(b) == 0
+    types = {
+        r["column_name"]: r["data_type"]
+        for r in db.query(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_name = 'monitor'"
+        )
+    }
+    assert types["drifting"] == "boolean" and types["drift_max"] == "double precision"
+    assert db.count("telemetry") == 2 and db.count("monitor") == 1
+    db.close()
+    assert main(["fleet", "status", "--db", url, "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["drift"], row["drifting"], row["mean_confidence"]) == (0.4, True, 0.7)
