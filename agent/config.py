@@ -102,6 +102,9 @@ class MonitorConfig(_Strict):
     min_count: int | None = Field(default=None, ge=1)
     # Observing costs at most this share of inference time (calls are sampled to fit).
     max_overhead: float = Field(default=0.05, gt=0, le=1)
+    # Differential privacy of the released window: Laplace noise of scale 1/dp_epsilon on every
+    # histogram bin and count (agent.monitor.privacy); unset: exact counts.
+    dp_epsilon: float | None = Field(default=None, gt=0, le=100)
 
 
 class ServeConfig(_Strict):
