@@ -102,6 +102,39 @@ class MonitorConfig(_Strict):
     min_count: int | None = Field(default=None, ge=1)
     # Observing costs at most this share of inference time (calls are sampled to fit).
     max_overhead: float = Field(default=0.05, gt=0, le=1)
+    # Differential privacy of the released window: Laplace noise of scale 1/dp_epsilon on every
+    # histogram bin and count (agent.monitor.privacy); unset: exact counts.
+    dp_epsilon: float | None = Field(default=None, gt=0, le=100)
+
+
+class CaptureConfig(_Strict):
+    """[capture]: feedback capture of served samples, off by default (agent.monitor.capture).
+
+    A signed deployment's ``capture`` keys override these for that deployment's model. The keys
+    are checked against this model on the device and by the fleet before signing.
+    """
+
+    enabled: bool = False
+    sample_rate: float = Field(default=0.01, ge=0, le=1)
+    max_per_hour: int = Field(default=100, ge=0, le=1_000_000)
+    max_bytes_per_hour: int = Field(default=1_000_000, ge=0, le=2**34)
+    triggers: list[Literal["sample", "low_confidence", "drift", "label"]] = [
+        "sample",
+        "low_confidence",
+        "drift",
+        "label",
+    ]
+    outputs_only: bool = False
+    # "file.py:function" on the device: (inputs, outputs) -> (inputs, outputs) or None (drop).
+    redact: str | None = None
+    queue_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=2**34)
+
+    @field_validator("redact")
+    @classmethod
+    def _redact(cls, v: str | None) -> str | None:
+        if v is not None and (":" not in v or not v.rsplit(":", 1)[1].isidentifier()):
+            raise ValueError("must be 'file.py:function'")
+        return v
 
 
 class ServeConfig(_Strict):
@@ -163,6 +196,7 @@ class AgentConfig(_Strict):
     telemetry: TelemetryConfig = TelemetryConfig()
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()
+    capture: CaptureConfig = CaptureConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("device_id", "profile")
@@ -201,6 +235,12 @@ def _resolve(base: Path, p: Path | None) -> Path | None:
     return found
 
 
+def _redact_path(base: Path, spec: str) -> str:
+    """'file.py:function' with the file resolved against the config's directory."""
+    f, fn = spec.rsplit(":", 1)
+    return f"{_resolve(base, Path(f))}:{fn}"
+
+
 def load_config(path: Path) -> AgentConfig:
     """Read and validate; relative paths are relative to the config file's directory."""
     raw = load_toml(path)
@@ -227,6 +267,13 @@ def load_config(path: Path) -> AgentConfig:
             "broker": broker,
             "serve": cfg.serve.model_copy(
                 update={"unix_socket": _resolve(base, cfg.serve.unix_socket)}
+            ),
+            "capture": cfg.capture.model_copy(
+                update={
+                    "redact": None
+                    if cfg.capture.redact is None
+                    else _redact_path(base, cfg.capture.redact)
+                }
             ),
             "telemetry": cfg.telemetry.model_copy(
                 update={

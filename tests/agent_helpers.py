@@ -621,6 +621,7 @@ def write_config(
     transfer: dict[str, Any] | None = None,
     commands: dict[str, Any] | None = None,
     monitor: dict[str, Any] | None = None,
+    capture: dict[str, Any] | None = None,
     **install: Any,
 ) -> Path:
     """``serve``: the [serve] section; default disabled, so agents in one test do not share a port.
@@ -662,6 +663,8 @@ def write_config(
         *[f"{k} = {json.dumps(v)}" for k, v in (commands or {}).items()],
         "[monitor]",
         *[f"{k} = {json.dumps(v)}" for k, v in (monitor or {}).items()],
+        "[capture]",
+        *[f"{k} = {json.dumps(v)}" for k, v in (capture or {}).items()],
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -722,9 +725,17 @@ def active_sha(state_dir: Path) -> str | None:
     return None if a is None else str(a["sha256"])
 
 
-def set_deployment(broker_url: str, device: str, name: str, version: str, sha: str) -> None:
+def set_deployment(
+    broker_url: str,
+    device: str,
+    name: str,
+    version: str,
+    sha: str,
+    capture: dict[str, Any] | None = None,
+) -> None:
     """Publish a signed retained device deployment of artifact ``sha`` under any name and
-    version (bypassing the index lookup; size and chunk table come from its announcement)."""
+    version (bypassing the index lookup; size and chunk table come from its announcement);
+    ``capture``: the deployment's [capture] keys."""
     from agent.protocol import topics
     from agent.protocol.messages import (
         MAX_ANNOUNCEMENT_BYTES,
@@ -745,6 +756,7 @@ def set_deployment(broker_url: str, device: str, name: str, version: str, sha: s
             size=ann.size,
             chunks_sha256=ann.table_digest(),
             deployed_at=str(time.time_ns()),
+            capture=capture,
         )
         c.publish(
             topics.device_topic(device, "deployment"), sealed_deployment(device, dep), retain=True

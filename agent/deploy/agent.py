@@ -26,6 +26,7 @@ from agent.deploy.install import Installer, Probation
 from agent.deploy.machine import AgentFile, Machine, Phase
 from agent.deploy.outbox import Outbox, log
 from agent.deploy.policy import Policy
+from agent.monitor.capture import Capture, SamplePublisher
 from agent.monitor.monitor import Monitor
 from agent.protocol import topics
 from agent.protocol.golden import GoldenSet
@@ -85,7 +86,8 @@ class Agent:
         # Requests (HTTP endpoint, LocalModel) use the model through the holder, never a session:
         # a swap goes through it, so a request finishes on the model it started with.
         self.holder = SessionHolder()
-        self.local = LocalModel(self.holder, self.latency)
+        self.capture = Capture(cfg)  # feedback capture, off unless enabled ([capture], deployment)
+        self.local = LocalModel(self.holder, self.latency, self.capture)
         # Drift episode events from the telemetry thread (deque: appends and pops are atomic).
         self.drift_events: deque[dict[str, Any]] = deque(maxlen=64)
         # For the benchmark command: thermal state and energy before and after.
@@ -160,13 +162,15 @@ class Agent:
         self.start()
         trim_memory()
         self.notifier.ready(self.status_line())
-        reporter = self.start_telemetry()
+        reporter, samples = self.start_telemetry(), SamplePublisher(self.capture, self.t)
+        samples.start()
         while not stop.is_set():
             self.notifier.watchdog()
             self.step(0.2)
         self.notifier.stopping()
         if reporter is not None:
             reporter.stop()
+        samples.stop()
         self.out.publish_state(online=False)
         time.sleep(0.2)
         self.t.stop()
@@ -182,6 +186,7 @@ class Agent:
             self.out.active_model,
             monitor=self.active_monitor,
             drift_event=self.drift_events.append,
+            capture=self.capture.window,
         )
         reporter.start()
         return reporter
@@ -417,6 +422,7 @@ class Agent:
     def reconcile(self) -> None:
         """Start, keep or give up the download the desired deployment needs."""
         desired = self.desired()
+        self.capture.deployment(desired)
         if self.installer.probation is not None:
             return  # picked up again when probation ends
         active = self.installer.active

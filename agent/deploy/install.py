@@ -144,6 +144,7 @@ class Installer:
             windows=mc.drift_windows,
             min_count=mc.min_count,
             max_overhead=mc.max_overhead,
+            dp_epsilon=mc.dp_epsilon,
         )
 
     # -- FETCHING -> VERIFIED -> UNPACKED -> SELF_TEST -> ACTIVATING -> PROBATION -----------------

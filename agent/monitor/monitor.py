@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.monitor.drift import END_RATIO, Episode, js, psi
+from agent.monitor.privacy import laplace, laplace_scalar
 from agent.monitor.sketch import Histogram
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class Monitor:
         windows: int | None = None,
         min_count: int | None = None,
         max_overhead: float = 0.05,
+        dp_epsilon: float | None = None,
+        rng: np.random.Generator | None = None,
     ) -> None:
         d = reference.get("defaults", {})
         self.threshold = float(
@@ -51,6 +54,9 @@ class Monitor:
             int(min_count if min_count is not None else d.get("min_count", 50)),
         )
         self.budget = max_overhead
+        # Differential privacy of the released window (agent.monitor.privacy); None: off.
+        self.dp_epsilon = dp_epsilon
+        self._rng = rng or np.random.default_rng()
         self.inputs = {k: Histogram.of(v["hist"]) for k, v in reference.get("inputs", {}).items()}
         self.outputs = {k: Histogram.of(v["hist"]) for k, v in reference.get("outputs", {}).items()}
         cls = reference.get("classes")
@@ -155,6 +161,8 @@ class Monitor:
             self._reset()
         if n == 0:
             return None
+        if self.dp_epsilon is not None:
+            n, nf, cc, conf, low, ins, outs = self._noised(n, nf, cc, conf, low, ins, outs)
         drift: dict[str, Any] = {}
         scores: list[tuple[float, str]] = []
         for key, label, hists, counts in (
@@ -166,13 +174,15 @@ class Monitor:
                 drift[key] = got
                 scores += [(v, f"{label} {k} PSI") for k, v in got.items()]
         block: dict[str, Any] = {"count": n, "metric": "psi"}
+        if self.dp_epsilon is not None:
+            block["dp_epsilon"] = self.dp_epsilon  # the counts below carry Laplace noise
         if self.class_output is not None and cc.sum():
             drift["classes"] = round(js(self.class_ref, cc), 6)
             scores.append((drift["classes"], "classes JS"))
             rows = int(cc.sum())
             block["classes"] = {str(i): int(c) for i, c in enumerate(cc) if c}
-            block["mean_confidence"] = round(conf / rows, 4)
-            block["low_confidence_rate"] = round(low / rows, 4)
+            block["mean_confidence"] = round(min(1.0, conf / rows), 4)
+            block["low_confidence_rate"] = round(min(1.0, low / rows), 4)
         top, what = max(scores, default=(0.0, "max score"))
         drift["max"] = top
         block["drift"] = drift
@@ -182,6 +192,41 @@ class Monitor:
             self.events.append(self._event(change, what, top, drift))
         block["drifting"] = self.episode.drifting
         return block
+
+    def _noised(
+        self,
+        n: int,
+        nf: int,
+        cc: npt.NDArray[np.int64],
+        conf: float,
+        low: int,
+        ins: dict[str, npt.NDArray[np.int64]],
+        outs: dict[str, npt.NDArray[np.int64]],
+    ) -> tuple[
+        int,
+        int,
+        npt.NDArray[np.int64],
+        float,
+        int,
+        dict[str, npt.NDArray[np.int64]],
+        dict[str, npt.NDArray[np.int64]],
+    ]:
+        """Every released count with Laplace noise (scale 1/epsilon), clipped at 0; the scores
+        are computed from these, so they and the episode events are covered too."""
+        eps, rng = self.dp_epsilon, self._rng
+
+        def noisy(c: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+            return np.rint(laplace(c, eps, rng)).astype(np.int64)
+
+        return (
+            max(1, round(laplace_scalar(n, eps, rng))),
+            round(laplace_scalar(nf, eps, rng)),
+            noisy(cc),
+            laplace_scalar(conf, eps, rng),
+            round(laplace_scalar(low, eps, rng)),
+            {k: noisy(c) for k, c in ins.items()},
+            {k: noisy(c) for k, c in outs.items()},
+        )
 
     def _event(self, change: str, what: str, top: float, drift: dict[str, Any]) -> dict[str, Any]:
         t, w = self.threshold, self.episode.windows

@@ -111,6 +111,11 @@ class Deployment(_Strict):
     chunks_sha256: Sha256
     profile: str | None = None
     deployed_at: str = ""
+    # [capture] keys that override the device config's for this deployment's model (absent:
+    # the config's); e.g. {"enabled": true, "sample_rate": 1.0}. A deployment that carries
+    # capture keys turns capture on unless it says enabled = false. Checked against the config's
+    # CaptureConfig by the agent (agent.monitor.capture.settings_for).
+    capture: dict[str, Any] | None = None
 
     _n = field_validator("name")(_segment)
 
@@ -259,6 +264,40 @@ class Telemetry(_Strict):
     # Drift of served inputs/outputs against the active model's reference profile, this window
     # (see docs/protocol.md); absent without a monitored model or with nothing observed.
     monitor: dict[str, Any] | None = None
+    # Feedback capture this window: {"captured", "dropped", "redaction_errors", "queue_bytes"};
+    # absent while capture is off.
+    capture: dict[str, int] | None = None
+
+
+class SampleTensor(_Strict):
+    """One captured tensor: ``data`` is base64 of its raw little-endian, C-order bytes."""
+
+    dtype: str
+    shape: list[int]
+    data: str
+
+
+Label = int | float | list[Any]
+SampleTrigger = Literal["sample", "low_confidence", "drift", "label"]
+
+
+class Sample(_Strict):
+    """devices/{id}/samples (QoS 1, opt-in feedback capture): one served inference.
+
+    ``inputs`` is absent when the capture is outputs_only; ``redacted`` says whether the
+    device's redaction hook ran on it. ``seq`` increases across restarts (its own sequence).
+    """
+
+    device: str
+    seq: int = Field(ge=0)
+    ts: float
+    model: ActiveModel
+    trigger: SampleTrigger
+    request_id: str | None = None
+    inputs: dict[str, SampleTensor] | None = None
+    outputs: dict[str, SampleTensor]
+    label: Label | None = None
+    redacted: bool
 
 
 def decode(model: type[M], payload: bytes, max_bytes: int = MAX_CONTROL_BYTES) -> M:

@@ -27,6 +27,7 @@ TopicKind = Literal[
     "cmd",
     "cmd_result",
     "trust",
+    "samples",
 ]
 _DEVICE_LEAVES: dict[str, TopicKind] = {
     "deployment": "device_deployment",
@@ -34,6 +35,7 @@ _DEVICE_LEAVES: dict[str, TopicKind] = {
     "events": "events",
     "telemetry": "telemetry",
     "cmd": "cmd",
+    "samples": "samples",
 }
 
 

@@ -36,16 +36,25 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from agent import __version__
 from agent.config import ServeConfig
 from agent.errors import ConfigError
 from agent.serve.holder import Loaded, SessionHolder
-from agent.serve.tensors import RequestError, encode_response, parse_infer, spec_json
+from agent.serve.tensors import (
+    RequestError,
+    check_label,
+    encode_response,
+    parse_infer,
+    spec_json,
+)
 from agent.service import trim_memory
 from agent.telemetry.latency import LatencyRecorder
+
+if TYPE_CHECKING:
+    from agent.monitor.capture import Capture
 
 log = logging.getLogger(__name__)
 
@@ -222,11 +231,11 @@ class _Handler(BaseHTTPRequestHandler):
         if parts[:1] != ["v2"]:
             raise RequestError(404, f"no such endpoint: {self.path[:200]}")
         rest = parts[1:]
-        want = "POST" if rest[-1:] == ["infer"] else "GET"
+        want = "POST" if rest[-1:] in (["infer"], ["feedback"]) else "GET"
         if method != want:
             self.close_connection = True
             raise RequestError(405, f"{method} is not allowed here (use {want})")
-        if rest[-1:] != ["infer"]:
+        if rest[-1:] not in (["infer"], ["feedback"]):
             self._start_work()
         if not rest:
             self._json(
@@ -255,6 +264,8 @@ class _Handler(BaseHTTPRequestHandler):
         if tail == ["infer"]:
             self._infer_route = True
             self._infer(name, version)
+        elif tail == ["feedback"]:
+            self._feedback(name, version)
         elif tail == []:
             m = ep.find(name, version)
             self._json(
@@ -335,6 +346,28 @@ class _Handler(BaseHTTPRequestHandler):
             )
         return n
 
+    def _feedback(self, name: str, version: str | None) -> None:
+        """{"id": an earlier request's id, "label": ...}: the label is captured with that
+        request's sample while it is among the last ones kept (agent.monitor.capture)."""
+        n = self._content_length()
+        if n > SMALL_BODY:
+            self.close_connection = True
+            raise RequestError(413, f"a feedback body is at most {SMALL_BODY} bytes")
+        body = self._read_body()
+        self._start_work()
+        self.endpoint.find(name, version)
+        try:
+            doc = json.loads(body)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise RequestError(400, "request body is not valid JSON") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("id"), str) or "label" not in doc:
+            raise RequestError(400, 'feedback is {"id": "<request id>", "label": ...}')
+        label = check_label(doc["label"])
+        cap = self.endpoint.capture
+        if label is None or cap is None or not cap.feedback(doc["id"], label):
+            raise RequestError(404, f"no recent request with id '{doc['id'][:100]}' is kept")
+        self._json(200, {"id": doc["id"], "accepted": True})
+
     def _infer(self, name: str, version: str | None) -> None:
         ep = self.endpoint
         n = self._content_length()
@@ -376,6 +409,8 @@ class _Handler(BaseHTTPRequestHandler):
             ms = (time.perf_counter() - t0) * 1000.0
             if loaded.monitor is not None:
                 loaded.monitor.offer(req.feeds, result, ms / 1000.0)
+            if ep.capture is not None:
+                ep.capture.offer(loaded, req.feeds, result, req.id, req.label)
             out, header_len = encode_response(loaded.name, loaded.version, req, result)
         finally:
             holder.release(loaded)
@@ -414,8 +449,14 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class Endpoint:
     """Owns the listening socket and its thread; ``start``/``stop`` from the agent's main thread."""
 
-    def __init__(self, cfg: ServeConfig, holder: SessionHolder, recorder: LatencyRecorder) -> None:
-        self.cfg, self.holder, self.recorder = cfg, holder, recorder
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        holder: SessionHolder,
+        recorder: LatencyRecorder,
+        capture: Capture | None = None,
+    ) -> None:
+        self.cfg, self.holder, self.recorder, self.capture = cfg, holder, recorder, capture
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, _Conn] = {}  # those holding a slot
         self._inflight = 0  # body bytes reserved (max_body_bytes_in_flight)

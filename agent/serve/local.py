@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -10,6 +11,9 @@ import numpy.typing as npt
 from agent.errors import EdgefleetError, ModelError
 from agent.serve.holder import Loaded, SessionHolder
 from agent.telemetry.latency import LatencyRecorder
+
+if TYPE_CHECKING:
+    from agent.monitor.capture import Capture
 
 Arrays = dict[str, npt.NDArray[np.generic]]
 
@@ -30,8 +34,10 @@ class LocalModel:
     A swap during a call does not affect it: the call keeps a reference on the model it began with.
     """
 
-    def __init__(self, holder: SessionHolder, recorder: LatencyRecorder) -> None:
-        self.holder, self.recorder = holder, recorder
+    def __init__(
+        self, holder: SessionHolder, recorder: LatencyRecorder, capture: Capture | None = None
+    ) -> None:
+        self.holder, self.recorder, self.capture = holder, recorder, capture
 
     @property
     def active(self) -> Loaded | None:
@@ -56,5 +62,7 @@ class LocalModel:
         mon = loaded.monitor
         if mon is not None:
             mon.offer(feeds, out, s)
+        if self.capture is not None:
+            self.capture.offer(loaded, feeds, out)
         self.recorder.record(s * 1000.0)
         return out

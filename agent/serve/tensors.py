@@ -46,6 +46,7 @@ class InferRequest:
     feeds: dict[str, npt.NDArray[np.generic]]
     outputs: list[tuple[str, bool]] | None  # (name, binary); None: every output
     binary_default: bool
+    label: Any = None  # parameters.label: an application's label for feedback capture
 
 
 def v2_shape(spec: IOSpec) -> list[int]:
@@ -223,7 +224,29 @@ def parse_infer(
             wanted.append(
                 (oname, bool(_params(o, f"outputs[{i}]").get("binary_data", binary_default)))
             )
-    return InferRequest(rid if isinstance(rid, str) else None, feeds, wanted, binary_default)
+    label = check_label(_params(doc, "request").get("label"))
+    return InferRequest(rid if isinstance(rid, str) else None, feeds, wanted, binary_default, label)
+
+
+MAX_LABEL_ITEMS = 4096
+
+
+def check_label(v: Any) -> Any:
+    """A label is a number or a list (of at most MAX_LABEL_ITEMS numbers, nested or not)."""
+    if v is None:
+        return None
+    ok = isinstance(v, int | float) and not isinstance(v, bool)
+    if isinstance(v, list):
+        try:
+            a = np.asarray(v)
+            ok = a.dtype.kind in "iuf" and a.size <= MAX_LABEL_ITEMS and bool(np.isfinite(a).all())
+        except (ValueError, TypeError, OverflowError, RecursionError):
+            ok = False
+    elif isinstance(v, float):
+        ok = np.isfinite(v)
+    if not ok:
+        raise RequestError(400, "parameters.label must be a number or a list of numbers")
+    return v
 
 
 def encode_response(

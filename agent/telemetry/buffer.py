@@ -38,10 +38,17 @@ class Reservation:
 
 
 class TelemetryBuffer:
-    def __init__(self, directory: Path, max_messages: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        max_messages: int,
+        max_bytes: int | None = None,
+        name: str = "telemetry.sqlite",
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / "telemetry.sqlite"
-        self.max_messages = max_messages
+        self.path = directory / name
+        # Beyond max_messages, or max_bytes of payloads (the sample queue), the oldest go first.
+        self.max_messages, self.max_bytes = max_messages, max_bytes
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         try:
@@ -117,6 +124,8 @@ class TelemetryBuffer:
             cur = self._db.execute("INSERT INTO messages(payload) VALUES(?)", (payload,))
             new_id = int(cur.lastrowid or 0)
             excess = self._pending() - self.max_messages
+            if self.max_bytes is not None:
+                excess = max(excess, self._over_bytes(new_id))
             if excess > 0:
                 marks = ",".join("?" * len(keep))
                 where = f"WHERE id NOT IN ({marks}) AND id != ?" if keep else "WHERE id != ?"
@@ -131,6 +140,30 @@ class TelemetryBuffer:
                 self._set("dropped", self._counter("dropped") + len(ids))
                 self._set("dropped_total", self._counter("dropped_total") + len(ids))
         return new_id
+
+    def _over_bytes(self, new_id: int) -> int:
+        """How many of the oldest messages to drop so the payloads fit in ``max_bytes``."""
+        assert self.max_bytes is not None
+        over = self._bytes() - self.max_bytes
+        if over <= 0:
+            return 0
+        n = 0
+        for (size,) in self._db.execute(
+            "SELECT LENGTH(payload) FROM messages WHERE id != ? ORDER BY id", (new_id,)
+        ):
+            n, over = n + 1, over - int(size)
+            if over <= 0:
+                break
+        return n
+
+    def _bytes(self) -> int:
+        return int(
+            self._db.execute("SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM messages").fetchone()[0]
+        )
+
+    def pending_bytes(self) -> int:
+        with self._lock:
+            return 0 if self._conn is None else self._bytes()
 
     def after(self, last_id: int, limit: int) -> list[tuple[int, bytes]]:
         """Messages with an id above ``last_id``, oldest first (none while it cannot be opened)."""

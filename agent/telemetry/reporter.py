@@ -2,12 +2,8 @@
 
 Each interval it builds one ``Telemetry`` message and writes it to the on-disk buffer first; it
 then sends buffered messages in order while the transport is connected (a bounded number in
-flight) and deletes each once the broker acknowledged it. Messages handed to the transport
-before a disconnect are resent by the transport after the reconnect, so new ones wait until
-those are acknowledged: delivery stays in order. A message the transport did not keep across
-the reconnect (paho drops one whose publish raced the disconnect, on some versions) is
-published again from the buffer after RESEND_AFTER_S: delivery is at least once, and
-receivers drop a repeated seq.
+flight) and deletes each once the broker acknowledged it (agent.telemetry.sender: in order, at
+least once; receivers drop a repeated seq).
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from agent.config import AgentConfig
@@ -30,15 +25,12 @@ from agent.store.space import is_disk_full
 from agent.telemetry.buffer import TelemetryBuffer
 from agent.telemetry.latency import LatencyRecorder
 from agent.telemetry.power import PowerReader, WindowPower, energy_fields
+from agent.telemetry.sender import BufferedSender
 from agent.telemetry.thermal import ThermalReader, WindowThermal
-from agent.transport.base import Delivery, Transport
+from agent.transport.base import Transport
 
 log = logging.getLogger(__name__)
 
-INFLIGHT = 16
-# Seconds after a reconnect before a message still unacknowledged from an earlier connection is
-# published again from the buffer.
-RESEND_AFTER_S = 5.0
 # Thermal state is sampled this often within a window (at least 4 samples per window).
 MAX_SAMPLE_S = 1.0
 
@@ -61,13 +53,6 @@ def encode_telemetry(msg: Telemetry) -> bytes:
 
 def _round(v: float | None, nd: int = 4) -> float | None:
     return None if v is None else round(v, nd)
-
-
-@dataclass
-class _Inflight:
-    id: int
-    delivery: Delivery
-    connection: int
 
 
 class ProcessStats:
@@ -96,7 +81,7 @@ class ProcessStats:
         return out
 
 
-class TelemetryReporter:
+class TelemetryReporter(BufferedSender):
     def __init__(
         self,
         cfg: AgentConfig,
@@ -107,6 +92,7 @@ class TelemetryReporter:
         monitor: Callable[[], Monitor | None] = lambda: None,
         drift_event: Callable[[dict[str, Any]], None] = lambda ev: None,
         power: PowerReader | None = None,
+        capture: Callable[[], dict[str, int] | None] = lambda: None,
     ) -> None:
         tc = cfg.telemetry
         self.device, self.t, self.recorder, self.active = cfg.device_id, transport, recorder, active
@@ -119,19 +105,14 @@ class TelemetryReporter:
         self.proc = ProcessStats()
         # The active model's drift monitor, and where its episode events go (the agent's worker
         # publishes them: events are numbered on the worker's sequence).
-        self.monitor, self.drift_event = monitor, drift_event
+        self.monitor, self.drift_event, self.capture = monitor, drift_event, capture
         self.started = time.monotonic()
         self.window = WindowThermal()
         self.power = power or PowerReader(tc.sysfs_root)
         # Power over the window: the first reading is a RAPL counter's starting point.
         self.power_window = WindowPower()
         self.power_window.add(self.power.read())
-        self.inflight: list[_Inflight] = []
-        self.sent_upto = 0  # highest buffered id handed to the transport
-        self._reconnected, self._reconnected_at = (
-            0,
-            0.0,
-        )  # the connection seen with old in-flight messages
+        self.init_sender(transport, self.topic, self.buffer)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         # Messages the buffer could not store (a full disk), not yet in its drop counts; and
@@ -200,6 +181,7 @@ class TelemetryReporter:
                 "dropped_total": res.dropped_total,
             },
             monitor=block,
+            capture=self.capture(),
             **stats,
         )
         try:
@@ -217,48 +199,6 @@ class TelemetryReporter:
             log.error("telemetry buffer write failed: %s", exc)
         elif self.unbuffered == 1:
             log.warning("telemetry buffer full (disk): dropping messages, counted: %s", exc)
-
-    # -- delivery -----------------------------------------------------------------------------
-    def pump(self, wait: float = 0.0) -> int:
-        """Forget acknowledged messages, send more while connected; returns how many are in flight."""
-        done = [f.id for f in self.inflight if f.delivery.acked()]
-        if not done and self.inflight and wait > 0 and self.inflight[0].delivery.wait(wait):
-            done = [f.id for f in self.inflight if f.delivery.acked()]
-        if done:
-            try:
-                self.buffer.delete(done)
-            except (sqlite3.Error, OSError) as exc:
-                if not is_disk_full(exc):
-                    raise
-                # Kept in flight (sent and acknowledged): deleted once the disk has room again.
-                return len(self.inflight)
-            gone = set(done)
-            self.inflight = [f for f in self.inflight if f.id not in gone]
-        if not self.t.is_connected():
-            return len(self.inflight)
-        conn = self.t.connects
-        old = [f for f in self.inflight if f.connection != conn]
-        if old:
-            if self._reconnected != conn:
-                self._reconnected, self._reconnected_at = conn, time.monotonic()
-            if time.monotonic() - self._reconnected_at < RESEND_AFTER_S:
-                return len(self.inflight)  # resent by the transport first; keeps the order
-            for f in old:  # not kept by the transport across the reconnect: publish it again
-                again = self.buffer.after(f.id - 1, 1)
-                if again and again[0][0] == f.id:
-                    log.info(
-                        "telemetry %d unacknowledged since a reconnect; publishing it again", f.id
-                    )
-                    f.delivery, f.connection = self.t.publish_tracked(self.topic, again[0][1]), conn
-            return len(self.inflight)
-        room = INFLIGHT - len(self.inflight)
-        if room > 0:
-            for mid, payload in self.buffer.after(self.sent_upto, room):
-                self.inflight.append(
-                    _Inflight(mid, self.t.publish_tracked(self.topic, payload), conn)
-                )
-                self.sent_upto = mid
-        return len(self.inflight)
 
     # -- thread ---------------------------------------------------------------------------------
     def run(self) -> None:

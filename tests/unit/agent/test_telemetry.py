@@ -239,7 +239,7 @@ def test_message_lost_by_the_transport_across_a_reconnect_is_sent_again(
 ) -> None:
     """paho 2.0.0 can drop a publish that raced the disconnect: it is never acknowledged. The
     reporter publishes it again from the buffer after RESEND_AFTER_S (at least once, in order)."""
-    from agent.telemetry import reporter as rmod
+    from agent.telemetry import sender as rmod
     from agent.transport.fake import FakeDelivery
 
     class Lossy(FakeTransport):
