@@ -261,6 +261,33 @@ class Telemetry(_Strict):
     monitor: dict[str, Any] | None = None
 
 
+SampleTrigger = Literal["sample", "low_confidence", "drift", "label"]
+
+
+class SampleTensor(_Strict):
+    """One captured tensor: ``data`` is the base64 of its raw little-endian C-order bytes."""
+
+    dtype: str
+    shape: list[int]
+    data: str
+
+
+class Sample(_Strict):
+    """devices/{id}/samples (QoS 1, opt-in): one captured inference for feedback. ``inputs`` is
+    absent when the device captures outputs only; ``label`` when nobody labelled it."""
+
+    device: str
+    seq: int = Field(ge=0)
+    ts: float
+    model: ActiveModel
+    trigger: SampleTrigger
+    request_id: str | None = None
+    inputs: dict[str, SampleTensor] | None = None
+    outputs: dict[str, SampleTensor] | None = None
+    label: int | float | list[Any] | None = None
+    redacted: bool = False
+
+
 def decode(model: type[M], payload: bytes, max_bytes: int = MAX_CONTROL_BYTES) -> M:
     """Parse ``payload`` as JSON into ``model``; any problem is a MessageError with a short reason."""
     if len(payload) > max_bytes:

@@ -26,6 +26,7 @@ TopicKind = Literal[
     "telemetry",
     "cmd",
     "cmd_result",
+    "samples",
     "trust",
 ]
 _DEVICE_LEAVES: dict[str, TopicKind] = {
@@ -34,6 +35,7 @@ _DEVICE_LEAVES: dict[str, TopicKind] = {
     "events": "events",
     "telemetry": "telemetry",
     "cmd": "cmd",
+    "samples": "samples",  # opt-in feedback capture (messages.Sample)
 }
 
 
