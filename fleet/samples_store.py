@@ -3,11 +3,13 @@ message, its tensors kept as the JSON they came in (dtype, shape, base64 data).
 
 Samples are far larger than telemetry, so they have their own bound (``SampleLimit``, 4 MB by
 default): a larger one is refused, counted and logged once, never parsed. Each tensor's base64
-length is checked against its dtype and shape here, so a row the exporter reads is whole.
+is decoded and its length checked against dtype and shape here, so the exporter reads whole rows.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import math
@@ -48,13 +50,13 @@ def tensor_problem(name: str, t: SampleTensor) -> str | None:
         return f"tensor {name}: dtype {t.dtype!r} is not one of {', '.join(DTYPES)}"
     if any(d < 0 for d in t.shape) or len(t.shape) > 8:
         return f"tensor {name}: bad shape {t.shape}"
-    n = len(t.data)
-    pad = len(t.data) - len(t.data.rstrip("="))
-    if n % 4 or pad > 2:
+    try:  # decoded, not counted: the exporter decodes it the same way (validate=True)
+        n = len(base64.b64decode(t.data, validate=True))
+    except binascii.Error:
         return f"tensor {name}: data is not base64"
     want = math.prod(t.shape) * np.dtype(t.dtype).itemsize
-    if n // 4 * 3 - pad != want:
-        return f"tensor {name}: {n // 4 * 3 - pad} bytes of data, dtype and shape need {want}"
+    if n != want:
+        return f"tensor {name}: {n} bytes of data, dtype and shape need {want}"
     return None
 
 

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.protocol import topics
 from fleet.collect import add_message, subscriptions
 from fleet.db import SCHEMA_VERSION, Batch, FleetDB, ddl
-from fleet.samples_store import SampleLimit
+from fleet.feedback import _tensor
+from fleet.samples_store import DTYPES, SampleLimit
 from tests.fleet_helpers import dumps, sample, telemetry
 
 T = "edgefleet/v1/devices/{}/{}"
@@ -117,3 +121,20 @@ def test_a_schema_2_database_gains_the_samples_table_and_keeps_its_rows(tmp_path
     assert db.store(b) == 2
     db.close()
     assert FleetDB(str(path)).schema_version() == 3  # idempotent
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    dtype=st.sampled_from(DTYPES),
+    shape=st.lists(st.integers(0, 4), max_size=3),
+    data=st.text("ABCDabcd0123+/=", max_size=40),
+)
+def test_what_the_collector_accepts_the_exporter_decodes(
+    dtype: str, shape: list[int], data: str
+) -> None:
+    doc = sample("d1", 1, {"x": X})
+    doc["inputs"]["x"] = {"dtype": dtype, "shape": shape, "data": data}
+    b = Batch.empty()
+    if add_message(b, T.format("d1", "samples"), dumps(doc), 1.0):
+        stored = json.loads(b.rows["samples"][0][12])["x"]
+        assert _tensor(stored).size == math.prod(shape)
