@@ -105,9 +105,9 @@ def check_group(group: str) -> str:
 
 # -- rendering ---------------------------------------------------------------------------------
 
-DEVICE_WRITES = ("state", "events", "telemetry", "cmd/result")
+DEVICE_WRITES = ("state", "events", "telemetry", "cmd/result", "samples")
 DEVICE_READS = ("deployment", "cmd")
-COLLECTOR_READS = ("state", "events", "telemetry", "cmd/result")
+COLLECTOR_READS = ("state", "events", "telemetry", "cmd/result", "samples")
 
 
 def render_acl(reg: Registry) -> str:

@@ -53,6 +53,7 @@ from agent.protocol.messages import (
 )
 from fleet.db import Batch, FleetDB
 from fleet.monitor_store import monitor_row
+from fleet.samples_store import MAX_SAMPLE_BYTES, SampleLimit, sample_row
 
 log = logging.getLogger("edgefleet.collect")
 
@@ -60,7 +61,7 @@ MAX_PAYLOAD = 64 * 1024  # larger messages on these topics are rejected, not par
 PREFIX_CHARS = 200  # how much of a rejected payload is kept
 MAX_QUEUED = 50_000  # received but not yet committed; beyond it messages wait on the broker
 SHARE_SILENCE_S = 60.0  # six default telemetry intervals with devices online and nothing shared
-LEAVES = ("state", "events", "telemetry", "cmd/result")
+LEAVES = ("state", "events", "telemetry", "cmd/result", "samples")
 _MODELS: dict[str, type[BaseModel]] = {
     "state": StateMessage,
     "events": Event,
@@ -89,9 +90,22 @@ def _dumps(v: Any) -> str:
     return json.dumps(v, separators=(",", ":"), sort_keys=True)
 
 
-def add_message(batch: Batch, topic: str, payload: bytes, received: float) -> bool:
-    """Decode one message into ``batch``; a bad one becomes a ``rejected`` row. True if accepted."""
+def add_message(
+    batch: Batch, topic: str, payload: bytes, received: float, limit: SampleLimit | None = None
+) -> bool:
+    """Decode one message into ``batch``; a bad one becomes a ``rejected`` row. True if accepted.
+    ``limit`` bounds captured samples (devices/+/samples; fleet/samples_store.py)."""
     t = topics.parse(topic)
+    if t is not None and t.kind == "samples" and t.device is not None:
+        limit = limit or SampleLimit()
+        row = limit.check(topic, len(payload)) or sample_row(
+            t.device, payload, received, limit.max_bytes
+        )
+        if isinstance(row, str):
+            return _reject(batch, topic, row, payload, received)
+        batch.rows["samples"].append(row)
+        batch.seen[t.device] = max(received, batch.seen.get(t.device, 0.0))
+        return True
     if t is None or t.kind not in _MODELS or t.device is None:
         return _reject(
             batch,
@@ -258,6 +272,7 @@ class Stats:
     batches: int = 0
     connects: int = 0
     deferred: int = 0  # left unacknowledged while the queue was full; the broker sends them again
+    samples_oversize: int = 0  # captured samples refused for their size (also in rejected)
     first_received: float | None = None
     last_commit: float | None = None
     error: str | None = None
@@ -280,6 +295,7 @@ class Collector:
         connect_attempts: int = 4,
         max_queued: int = MAX_QUEUED,
         share_silence_s: float = SHARE_SILENCE_S,
+        max_sample_bytes: int = MAX_SAMPLE_BYTES,
     ) -> None:
         self.broker = broker
         self.db = db if isinstance(db, FleetDB) else FleetDB(db)
@@ -293,6 +309,7 @@ class Collector:
             max_queued,
         )
         self.stats = Stats()
+        self.samples = SampleLimit(max_sample_bytes)
         self.share = ShareWatch(share_group, share_silence_s)
         self.q: queue.SimpleQueue[tuple[str, bytes, int, int, float]] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -446,7 +463,7 @@ class Collector:
         batch = Batch.empty()
         rejected = 0
         for topic, payload, _mid, _qos, received in items:
-            if not add_message(batch, topic, payload, received):
+            if not add_message(batch, topic, payload, received, self.samples):
                 rejected += 1
         new = self.db.store(batch)
         self.share.saw(items, batch)
@@ -456,6 +473,7 @@ class Collector:
         s.stored += new
         s.duplicates += len(items) - rejected - new
         s.batches += 1
+        s.samples_oversize = self.samples.refused
         s.last_commit = time.time()
         if s.first_received is None:
             s.first_received = items[0][4]

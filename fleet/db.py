@@ -15,9 +15,10 @@ from typing import Any
 
 from agent.errors import DatabaseError, UsageError, missing_dependency
 
-# 1: the first schema. 2: + monitor (per-window model monitoring). An older database gains new
-# tables through CREATE TABLE IF NOT EXISTS at the collector's next start; nothing is rewritten.
-SCHEMA_VERSION = 2
+# 1: the first schema. 2: + monitor (per-window model monitoring). 3: + samples (feedback
+# capture). An older database gains new tables through CREATE TABLE IF NOT EXISTS at the
+# collector's next start; nothing is rewritten.
+SCHEMA_VERSION = 3
 
 
 # Column kinds map to one SQL type per dialect.
@@ -146,6 +147,22 @@ TABLES: dict[str, Table] = {
             (("ts",),),
         ),
         Table(
+            "samples",  # captured inferences (fleet/samples_store.py); tensors as their JSON
+            (
+                *_MSG,
+                *_MODEL,
+                ("trigger", "text"),
+                ("request_id", "text"),
+                ("label", "json"),
+                ("redacted", "bool"),
+                ("size", "int"),
+                ("inputs", "json"),
+                ("outputs", "json"),
+            ),
+            ("device", "seq"),
+            (("model", "version"),),
+        ),
+        Table(
             "cmd_results",
             (
                 ("device", "text"),
@@ -171,7 +188,7 @@ TABLES: dict[str, Table] = {
         ),
     )
 }
-MESSAGE_TABLES = ("states", "events", "telemetry", "monitor", "cmd_results")
+MESSAGE_TABLES = ("states", "events", "telemetry", "monitor", "samples", "cmd_results")
 
 
 def ddl(dialect: str) -> list[str]:

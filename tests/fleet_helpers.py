@@ -244,3 +244,41 @@ def wait_for(pred: Callable[[], bool], timeout: float = 20.0, what: str = "condi
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+def tensor(arr: Any) -> dict[str, Any]:
+    """A captured tensor as a Sample carries it: dtype, shape, base64 of little-endian bytes."""
+    import base64
+
+    import numpy as np
+
+    a = np.ascontiguousarray(arr)
+    data = base64.b64encode(a.astype(a.dtype.newbyteorder("<")).tobytes()).decode()
+    return {"dtype": str(a.dtype), "shape": list(a.shape), "data": data}
+
+
+def sample(
+    device: str,
+    seq: int,
+    inputs: dict[str, Any] | None = None,
+    outputs: dict[str, Any] | None = None,
+    label: Any = None,
+    trigger: str = "sample",
+    model: tuple[str, str] = ("tiny", "1.0.0"),
+    ts: float | None = None,
+) -> dict[str, Any]:
+    """A Sample message (devices/{id}/samples) with numpy arrays as its tensors."""
+    doc: dict[str, Any] = {
+        "device": device,
+        "seq": seq,
+        "ts": time.time() if ts is None else ts,
+        "model": {"name": model[0], "version": model[1], "sha256": "ab" * 32},
+        "trigger": trigger,
+        "redacted": inputs is None,
+    }
+    if inputs is not None:
+        doc["inputs"] = {k: tensor(v) for k, v in inputs.items()}
+    doc["outputs"] = {k: tensor(v) for k, v in (outputs or {}).items()}
+    if label is not None:
+        doc["label"] = label
+    return doc

@@ -295,9 +295,9 @@ class Sample(_Strict):
     trigger: SampleTrigger
     request_id: str | None = None
     inputs: dict[str, SampleTensor] | None = None
-    outputs: dict[str, SampleTensor]
+    outputs: dict[str, SampleTensor] | None = None
     label: Label | None = None
-    redacted: bool
+    redacted: bool = False
 
 
 def decode(model: type[M], payload: bytes, max_bytes: int = MAX_CONTROL_BYTES) -> M:

@@ -26,8 +26,8 @@ TopicKind = Literal[
     "telemetry",
     "cmd",
     "cmd_result",
-    "trust",
     "samples",
+    "trust",
 ]
 _DEVICE_LEAVES: dict[str, TopicKind] = {
     "deployment": "device_deployment",
@@ -35,7 +35,7 @@ _DEVICE_LEAVES: dict[str, TopicKind] = {
     "events": "events",
     "telemetry": "telemetry",
     "cmd": "cmd",
-    "samples": "samples",
+    "samples": "samples",  # opt-in feedback capture (messages.Sample)
 }
 
 

@@ -14,6 +14,7 @@ from fleet.commands.collect import collect_cmd
 from fleet.commands.demo import demo_cmd
 from fleet.commands.deploy import deploy_cmd
 from fleet.commands.device import device_grp
+from fleet.commands.feedback import feedback_grp
 from fleet.commands.keys import keys_grp
 from fleet.commands.publish import publish_cmd
 from fleet.commands.view import fleet_grp
@@ -30,5 +31,6 @@ cli = click.Group(
         demo_cmd,
         broker_grp,
         artifacts_grp,
+        feedback_grp,
     ],
 )

@@ -45,6 +45,14 @@ def stop_on_sigterm(stop: threading.Event) -> None:
     help="Most messages written per transaction.",
 )
 @click.option(
+    "--max-sample-kb",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(1, 256 * 1024),
+    help="Largest captured sample (devices/+/samples) stored; a larger one is refused, counted "
+    "(samples_oversize) and logged once.",
+)
+@click.option(
     "--stats-every",
     default=10.0,
     show_default=True,
@@ -68,12 +76,13 @@ def collect_cmd(
     share_group: str | None,
     client_id: str | None,
     batch_max: int,
+    max_sample_kb: int,
     stats_every: float,
     json_stats: bool,
     duration: float,
     **kw: Any,
 ) -> None:
-    """Store every device's state, events, telemetry and command results in a database.
+    """Store every device's state, events, telemetry, command results and captured samples.
 
     \b
     Runs until Ctrl-C or SIGTERM, then writes what it holds and exits. Messages that arrive
@@ -89,7 +98,12 @@ def collect_cmd(
     db = FleetDB(db_target)
     try:
         col = Collector(
-            broker, db, share_group=share_group, client_id=client_id, batch_max=batch_max
+            broker,
+            db,
+            share_group=share_group,
+            client_id=client_id,
+            batch_max=batch_max,
+            max_sample_bytes=max_sample_kb * 1024,
         )
         col.start()
     except BaseException:

@@ -153,7 +153,7 @@ def test_pg_schema_1_database_gains_monitor_rows(
     import psycopg
 
     from fleet.collect import add_message
-    from fleet.db import Batch, ddl
+    from fleet.db import SCHEMA_VERSION, Batch, ddl
     from tests.fleet_helpers import drift_event, dumps, monitor, state, telemetry
 
     url = pg.create_db("upgrade")
@@ -164,7 +164,7 @@ def test_pg_schema_1_database_gains_monitor_rows(
         c.execute("INSERT INTO meta VALUES ('schema_version', '1')")
         c.execute("INSERT INTO telemetry (device, seq, ts, p95_ms) VALUES ('d0', 1, 5.0, 3.0)")
     db = FleetDB(url)
-    assert db.schema_version() == 2 and db.has_table("monitor")
+    assert db.schema_version() == SCHEMA_VERSION and db.has_table("monitor")
     b = Batch.empty()
     t = "edgefleet/v1/devices/d0/{}"
     add_message(b, t.format("state"), dumps(state("d0", 1)), 6.0)

@@ -113,6 +113,8 @@ P = "edgefleet/v1"
     [
         ("dev-a", "write", f"{P}/devices/dev-a/state", True),
         ("dev-a", "write", f"{P}/devices/dev-a/cmd/result", True),
+        ("dev-a", "write", f"{P}/devices/dev-a/samples", True),
+        ("dev-b", "write", f"{P}/devices/dev-a/samples", False),
         ("dev-a", "read", f"{P}/devices/dev-a/cmd", True),
         ("dev-a", "read", f"{P}/devices/dev-a/deployment", True),
         ("dev-a", "read", f"{P}/groups/lab/deployment", True),
@@ -132,6 +134,7 @@ P = "edgefleet/v1"
         (OPERATOR, "read", f"{P}/devices/dev-b/events", True),
         (COLLECTOR, "read", f"{P}/devices/dev-b/telemetry", True),
         (COLLECTOR, "read", f"{P}/devices/dev-b/cmd/result", True),
+        (COLLECTOR, "read", f"{P}/devices/dev-b/samples", True),
         (COLLECTOR, "read", f"{P}/devices/dev-b/cmd", False),
         (COLLECTOR, "read", f"{P}/artifacts/x/manifest", False),
         (COLLECTOR, "write", f"{P}/devices/dev-b/telemetry", False),

@@ -106,7 +106,7 @@ def test_malformed_telemetry_is_stored_as_rejected(
 @settings(max_examples=200, deadline=None)
 @given(
     payload=st.binary(max_size=300) | st.text(max_size=200).map(str.encode),
-    leaf=st.sampled_from(["state", "events", "telemetry", "cmd/result"]),
+    leaf=st.sampled_from(["state", "events", "telemetry", "cmd/result", "samples"]),
 )
 def test_any_bytes_on_any_topic_are_stored_or_rejected_never_raise(
     payload: bytes, leaf: str
