@@ -43,6 +43,9 @@ def scratch_left(url: str) -> dict[str, bytes]:
 
 @pytest.fixture
 def amqtt(tmp_path: Path) -> Iterator[str]:
+    pytest.importorskip(
+        "amqtt", reason="workstation-only: the embedded broker needs amqtt (edgefleet[builder])"
+    )
     procs = Procs(tmp_path)
     try:
         url, _ = start_broker(procs, tmp_path, "amqtt")
