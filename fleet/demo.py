@@ -108,7 +108,9 @@ def _prepare_out(out: Path) -> Path:
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by edgefleet demo\n")
-    run = out / "run"
+    # Absolute: the agents' configs name keys and state under it, and an agent reads a relative
+    # path in its config against the config's own directory.
+    run = (out / "run").resolve()
     shutil.rmtree(run, ignore_errors=True)
     for sub in ("logs", "artifacts", "devices"):
         (run / sub).mkdir(parents=True)
