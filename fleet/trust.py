@@ -128,27 +128,25 @@ class RootSetup:
     operator_key: Path | None
 
 
-def init_root(out_dir: Path, force: bool = False, role_keys: bool = True) -> RootSetup:
-    """A root key pair and trust document v1; with ``role_keys`` also a release and an operator
-    key pair, listed in it (the usual start; keep root.key offline afterwards)."""
-    trust = out_dir / "trust.json"
-    if trust.exists() and not force:
-        raise UsageError(f"{trust} already exists (use --force to start a new root of trust)")
-    root_priv, root_pub = generate_keypair(out_dir, "root", force)
-    root = load_private_key(root_priv)
-    rpub = read_trusted_key(root_pub)
+def new_document(
+    trust: Path,
+    root_key: Path,
+    roles: dict[str, list[Path]],
+    version: int = 1,
+) -> TrustDocument:
+    """Write a first trust document: the root of ``root_key`` (its .pub beside it) and the public
+    keys of each role (named after their files); it starts a new rotation chain."""
+    root = load_private_key(root_key)
+    rpub = read_trusted_key(root_key.with_suffix(".pub"))
     keys: dict[str, Any] = {}
-    made: dict[str, Path] = {}
-    if role_keys:
-        for role in ("release", "operator"):
-            priv, pub = generate_keypair(out_dir, role, force)
+    for role, pubs in roles.items():
+        for pub in pubs:
             tk = read_trusted_key(pub)
-            keys[tk.key_id] = _entry(tk, role, KEY_DAYS, role)
-            made[role] = priv
+            keys[tk.key_id] = _entry(tk, role, KEY_DAYS, pub.stem)
     now = time.time()
     signed = {
         "type": "edgefleet-trust",
-        "version": 1,
+        "version": version,
         "issued": format_time(now),
         "expires": format_time(now + TRUST_DAYS * DAY),
         "root_keys": {rpub.key_id: public_b64(rpub)},
@@ -156,23 +154,39 @@ def init_root(out_dir: Path, force: bool = False, role_keys: bool = True) -> Roo
         "revoked": [],
     }
     trust.unlink(missing_ok=True)  # a new root of trust starts a new chain
-    _write(trust, signed, [root])
-    return RootSetup(root_priv, root_pub, trust, made.get("release"), made.get("operator"))
+    return _write(trust, signed, [root])
+
+
+def init_root(out_dir: Path, force: bool = False, role_keys: bool = True) -> RootSetup:
+    """A root key pair and trust document v1; with ``role_keys`` also a release and an operator
+    key pair, listed in it (the usual start; keep root.key offline afterwards)."""
+    trust = out_dir / "trust.json"
+    if trust.exists() and not force:
+        raise UsageError(f"{trust} already exists (use --force to start a new root of trust)")
+    root_priv, root_pub = generate_keypair(out_dir, "root", force)
+    made: dict[str, tuple[Path, Path]] = {}
+    if role_keys:
+        for role in ("release", "operator"):
+            made[role] = generate_keypair(out_dir, role, force)
+    new_document(trust, root_priv, {role: [pub] for role, (_, pub) in made.items()})
+    release, operator = made.get("release"), made.get("operator")
+    return RootSetup(
+        root_priv,
+        root_pub,
+        trust,
+        release[0] if release else None,
+        operator[0] if operator else None,
+    )
 
 
 def provision(out_dir: Path, release_pubs: list[Path], force: bool = True) -> RootSetup:
     """A root and an operator key and a trust document listing them with existing release keys
     (the demo and the tests: their artifacts are signed by keys made elsewhere)."""
     setup = init_root(out_dir, force=force, role_keys=False)
-    root = load_private_key(setup.root_key)
     op_priv, op_pub = generate_keypair(out_dir, "operator", force)
-    doc = load_document(setup.trust).signed
-    keys: dict[str, Any] = {}
-    for role, pubs in (("release", release_pubs), ("operator", [op_pub])):
-        for pub in pubs:
-            tk = read_trusted_key(pub)
-            keys[tk.key_id] = _entry(tk, role, KEY_DAYS, pub.stem)
-    _write(setup.trust, _next(doc, root, TRUST_DAYS, keys=keys), [root])
+    new_document(
+        setup.trust, setup.root_key, {"release": release_pubs, "operator": [op_pub]}, version=2
+    )
     return RootSetup(setup.root_key, setup.root_pub, setup.trust, None, op_priv)
 
 

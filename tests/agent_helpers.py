@@ -127,30 +127,13 @@ def trust_root() -> Path:
 def trust_for(release_pubs: list[Path], directory: Path, version: int = 2) -> Path:
     """A trust document signed by the test root that lists ``release_pubs`` and the test
     operator key; written to DIRECTORY/trust.json."""
-    from agent.protocol.signing import read_trusted_key
-    from agent.protocol.trust import format_time, public_b64
-    from fleet.trust import DAY, KEY_DAYS, TRUST_DAYS, _entry, _write
+    from fleet.trust import new_document
 
     root = trust_root()
-    rpub = read_trusted_key(root / "root.pub")
-    keys: dict[str, Any] = {}
-    for role, pubs in (("release", release_pubs), ("operator", [root / "operator.pub"])):
-        for pub in pubs:
-            tk = read_trusted_key(pub)
-            keys[tk.key_id] = _entry(tk, role, KEY_DAYS, pub.stem)
-    now = time.time()
-    signed = {
-        "type": "edgefleet-trust",
-        "version": version,
-        "issued": format_time(now),
-        "expires": format_time(now + TRUST_DAYS * DAY),
-        "root_keys": {rpub.key_id: public_b64(rpub)},
-        "keys": keys,
-        "revoked": [],
-    }
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "trust.json"
-    _write(path, signed, [load_private_key(root / "root.key")])
+    roles = {"release": release_pubs, "operator": [root / "operator.pub"]}
+    new_document(path, root / "root.key", roles, version)
     return path
 
 

@@ -405,7 +405,7 @@ class Agent:
         problem = None if a is None else self.allowed(a)
         if a is None or problem is None:
             return
-        target = next((k for k in self.versions.kept() if self.allowed(k) is None), None)
+        target = self.installer.previous()
         reason = f"{a.label} may no longer serve: {problem}"
         log.warning("%s; %s", reason, f"back to {target.label}" if target else "not serving")
         self.installer.rollback(reason, target=target, fallback=False)

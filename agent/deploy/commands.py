@@ -263,12 +263,9 @@ def rollback(agent: Agent, cmd_id: str, version: str | None = None) -> tuple[boo
             kept = ", ".join(i.label for i in agent.versions.kept()) or "none"
             return False, f"version {version} is not kept on this device (kept: {kept})"
     else:
-        # the newest kept version that may serve (its key trusted, at or above its line's floor)
-        candidates = agent.versions.kept()
-        target = next(
-            (k for k in candidates if agent.allowed(k) is None),
-            candidates[0] if candidates else None,
-        )
+        # the newest kept version that may serve (its key trusted, at or above its line's floor);
+        # else the newest kept one, refused below with its reason
+        target = agent.installer.previous() or agent.versions.previous()
     if target is not None and (problem := agent.allowed(target)) is not None:
         reason = f"cannot roll back to {target.label}: {problem}"
         agent.out.event("command", reason=reason, subject=target, detail={"command": cmd_id})

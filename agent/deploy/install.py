@@ -308,7 +308,7 @@ class Installer:
         return selftest.golden_check(self.session, self.active, self.golden)
 
     # -- ROLLED_BACK ------------------------------------------------------------------------------
-    def _previous(self) -> Installed | None:
+    def previous(self) -> Installed | None:
         """The newest kept version that may serve (trusted key, at or above its floor)."""
         return next((k for k in self.versions.kept() if self.owner.allowed(k) is None), None)
 
@@ -322,7 +322,7 @@ class Installer:
         """Switch back to ``target``, else (with ``fallback``) the previous version that may
         serve, else to none; mark the failed one rejected."""
         failed = self.active
-        prev = target or (self._previous() if fallback else None)
+        prev = target or (self.previous() if fallback else None)
         session = golden = None
         while prev is not None:
             try:
@@ -334,7 +334,7 @@ class Installer:
             except (EdgefleetError, OSError, ValueError) as exc:
                 log.warning("previous version %s does not load: %s", prev.label, exc)
                 self.versions.forget(prev)
-                prev = None if target is not None or not fallback else self._previous()
+                prev = None if target is not None or not fallback else self.previous()
         if by_command and prev is None:
             return False
         if prev is not None:
