@@ -6,7 +6,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.errors import EdgefleetError
+import numpy as np
+import numpy.typing as npt
+
 from agent.protocol.golden import GoldenSet, self_test
 from agent.protocol.states import p95_regressed
 from agent.runtime import InferenceSession, load_session
@@ -73,8 +75,7 @@ def benchmark(
             record(ms)
         if deadline is not None and time.monotonic() > deadline:
             break
-    p50, p95, p99 = p50_p95_p99(times)
-    return Latency(p50, p95, len(times), p99, max(times))
+    return _latency(times)
 
 
 def golden_check(session: InferenceSession, inst: Installed, golden: GoldenSet) -> str | None:
@@ -103,29 +104,96 @@ def check_candidate(
     problem = golden_check(session, inst, golden)
     if problem is not None:
         return CheckResult(False, f"self-test failed: {problem}")
-    try:
-        lat = benchmark(session, golden, runs, per_run)
-    except Exception as exc:  # a runtime's own error types
-        return CheckResult(False, f"benchmark failed: {type(exc).__name__}: {exc}")
-    detail: dict[str, object] = {"p50_ms": round(lat.p50_ms, 4), "p95_ms": round(lat.p95_ms, 4)}
-    if max_p95_ms is not None and lat.p95_ms > max_p95_ms:
-        return CheckResult(
-            False, f"p95 {lat.p95_ms:.3f} ms exceeds the budget {max_p95_ms:g} ms", lat, detail
-        )
-    if current is not None and max_regression_pct is not None:
+    # A burst of load on a shared device can inflate one measurement: a latency verdict is
+    # measured twice (side by side with the current model) before it rejects the candidate.
+    for attempt in (1, 2):
         try:
-            cur = benchmark(current[0], current[1], runs, per_run)
-        except (EdgefleetError, Exception) as exc:
-            cur = None
-            detail["current_error"] = str(exc)
+            lat, cur, cur_error = measure(session, golden, current, runs, per_run)
+        except Exception as exc:  # a runtime's own error types
+            return CheckResult(False, f"benchmark failed: {type(exc).__name__}: {exc}")
+        detail: dict[str, object] = {
+            "p50_ms": round(lat.p50_ms, 4),
+            "p95_ms": round(lat.p95_ms, 4),
+            "latency_attempts": attempt,
+        }
         if cur is not None:
             detail["current_p95_ms"] = round(cur.p95_ms, 4)
-            if p95_regressed(lat.p95_ms, cur.p95_ms, max_regression_pct, slack_ms):
-                return CheckResult(
-                    False,
-                    f"p95 {lat.p95_ms:.3f} ms is more than {max_regression_pct:g}% (+{slack_ms:g} ms) "
-                    f"worse than the current model's {cur.p95_ms:.3f} ms",
-                    lat,
-                    detail,
-                )
-    return CheckResult(True, "", lat, detail, golden)
+        if cur_error is not None:
+            detail["current_error"] = cur_error
+        slow = latency_problem(lat, cur, max_p95_ms, max_regression_pct, slack_ms)
+        if slow is None:
+            return CheckResult(True, "", lat, detail, golden)
+        if attempt == 2:
+            return CheckResult(False, slow, lat, detail)
+    raise AssertionError("unreachable")
+
+
+def measure(
+    session: InferenceSession,
+    golden: GoldenSet,
+    current: tuple[InferenceSession, GoldenSet] | None,
+    runs: int,
+    record: Callable[[float], None] | None,
+) -> tuple[Latency, Latency | None, str | None]:
+    """The candidate's latency and, when there is one, the current model's, measured run by run
+    in turn (candidate, current, candidate, ...) so both see the same load: measuring one after
+    the other let a burst that hit only the candidate's turn read as a regression."""
+    if current is None:
+        return benchmark(session, golden, runs, record), None, None
+    feeds, cur_feeds = golden.bench_feed(), current[1].bench_feed()
+    try:
+        for _ in range(WARMUP_RUNS):
+            current[0].infer(cur_feeds)
+    except Exception as exc:  # the current model cannot be measured: judge the candidate alone
+        return benchmark(session, golden, runs, record), None, str(exc)
+    for _ in range(WARMUP_RUNS):
+        session.infer(feeds)
+    mine: list[float] = []
+    theirs: list[float] = []
+    for _ in range(runs):
+        mine.append(_timed(session, feeds, record))
+        try:
+            theirs.append(_timed(current[0], cur_feeds, record))
+        except Exception as exc:  # the current model broke mid-way: judge the candidate alone
+            return benchmark(session, golden, runs, record), None, str(exc)
+    return _latency(mine), _latency(theirs), None
+
+
+def _timed(
+    session: InferenceSession,
+    feeds: dict[str, npt.NDArray[np.generic]],
+    record: Callable[[float], None] | None,
+) -> float:
+    t0 = time.perf_counter()
+    session.infer(feeds)
+    ms = (time.perf_counter() - t0) * 1000.0
+    if record is not None:
+        record(ms)
+    return ms
+
+
+def _latency(times: list[float]) -> Latency:
+    p50, p95, p99 = p50_p95_p99(times)
+    return Latency(p50, p95, len(times), p99, max(times))
+
+
+def latency_problem(
+    lat: Latency,
+    cur: Latency | None,
+    max_p95_ms: float | None,
+    max_regression_pct: float | None,
+    slack_ms: float,
+) -> str | None:
+    """Why the candidate's latency fails the budget or the regression rule, or None."""
+    if max_p95_ms is not None and lat.p95_ms > max_p95_ms:
+        return f"p95 {lat.p95_ms:.3f} ms exceeds the budget {max_p95_ms:g} ms"
+    if (
+        cur is not None
+        and max_regression_pct is not None
+        and p95_regressed(lat.p95_ms, cur.p95_ms, max_regression_pct, slack_ms)
+    ):
+        return (
+            f"p95 {lat.p95_ms:.3f} ms is more than {max_regression_pct:g}% (+{slack_ms:g} ms) "
+            f"worse than the current model's {cur.p95_ms:.3f} ms"
+        )
+    return None
