@@ -99,8 +99,8 @@ def request(port: int, body: bytes, timeout: float = 10.0) -> tuple[int, dict[st
         r = c.getresponse()
         r.read()
         return r.status, {k.lower(): v for k, v in r.getheaders()}
-    except OSError:
-        return 0, {}
+    except OSError as exc:  # the reason, for the test's message
+        return 0, {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         c.close()
 
@@ -158,7 +158,9 @@ def slow_clients(port: int, n_slow: int, n_legit: int, hold_s: float = 2.0) -> d
     }
 
 
-def large_bodies(server: Server, n: int = 8, size: int = 16 * MiB) -> dict[str, Any]:
+def large_bodies(
+    server: Server, n: int = 8, size: int = 16 * MiB, timeout: float = 60.0
+) -> dict[str, Any]:
     """``n`` concurrent requests with a ``size``-byte JSON body: statuses and the server's RSS
     before, at its peak (sampled every 5 ms) and after (once the requests are answered)."""
     body = large_body(size)
@@ -177,7 +179,7 @@ def large_bodies(server: Server, n: int = 8, size: int = 16 * MiB) -> dict[str, 
 
     def client() -> None:
         start.wait()
-        r = request(server.port, body, timeout=60)
+        r = request(server.port, body, timeout=timeout)
         with lock:
             results.append(r)
 
@@ -187,7 +189,7 @@ def large_bodies(server: Server, n: int = 8, size: int = 16 * MiB) -> dict[str, 
     for t in clients:
         t.start()
     for t in clients:
-        t.join(120)
+        t.join(2 * timeout)
     done.set()
     sampler.join(5)
     time.sleep(0.3)
@@ -199,6 +201,7 @@ def large_bodies(server: Server, n: int = 8, size: int = 16 * MiB) -> dict[str, 
         "refused_503": statuses.count(503),
         "retry_after": sorted({h.get("retry-after", "") for s, h in results if s == 503}),
         "statuses": sorted(statuses),
+        "errors": sorted({h["error"] for s, h in results if s == 0}),
         "rss_before_mb": round(base, 1),
         "rss_peak_mb": round(peak[0], 1),
         "rss_after_mb": round(server.rss_mb(), 1),
