@@ -15,11 +15,13 @@ import http.client
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 
 @dataclass
@@ -54,6 +56,9 @@ class AppLoad:
         self.max_seconds, self.timeout = max_seconds, timeout
         self.max_requests = int(rate * max_seconds) + 1
         self.stats = {d: AppStats() for d in endpoints}
+        # shift(): the devices named get transformed inputs (the world changed), with labels
+        self._shifted: dict[str, npt.NDArray[np.float32]] = {}
+        self._labels: set[str] = set()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._t0 = 0.0
@@ -77,20 +82,37 @@ class AppLoad:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _body(self, i: int) -> bytes:
-        x = self._x[i % len(self._x)][None]
-        return json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "input",
-                        "datatype": "FP32",
-                        "shape": list(x.shape),
-                        "data": [round(float(v), 4) for v in x.ravel()],
-                    }
-                ]
-            }
-        ).encode()
+    def shift(
+        self,
+        devices: list[str],
+        transform: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]],
+        send_labels: bool = True,
+    ) -> None:
+        """From now on the ``devices``' application sends ``transform``ed inputs (a new camera,
+        a new season) and, with ``send_labels``, each sample's label as the v2 request
+        parameter ``label`` (what an application that learns the truth later would send)."""
+        xs = np.asarray(transform(self._x), np.float32)
+        for d in devices:
+            self._shifted[d] = xs
+            if send_labels:
+                self._labels.add(d)
+
+    def _body(self, dev: str, i: int) -> bytes:
+        k = i % len(self._x)
+        x = self._shifted.get(dev, self._x)[k][None]
+        doc: dict[str, Any] = {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": list(x.shape),
+                    "data": [round(float(v), 4) for v in x.ravel()],
+                }
+            ]
+        }
+        if dev in self._labels:
+            doc["parameters"] = {"label": int(self._y[k])}
+        return json.dumps(doc).encode()
 
     def _run(self, dev: str, port: int) -> None:
         st = self.stats[dev]
@@ -112,7 +134,9 @@ class AppLoad:
                 st.requests += 1
             try:
                 if ready:
-                    conn.request("POST", path, self._body(i), {"Content-Type": "application/json"})
+                    conn.request(
+                        "POST", path, self._body(dev, i), {"Content-Type": "application/json"}
+                    )
                 else:  # a probe, not an infer: the agent counts an infer it cannot answer as an error
                     conn.request("GET", "/v2/health/ready")
                 resp = conn.getresponse()

@@ -47,16 +47,23 @@ def build_artifacts(
     say: Callable[[str], None],
     version: str = "1.0.0",
     profiles: tuple[str, ...] = PROFILES,
+    model_weights: Path | None = None,
+    data: dict[str, str] | None = None,
 ) -> dict[str, Path]:
-    """The digits example as ``version`` for ``profiles``, signed with the example's key."""
+    """The digits example as ``version`` for ``profiles``, signed with the example's key;
+    ``model_weights`` and ``data`` (eval/calibration/train paths) replace the example's."""
     from agent.protocol.profile import get_profile
     from agent.protocol.signing import load_private_key
     from builder.config import load_build_config
     from builder.search import Builder
 
-    cfg = load_build_config(REPO / "examples" / "digits" / "edgefleet.toml").model_copy(
-        update={"version": version}
-    )
+    cfg = load_build_config(REPO / "examples" / "digits" / "edgefleet.toml")
+    update: dict[str, object] = {"version": version}
+    if model_weights is not None:
+        update["model"] = cfg.model.model_copy(update={"weights": str(model_weights)})
+    if data is not None:
+        update["data"] = cfg.data.model_copy(update=data)
+    cfg = cfg.model_copy(update=update)
     builder = Builder(cfg, load_private_key(work / "keys" / "edgefleet.key"), cache)
     arts: dict[str, Path] = {}
     for name in profiles:

@@ -13,6 +13,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 from agent.broker import BrokerConfig
 from agent.errors import BrokerUnfitError, UsageError
@@ -154,6 +155,38 @@ def publish_desired(
     return topic
 
 
+def capture_keys(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as a deployment's ``capture`` keys, checked as the device checks them
+    ([capture] of the agent's config). ``off`` alone turns capture off for the deployment;
+    otherwise ``enabled`` defaults to true. Values are JSON (numbers, true/false) or strings;
+    ``triggers`` is a comma-separated list."""
+    from pydantic import ValidationError
+
+    from agent.config import CaptureConfig
+
+    if list(pairs) == ["off"]:
+        return {"enabled": False}
+    keys: dict[str, Any] = {"enabled": True}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--capture {pair!r}: give KEY=VALUE (or 'off')")
+        if key == "triggers":
+            keys[key] = [t for t in value.split(",") if t]
+            continue
+        try:
+            keys[key] = json.loads(value)
+        except ValueError:
+            keys[key] = value
+    try:
+        CaptureConfig.model_validate(keys)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise UsageError(f"--capture {where}: {err['msg']}") from None
+    return keys
+
+
 def deploy(
     broker: BrokerConfig,
     spec: str,
@@ -162,7 +195,11 @@ def deploy(
     group: str | None = None,
     profile: str | None = None,
     client: SyncClient | None = None,
+    capture: dict[str, Any] | None = None,
 ) -> DeployResult:
+    """Set the desired model of ``device`` or ``group``; ``capture`` keys (``capture_keys``)
+    turn feedback capture on or off for it (the same version deployed again with capture keys
+    changes only the capture: nothing is downloaded or reinstalled)."""
     if (device is None) == (group is None):
         raise UsageError("give exactly one of --device ID or --group G")
     name, version = parse_spec(spec)
@@ -177,6 +214,8 @@ def deploy(
     try:
         entry = resolve(c, name, version, profile, device, group)
         dep = desired(c, entry)
+        if capture is not None:
+            dep = dep.model_copy(update={"capture": capture})
         topic = publish_desired(c, operator, target, dep)
         c.flush()
         warnings = () if group is None else _unfollowed(c, group)

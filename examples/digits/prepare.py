@@ -50,6 +50,40 @@ def train(work: Path, epochs: int = 30, seed: int = 0) -> float:
     return accuracy(model, ev)
 
 
+def retrain(
+    work: Path, extra: Path, out: Path, holdout: Path, epochs: int = 10, seed: int = 0
+) -> dict[str, float]:
+    """The next version's weights: the trained CNN fine-tuned on its training data plus
+    ``extra`` (labelled samples the fleet captured, from `edgefleet feedback export`), written
+    to ``out``. Accuracy on ``holdout`` (captured samples kept out of training) before and after.
+    """
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from model import build_cnn
+
+    from builder.data import Split, load_split, single_input
+    from builder.train import accuracy, finetune
+
+    torch.manual_seed(seed)
+    model = build_cnn()
+    model.load_state_dict(torch.load(work / "digits_cnn.pt", weights_only=True))
+    spec = single_input((1, 8, 8))
+    tr = load_split(work / "train.npz", "train", spec, need_labels=True)
+    new = load_split(extra, "captured", spec, need_labels=True)
+    held = load_split(holdout, "captured holdout", spec, need_labels=True)
+    before = accuracy(model, held)
+    assert tr.y is not None and new.y is not None
+    both = Split(
+        {"input": np.concatenate([tr.inputs["input"], new.inputs["input"]])},
+        np.concatenate([tr.y, new.y]),
+        f"{tr.source} + {new.source}",
+    )
+    finetune(model, both, epochs=epochs, lr=1e-3, seed=seed)
+    torch.save(model.state_dict(), out)
+    return {"holdout_top1_before": before, "holdout_top1_after": accuracy(model, held)}
+
+
 def prepare(work: Path = WORK, force: bool = False, quiet: bool = False) -> None:
     work.mkdir(parents=True, exist_ok=True)
 

@@ -39,8 +39,15 @@ from agent.errors import EdgefleetError
     show_default=True,
     help="auto: mosquitto when installed, else the embedded amqtt broker.",
 )
+@click.option(
+    "--drift",
+    is_flag=True,
+    help="Then close the loop on the first group: its inputs shift, drift events, capture on, "
+    "export, retrain and rebuild with the captured data, canary rollout, drift back under the "
+    "threshold (about two minutes more).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON on stdout.")
-def demo_cmd(out: Path, n_devices: int, broker_impl: str, as_json: bool) -> None:
+def demo_cmd(out: Path, n_devices: int, broker_impl: str, drift: bool, as_json: bool) -> None:
     """Run a whole fleet on this machine: a broker, agent processes, the collector; build the
     digits example for two profiles, publish it, roll it out with a canary, upgrade it (the
     canary's p95 judged against the model it replaces), then watch a deliberately broken
@@ -78,7 +85,7 @@ def demo_cmd(out: Path, n_devices: int, broker_impl: str, as_json: bool) -> None
         from fleet.appload import describe
         from fleet.demo import run_demo
 
-        summary = run_demo(out, n_devices, broker_impl, say)
+        summary = run_demo(out, n_devices, broker_impl, say, drift=drift)
     except EdgefleetError:
         if stopping.is_set():  # an error caused by the interrupt: report the interrupt
             _exit_interrupted()

@@ -62,6 +62,16 @@ from fleet.commands.options import broker_from_options, broker_options, operator
     "0..1; e.g. 0.25). Needs devices that send monitor blocks with class counts.",
 )
 @click.option(
+    "--capture",
+    "capture",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Turn feedback capture on for this deployment's model with these [capture] keys "
+    "(repeat the option: sample_rate=0.1, max_per_hour=500, triggers=label,drift, "
+    "outputs_only=true; docs/monitoring.md), or 'off'. Deploying the version a device already "
+    "runs changes only its capture. Without --capture, capture follows the device's config.",
+)
+@click.option(
     "--timeout",
     default=600.0,
     show_default=True,
@@ -84,6 +94,7 @@ def deploy_cmd(
     p95_slack_ms: float,
     observe: float | None,
     max_output_drift: float | None,
+    capture: tuple[str, ...],
     timeout: float,
     operator_key: str | None,
     as_json: bool,
@@ -99,10 +110,11 @@ def deploy_cmd(
     The deployment is signed with the operator key (--operator-key or $EDGEFLEET_OPERATOR_KEY)
     and expires after 90 days: deploy again to renew it (docs/security.md).
     """
-    from fleet.deploy import deploy
+    from fleet.deploy import capture_keys, deploy
     from fleet.trust import operator
 
     signer = operator(operator_key)
+    keys = capture_keys(capture) if capture else None
 
     if canary is not None or wait:
         from agent.errors import RolloutHalted, UsageError
@@ -112,6 +124,8 @@ def deploy_cmd(
 
         if group is None or device is not None:
             raise UsageError("--canary and --wait need --group G (and no --device)")
+        if keys is not None:
+            raise UsageError("--capture goes with a plain deploy (no --canary/--wait)")
         if max_output_drift is not None and canary is None:
             raise UsageError("--max-output-drift judges canaries: give --canary N too")
         gate = Gate(max_p95_regression_pct, p95_slack_ms, observe, max_output_drift)
@@ -140,13 +154,23 @@ def deploy_cmd(
         if ro.phase != "done":
             raise RolloutHalted(f"rollout {ro.phase}: {ro.reason}")
         return
-    res = deploy(broker_from_options(kw), spec, signer, device=device, group=group, profile=profile)
+    res = deploy(
+        broker_from_options(kw),
+        spec,
+        signer,
+        device=device,
+        group=group,
+        profile=profile,
+        capture=keys,
+    )
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
     if as_json:
         click.echo(json.dumps({"topic": res.topic, "deployment": res.deployment.model_dump()}))
     else:
         d = res.deployment
+        cap = "" if d.capture is None else f"; capture {json.dumps(d.capture, sort_keys=True)}"
         click.echo(
             f"deployed {d.name} {d.version} ({d.profile}, sha256 {d.sha256[:16]}) on {res.topic}"
+            + cap
         )

@@ -162,6 +162,50 @@ def test_demo_runs_the_whole_loop_and_leaves_nothing(tmp_path: Path, impl: str) 
         assert w.survivors() == []
 
 
+def test_demo_drift_closes_the_loop(tmp_path: Path) -> None:
+    """Issue 13's loop on real processes: inputs shift -> drift events and report chart ->
+    capture on (signed deployment) -> export -> retrain and rebuild with the captured data ->
+    canary rollout -> drift back under the threshold."""
+    impl = IMPLS[-1]  # mosquitto where installed
+    with Watched("--out", str(tmp_path / "demo"), "--broker-impl", impl, "--drift", "--json") as w:
+        rc = w.wait(480)
+        assert rc == 0, "".join(w.err)[-4000:]
+        s = json.loads(w.out.strip().splitlines()[-1])
+        loop = s["drift_loop"]
+        # both devices of the shifted group reported drift within seconds; the other group did not
+        assert set(loop["drift_events"]) == {"dev-1", "dev-2"}, loop
+        assert all(e["after_s"] < 30 for e in loop["drift_events"].values()), loop
+        with sqlite3.connect(s["db"]) as db:
+            drifted = {r[0] for r in db.execute("SELECT device FROM events WHERE kind = 'drift'")}
+            captured = dict(
+                db.execute("SELECT device, COUNT(*) FROM samples GROUP BY device").fetchall()
+            )
+            labelled = db.execute("SELECT COUNT(*) FROM samples WHERE label IS NULL").fetchone()
+        assert "dev-3" not in drifted
+        # capture was on for the shifted group only, every sample labelled by the application
+        assert set(captured) == {"dev-1", "dev-2"} and labelled == (0,), captured
+        assert loop["captured"]["samples"] >= 500 and loop["captured"]["unique"] >= 200, loop
+        report = Path(loop["report"]).read_text()
+        assert 'id="drift-episodes"' in report and "model drift (max score per window)" in report
+        # the retrained model is better on captured samples it never saw, and was rolled out
+        rt = loop["retrain"]
+        assert rt["holdout_top1_after"] > rt["holdout_top1_before"] + 0.1, rt
+        ro = s["rollouts"]["digits@1.2.0 to group x86-ipc"]
+        assert ro["phase"] == "done" and ro["canaries"] == ["dev-1"], ro
+        assert {d: v["active"] for d, v in s["devices"].items()} == {
+            "dev-1": "1.2.0",
+            "dev-2": "1.2.0",
+            "dev-3": "1.0.0",
+        }
+        # drift back under the threshold on the new version, and its answers are better
+        assert set(loop["drift_after"]) == {"dev-1", "dev-2"}
+        assert all(v < loop["threshold"] for v in loop["drift_after"].values()), loop
+        top1 = loop["app_top1"]
+        assert top1["shifted_next_version"] > top1["shifted_old_model"] + 0.1, top1
+        assert s["app"]["failed"] == 0, s["app"]
+        assert w.survivors() == []
+
+
 @pytest.mark.parametrize(
     ("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 130), (signal.SIGKILL, -9)]
 )

@@ -99,6 +99,26 @@ def _serve(
     return client, port
 
 
+def _monitored(listener: Listener, device: str, built: dict[str, Any]) -> dict[str, Any]:
+    """The device's first telemetry monitor block: drift scores (PSI) of every input and output
+    against the reference profile the builder put in the artifact."""
+    m = built["manifest"]
+    assert m.monitor is not None  # the builder profiled this real model's inputs and outputs
+    ins = {s.name for s in m.model.inputs}
+    outs = {s.name for s in m.model.outputs}
+
+    def has(doc: dict[str, Any]) -> bool:
+        drift = (doc.get("monitor") or {}).get("drift") or {}
+        return set(drift.get("inputs", {})) == ins and set(drift.get("outputs", {})) == outs
+
+    doc = listener.wait_message(f"edgefleet/v1/devices/{device}/telemetry", has, timeout=30)
+    block: dict[str, Any] = doc["monitor"]
+    scores = [*block["drift"]["inputs"].values(), *block["drift"]["outputs"].values()]
+    assert block["count"] > 0 and all(np.isfinite(v) and v >= 0 for v in scores), block
+    assert block["non_finite"] == 0, block
+    return block
+
+
 def test_vad_stateful_int64_scalar_through_agent_and_tritonclient(
     broker: Broker, listener: Listener, agents: Any, tmp_path: Path
 ) -> None:
@@ -145,6 +165,7 @@ def test_vad_stateful_int64_scalar_through_agent_and_tritonclient(
             np.testing.assert_allclose(res.as_numpy("output"), want["output"], atol=1e-4)
             np.testing.assert_allclose(res.as_numpy("stateN"), want["stateN"], atol=1e-4)
     client.close()
+    _monitored(listener, "vad1", built)
 
 
 def test_transformer_int64_tokens_through_agent_and_tritonclient(
@@ -189,4 +210,5 @@ def test_transformer_int64_tokens_through_agent_and_tritonclient(
         cos = np.sum(got * want, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
         assert got.shape == (6, 384) and cos.min() >= 0.98, cos
     client.close()
+    _monitored(listener, "tx1", built)
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
