@@ -264,7 +264,7 @@ class FleetDB:
     """A connection to the fleet database in either dialect; ``?`` placeholders in queries."""
 
     def __init__(self, target: str, readonly: bool = False) -> None:
-        self.target = target
+        self.target, self.readonly = target, readonly
         self._lock = threading.Lock()
         if is_postgres(target):
             self.dialect, self.ph = "postgres", "%s"
@@ -412,6 +412,24 @@ class FleetDB:
     def schema_version(self) -> int:
         rows = self.query("SELECT value FROM meta WHERE key = 'schema_version'")
         return int(rows[0]["value"]) if rows else 0
+
+    def delete(self, table: str, where: str, params: Sequence[Any] = ()) -> int:
+        """Delete ``table``'s rows matching ``where`` (``?`` placeholders); how many went."""
+        if self.readonly:
+            raise DatabaseError(f"--db {self.label}: opened read-only")
+        sql = f"DELETE FROM {TABLES[table].name} WHERE {where}"
+        if self.dialect == "postgres":
+            sql = sql.replace("?", "%s")
+        try:
+            with self._lock:
+                cur = self.conn.cursor()
+                cur.execute(sql, tuple(params))
+                n = max(int(cur.rowcount), 0)
+                self.conn.commit()
+                return n
+        except self._errors() as exc:
+            self._rollback()
+            raise DatabaseError(f"--db {self.label}: delete failed ({_first_line(exc)})") from None
 
     def count(self, table: str) -> int:
         return int(self.query(f"SELECT COUNT(*) AS n FROM {TABLES[table].name}")[0]["n"])

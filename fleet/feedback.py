@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,3 +187,27 @@ def write(exp: Export, path: Path) -> Path:
     except OSError as exc:
         raise UsageError(f"--out {path}: cannot write ({exc.strerror or exc})") from None
     return side
+
+
+def prune(
+    db: FleetDB,
+    model: str,
+    version: str | None = None,
+    older_than_s: float | None = None,
+    dry_run: bool = False,
+    now: float | None = None,
+) -> int:
+    """Delete ``model``'s captured samples (of ``version``; received over ``older_than_s`` ago)
+    from the database once they are exported; with ``dry_run`` only count them."""
+    if not db.has_table("samples"):
+        return 0
+    where, params = "model = ?", list[Any]([model])
+    if version is not None:
+        where += " AND version = ?"
+        params.append(version)
+    if older_than_s is not None:
+        where += " AND received < ?"
+        params.append((time.time() if now is None else now) - older_than_s)
+    if dry_run:
+        return int(db.query(f"SELECT COUNT(*) AS n FROM samples WHERE {where}", params)[0]["n"])
+    return db.delete("samples", where, params)

@@ -79,4 +79,47 @@ def export_cmd(
     click.echo(f"summary: {side}")
 
 
+@click.command("prune")
+@click.option("--db", "db_target", required=True, help=DB_HELP)
+@click.option("--model", required=True, help="Model name the samples were captured with.")
+@click.option("--version", default=None, help="Only samples of this model version.")
+@click.option(
+    "--older-than-days",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Only samples the collector received more than this many days ago.",
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"deleted": N, ...} on stdout.')
+def prune_cmd(
+    db_target: str,
+    model: str,
+    version: str | None,
+    older_than_days: float | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Delete captured samples from the database (after export: samples can hold personal
+    data). Example:
+      edgefleet feedback prune --db fleet.db --model digits --older-than-days 30
+    """
+    from fleet.db import FleetDB
+    from fleet.feedback import prune
+
+    db = FleetDB(db_target)
+    try:
+        older = None if older_than_days is None else older_than_days * 86400.0
+        n = prune(db, model, version, older, dry_run)
+    finally:
+        db.close()
+    if as_json:
+        click.echo(
+            json.dumps({"model": model, "version": version, "deleted": n, "dry_run": dry_run})
+        )
+        return
+    what = f"{model}" + (f" {version}" if version else "")
+    click.echo(f"{'would delete' if dry_run else 'deleted'} {n} captured samples of {what}")
+
+
 feedback_grp.add_command(export_cmd)
+feedback_grp.add_command(prune_cmd)

@@ -164,3 +164,27 @@ def test_a_database_without_samples(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_help_has_an_example(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--help")
     assert code == 0 and "edgefleet feedback export --db fleet.db" in out
+
+
+def test_prune_deletes_what_was_exported(
+    db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fleet.feedback import prune
+
+    fdb = FleetDB(db)
+    try:
+        # received at 1.0 .. 9.0: tiny 1.0.0's samples received before 3.5
+        assert prune(fdb, "tiny", "1.0.0", older_than_s=2.0, now=5.5, dry_run=True) == 3
+        assert fdb.count("samples") == 9  # a dry run deletes nothing
+        assert prune(fdb, "tiny", "1.0.0", older_than_s=2.0, now=5.5) == 3
+        assert fdb.count("samples") == 6
+    finally:
+        fdb.close()
+    capsys.readouterr()
+    assert main(["feedback", "prune", "--db", db, "--model", "tiny", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["deleted"] == 5  # 4 of 1.0.0 left, 1 of 1.1.0
+    # the other model's sample is kept, and nothing of tiny is left to export
+    code, _, err = run(capsys, "--db", db, "--model", "tiny", "--out", str(tmp_path / "x.npz"))
+    assert code != 0 and "--model tiny: no samples of this model" in err, err
+    assert main(["feedback", "prune", "--db", db, "--model", "other", "--dry-run"]) == 0
+    assert "would delete 1 captured samples of other" in capsys.readouterr().out
