@@ -50,7 +50,25 @@ def drift_episodes(db: FleetDB) -> list[dict[str, Any]]:
         }
         open_[e["device"]] = ep
         out.append(ep)
+    _close_replaced(db, [ep for ep in out if ep["ended"] is None])
     return sorted(out, key=lambda ep: (ep["started"], ep["device"]))
+
+
+def _close_replaced(db: FleetDB, ongoing: list[dict[str, Any]]) -> None:
+    """An episode of a model the device no longer runs is over: the agent monitors the new model
+    against its own reference and says nothing more of the old one. Its end is when another
+    model went ACTIVE on the device."""
+    for ep in ongoing:
+        rows = db.query(
+            "SELECT ts, name, version FROM events WHERE kind = 'deployment' AND state = 'ACTIVE' "
+            "AND device = ? AND ts > ? ORDER BY ts",
+            (ep["device"], ep["started"]),
+        )
+        for r in rows:
+            model = " ".join(x for x in (r["name"], r["version"]) if x)
+            if model and model != ep["model"]:
+                ep["ended"], ep["end_reason"] = r["ts"], f"model replaced by {model}"
+                break
 
 
 def drift_charts(
@@ -101,6 +119,11 @@ def episodes_table(episodes: list[dict[str, Any]]) -> str:
             '<span class="badge bad">ongoing</span>'
             if ep["ended"] is None
             else esc(_fmt_time(ep["ended"]))
+            + (
+                f'<br><span class="muted">{esc(ep["end_reason"])}</span>'
+                if ep["end_reason"]
+                else ""
+            )
         )
         out.append(
             f'<tr><td class="t">{_fmt_time(ep["started"])}</td><td class="t">{ended}</td>'

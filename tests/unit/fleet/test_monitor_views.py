@@ -108,3 +108,20 @@ def test_report_plots_drift_and_confidence_and_lists_episodes(db: FleetDB) -> No
         html.unescape(re.search(r'data-summary="([^"]+)"', page).group(1))  # type: ignore[union-attr]
     )
     assert summary["summary"]["drift_episodes"] == 2 and summary["summary"]["drifting"] == 1
+
+
+def test_an_episode_ends_when_the_device_runs_another_model(db: FleetDB) -> None:
+    # the demo's report showed the old model's episode "ongoing" after the retrained version
+    # replaced it: the agent monitors the new model and never speaks of the old one again
+    b = Batch.empty()
+    same = event("cam-01", 301, "ACTIVE", version="1.0.0", ts=T0 + 280)  # a restart: same model
+    new = event("cam-01", 302, "ACTIVE", version="1.1.0", ts=T0 + 290)
+    for doc in (same, new):
+        add_message(b, T.format("cam-01", "events"), dumps(doc), doc["ts"])
+    db.store(b)
+    eps = drift_episodes(db)
+    assert [(e["started"], e["ended"]) for e in eps] == [(T0 + 115, T0 + 150), (T0 + 265, T0 + 290)]
+    assert eps[1]["end_reason"] == "model replaced by tiny 1.1.0"
+    table = re.search(r'<table id="drift-episodes">.*?</table>', render(db, now=T0 + 400))
+    assert table is not None and "ongoing" not in table.group(0)
+    assert "model replaced by tiny 1.1.0" in table.group(0)
