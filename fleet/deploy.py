@@ -162,7 +162,7 @@ def capture_keys(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
     ``triggers`` is a comma-separated list."""
     from pydantic import ValidationError
 
-    from agent.config import CaptureConfig
+    from agent.protocol.capture import CaptureConfig
 
     if list(pairs) == ["off"]:
         return {"enabled": False}

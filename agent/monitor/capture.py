@@ -32,8 +32,9 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ValidationError
 
-from agent.config import AgentConfig, CaptureConfig
+from agent.config import AgentConfig
 from agent.protocol import topics
+from agent.protocol.capture import CaptureConfig
 from agent.protocol.messages import ActiveModel, Deployment, Sample, SampleTensor, SampleTrigger
 from agent.serve.holder import Loaded
 from agent.telemetry.buffer import TelemetryBuffer
