@@ -315,6 +315,10 @@ class Collector:
         self._stop = threading.Event()
         self._done = threading.Event()
         self._connected = threading.Event()
+        # SUBACK of the first connection's subscriptions: start() returns once the broker
+        # routes the topics here (returning at CONNACK lost what was published right after).
+        self._subscribed = threading.Event()
+        self._sub_mid: int | None = None
         self._overflow = threading.Event()
         self._refused: str | None = None
         self._worker: threading.Thread | None = None
@@ -324,6 +328,7 @@ class Collector:
         self.c.on_connect = self._on_connect
         self.c.on_message = self._on_message
         self.c.on_disconnect = self._on_disconnect
+        self.c.on_subscribe = self._on_subscribe
         # why connecting fails; once running, reconnect failures are logged (once per cause)
         self._watch = ConnectWatch(broker)
         self._watch.install(self.c)
@@ -339,8 +344,20 @@ class Collector:
             return
         no_delay(client)
         self.stats.connects += 1
-        client.subscribe([(f, 1) for f in subscriptions(self.share_group)])
+        _, self._sub_mid = client.subscribe([(f, 1) for f in subscriptions(self.share_group)])
         self._connected.set()
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any
+    ) -> None:
+        if mid != self._sub_mid:
+            return
+        refused = [str(c) for c in codes if getattr(c, "is_failure", False)]
+        if refused:  # e.g. an ACL that does not let this identity read a topic
+            log.warning(
+                "broker refused %d of the collector's subscriptions: %s", len(refused), refused
+            )
+        self._subscribed.set()
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
@@ -384,6 +401,11 @@ class Collector:
         if self._refused:
             self.c.loop_stop()
             raise BrokerError(f"cannot connect to {self.broker.url}: {self._refused}")
+        if not self._subscribed.wait(wait_s):
+            self.c.loop_stop()
+            raise BrokerError(
+                f"{self.broker.url}: subscriptions not acknowledged within {wait_s:g}s"
+            )
         self._watch.log = log
         self.share.started = time.monotonic()
         self._worker = threading.Thread(target=self._run, name="collector-db", daemon=True)
