@@ -108,3 +108,40 @@ def test_a_real_agent_fetches_self_tests_and_activates_it(
     active = listener.wait_state("llm1", "ACTIVE", sha, timeout=240)
     assert active["detail"]["decode_tok_s"] > 0 and active["detail"]["ttft_p95_ms"] > 0, active
     listener.wait_state("llm1", "HEALTHY", sha, timeout=60)
+
+
+def test_the_adapter_streams_stops_cancels_and_samples(built: tuple[Path, Path, object]) -> None:
+    import threading
+
+    from agent.runtime.textgen import GenParams, load_generator
+
+    tmp, pub, result = built
+    va = verify_artifact(result.artifact, [load_public_key(pub)])  # type: ignore[attr-defined]
+    extract_verified(va, tmp / "adapter")
+    gen = load_generator(tmp / "adapter" / "model", threads=2)
+    try:
+        ids = gen.encode(
+            gen.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])
+        )
+        assert gen.decode(gen.encode("Paris is lovely.")) == "Paris is lovely."
+        tokens = list(gen.generate(ids, GenParams(max_new_tokens=24)))
+        text = "".join(t.text for t in tokens)
+        assert "Paris" in text and gen.decode([t.id for t in tokens]).strip() == text.strip()
+        cut = "".join(
+            t.text for t in gen.generate(ids, GenParams(max_new_tokens=24, stop=("Paris",)))
+        )
+        assert "Paris" not in cut and text.startswith(cut)
+        assert len(list(gen.generate(ids, GenParams(max_new_tokens=3)))) == 3
+        cancel = threading.Event()
+        got = []
+        for t in gen.generate(ids, GenParams(max_new_tokens=24), cancel):
+            got.append(t)
+            cancel.set()
+        assert len(got) == 1
+        sampled = [
+            [t.id for t in gen.generate(ids, GenParams(max_new_tokens=12, temperature=0.9, seed=7))]
+            for _ in range(2)
+        ]
+        assert sampled[0] == sampled[1]  # a seed makes sampling repeatable
+    finally:
+        gen.close()
