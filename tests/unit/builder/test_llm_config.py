@@ -121,3 +121,41 @@ def test_selection_orders() -> None:
     assert min([small, fast], key=SELECT["smallest"]) is small
     assert min([small, fast], key=SELECT["fastest"]) is fast
     assert min([small, good], key=SELECT["most_accurate"]) is good
+
+
+def test_table_cells_show_llm_figures() -> None:
+    from builder.compression_report import accuracy_cells, size_cell, speed_cell
+
+    m = _metrics(perplexity_increase_pct=3.25)
+    assert accuracy_cells(m) == ("agree 90.0%", "greedy 50%, ppl +3.2%")
+    assert size_cell(m) == "90.0 MB" and size_cell({"model_bytes": 2048}) == "2.0 KB"
+    assert speed_cell(m) == "TTFT 100 ms, 50 tok/s"
+
+
+def test_inspect_and_check_of_text_generation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.protocol.manifest import Manifest
+    from agent.protocol.signing import generate_keypair, load_private_key
+    from builder.cli import main
+    from builder.package import write_artifact
+    from tests.unit.protocol.test_manifest_llm import _llm_fields
+
+    _, pub = generate_keypair(tmp_path / "keys")
+    budgets = LlmBudgets(max_artifact_mb=100, max_ttft_ms=200, min_decode_tok_s=10, max_ram_mb=500)
+    metrics = {**_metrics(), "greedy_tokens": 32, "perplexity_ref": 9.5, "load_s": 0.4}
+    fields, files = _llm_fields(tmp_path, metrics=metrics, budgets=budgets.model_dump())
+    m = Manifest(**fields)  # type: ignore[arg-type]
+    art = write_artifact(
+        tmp_path / m.artifact_name, m, files, load_private_key(tmp_path / "keys" / "edgefleet.key")
+    )
+    assert main(["inspect", str(art), "--key", str(pub)]) == 0
+    out = capsys.readouterr().out
+    assert "next-token agreement 90.0%" in out and "TTFT 100.0 ms" in out
+    assert "first 2 greedy tokens" in out and "model/genai_config.json" in out
+    pytest.importorskip("onnxruntime_genai")
+    path, key = _write(tmp_path), str(tmp_path / "keys" / "edgefleet.key")
+    assert main(["build", str(path), "-p", "x86-ipc", "-p", "rpi4", "--key", key, "--check"]) == 0
+    assert "x86-ipc/int4_asym32" in capsys.readouterr().out
+    assert main(["build", str(path), "-p", "generic-cpu", "--key", key, "--check"]) == 2
+    assert "no [llm] section" in capsys.readouterr().err
