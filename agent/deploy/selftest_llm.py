@@ -192,8 +192,8 @@ def _regression(
         return None
     detail["current_ttft_p95_ms"] = round(cur.ttft_p95_ms, 3)
     detail["current_decode_tok_s"] = round(cur.decode_tok_s, 2)
-    ttft_pct = _num(budgets.get("max_ttft_regression_pct"))
-    rate_pct = _num(budgets.get("max_decode_regression_pct"))
+    ttft_pct = _num(budgets.get("max_ttft_regression_pct"), zero_ok=True)
+    rate_pct = _num(budgets.get("max_decode_regression_pct"), zero_ok=True)
     if ttft_pct is not None and p95_regressed(
         speed.ttft_p95_ms, cur.ttft_p95_ms, ttft_pct, slack_ms
     ):
@@ -209,5 +209,8 @@ def _regression(
     return None
 
 
-def _num(v: object) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
+def _num(v: object, zero_ok: bool = False) -> float | None:
+    """A budget's number; None when unset (a limit of 0 is unset, a percentage of 0 is strict)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None
+    return float(v) if v > 0 or (zero_ok and v == 0) else None

@@ -156,3 +156,16 @@ def test_a_profile_with_llm_accepts_genai_artifacts(tmp_path: Path) -> None:
     path.write_text(text)
     policy = resolve_policy(load_config(path))
     assert policy.runtimes == ("onnxruntime", "onnxruntime-genai")
+
+
+def test_a_zero_regression_budget_is_strict(tmp_path: Path) -> None:
+    fast, slow = (
+        FakeGenerator(reply="hello world"),
+        FakeGenerator(reply="hello world", delay_s=0.01),
+    )
+    (tmp_path / "golden.json").write_text(_golden(slow).to_json())
+    inst = _installed(tmp_path, {"max_ttft_regression_pct": 1000, "max_decode_regression_pct": 0})
+    res = selftest.check_candidate(
+        _session(slow), inst, 2, None, None, 1000.0, (_session(fast), _golden(fast))
+    )
+    assert not res.ok and "below the current model's" in res.reason
