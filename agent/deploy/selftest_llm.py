@@ -89,9 +89,10 @@ def benchmark(
     runs: int,
     tick: Callable[[], None] | None = None,
     max_s: float = BENCH_MAX_S,
+    max_runs: int = MAX_RUNS,
 ) -> GenSpeed:
-    """Greedy answers to the first golden prompt after one untimed warm-up; fewer runs when
-    ``max_s`` runs out (at least one)."""
+    """Greedy answers to the first golden prompt after one untimed warm-up; at most
+    ``max_runs``, fewer when ``max_s`` runs out (at least one)."""
     ids = prompt_ids(gen, golden.prompts[0])
     params = GenParams(max_new_tokens=BENCH_TOKENS)
     for _ in gen.generate(ids, params):
@@ -99,7 +100,7 @@ def benchmark(
     ttfts: list[float] = []
     rates: list[float] = []
     deadline = time.monotonic() + max_s
-    for _ in range(max(1, min(runs, MAX_RUNS))):
+    for _ in range(max(1, min(runs, max_runs))):
         t0 = time.perf_counter()
         first = 0.0
         n = 0

@@ -169,3 +169,19 @@ def test_a_zero_regression_budget_is_strict(tmp_path: Path) -> None:
         _session(slow), inst, 2, None, None, 1000.0, (_session(fast), _golden(fast))
     )
     assert not res.ok and "below the current model's" in res.reason
+
+
+def test_the_benchmark_command_times_a_text_generation_model(tmp_path: Path) -> None:
+    from tests.unit.agent.test_commands_budget import _agent, _results, _send, _wait
+
+    agent, fake = _agent(tmp_path, bench_budget_s=5.0, bench_max_s=2.0)
+    gen = FakeGenerator(reply="hello world", delay_s=0.001)
+    agent.installer.session = _session(gen)
+    agent.installer.golden = _golden(gen)
+    _send(fake, "b1", "benchmark", runs=3)
+    assert _wait(lambda: (agent.step(0.01), "b1" in _results(fake))[1], 10.0)
+    res = _results(fake)["b1"]
+    assert res["ok"], res
+    d = res["detail"]
+    assert d["runs"] == 3 and d["decode_tok_s"] > 0 and d["ttft_p95_ms"] >= 0
+    assert d["model"] == "tiny@1.0.0" and gen.calls == 4  # a warm-up and three timed runs
