@@ -23,9 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.deploy import selftest
+from agent.deploy import selftest, selftest_llm
 from agent.deploy.outbox import log
 from agent.protocol import topics
+from agent.protocol.golden import GoldenSet
+from agent.protocol.golden_llm import GoldenPrompts
 from agent.protocol.messages import (
     COMMAND_OPS,
     MAX_CONTROL_BYTES,
@@ -37,6 +39,7 @@ from agent.protocol.messages import (
     validate,
 )
 from agent.protocol.trust import Target, TrustError
+from agent.runtime.textgen import GeneratorSession
 from agent.telemetry.power import WindowPower, energy_fields
 
 if TYPE_CHECKING:
@@ -139,9 +142,26 @@ def _benchmark(agent: Agent, cmd: Command) -> tuple[bool, str, dict[str, Any]]:
     power = WindowPower()
     power.add(agent.power.read())
     t0 = time.monotonic()
+    session, golden = agent.session, agent.golden
+    if isinstance(golden, GoldenPrompts) and isinstance(session, GeneratorSession):
+        # a text-generation model: TTFT and decode speed over short greedy answers
+        try:
+            speed = selftest_llm.benchmark(
+                session.generator, golden, runs, lambda: agent.bench_tick(0.0), c.bench_max_s, runs
+            )
+        finally:
+            used = time.monotonic() - t0
+            agent.bench_budget.spend(used)
+            stats.commands += 1
+            stats.seconds += used
+        stats.runs += speed.runs
+        a = agent.active
+        return True, "", {**speed.detail(), "requested_runs": runs, "model": a.label if a else None}
+    if not isinstance(golden, GoldenSet):
+        return False, "the active model's golden set does not match its task", {}
     try:
         # Not agent.latency: a benchmark is not served traffic (telemetry, canary gate).
-        lat = selftest.benchmark(agent.session, agent.golden, runs, agent.bench_tick, c.bench_max_s)
+        lat = selftest.benchmark(session, golden, runs, agent.bench_tick, c.bench_max_s)
     finally:
         used = time.monotonic() - t0
         agent.bench_budget.spend(used)

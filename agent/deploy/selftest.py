@@ -9,14 +9,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from agent.deploy import selftest_llm
+from agent.errors import EdgefleetError
 from agent.protocol.golden import GoldenSet, self_test
+from agent.protocol.golden_llm import GoldenPrompts
 from agent.protocol.states import p95_regressed
 from agent.runtime import InferenceSession, load_session
+from agent.runtime.textgen import GeneratorSession, GenParams
 from agent.store.versions import Installed
 from agent.telemetry.latency import p50_p95_p99
 
 # Untimed calls before a benchmark's measured runs (first-call allocations, caches).
 WARMUP_RUNS = 3
+
+# Golden vectors of a tensor model, or golden prompts of a text-generation model.
+AnyGolden = GoldenSet | GoldenPrompts
 
 
 @dataclass
@@ -34,12 +41,15 @@ class CheckResult:
     reason: str = ""
     latency: Latency | None = None
     detail: dict[str, object] = field(default_factory=dict)
-    golden: GoldenSet | None = None  # the candidate's golden set, loaded once for the check
+    golden: AnyGolden | None = None  # the candidate's golden set, loaded once for the check
 
 
 def load(
     inst: Installed, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)
 ) -> InferenceSession:
+    """The model's session; a text-generation model's is a GeneratorSession."""
+    if inst.manifest.is_text_generation:
+        return selftest_llm.load(inst, threads, providers)
     return load_session(
         inst.manifest.runtime,
         inst.dir / inst.manifest.model.file,
@@ -48,8 +58,23 @@ def load(
     )
 
 
-def golden_of(inst: Installed) -> GoldenSet:
+def golden_of(inst: Installed) -> AnyGolden:
+    if inst.manifest.is_text_generation:
+        return selftest_llm.golden_of(inst)
     return GoldenSet.load(inst.dir / inst.manifest.golden.file)
+
+
+def warm_up(session: InferenceSession, golden: AnyGolden) -> None:
+    """One untimed call before serving (a few tokens for a text-generation model)."""
+    if isinstance(session, GeneratorSession) and isinstance(golden, GoldenPrompts):
+        gen = session.generator
+        ids = selftest_llm.prompt_ids(gen, golden.prompts[0])
+        for _ in gen.generate(ids, GenParams(max_new_tokens=2)):
+            pass
+    elif isinstance(golden, GoldenSet):
+        session.infer(golden.bench_feed())
+    else:
+        raise ValueError("golden set does not match the model's task")
 
 
 def benchmark(
@@ -78,8 +103,12 @@ def benchmark(
     return _latency(times)
 
 
-def golden_check(session: InferenceSession, inst: Installed, golden: GoldenSet) -> str | None:
+def golden_check(session: InferenceSession, inst: Installed, golden: AnyGolden) -> str | None:
     """None when the golden self-test passes, else the reason."""
+    if isinstance(golden, GoldenPrompts):
+        if not isinstance(session, GeneratorSession):
+            return "golden prompts need a text-generation model"
+        return selftest_llm.golden_check(session.generator, inst.manifest, golden)
     res = self_test(session, golden, inst.manifest.golden, inst.manifest.task == "classification")
     return None if res.ok else (res.reason or "golden self-test failed")
 
@@ -91,24 +120,32 @@ def check_candidate(
     max_p95_ms: float | None,
     max_regression_pct: float | None,
     slack_ms: float,
-    current: tuple[InferenceSession, GoldenSet] | None,
+    current: tuple[InferenceSession, AnyGolden] | None,
     tick: Callable[[], None] | None = None,
 ) -> CheckResult:
     """Golden self-test, then the latency budget and regression checks. ``tick`` is called after
     every benchmark run (the agent pings systemd's watchdog from it during a long self-test)."""
     per_run = None if tick is None else (lambda _ms: tick())
     try:
-        golden = golden_of(inst)
-    except (OSError, ValueError) as exc:
+        any_golden = golden_of(inst)
+    except (OSError, ValueError, EdgefleetError) as exc:
         return CheckResult(False, f"golden vectors unreadable: {exc}")
+    if isinstance(any_golden, GoldenPrompts):
+        return _check_llm(session, inst, any_golden, runs, slack_ms, current, tick)
+    golden = any_golden
     problem = golden_check(session, inst, golden)
     if problem is not None:
         return CheckResult(False, f"self-test failed: {problem}")
+    against = None
+    if current is not None and max_regression_pct is not None:
+        cur_session, cur_golden = current
+        if isinstance(cur_golden, GoldenSet):
+            against = (cur_session, cur_golden)
     # A burst of load on a shared device can inflate one measurement: a latency verdict is
     # measured twice (side by side with the current model) before it rejects the candidate.
     for attempt in (1, 2):
         try:
-            lat, cur, cur_error = measure(session, golden, current, runs, per_run)
+            lat, cur, cur_error = measure(session, golden, against, runs, per_run)
         except Exception as exc:  # a runtime's own error types
             return CheckResult(False, f"benchmark failed: {type(exc).__name__}: {exc}")
         detail: dict[str, object] = {
@@ -126,6 +163,28 @@ def check_candidate(
         if attempt == 2:
             return CheckResult(False, slow, lat, detail)
     raise AssertionError("unreachable")
+
+
+def _check_llm(
+    session: InferenceSession,
+    inst: Installed,
+    golden: GoldenPrompts,
+    runs: int,
+    slack_ms: float,
+    current: tuple[InferenceSession, AnyGolden] | None,
+    tick: Callable[[], None] | None,
+) -> CheckResult:
+    if not isinstance(session, GeneratorSession):
+        return CheckResult(False, "self-test failed: golden prompts need a text-generation model")
+    cur = None
+    if current is not None:
+        cur_session, cur_golden = current
+        if isinstance(cur_session, GeneratorSession) and isinstance(cur_golden, GoldenPrompts):
+            cur = (cur_session.generator, cur_golden)
+    res = selftest_llm.check_candidate(session.generator, inst, golden, runs, slack_ms, cur, tick)
+    if not res.ok:
+        return CheckResult(False, res.reason, None, res.detail)
+    return CheckResult(True, "", None, res.detail, golden)
 
 
 def measure(
