@@ -42,6 +42,8 @@ from urllib.parse import urlsplit
 from agent import __version__
 from agent.config import ServeConfig
 from agent.errors import ConfigError
+from agent.serve.generate import GenGate
+from agent.serve.genroutes import GenerateRoutes
 from agent.serve.holder import Loaded, SessionHolder
 from agent.serve.tensors import (
     RequestError,
@@ -51,6 +53,7 @@ from agent.serve.tensors import (
     spec_json,
 )
 from agent.service import trim_memory
+from agent.telemetry.generation import GenRecorder
 from agent.telemetry.latency import LatencyRecorder
 
 if TYPE_CHECKING:
@@ -69,7 +72,10 @@ REASONS = {
     413: "Payload Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
+    504: "Gateway Timeout",
 }
+# Requests that carry a body: POST; the rest are GET.
+_POSTS = (["infer"], ["feedback"], ["generate"], ["generate_stream"])
 # Bodies up to this size are not counted against max_body_bytes_in_flight.
 SMALL_BODY = 64 * 1024
 # After a request with a body at least this large, the heap is trimmed (malloc_trim).
@@ -118,7 +124,7 @@ class _DeadlineReader(io.RawIOBase):
         super().close()
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(GenerateRoutes, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "edgefleet-agent"
     endpoint: Endpoint  # set on the subclass made per server
@@ -179,6 +185,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, body, retry_after=retry_after)
 
     def _error(self, status: int, message: str, retry_after: int | None = None) -> None:
+        if self.path.startswith("/v1/"):  # OpenAI's error shape, which its clients read
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            doc: dict[str, Any] = {"error": {"message": message, "type": kind, "code": status}}
+            self._json(status, doc, retry_after)
+            return
         self._json(status, {"error": message}, retry_after)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -228,14 +239,25 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str, parts: list[str]) -> None:
         ep = self.endpoint
+        if parts[:1] == ["v1"] and parts[1:] in (["models"], ["chat", "completions"]):
+            want = "POST" if parts[1] == "chat" else "GET"
+            if method != want:
+                self.close_connection = True
+                raise RequestError(405, f"{method} is not allowed here (use {want})")
+            if want == "GET":
+                self._start_work()
+                self._v1_models()
+            else:
+                self._chat()
+            return
         if parts[:1] != ["v2"]:
             raise RequestError(404, f"no such endpoint: {self.path[:200]}")
         rest = parts[1:]
-        want = "POST" if rest[-1:] in (["infer"], ["feedback"]) else "GET"
+        want = "POST" if rest[-1:] in _POSTS else "GET"
         if method != want:
             self.close_connection = True
             raise RequestError(405, f"{method} is not allowed here (use {want})")
-        if rest[-1:] not in (["infer"], ["feedback"]):
+        if rest[-1:] not in _POSTS:
             self._start_work()
         if not rest:
             self._json(
@@ -266,6 +288,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._infer(name, version)
         elif tail == ["feedback"]:
             self._feedback(name, version)
+        elif tail in (["generate"], ["generate_stream"]):
+            self._v2_generate(name, version, tail == ["generate_stream"])
         elif tail == []:
             m = ep.find(name, version)
             self._json(
@@ -399,6 +423,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(503, "no model is active on this device")
         try:
             ep.check(loaded, name, version)
+            if loaded.generator is not None:
+                raise RequestError(
+                    400,
+                    f"model '{name}' generates text: POST /v2/models/{name}/generate "
+                    "or /v1/chat/completions",
+                )
             req = parse_infer(body, header_len, loaded.inputs, loaded.outputs)
             del body  # the parsed tensors are what is needed from here
             t0 = time.perf_counter()
@@ -455,8 +485,11 @@ class Endpoint:
         holder: SessionHolder,
         recorder: LatencyRecorder,
         capture: Capture | None = None,
+        gen_recorder: GenRecorder | None = None,
     ) -> None:
         self.cfg, self.holder, self.recorder, self.capture = cfg, holder, recorder, capture
+        self.gen_recorder = gen_recorder if gen_recorder is not None else GenRecorder()
+        self.gate = GenGate(cfg.max_generations, cfg.max_queued_generations, self.gen_recorder)
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, _Conn] = {}  # those holding a slot
         self._inflight = 0  # body bytes reserved (max_body_bytes_in_flight)
