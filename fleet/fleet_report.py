@@ -251,7 +251,7 @@ def _fleet_table(rows: list[DeviceRow], now: float) -> str:
             cls = "num" if COLUMNS[i] in NUMERIC_COLUMNS else ""
             if i == 1:
                 cls = {"online": "ok", "offline": "bad"}.get(v, "muted")
-            if (i == 9 and v == "yes") or (i == DRIFT_COLUMN and r.drifting):
+            if (COLUMNS[i] == "throttled" and v == "yes") or (i == DRIFT_COLUMN and r.drifting):
                 cls = "warn"
             tds.append(f'<td class="{cls}">{esc(v)}</td>')
         body.append(f"<tr>{''.join(tds)}</tr>")
@@ -304,7 +304,8 @@ def _device_section(
     history: list[dict[str, Any]],
     episodes: list[dict[str, Any]],
 ) -> str:
-    from fleet.report_drift import drift_charts  # it builds on this module's charts
+    from fleet.report_drift import drift_charts  # these build on this module's charts
+    from fleet.report_generation import generation_charts
 
     tel = db.query(
         "SELECT ts, p50_ms, p95_ms, temp_max_c, rss_mb FROM telemetry WHERE device = ? ORDER BY ts",
@@ -342,6 +343,7 @@ def _device_section(
         line_chart(
             "agent memory (RSS)", "MB", [Series("RSS", "#188038", pts("rss_mb"))], x_range, marks
         ),
+        *generation_charts(db, r.device, x_range, marks),
         *drift_charts(db, r.device, x_range, marks, episodes),
     ]
     status = (

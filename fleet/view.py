@@ -16,6 +16,7 @@ from agent.broker import BrokerConfig
 from agent.protocol import topics
 from agent.protocol.messages import MessageError, StateMessage, Telemetry, decode
 from fleet.db import FleetDB
+from fleet.gen_store import latest_tok_s
 from fleet.monitor_store import MonitorWindow, latest_windows
 from fleet.mqtt import Listener, SyncClient
 
@@ -29,6 +30,7 @@ class DeviceRow:
     version: str | None = None
     p50_ms: float | None = None
     p95_ms: float | None = None
+    tok_s: float | None = None  # decode tokens/s of the latest window with text generation
     rss_mb: float | None = None
     cpu_percent: float | None = None
     temp_max_c: float | None = None
@@ -58,6 +60,7 @@ def rows_from_db(db: FleetDB) -> list[DeviceRow]:
     """Every device the database knows, with its current state and latest telemetry."""
     tel = {r["device"]: r for r in db.query(_LATEST_TELEMETRY)}
     mon = latest_windows(db)
+    tok = latest_tok_s(db)
     out = []
     for d in db.query("SELECT * FROM devices ORDER BY device"):
         t = tel.get(d["device"], {})
@@ -71,6 +74,7 @@ def rows_from_db(db: FleetDB) -> list[DeviceRow]:
                 version=d["version"] or t.get("version"),
                 p50_ms=t.get("p50_ms"),
                 p95_ms=t.get("p95_ms"),
+                tok_s=tok.get(d["device"]),
                 rss_mb=t.get("rss_mb"),
                 cpu_percent=t.get("cpu_percent"),
                 temp_max_c=t.get("temp_max_c"),
@@ -130,6 +134,8 @@ class LiveFleet:
                     throttled=msg.throttled,
                     last_seen=received,
                 )
+                if msg.generation is not None and msg.generation.tok_s is not None:
+                    row = replace(row, tok_s=msg.generation.tok_s)
                 if msg.monitor:
                     w = MonitorWindow.parse(msg.monitor)
                     row = replace(
@@ -183,6 +189,7 @@ COLUMNS = (
     "model",
     "p50",
     "p95",
+    "tok/s",
     "RSS",
     "CPU",
     "max temp",
@@ -194,7 +201,7 @@ COLUMNS = (
 DRIFT_COLUMN = COLUMNS.index("drift")
 DRIFT_MARK = "⚠"  # before the score of a window the agent judged drifting
 NUMERIC_COLUMNS = frozenset(
-    {"p50", "p95", "RSS", "CPU", "max temp", "drift", "conf"}
+    {"p50", "p95", "tok/s", "RSS", "CPU", "max temp", "drift", "conf"}
 )  # right-aligned in table and report
 
 
@@ -225,6 +232,7 @@ def cells(r: DeviceRow, now: float) -> list[str]:
         model,
         _num(r.p50_ms, " ms", ".2f"),
         _num(r.p95_ms, " ms", ".2f"),
+        _num(r.tok_s, ""),
         _num(r.rss_mb, " MB"),
         _num(r.cpu_percent, "%"),
         _num(r.temp_max_c, " °C"),
