@@ -20,7 +20,7 @@ from collections import deque
 from typing import Any
 
 from agent.config import AgentConfig
-from agent.deploy import commands
+from agent.deploy import commands, selftest
 from agent.deploy.fetch import Fetcher, FetchJob
 from agent.deploy.install import Installer, Probation
 from agent.deploy.machine import AgentFile, Machine, Phase
@@ -29,7 +29,6 @@ from agent.deploy.policy import Policy
 from agent.monitor.capture import Capture, SamplePublisher
 from agent.monitor.monitor import Monitor
 from agent.protocol import topics
-from agent.protocol.golden import GoldenSet
 from agent.protocol.messages import MAX_CONTROL_BYTES, Deployment, MessageError, validate
 from agent.protocol.trust import Target, TrustError
 from agent.runtime import InferenceSession
@@ -122,7 +121,7 @@ class Agent:
         return self.installer.session
 
     @property
-    def golden(self) -> GoldenSet | None:
+    def golden(self) -> selftest.AnyGolden | None:
         return self.installer.golden
 
     @property

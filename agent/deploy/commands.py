@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from agent.deploy import selftest
 from agent.deploy.outbox import log
 from agent.protocol import topics
+from agent.protocol.golden import GoldenSet
 from agent.protocol.messages import (
     COMMAND_OPS,
     MAX_CONTROL_BYTES,
@@ -121,6 +122,9 @@ def _benchmark(agent: Agent, cmd: Command) -> tuple[bool, str, dict[str, Any]]:
     c, stats = agent.cfg.commands, agent.bench_stats
     if agent.session is None or agent.golden is None:
         return False, "no active model", {}
+    if not isinstance(agent.golden, GoldenSet):
+        # TTFT and decode speed are measured by the self-test before activation (selftest_llm)
+        return False, "the benchmark command measures tensor models, not text generation", {}
     runs = cmd.runs if cmd.runs is not None else agent.cfg.install.bench_runs
     if not 1 <= runs <= c.bench_max_runs:
         return False, f"runs must be between 1 and {c.bench_max_runs}", {}

@@ -21,7 +21,6 @@ from agent.deploy.policy import Policy
 from agent.errors import EdgefleetError, IntegrityError, RuntimeTooOldError
 from agent.monitor.monitor import Monitor
 from agent.protocol.artifact import verify_artifact
-from agent.protocol.golden import GoldenSet
 from agent.protocol.messages import Deployment
 from agent.runtime import InferenceSession
 from agent.serve.holder import Loaded, SessionHolder
@@ -81,7 +80,7 @@ class Installer:
         self.downloads = cfg.state_dir / "downloads"
         self.active: Installed | None = None
         self.session: InferenceSession | None = None
-        self.golden: GoldenSet | None = None
+        self.golden: selftest.AnyGolden | None = None
         self.probation: Probation | None = None
         self._candidate: Installed | None = None  # unpacked during ``install``, not yet active
 
@@ -112,14 +111,17 @@ class Installer:
         session = selftest.load(inst, self.cfg.threads, self.policy.providers)
         golden = selftest.golden_of(inst)
         try:
-            session.infer(golden.bench_feed())  # warm-up before serving
+            selftest.warm_up(session, golden)  # before serving
         except Exception as exc:  # a runtime's own error types
             session.close()
             raise ValueError(f"warm-up inference failed: {type(exc).__name__}: {exc}") from None
         self._set_active(inst, session, golden)
 
     def _set_active(
-        self, inst: Installed | None, session: InferenceSession | None, golden: GoldenSet | None
+        self,
+        inst: Installed | None,
+        session: InferenceSession | None,
+        golden: selftest.AnyGolden | None,
     ) -> None:
         """Swap the served model through the holder: the old session closes after its last request."""
         self.active, self.session, self.golden = inst, session, golden

@@ -6,15 +6,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agent.deploy import selftest_llm
 from agent.errors import EdgefleetError
 from agent.protocol.golden import GoldenSet, self_test
+from agent.protocol.golden_llm import GoldenPrompts
 from agent.protocol.states import p95_regressed
 from agent.runtime import InferenceSession, load_session
+from agent.runtime.textgen import GeneratorSession, GenParams
 from agent.store.versions import Installed
 from agent.telemetry.latency import p50_p95_p99
 
 # Untimed calls before a benchmark's measured runs (first-call allocations, caches).
 WARMUP_RUNS = 3
+
+# Golden vectors of a tensor model, or golden prompts of a text-generation model.
+AnyGolden = GoldenSet | GoldenPrompts
 
 
 @dataclass
@@ -32,12 +38,15 @@ class CheckResult:
     reason: str = ""
     latency: Latency | None = None
     detail: dict[str, object] = field(default_factory=dict)
-    golden: GoldenSet | None = None  # the candidate's golden set, loaded once for the check
+    golden: AnyGolden | None = None  # the candidate's golden set, loaded once for the check
 
 
 def load(
     inst: Installed, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)
 ) -> InferenceSession:
+    """The model's session; a text-generation model's is a GeneratorSession."""
+    if inst.manifest.is_text_generation:
+        return selftest_llm.load(inst, threads, providers)
     return load_session(
         inst.manifest.runtime,
         inst.dir / inst.manifest.model.file,
@@ -46,8 +55,23 @@ def load(
     )
 
 
-def golden_of(inst: Installed) -> GoldenSet:
+def golden_of(inst: Installed) -> AnyGolden:
+    if inst.manifest.is_text_generation:
+        return selftest_llm.golden_of(inst)
     return GoldenSet.load(inst.dir / inst.manifest.golden.file)
+
+
+def warm_up(session: InferenceSession, golden: AnyGolden) -> None:
+    """One untimed call before serving (a few tokens for a text-generation model)."""
+    if isinstance(session, GeneratorSession) and isinstance(golden, GoldenPrompts):
+        gen = session.generator
+        ids = selftest_llm.prompt_ids(gen, golden.prompts[0])
+        for _ in gen.generate(ids, GenParams(max_new_tokens=2)):
+            pass
+    elif isinstance(golden, GoldenSet):
+        session.infer(golden.bench_feed())
+    else:
+        raise ValueError("golden set does not match the model's task")
 
 
 def benchmark(
@@ -77,8 +101,12 @@ def benchmark(
     return Latency(p50, p95, len(times), p99, max(times))
 
 
-def golden_check(session: InferenceSession, inst: Installed, golden: GoldenSet) -> str | None:
+def golden_check(session: InferenceSession, inst: Installed, golden: AnyGolden) -> str | None:
     """None when the golden self-test passes, else the reason."""
+    if isinstance(golden, GoldenPrompts):
+        if not isinstance(session, GeneratorSession):
+            return "golden prompts need a text-generation model"
+        return selftest_llm.golden_check(session.generator, inst.manifest, golden)
     res = self_test(session, golden, inst.manifest.golden, inst.manifest.task == "classification")
     return None if res.ok else (res.reason or "golden self-test failed")
 
@@ -90,16 +118,19 @@ def check_candidate(
     max_p95_ms: float | None,
     max_regression_pct: float | None,
     slack_ms: float,
-    current: tuple[InferenceSession, GoldenSet] | None,
+    current: tuple[InferenceSession, AnyGolden] | None,
     tick: Callable[[], None] | None = None,
 ) -> CheckResult:
     """Golden self-test, then the latency budget and regression checks. ``tick`` is called after
     every benchmark run (the agent pings systemd's watchdog from it during a long self-test)."""
     per_run = None if tick is None else (lambda _ms: tick())
     try:
-        golden = golden_of(inst)
-    except (OSError, ValueError) as exc:
+        any_golden = golden_of(inst)
+    except (OSError, ValueError, EdgefleetError) as exc:
         return CheckResult(False, f"golden vectors unreadable: {exc}")
+    if isinstance(any_golden, GoldenPrompts):
+        return _check_llm(session, inst, any_golden, runs, slack_ms, current, tick)
+    golden = any_golden
     problem = golden_check(session, inst, golden)
     if problem is not None:
         return CheckResult(False, f"self-test failed: {problem}")
@@ -112,7 +143,7 @@ def check_candidate(
         return CheckResult(
             False, f"p95 {lat.p95_ms:.3f} ms exceeds the budget {max_p95_ms:g} ms", lat, detail
         )
-    if current is not None and max_regression_pct is not None:
+    if current is not None and isinstance(current[1], GoldenSet) and max_regression_pct is not None:
         try:
             cur = benchmark(current[0], current[1], runs, per_run)
         except (EdgefleetError, Exception) as exc:
@@ -129,3 +160,25 @@ def check_candidate(
                     detail,
                 )
     return CheckResult(True, "", lat, detail, golden)
+
+
+def _check_llm(
+    session: InferenceSession,
+    inst: Installed,
+    golden: GoldenPrompts,
+    runs: int,
+    slack_ms: float,
+    current: tuple[InferenceSession, AnyGolden] | None,
+    tick: Callable[[], None] | None,
+) -> CheckResult:
+    if not isinstance(session, GeneratorSession):
+        return CheckResult(False, "self-test failed: golden prompts need a text-generation model")
+    cur = None
+    if current is not None:
+        cur_session, cur_golden = current
+        if isinstance(cur_session, GeneratorSession) and isinstance(cur_golden, GoldenPrompts):
+            cur = (cur_session.generator, cur_golden)
+    res = selftest_llm.check_candidate(session.generator, inst, golden, runs, slack_ms, cur, tick)
+    if not res.ok:
+        return CheckResult(False, res.reason, None, res.detail)
+    return CheckResult(True, "", None, res.detail, golden)

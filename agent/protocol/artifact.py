@@ -1,7 +1,8 @@
 """Read and verify an artifact (NAME-VERSION-PROFILE.efa, an uncompressed tar).
 
 The tar holds exactly manifest.json, manifest.sig and the files the manifest lists, all as
-regular files at the top level. Verification checks the signature against trusted keys,
+regular files at the top level or one folder deep (a text-generation model's folder, with no
+folder member of its own). Verification checks the signature against trusted keys,
 then every file's size and sha256; anything extra, missing, linked or nested is refused.
 
 The layout is canonical (member order, header fields and padding are fixed by
@@ -23,7 +24,13 @@ from typing import IO, TYPE_CHECKING
 
 from agent.errors import IntegrityError
 from agent.protocol.canonical import canonical_json
-from agent.protocol.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, parse_manifest
+from agent.protocol.manifest import (
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    Manifest,
+    file_name_problem,
+    parse_manifest,
+)
 from agent.protocol.signing import Signature, TrustedKey, verify
 
 if TYPE_CHECKING:  # cryptography itself loads only when a signature is checked (signing.py)
@@ -90,8 +97,11 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     seen: set[str] = set()
     for m in tar:
         name = m.name
-        if name.startswith("/") or "/" in name or name in ("", ".", "..") or "\\" in name:
-            raise IntegrityError(f"artifact member {name!r} is not a plain top-level file name")
+        # a plain name, or folder/name one level deep (a text-generation model's folder)
+        if name not in (MANIFEST_NAME, SIGNATURE_NAME) and file_name_problem(name) is not None:
+            raise IntegrityError(
+                f"artifact member {name!r} is not a plain top-level file name or folder/name"
+            )
         if not m.isreg():
             raise IntegrityError(f"artifact member {name!r} is not a regular file")
         if name in seen:
@@ -201,7 +211,9 @@ def extract_verified(artifact: VerifiedArtifact, dest: Path) -> None:
             if src is None:
                 raise IntegrityError(f"cannot read {name}")
             h = hashlib.sha256()
-            tmp = dest / f".{name}.part"
+            target = dest / name
+            target.parent.mkdir(exist_ok=True)  # a model folder (names are checked: one level)
+            tmp = target.parent / f".{target.name}.part"
             with tmp.open("wb") as out:
                 for block in iter(lambda s=src: s.read(CHUNK), b""):  # type: ignore[misc]
                     h.update(block)
@@ -212,4 +224,4 @@ def extract_verified(artifact: VerifiedArtifact, dest: Path) -> None:
             if entry is not None and h.hexdigest() != entry.sha256:
                 tmp.unlink()
                 raise IntegrityError(f"{name} changed after verification")
-            os.replace(tmp, dest / name)
+            os.replace(tmp, target)

@@ -22,6 +22,22 @@ VERSION_RE = re.compile(r"^\d+(\.\d+){0,3}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64", "bool")
+# Runtimes whose model is a folder of files (model.file names the folder): text generation.
+FOLDER_RUNTIMES = ("onnxruntime-genai",)
+DEFAULT_PREFIX_TOKENS = 8
+
+
+def file_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an artifact member, or None: a plain name, or ``folder/name`` one
+    level deep (a text-generation model's folder); never the manifest or its signature."""
+    parts = name.split("/")
+    if len(parts) > 2 or not all(FILE_RE.match(p) for p in parts):
+        return f"{name!r} is not a plain file name or folder/name"
+    if name in (MANIFEST_NAME, SIGNATURE_NAME) or (
+        len(parts) == 2 and parts[0] in (MANIFEST_NAME, SIGNATURE_NAME)
+    ):
+        return f"{name!r} is reserved"
+    return None
 
 
 def check_version(v: str) -> str:
@@ -78,6 +94,10 @@ class Golden(_Strict):
     rtol: float = Field(ge=0)
     # For classifiers: fraction of golden samples whose argmax must match the fp32 reference.
     min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+    # For text generation (a JSON file of prompts and their greedy tokens): how many leading
+    # tokens of each prompt the device must reproduce exactly (later ones may flip between CPUs).
+    # Left out of the JSON when unset, so older agents read tensor artifacts unchanged.
+    prefix_tokens: int | None = Field(default=None, ge=1)
 
 
 class MonitorRef(_Strict):
@@ -103,9 +123,9 @@ class Manifest(_Strict):
     name: str
     version: Version
     profile: str
-    runtime: Literal["onnxruntime", "litert"]
+    runtime: Literal["onnxruntime", "litert", "onnxruntime-genai"]
     precision: str
-    task: Literal["classification", "regression", "embedding"]
+    task: Literal["classification", "regression", "embedding", "text-generation"]
     created: str
     builder_version: str
     model: ModelInfo
@@ -134,8 +154,13 @@ class Manifest(_Strict):
     @classmethod
     def _files(cls, v: dict[str, FileEntry]) -> dict[str, FileEntry]:
         for name in v:
-            if not FILE_RE.match(name) or name in (MANIFEST_NAME, SIGNATURE_NAME):
-                raise ValueError(f"invalid file name {name!r}")
+            problem = file_name_problem(name)
+            if problem is not None:
+                raise ValueError(f"invalid file name: {problem}")
+        folders = {n.split("/")[0] for n in v if "/" in n}
+        clash = folders & set(v)
+        if clash:
+            raise ValueError(f"{sorted(clash)[0]!r} is both a file and a folder")
         return v
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,7 +168,18 @@ class Manifest(_Strict):
         for optional in ("security_floor", "monitor"):
             if doc.get(optional) is None:
                 doc.pop(optional, None)
+        if doc["golden"].get("prefix_tokens") is None:
+            doc["golden"].pop("prefix_tokens", None)
         return doc
+
+    @property
+    def is_text_generation(self) -> bool:
+        return self.task == "text-generation"
+
+    def folder_files(self) -> list[str]:
+        """The files inside model.file when it names a folder (text generation), else []."""
+        prefix = self.model.file + "/"
+        return sorted(n for n in self.files if n.startswith(prefix))
 
     def canonical_bytes(self) -> bytes:
         return canonical_json(self.to_dict())
@@ -171,7 +207,19 @@ def parse_manifest(data: Any, source: str = "manifest.json") -> Manifest:
         m = Manifest.model_validate(data)
     except ValidationError as exc:
         raise IntegrityError(format_validation_error(source, exc)) from None
-    refs = [m.model.file, m.golden.file] + ([m.monitor.file] if m.monitor else [])
+    refs = [m.golden.file] + ([m.monitor.file] if m.monitor else [])
+    if (m.runtime in FOLDER_RUNTIMES) != m.is_text_generation:
+        raise IntegrityError(
+            f"{source}: task 'text-generation' goes with runtime 'onnxruntime-genai' "
+            f"(got task {m.task!r}, runtime {m.runtime!r})"
+        )
+    if m.is_text_generation:
+        if f"{m.model.file}/genai_config.json" not in m.files:
+            raise IntegrityError(
+                f"{source}: model folder '{m.model.file}' has no genai_config.json in files"
+            )
+    else:
+        refs.append(m.model.file)
     for ref in refs:
         if ref not in m.files:
             raise IntegrityError(f"{source}: '{ref}' is referenced but not listed in files")

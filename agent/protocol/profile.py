@@ -71,6 +71,36 @@ class Budgets(_Strict):
     max_p95_regression_pct: float = Field(default=20.0, ge=0)
 
 
+class LlmBudgets(_Strict):
+    """What a text-generation candidate must meet (measured on the build host at the profile's
+    threads; the agent checks TTFT and decode speed again on the device)."""
+
+    max_artifact_mb: float = Field(gt=0)
+    max_ttft_ms: float = Field(gt=0)  # time to the first token of a short chat prompt
+    min_decode_tok_s: float = Field(gt=0)  # tokens per second after the first
+    max_ram_mb: float = Field(gt=0)  # peak RSS of a process that loads and generates
+    # next-token top-1 agreement with the float model over the prompt set's positions
+    min_token_agreement: float = Field(default=0.9, ge=0, le=1)
+    # mean share of the first 32 greedy tokens equal to the float model's
+    min_greedy_agreement: float = Field(default=0.5, ge=0, le=1)
+    max_perplexity_increase_pct: float = Field(default=15.0, ge=0)
+    # On-device check against the model being replaced (when it is a text-generation model too).
+    max_ttft_regression_pct: float = Field(default=25.0, ge=0)
+    max_decode_regression_pct: float = Field(default=20.0, ge=0)
+
+
+class Llm(_Strict):
+    """Text generation on this device kind (onnxruntime-genai): candidates and budgets."""
+
+    # builder.llm candidate names: int4 (symmetric), int4_asym32 (asymmetric, block 32), int8,
+    # fp16 (where the runtime wants half precision: a GPU), fp32
+    candidates: tuple[str, ...] = Field(default=("int4_asym32", "int4", "int8"), min_length=1)
+    select: Literal["smallest", "fastest", "most_accurate"] = "smallest"
+    threads: int | None = Field(default=None, ge=1, le=512)  # default: runtime.threads
+    execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    budgets: LlmBudgets
+
+
 class DeviceProfile(_Strict):
     name: str
     description: str = ""
@@ -78,6 +108,12 @@ class DeviceProfile(_Strict):
     runtime: Runtime
     build: Build
     budgets: Budgets
+    # Text generation: absent where the device kind does not run LLMs.
+    llm: Llm | None = None
+
+    @property
+    def llm_threads(self) -> int:
+        return (self.llm.threads if self.llm else None) or self.runtime.threads
 
     @field_validator("name")
     @classmethod

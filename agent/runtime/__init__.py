@@ -16,12 +16,21 @@ _ADAPTERS = {
     "onnxruntime": "agent.runtime.onnxruntime_adapter",
     "litert": "agent.runtime.litert_adapter",
 }
+# text-generation runtimes -> module holding `load_generator(folder, threads, providers)`
+# (agent.runtime.textgen.load_generator): a TextGenerator, not an InferenceSession
+_GENERATORS = {
+    "onnxruntime-genai": "agent.runtime.genai_adapter",
+}
+
+
+def is_text_generation(runtime: str) -> bool:
+    return runtime in _GENERATORS
 
 
 def available_runtimes() -> list[str]:
     """Runtimes whose adapter imports here (logged, not raised, when one does not)."""
     found = []
-    for name, module in _ADAPTERS.items():
+    for name, module in {**_ADAPTERS, **_GENERATORS}.items():
         try:
             mod = importlib.import_module(module)
             if mod.is_available():
@@ -37,6 +46,8 @@ def load_session(
     threads: int = 1,
     providers: tuple[str, ...] = ("CPUExecutionProvider",),
 ) -> InferenceSession:
+    if runtime in _GENERATORS:
+        raise UsageError(f"runtime '{runtime}' generates text: load it with load_generator")
     if runtime not in _ADAPTERS:
         raise UsageError(f"unknown runtime '{runtime}' (known: {', '.join(_ADAPTERS)})")
     try:
@@ -47,4 +58,10 @@ def load_session(
     return session
 
 
-__all__ = ["IOSpec", "InferenceSession", "available_runtimes", "load_session"]
+__all__ = [
+    "IOSpec",
+    "InferenceSession",
+    "available_runtimes",
+    "is_text_generation",
+    "load_session",
+]

@@ -11,9 +11,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from agent.errors import DependencyError, UsageError
+from agent.errors import DependencyError, ModelError, UsageError
+from agent.runtime.base import InferenceSession, IOSpec
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,29 @@ def apply_stops(pieces: Iterator[tuple[int, str]], stop: tuple[str, ...]) -> Ite
         yield Token(h, rest if i == len(held) - 1 else "")
 
 
+class GeneratorSession(InferenceSession):
+    """A TextGenerator where the agent holds an InferenceSession (the installer, the serving
+    holder): ``generator`` is the model; tensor ``infer`` is refused."""
+
+    def __init__(self, generator: TextGenerator, inputs: list[IOSpec], outputs: list[IOSpec]):
+        self.generator = generator
+        self._inputs, self._outputs = inputs, outputs
+
+    @property
+    def inputs(self) -> list[IOSpec]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> list[IOSpec]:
+        return self._outputs
+
+    def infer(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        raise ModelError("a text-generation model answers generate requests, not tensor infer")
+
+    def close(self) -> None:
+        self.generator.close()
+
+
 def load_generator(
     model_dir: Path,
     threads: int = 1,
@@ -155,6 +179,7 @@ def load_generator(
 
 __all__ = [
     "GenParams",
+    "GeneratorSession",
     "StopMatcher",
     "TextGenerator",
     "Token",

@@ -10,16 +10,10 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-import numpy as np
-import numpy.typing as npt
 
 from agent.monitor.monitor import Monitor
 from agent.runtime import InferenceSession, IOSpec
-
-if TYPE_CHECKING:
-    from agent.runtime.textgen import TextGenerator
+from agent.runtime.textgen import GeneratorSession, TextGenerator
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +33,8 @@ class Loaded:
     retired: bool = False
     # Drift monitor built from this version's reference.json (None: no reference, or disabled).
     monitor: Monitor | None = None
-    # A text-generation model: what /generate and /v1/chat/completions run (its session has no
-    # tensors: /infer answers 400). Closed with the session once its last request released it.
+    # A text-generation model: what /generate and /v1/chat/completions run; taken from the
+    # session when it is a GeneratorSession (no tensors: /infer answers 400), which closes it.
     generator: TextGenerator | None = None
 
     @classmethod
@@ -48,30 +42,15 @@ class Loaded:
         cls, name: str, version: str, sha256: str, runtime: str, generator: TextGenerator
     ) -> Loaded:
         """A loaded text-generation model (manifest task "text-generation")."""
-        return cls(name, version, sha256, runtime, NoTensors(), generator=generator)
+        return cls(name, version, sha256, runtime, GeneratorSession(generator, [], []))
 
     def __post_init__(self) -> None:
+        if self.generator is None and isinstance(self.session, GeneratorSession):
+            self.generator = self.session.generator
         if not self.inputs:
             self.inputs = [_served(self.runtime, s) for s in self.session.inputs]
         if not self.outputs:
             self.outputs = [_served(self.runtime, s) for s in self.session.outputs]
-
-
-class NoTensors(InferenceSession):
-    """The session of a text-generation model: no tensor inputs or outputs to infer on."""
-
-    @property
-    def inputs(self) -> list[IOSpec]:
-        return []
-
-    @property
-    def outputs(self) -> list[IOSpec]:
-        return []
-
-    def infer(
-        self, feeds: dict[str, npt.NDArray[np.generic]]
-    ) -> dict[str, npt.NDArray[np.generic]]:
-        raise TypeError("a text-generation model has no tensors to infer on")
 
 
 def _served(runtime: str, spec: IOSpec) -> IOSpec:
@@ -132,10 +111,7 @@ class SessionHolder:
 
 
 def _close(loaded: Loaded) -> None:
-    for res in (loaded.session, loaded.generator):
-        if res is None:
-            continue
-        try:
-            res.close()
-        except Exception:  # a runtime's own error must not take a request thread down
-            log.exception("closing %s %s", loaded.name, loaded.version)
+    try:
+        loaded.session.close()  # a GeneratorSession closes its generator
+    except Exception:  # a runtime's own error must not take a request thread down
+        log.exception("closing %s %s", loaded.name, loaded.version)
