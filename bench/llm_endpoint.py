@@ -133,7 +133,15 @@ def compare(raw: list[Run], ep: list[Run]) -> dict[str, Any]:
 
     raw_tok, ep_tok = med(raw, "tok_s"), med(ep, "tok_s")
     raw_ttft, ep_ttft = med(raw, "ttft_ms"), med(ep, "ttft_ms")
+    # Per round (the two runs of a round back to back, so under the same load), then the median:
+    # on a shared machine the load drifts between rounds more than the endpoint costs.
+    pairs = list(zip(raw, ep, strict=True))
+    ratios = [b.tok_s / a.tok_s for a, b in pairs if a.tok_s and b.tok_s]
     return {
+        "paired_tok_s_ratio": round(float(statistics.median(ratios)), 4) if ratios else None,
+        "paired_ttft_overhead_ms": round(
+            float(statistics.median(b.ttft_ms - a.ttft_ms for a, b in pairs)), 2
+        ),
         "raw_tok_s": round(raw_tok, 2),
         "endpoint_tok_s": round(ep_tok, 2),
         "raw_ttft_ms": round(raw_ttft, 2),

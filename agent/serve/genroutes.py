@@ -99,6 +99,9 @@ class GenerateRoutes:
         deadline = time.monotonic() + ep.cfg.generate_timeout_s
         ep.gate.enter(deadline)
         try:
+            if peer_gone(self.connection):  # it gave up while it waited in the queue
+                self.close_connection = True
+                return
             loaded = ep.holder.acquire()
             if loaded is None:
                 raise RequestError(503, "no model is active on this device")

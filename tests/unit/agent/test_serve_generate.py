@@ -285,3 +285,25 @@ def test_the_openai_client_works_unchanged(serve: Any) -> None:
     assert "".join(pieces) == REPLY
     with pytest.raises(openai.NotFoundError, match="unknown model"):
         client.chat.completions.create(model="nope", messages=msgs)
+
+
+def test_a_client_gone_while_queued_never_starts_generating(serve: Any) -> None:
+    gen = FakeGenerator("y" * 60, delay_s=0.005)
+    ep, _ = serve(gen, max_generations=1)
+    first, _ = _open_stream(ep, "/v2/models/chat/generate_stream", {"text_input": "x"})
+    host, port = ep.address.removeprefix("http://").rsplit(":", 1)
+    second = socket.create_connection((host, int(port)), timeout=10)
+    body = b'{"text_input": "x"}'
+    second.sendall(
+        b"POST /v2/models/chat/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(body), body)
+    )
+    wait_for(lambda: ep.gate.depth == 1)
+    second.close()
+    first.settimeout(10)
+    raw = b""
+    while not raw.endswith(b"0\r\n\r\n"):
+        raw += first.recv(65536)
+    first.close()
+    wait_for(lambda: ep.gate.depth == 0 and gen.active == 0)
+    assert gen.calls == 1
