@@ -26,6 +26,22 @@ if TYPE_CHECKING:
     from agent.serve.http import Endpoint
 
 
+def error_doc(path: str, status: int, message: str) -> dict[str, Any]:
+    """An error body: OpenAI's shape under /v1 (its clients read it), else the v2 one."""
+    if not path.startswith("/v1/"):
+        return {"error": message}
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
+def not_tensors(m: Loaded) -> RequestError:
+    return RequestError(
+        400,
+        f"model '{m.name}' generates text: POST /v2/models/{m.name}/generate "
+        "or /v1/chat/completions",
+    )
+
+
 def not_text(m: Loaded) -> RequestError:
     return RequestError(
         400,
@@ -65,6 +81,19 @@ class GenerateRoutes:
             return json.loads(body)
         except (UnicodeDecodeError, ValueError, RecursionError):
             raise RequestError(400, "request body is not valid JSON") from None
+
+    def _v1(self, method: str, parts: list[str]) -> None:
+        if parts[1:] not in (["models"], ["chat", "completions"]):
+            raise RequestError(404, f"no such endpoint: {'/'.join(parts)[:200]}")
+        want = "POST" if parts[1] == "chat" else "GET"
+        if method != want:
+            self.close_connection = True
+            raise RequestError(405, f"{method} is not allowed here (use {want})")
+        if want == "POST":
+            self._chat()
+            return
+        self._start_work()
+        self._v1_models()
 
     def _v1_models(self) -> None:
         m = self.endpoint.holder.current

@@ -43,7 +43,7 @@ from agent import __version__
 from agent.config import ServeConfig
 from agent.errors import ConfigError
 from agent.serve.generate import GenGate
-from agent.serve.genroutes import GenerateRoutes
+from agent.serve.genroutes import GenerateRoutes, error_doc, not_tensors
 from agent.serve.holder import Loaded, SessionHolder
 from agent.serve.tensors import (
     RequestError,
@@ -185,12 +185,7 @@ class _Handler(GenerateRoutes, BaseHTTPRequestHandler):
         self._send(status, body, retry_after=retry_after)
 
     def _error(self, status: int, message: str, retry_after: int | None = None) -> None:
-        if self.path.startswith("/v1/"):  # OpenAI's error shape, which its clients read
-            kind = "invalid_request_error" if status < 500 else "server_error"
-            doc: dict[str, Any] = {"error": {"message": message, "type": kind, "code": status}}
-            self._json(status, doc, retry_after)
-            return
-        self._json(status, {"error": message}, retry_after)
+        self._json(status, error_doc(self.path, status, message), retry_after)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, headers too long) as protocol error JSON."""
@@ -239,16 +234,8 @@ class _Handler(GenerateRoutes, BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str, parts: list[str]) -> None:
         ep = self.endpoint
-        if parts[:1] == ["v1"] and parts[1:] in (["models"], ["chat", "completions"]):
-            want = "POST" if parts[1] == "chat" else "GET"
-            if method != want:
-                self.close_connection = True
-                raise RequestError(405, f"{method} is not allowed here (use {want})")
-            if want == "GET":
-                self._start_work()
-                self._v1_models()
-            else:
-                self._chat()
+        if parts[:1] == ["v1"]:
+            self._v1(method, parts)
             return
         if parts[:1] != ["v2"]:
             raise RequestError(404, f"no such endpoint: {self.path[:200]}")
@@ -424,11 +411,7 @@ class _Handler(GenerateRoutes, BaseHTTPRequestHandler):
         try:
             ep.check(loaded, name, version)
             if loaded.generator is not None:
-                raise RequestError(
-                    400,
-                    f"model '{name}' generates text: POST /v2/models/{name}/generate "
-                    "or /v1/chat/completions",
-                )
+                raise not_tensors(loaded)
             req = parse_infer(body, header_len, loaded.inputs, loaded.outputs)
             del body  # the parsed tensors are what is needed from here
             t0 = time.perf_counter()
