@@ -17,7 +17,15 @@ from agent.errors import UsageError
 from agent.htmlkit import esc
 from agent.protocol.states import FAILED, SERVING, TERMINAL
 from fleet.db import FleetDB
-from fleet.view import COLUMNS, DRIFT_COLUMN, NUMERIC_COLUMNS, DeviceRow, cells, rows_from_db
+from fleet.view import (
+    COLUMNS,
+    DRIFT_COLUMN,
+    NUMERIC_COLUMNS,
+    THROTTLED_COLUMN,
+    DeviceRow,
+    cells,
+    rows_from_db,
+)
 
 MAX_POINTS = 400  # per series; longer series are averaged into buckets
 _OUTCOME_CLASS = {**{s: "ok" for s in SERVING}, **{s: "bad" for s in FAILED}}
@@ -251,7 +259,7 @@ def _fleet_table(rows: list[DeviceRow], now: float) -> str:
             cls = "num" if COLUMNS[i] in NUMERIC_COLUMNS else ""
             if i == 1:
                 cls = {"online": "ok", "offline": "bad"}.get(v, "muted")
-            if (COLUMNS[i] == "throttled" and v == "yes") or (i == DRIFT_COLUMN and r.drifting):
+            if (i == THROTTLED_COLUMN and v == "yes") or (i == DRIFT_COLUMN and r.drifting):
                 cls = "warn"
             tds.append(f'<td class="{cls}">{esc(v)}</td>')
         body.append(f"<tr>{''.join(tds)}</tr>")

@@ -199,6 +199,7 @@ COLUMNS = (
     "last seen",
 )
 DRIFT_COLUMN = COLUMNS.index("drift")
+THROTTLED_COLUMN = COLUMNS.index("throttled")
 DRIFT_MARK = "⚠"  # before the score of a window the agent judged drifting
 NUMERIC_COLUMNS = frozenset(
     {"p50", "p95", "tok/s", "RSS", "CPU", "max temp", "drift", "conf"}
@@ -267,7 +268,7 @@ def render_table(
             c[1], c[1]
         )
         if r.throttled:
-            c[9] = "[bold yellow]yes[/bold yellow]"
+            c[THROTTLED_COLUMN] = "[bold yellow]yes[/bold yellow]"
         if r.drifting:
             c[DRIFT_COLUMN] = f"[bold red]{c[DRIFT_COLUMN]}[/bold red]"
         t.add_row(*c)
