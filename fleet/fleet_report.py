@@ -25,6 +25,7 @@ from fleet.view import (
     DeviceRow,
     cells,
     rows_from_db,
+    shown,
 )
 
 MAX_POINTS = 400  # per series; longer series are averaged into buckets
@@ -250,12 +251,14 @@ def _card(value: Any, label: str, cls: str = "") -> str:
 
 
 def _fleet_table(rows: list[DeviceRow], now: float) -> str:
-    head = "".join(f"<th>{esc(c)}</th>" for c in COLUMNS)
+    show = shown(rows)
+    head = "".join(f"<th>{esc(COLUMNS[i])}</th>" for i in show)
     body = []
     for r in rows:
         c = cells(r, now)
         tds = []
-        for i, v in enumerate(c):
+        for i in show:
+            v = c[i]
             cls = "num" if COLUMNS[i] in NUMERIC_COLUMNS else ""
             if i == 1:
                 cls = {"online": "ok", "offline": "bad"}.get(v, "muted")

@@ -221,6 +221,12 @@ def ago(ts: float | None, now: float) -> str:
     return f"{s / 3600:.1f}h ago"
 
 
+def shown(rows: list[DeviceRow]) -> list[int]:
+    """Indexes of the COLUMNS to show: tok/s only when some device generates text."""
+    skip = set() if any(r.tok_s is not None for r in rows) else {COLUMNS.index("tok/s")}
+    return [i for i in range(len(COLUMNS)) if i not in skip]
+
+
 def cells(r: DeviceRow, now: float) -> list[str]:
     """Plain-text cells in COLUMNS order (shared by the terminal table and the HTML report)."""
     status = "online" if r.online else ("offline" if r.online is False else "unknown")
@@ -260,7 +266,9 @@ def render_table(
     now = time.time() if now is None else now
     online = sum(1 for r in rows if r.online)
     t = Table(title=f"{title} — {online}/{len(rows)} online", title_justify="left")
-    for col in COLUMNS:
+    show = shown(rows)
+    for i in show:
+        col = COLUMNS[i]
         t.add_column(col, justify="right" if col in NUMERIC_COLUMNS else "left", no_wrap=True)
     for r in rows:
         c = cells(r, now)
@@ -271,7 +279,7 @@ def render_table(
             c[THROTTLED_COLUMN] = "[bold yellow]yes[/bold yellow]"
         if r.drifting:
             c[DRIFT_COLUMN] = f"[bold red]{c[DRIFT_COLUMN]}[/bold red]"
-        t.add_row(*c)
+        t.add_row(*(c[i] for i in show))
     if not rows:
         t.caption = "no devices yet"
     return t

@@ -12,7 +12,7 @@ from fleet.collect import add_message
 from fleet.db import Batch, FleetDB
 from fleet.fleet_report import render
 from fleet.gen_store import latest_tok_s, windows
-from fleet.view import COLUMNS, cells, rows_from_db
+from fleet.view import COLUMNS, cells, rows_from_db, shown
 from tests.fleet_helpers import dumps, state, telemetry
 
 T = "edgefleet/v1/devices/{}/{}"
@@ -52,7 +52,10 @@ def test_generation_block_becomes_a_row_and_shows_in_status_and_report(tmp_path:
     rows = {r.device: r for r in rows_from_db(db)}
     tok = COLUMNS.index("tok/s")
     assert cells(rows["d1"], 20.0)[tok] == "32.5" and cells(rows["d2"], 20.0)[tok] == "-"
+    assert COLUMNS.index("tok/s") in shown(list(rows.values()))
+    assert COLUMNS.index("tok/s") not in shown([rows["d2"]])  # a tensor-only fleet: no column
     html = render(db, now=20.0)
+    assert "<th>tok/s</th>" in html
     assert "text generation speed" in html and "time to first token" in html
     d2 = html.split('id="dev-d2"')[1].split("</section>")[0]
     assert "time to first token" not in d2  # only a device that generates text has the charts
