@@ -307,3 +307,16 @@ def test_a_client_gone_while_queued_never_starts_generating(serve: Any) -> None:
     first.close()
     wait_for(lambda: ep.gate.depth == 0 and gen.active == 0)
     assert gen.calls == 1
+
+
+def test_the_bench_hook_measures_a_stream(serve: Any) -> None:
+    from bench.llm_endpoint import compare, measure_endpoint, measure_inprocess
+
+    gen = FakeGenerator(REPLY, delay_s=0.001)
+    ep, _ = serve(gen)
+    via = measure_endpoint(ep.address, "hi", max_tokens=20)
+    raw = measure_inprocess(gen, "hi", max_tokens=20)
+    assert via.text == raw.text == REPLY[:20] and via.tokens == raw.tokens == 20
+    assert via.tok_s is not None and via.ttft_ms > 0
+    out = compare([raw], [via])
+    assert out["same_text"] and 0 < out["llm_agent_tok_s_ratio"] < 2
