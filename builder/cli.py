@@ -149,25 +149,21 @@ def passes_cmd(name: str | None, as_json: bool) -> None:
 
 
 def _speed(m: dict[str, Any]) -> str:
-    """p50/p95 at batch 1, and the ratio to fp32 timed side by side ("only buys size" when slower)."""
-    lat = m.get("latency_b1") or {}
-    if not lat:
-        return "-"
-    text = f"{lat['p50_ms']:.3f} / {lat['p95_ms']:.3f} ms"
-    ratio = lat.get("p95_ratio")
-    if ratio is not None:
-        text += f" (x{ratio:.2f} fp32{', size only' if ratio > 1.05 else ''})"
-    return text
+    """p50/p95 at batch 1 and the ratio to fp32; TTFT and tokens/s for a text-generation model."""
+    from builder.compression_report import speed_cell
+
+    return speed_cell(m)
 
 
 def _table(results: list[Any]) -> Any:
     from rich.markup import escape
     from rich.table import Table
 
-    from builder.compression_report import accuracy_cells
+    from builder.compression_report import accuracy_cells, size_cell
 
     t = Table(
-        title="edgefleet build (size: model file; p50 / p95 at batch 1, interleaved with fp32)"
+        title="edgefleet build (size: model file; p50 / p95 at batch 1, interleaved with fp32; "
+        "LLMs: TTFT and decode tokens/s)"
     )
     cols = (
         "profile",
@@ -219,7 +215,7 @@ def _table(results: list[Any]) -> Any:
                 c.runtime or r.profile.runtime.name,
                 c.recipe,
                 c.precision or "-",
-                f"{m['model_bytes'] / 1024:.1f} KB" if m else "-",
+                size_cell(m),
                 acc,
                 drop,
                 _speed(m),
@@ -312,6 +308,10 @@ def build_cmd(
     For each profile every candidate recipe it lists is built, measured against the fp32
     reference (accuracy, latency, peak RSS, size) and checked against the budgets; the best
     candidate that fits is signed and written to OUT. Exits non-zero if a profile has none.
+
+    A config with task = "text-generation" builds a small LLM (a GGUF file or a Hugging Face
+    folder) into onnxruntime-genai candidates gated on each profile's [llm] budgets
+    (examples/smollm2/edgefleet.toml).
     """
     from agent.protocol.profile import get_profile, load_profiles
     from agent.protocol.signing import load_private_key
@@ -320,7 +320,10 @@ def build_cmd(
 
     _quiet_libraries()
 
-    cfg = load_build_config(config)
+    from builder.llm.config import is_llm_config, load_llm_config
+
+    llm = is_llm_config(config)  # task = "text-generation": onnxruntime-genai candidates
+    cfg: Any = load_llm_config(config) if llm else load_build_config(config)
     if version:
         from agent.protocol.manifest import VERSION_RE
 
@@ -354,7 +357,12 @@ def build_cmd(
             console.print(f"[dim]{msg}[/dim]")
 
     with status:
-        builder = Builder(cfg, signing_key, cache_dir, progress)
+        if llm:
+            from builder.llm.build import LlmBuilder
+
+            builder: Any = LlmBuilder(cfg, signing_key, cache_dir, progress)
+        else:
+            builder = Builder(cfg, signing_key, cache_dir, progress)
         checked = builder.check(profiles)  # every recipe chain is valid before anything runs
         if check:
             if as_json:
@@ -446,6 +454,16 @@ def inspect_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
         f"recipe     {m.recipe.name}: {' -> '.join(s.name for s in m.recipe.steps)}",
         f"created    {m.created} by edgefleet {m.builder_version}",
     ]
+    if m.is_text_generation:
+        from builder.llm.summary import llm_lines
+
+        lines += [f"{k:10} {s.name} {s.dtype} {s.shape}" for k, s in _io(m)] + llm_lines(m)
+        lines += [
+            f"file       {n:30} {e.size:>10} bytes  {e.sha256[:16]}"
+            for n, e in sorted(m.files.items())
+        ]
+        click.echo("\n".join(lines))
+        return
     for io_kind, specs in (("input", m.model.inputs), ("output", m.model.outputs)):
         for s in specs:
             q = (
@@ -494,6 +512,10 @@ def inspect_cmd(artifact: Path, keys: tuple[Path, ...], as_json: bool) -> None:
         lines.append(f"file       {name:14} {e.size:>10} bytes  {e.sha256[:16]}")
     lines += summary_lines(report) if report else []
     click.echo("\n".join(lines))
+
+
+def _io(m: Any) -> list[tuple[str, Any]]:
+    return [("input", s) for s in m.model.inputs] + [("output", s) for s in m.model.outputs]
 
 
 # ---------------------------------------------------------------- entry point

@@ -217,6 +217,11 @@ def accuracy_cells(m: dict[str, Any]) -> tuple[str, str]:
     """The gated accuracy figures of a candidate's metrics: (value, versus fp32)."""
     if not m:
         return "-", "-"
+    if "token_agreement" in m:  # text generation: against the float model
+        return (
+            f"agree {m['token_agreement'] * 100:.1f}%",
+            f"greedy {m['greedy_agreement'] * 100:.0f}%, ppl {m['perplexity_increase_pct']:+.1f}%",
+        )
     if "top1" in m:
         return f"{m['top1'] * 100:.2f}%", f"{0.0 - m['top1_drop_pt'] + 0.0:+.2f} pt"
     if "metric" in m:
@@ -229,6 +234,28 @@ def accuracy_cells(m: dict[str, Any]) -> tuple[str, str]:
     if "top1_agreement" in m:
         return f"agree {m['top1_agreement'] * 100:.1f}%", "-"
     return "-", "-"
+
+
+def size_cell(m: dict[str, Any]) -> str:
+    """A model's size in KB, or MB from 10 MB up (an LLM)."""
+    if not m:
+        return "-"
+    n = m["model_bytes"]
+    return f"{n / 1e6:.1f} MB" if n >= 10e6 else f"{n / 1024:.1f} KB"
+
+
+def speed_cell(m: dict[str, Any]) -> str:
+    """p50/p95 at batch 1 (with the ratio to fp32), or TTFT and decode speed (an LLM)."""
+    if "ttft_ms" in m:
+        return f"TTFT {m['ttft_ms']:.0f} ms, {m['decode_tok_s']:.0f} tok/s"
+    lat = m.get("latency_b1") or {}
+    if not lat:
+        return "-"
+    text = f"{lat['p50_ms']:.3f} / {lat['p95_ms']:.3f} ms"
+    ratio = lat.get("p95_ratio")
+    if ratio is not None:
+        text += f" (x{ratio:.2f} fp32{', size only' if ratio > 1.05 else ''})"
+    return text
 
 
 def build_report(

@@ -50,6 +50,8 @@ class ProfileResult:
     artifact: Path | None
     report: Path | None = None  # the HTML compression report beside the artifact
     error: str | None = None  # the profile could not be built at all (not a candidate's failure)
+    # The budgets it was gated on when not the profile's tensor budgets (a text-generation build)
+    budgets: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         c = self.chosen
@@ -62,7 +64,7 @@ class ProfileResult:
             "report": str(self.report) if self.report else None,
             "metrics": c.metrics if c else None,
             "error": self.error,
-            "budgets": self.profile.budgets.model_dump(),
+            "budgets": self.budgets or self.profile.budgets.model_dump(),
             "candidates": [x.summary() for x in self.candidates],
         }
 

@@ -133,3 +133,26 @@ def test_cancel_is_honoured_by_the_fake_during_a_benchmark() -> None:
     cancel = threading.Event()
     cancel.set()
     assert list(gen.generate([1], selftest_llm.GenParams(), cancel)) == []
+
+
+def test_a_profile_with_llm_accepts_genai_artifacts(tmp_path: Path) -> None:
+    from agent.config import load_config
+    from agent.deploy.policy import resolve_policy
+    from tests.agent_helpers import make_keys, write_config
+    from tests.unit.agent.test_policy_selftest import PROFILE
+
+    keys = make_keys(tmp_path / "k")
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    llm = "\n[llm]\n[llm.budgets]\nmax_artifact_mb = 100\nmax_ttft_ms = 500\n"
+    llm += "min_decode_tok_s = 5\nmax_ram_mb = 512\n"
+    (profiles / "generic-cpu.toml").write_text(PROFILE + llm)
+    path = write_config(
+        tmp_path / "a.toml", "d", "mqtt://h:1", [keys.public], tmp_path / "s", profile="generic-cpu"
+    )
+    text = path.read_text().replace(
+        'runtimes = ["onnxruntime"]', f'runtimes = []\nprofiles_dir = "{profiles}"'
+    )
+    path.write_text(text)
+    policy = resolve_policy(load_config(path))
+    assert policy.runtimes == ("onnxruntime", "onnxruntime-genai")
