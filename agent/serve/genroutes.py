@@ -115,7 +115,9 @@ class GenerateRoutes:
         m = self.endpoint.holder.current
         if m is None:
             raise RequestError(503, "no model is active on this device")
-        name = doc.get("model") if isinstance(doc, dict) else None
+        # "model" may be left out (one model is served, as llama.cpp's server does); a name
+        # other than the active model's is a 404 that names it.
+        name = doc.get("model", m.name) if isinstance(doc, dict) else None
         if not isinstance(name, str):
             raise RequestError(400, '"model" must be a string (GET /v1/models lists them)')
         self.endpoint.check(m, name, None)

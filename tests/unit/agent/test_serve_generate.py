@@ -138,6 +138,8 @@ def test_chat_completions_with_usage_and_stream(serve: Any) -> None:
     assert text == "ech"
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["usage"]["completion_tokens"] == 3 and chunks[-1]["choices"] == []
+    st, _, body = post(ep, "/v1/chat/completions", {"messages": msgs})  # no "model": the one served
+    assert st == 200 and json.loads(body)["model"] == "chat"
     c = conn(ep)
     c.request("GET", "/v1/models")
     assert json.loads(c.getresponse().read())["data"][0]["id"] == "chat"
@@ -240,6 +242,12 @@ def test_bad_requests_get_a_4xx_with_a_reason(serve: Any, tmp_path: Path) -> Non
         ("/v2/models/other/generate", {"text_input": "x"}, 404, "unknown model"),
         ("/v2/models/chat/infer", {"inputs": []}, 400, "generates text"),
         ("/v1/chat/completions", {"model": "chat", "messages": []}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": 3, "messages": [{"role": "user", "content": "x"}]},
+            400,
+            "model",
+        ),
         (
             "/v1/chat/completions",
             {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]},
