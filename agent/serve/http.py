@@ -1,5 +1,8 @@
 """The local inference endpoint: Open Inference Protocol v2 REST (KServe / Triton) on stdlib http.server.
 
+Text-generation models are served on the same connections, slots and budgets by the routes in
+agent/serve/genroutes.py (v2 generate extension, OpenAI chat completions).
+
 One thread per connection (keep-alive), at most ``max_connections`` at once; every socket has
 a timeout and a request a deadline, so a slow or silent client only holds its own thread for a
 bounded time. Responses are written in one send (no Nagle/delayed-ACK stall).
