@@ -108,7 +108,7 @@ def _num(doc: dict[str, Any], key: str, default: float, what: str) -> float:
     return float(v)
 
 
-def _params(doc: dict[str, Any], what: str, limit: int, stream: bool) -> GenParams:
+def _params(doc: dict[str, Any], what: str, limit: int) -> GenParams:
     """GenParams from max_tokens (or max_completion_tokens), temperature, top_p, stop, seed."""
     mt = doc.get("max_tokens", doc.get("max_completion_tokens"))
     if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int)):
@@ -155,7 +155,7 @@ def parse_v2(doc: Any, stream: bool, limit: int) -> GenRequest:
     if not isinstance(text, str):
         raise RequestError(400, 'the request needs "text_input": a string')
     params = _obj(doc.get("parameters", {}), "parameters")
-    return GenRequest(_params(params, "parameters.", limit, stream), stream, prompt=text)
+    return GenRequest(_params(params, "parameters.", limit), stream, prompt=text)
 
 
 def parse_chat(doc: Any, limit: int) -> GenRequest:
@@ -185,9 +185,7 @@ def parse_chat(doc: Any, limit: int) -> GenRequest:
         raise RequestError(400, "stream must be true or false")
     opts = doc.get("stream_options") or {}
     usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-    return GenRequest(
-        _params(doc, "", limit, stream), stream, messages=messages, include_usage=usage
-    )
+    return GenRequest(_params(doc, "", limit), stream, messages=messages, include_usage=usage)
 
 
 @dataclass

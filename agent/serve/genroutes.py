@@ -115,15 +115,16 @@ class GenerateRoutes:
         m = self.endpoint.holder.current
         if m is None:
             raise RequestError(503, "no model is active on this device")
+        req = parse_chat(doc, self.endpoint.cfg.max_tokens_limit)
         # "model" may be left out (one model is served, as llama.cpp's server does); a name
         # other than the active model's is a 404 that names it.
-        name = doc.get("model", m.name) if isinstance(doc, dict) else None
+        name = doc.get("model", m.name)
         if not isinstance(name, str):
             raise RequestError(400, '"model" must be a string (GET /v1/models lists them)')
         self.endpoint.check(m, name, None)
         if m.generator is None:
             raise not_text(m)
-        self._generate(name, None, parse_chat(doc, self.endpoint.cfg.max_tokens_limit), "chat")
+        self._generate(name, None, req, "chat")
 
     def _generate(self, name: str, version: str | None, req: GenRequest, kind: str) -> None:
         ep = self.endpoint
