@@ -194,7 +194,7 @@ class AgentConfig(_Strict):
     keep_versions: int = Field(default=2, ge=0, le=100)
     threads: int = Field(default=1, ge=1, le=512)
     # Runtimes this device accepts; empty: the profile's runtime, else every runtime installed.
-    runtimes: list[Literal["onnxruntime", "litert"]] = []
+    runtimes: list[Literal["onnxruntime", "litert", "onnxruntime-genai"]] = []
     profiles_dir: Path | None = None
     # This machine's architecture differs from the profile's hardware.arch: "warn" (log it, say it
     # in check-config and in the birth message, keep running) or "refuse" (do not start).

