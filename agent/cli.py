@@ -182,7 +182,7 @@ def run_cmd(config: Path) -> None:
     if cfg.serve.enabled:
         from agent.serve.http import Endpoint
 
-        endpoint = Endpoint(cfg.serve, agent.holder, agent.latency, agent.capture)
+        endpoint = Endpoint(cfg.serve, agent.holder, agent.latency, agent.capture, agent.generation)
         endpoint.start()  # a port in use is a one-line error before anything else starts
     try:
         agent.run(stop)

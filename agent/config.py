@@ -125,6 +125,16 @@ class ServeConfig(_Strict):
     # all (a JSON body costs several times its size to parse); beyond it 503 with Retry-After.
     # Default: 32 MiB, or max_body_bytes if larger; never below max_body_bytes.
     max_body_bytes_in_flight: int | None = Field(default=None, ge=1024, le=2**34)
+    # Text generation (/generate, /v1/chat/completions): generations running at once (one keeps
+    # a small device's cores on one request); beyond it requests wait in a queue of at most
+    # max_queued_generations, and beyond that get 503 with Retry-After.
+    max_generations: int = Field(default=1, ge=1, le=64)
+    max_queued_generations: int = Field(default=8, ge=0, le=10_000)
+    # A generation's whole time, waiting in the queue included; then it ends (504, or an error
+    # event on a stream). request_timeout_s still bounds reading the request.
+    generate_timeout_s: float = Field(default=300.0, gt=0, le=86_400)
+    # The most tokens one request may ask for (max_tokens); more is a 400.
+    max_tokens_limit: int = Field(default=4096, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _one_body_fits(self) -> ServeConfig:

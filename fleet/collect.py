@@ -52,6 +52,7 @@ from agent.protocol.messages import (
     decode,
 )
 from fleet.db import Batch, FleetDB
+from fleet.gen_store import generation_row
 from fleet.monitor_store import monitor_row
 from fleet.samples_store import MAX_SAMPLE_BYTES, SampleLimit, sample_row
 
@@ -169,6 +170,8 @@ def add_message(
         )
         if (mon := monitor_row(dev, msg, received)) is not None:
             r["monitor"].append(mon)
+        if (gen := generation_row(dev, msg, received)) is not None:
+            r["generation"].append(gen)
     elif isinstance(msg, StateMessage):
         a = msg.active
         model_cols = (a.name, a.version, a.sha256) if a else (None, None, None)

@@ -16,9 +16,9 @@ from typing import Any
 from agent.errors import DatabaseError, UsageError, missing_dependency
 
 # 1: the first schema. 2: + monitor (per-window model monitoring). 3: + samples (feedback
-# capture). An older database gains new tables through CREATE TABLE IF NOT EXISTS at the
-# collector's next start; nothing is rewritten.
-SCHEMA_VERSION = 3
+# capture). 4: + generation (text-generation windows). An older database gains new tables
+# through CREATE TABLE IF NOT EXISTS at the collector's next start; nothing is rewritten.
+SCHEMA_VERSION = 4
 
 
 # Column kinds map to one SQL type per dialect.
@@ -147,6 +147,24 @@ TABLES: dict[str, Table] = {
             (("ts",),),
         ),
         Table(
+            "generation",  # the `generation` block of a telemetry message (fleet/gen_store.py)
+            (
+                *_MSG,
+                *_MODEL,
+                ("requests", "int"),
+                ("tokens", "int"),
+                ("tok_s", "float"),
+                ("ttft_p50_ms", "float"),
+                ("ttft_p95_ms", "float"),
+                ("queue_max", "int"),
+                ("rejected", "int"),
+                ("errors", "int"),
+                ("cancelled", "int"),
+            ),
+            ("device", "seq"),
+            (("ts",),),
+        ),
+        Table(
             "samples",  # captured inferences (fleet/samples_store.py); tensors as their JSON
             (
                 *_MSG,
@@ -188,7 +206,15 @@ TABLES: dict[str, Table] = {
         ),
     )
 }
-MESSAGE_TABLES = ("states", "events", "telemetry", "monitor", "samples", "cmd_results")
+MESSAGE_TABLES = (
+    "states",
+    "events",
+    "telemetry",
+    "monitor",
+    "generation",
+    "samples",
+    "cmd_results",
+)
 
 
 def ddl(dialect: str) -> list[str]:
@@ -367,8 +393,8 @@ class FleetDB:
                 for table, rows in batch.rows.items():
                     if rows:
                         cur.executemany(insert_sql(table, self.ph), rows)
-                        # counted per message: a monitor row rides on a telemetry message
-                        if table not in ("rejected", "monitor"):
+                        # counted per message: these rows ride on a telemetry message
+                        if table not in ("rejected", "monitor", "generation"):
                             new += max(cur.rowcount, 0)
                 if batch.device_states:
                     cur.executemany(_device_state_sql(self.ph), batch.device_states)

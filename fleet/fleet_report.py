@@ -17,7 +17,16 @@ from agent.errors import UsageError
 from agent.htmlkit import esc
 from agent.protocol.states import FAILED, SERVING, TERMINAL
 from fleet.db import FleetDB
-from fleet.view import COLUMNS, DRIFT_COLUMN, NUMERIC_COLUMNS, DeviceRow, cells, rows_from_db
+from fleet.view import (
+    COLUMNS,
+    DRIFT_COLUMN,
+    NUMERIC_COLUMNS,
+    THROTTLED_COLUMN,
+    DeviceRow,
+    cells,
+    rows_from_db,
+    shown,
+)
 
 MAX_POINTS = 400  # per series; longer series are averaged into buckets
 _OUTCOME_CLASS = {**{s: "ok" for s in SERVING}, **{s: "bad" for s in FAILED}}
@@ -242,16 +251,18 @@ def _card(value: Any, label: str, cls: str = "") -> str:
 
 
 def _fleet_table(rows: list[DeviceRow], now: float) -> str:
-    head = "".join(f"<th>{esc(c)}</th>" for c in COLUMNS)
+    show = shown(rows)
+    head = "".join(f"<th>{esc(COLUMNS[i])}</th>" for i in show)
     body = []
     for r in rows:
         c = cells(r, now)
         tds = []
-        for i, v in enumerate(c):
+        for i in show:
+            v = c[i]
             cls = "num" if COLUMNS[i] in NUMERIC_COLUMNS else ""
             if i == 1:
                 cls = {"online": "ok", "offline": "bad"}.get(v, "muted")
-            if (i == 9 and v == "yes") or (i == DRIFT_COLUMN and r.drifting):
+            if (i == THROTTLED_COLUMN and v == "yes") or (i == DRIFT_COLUMN and r.drifting):
                 cls = "warn"
             tds.append(f'<td class="{cls}">{esc(v)}</td>')
         body.append(f"<tr>{''.join(tds)}</tr>")
@@ -304,7 +315,8 @@ def _device_section(
     history: list[dict[str, Any]],
     episodes: list[dict[str, Any]],
 ) -> str:
-    from fleet.report_drift import drift_charts  # it builds on this module's charts
+    from fleet.report_drift import drift_charts  # these build on this module's charts
+    from fleet.report_generation import generation_charts
 
     tel = db.query(
         "SELECT ts, p50_ms, p95_ms, temp_max_c, rss_mb FROM telemetry WHERE device = ? ORDER BY ts",
@@ -342,6 +354,7 @@ def _device_section(
         line_chart(
             "agent memory (RSS)", "MB", [Series("RSS", "#188038", pts("rss_mb"))], x_range, marks
         ),
+        *generation_charts(db, r.device, x_range, marks),
         *drift_charts(db, r.device, x_range, marks, episodes),
     ]
     status = (

@@ -16,6 +16,7 @@ from agent.broker import BrokerConfig
 from agent.protocol import topics
 from agent.protocol.messages import MessageError, StateMessage, Telemetry, decode
 from fleet.db import FleetDB
+from fleet.gen_store import latest_tok_s
 from fleet.monitor_store import MonitorWindow, latest_windows
 from fleet.mqtt import Listener, SyncClient
 
@@ -29,6 +30,7 @@ class DeviceRow:
     version: str | None = None
     p50_ms: float | None = None
     p95_ms: float | None = None
+    tok_s: float | None = None  # decode tokens/s of the latest window with text generation
     rss_mb: float | None = None
     cpu_percent: float | None = None
     temp_max_c: float | None = None
@@ -58,6 +60,7 @@ def rows_from_db(db: FleetDB) -> list[DeviceRow]:
     """Every device the database knows, with its current state and latest telemetry."""
     tel = {r["device"]: r for r in db.query(_LATEST_TELEMETRY)}
     mon = latest_windows(db)
+    tok = latest_tok_s(db)
     out = []
     for d in db.query("SELECT * FROM devices ORDER BY device"):
         t = tel.get(d["device"], {})
@@ -71,6 +74,7 @@ def rows_from_db(db: FleetDB) -> list[DeviceRow]:
                 version=d["version"] or t.get("version"),
                 p50_ms=t.get("p50_ms"),
                 p95_ms=t.get("p95_ms"),
+                tok_s=tok.get(d["device"]),
                 rss_mb=t.get("rss_mb"),
                 cpu_percent=t.get("cpu_percent"),
                 temp_max_c=t.get("temp_max_c"),
@@ -130,6 +134,8 @@ class LiveFleet:
                     throttled=msg.throttled,
                     last_seen=received,
                 )
+                if msg.generation is not None and msg.generation.tok_s is not None:
+                    row = replace(row, tok_s=msg.generation.tok_s)
                 if msg.monitor:
                     w = MonitorWindow.parse(msg.monitor)
                     row = replace(
@@ -183,6 +189,7 @@ COLUMNS = (
     "model",
     "p50",
     "p95",
+    "tok/s",
     "RSS",
     "CPU",
     "max temp",
@@ -192,9 +199,10 @@ COLUMNS = (
     "last seen",
 )
 DRIFT_COLUMN = COLUMNS.index("drift")
+THROTTLED_COLUMN = COLUMNS.index("throttled")
 DRIFT_MARK = "⚠"  # before the score of a window the agent judged drifting
 NUMERIC_COLUMNS = frozenset(
-    {"p50", "p95", "RSS", "CPU", "max temp", "drift", "conf"}
+    {"p50", "p95", "tok/s", "RSS", "CPU", "max temp", "drift", "conf"}
 )  # right-aligned in table and report
 
 
@@ -213,6 +221,12 @@ def ago(ts: float | None, now: float) -> str:
     return f"{s / 3600:.1f}h ago"
 
 
+def shown(rows: list[DeviceRow]) -> list[int]:
+    """Indexes of the COLUMNS to show: tok/s only when some device generates text."""
+    skip = set() if any(r.tok_s is not None for r in rows) else {COLUMNS.index("tok/s")}
+    return [i for i in range(len(COLUMNS)) if i not in skip]
+
+
 def cells(r: DeviceRow, now: float) -> list[str]:
     """Plain-text cells in COLUMNS order (shared by the terminal table and the HTML report)."""
     status = "online" if r.online else ("offline" if r.online is False else "unknown")
@@ -225,6 +239,7 @@ def cells(r: DeviceRow, now: float) -> list[str]:
         model,
         _num(r.p50_ms, " ms", ".2f"),
         _num(r.p95_ms, " ms", ".2f"),
+        _num(r.tok_s, ""),
         _num(r.rss_mb, " MB"),
         _num(r.cpu_percent, "%"),
         _num(r.temp_max_c, " °C"),
@@ -251,7 +266,9 @@ def render_table(
     now = time.time() if now is None else now
     online = sum(1 for r in rows if r.online)
     t = Table(title=f"{title} — {online}/{len(rows)} online", title_justify="left")
-    for col in COLUMNS:
+    show = shown(rows)
+    for i in show:
+        col = COLUMNS[i]
         t.add_column(col, justify="right" if col in NUMERIC_COLUMNS else "left", no_wrap=True)
     for r in rows:
         c = cells(r, now)
@@ -259,10 +276,10 @@ def render_table(
             c[1], c[1]
         )
         if r.throttled:
-            c[9] = "[bold yellow]yes[/bold yellow]"
+            c[THROTTLED_COLUMN] = "[bold yellow]yes[/bold yellow]"
         if r.drifting:
             c[DRIFT_COLUMN] = f"[bold red]{c[DRIFT_COLUMN]}[/bold red]"
-        t.add_row(*c)
+        t.add_row(*(c[i] for i in show))
     if not rows:
         t.caption = "no devices yet"
     return t

@@ -38,6 +38,7 @@ from agent.service import Notifier, trim_memory
 from agent.store.chunks import discard_download
 from agent.store.fsutil import remove
 from agent.store.versions import Installed, VersionStore
+from agent.telemetry.generation import GenRecorder
 from agent.telemetry.latency import LatencyRecorder
 from agent.telemetry.power import PowerReader
 from agent.telemetry.reporter import TelemetryReporter
@@ -82,6 +83,8 @@ class Agent:
         # Every served inference (endpoint, LocalModel) records here; the telemetry reporter reads
         # windows. A benchmark command's runs do not: they are not traffic.
         self.latency = LatencyRecorder()
+        # Text generation on the endpoint (tokens/s, TTFT, queue), read by the reporter likewise.
+        self.generation = GenRecorder()
         # Requests (HTTP endpoint, LocalModel) use the model through the holder, never a session:
         # a swap goes through it, so a request finishes on the model it started with.
         self.holder = SessionHolder()
@@ -186,6 +189,7 @@ class Agent:
             monitor=self.active_monitor,
             drift_event=self.drift_events.append,
             capture=self.capture.window,
+            generation=self.generation.window,
         )
         reporter.start()
         return reporter

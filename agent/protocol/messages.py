@@ -231,6 +231,25 @@ class LatencyWindow(_Strict):
     thermal: dict[str, Any] = {}
 
 
+class GenerationWindow(_Strict):
+    """Text generation on the endpoint since the previous message (agent.telemetry.generation).
+
+    ``tok_s`` is decode speed (tokens after the first over the time from first to last token);
+    TTFT is from a generation's start (its slot), so queueing shows only in ``queue_max``;
+    ``rejected`` counts 503s (queue full, or waited too long); absent figures had no sample.
+    """
+
+    requests: int = Field(default=0, ge=0)
+    tokens: int = Field(default=0, ge=0)
+    tok_s: float | None = Field(default=None, ge=0)
+    ttft_p50_ms: float | None = Field(default=None, ge=0)
+    ttft_p95_ms: float | None = Field(default=None, ge=0)
+    queue_max: int = Field(default=0, ge=0)
+    rejected: int = Field(default=0, ge=0)
+    errors: int = Field(default=0, ge=0)
+    cancelled: int = Field(default=0, ge=0)
+
+
 class Telemetry(_Strict):
     """devices/{id}/telemetry, one per interval (QoS 1). A sensor the device lacks is absent.
 
@@ -267,6 +286,8 @@ class Telemetry(_Strict):
     # Feedback capture this window: {"captured", "dropped", "redaction_errors", "queue_bytes"};
     # absent while capture is off.
     capture: dict[str, int] | None = None
+    # Text generation this window; absent from older agents and from windows without any.
+    generation: GenerationWindow | None = None
 
 
 class SampleTensor(_Strict):

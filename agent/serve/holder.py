@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from agent.monitor.monitor import Monitor
 from agent.runtime import InferenceSession, IOSpec
+from agent.runtime.textgen import GeneratorSession, TextGenerator
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,20 @@ class Loaded:
     retired: bool = False
     # Drift monitor built from this version's reference.json (None: no reference, or disabled).
     monitor: Monitor | None = None
+    # A text-generation model: what /generate and /v1/chat/completions run; taken from the
+    # session when it is a GeneratorSession (no tensors: /infer answers 400), which closes it.
+    generator: TextGenerator | None = None
+
+    @classmethod
+    def text(
+        cls, name: str, version: str, sha256: str, runtime: str, generator: TextGenerator
+    ) -> Loaded:
+        """A loaded text-generation model (manifest task "text-generation")."""
+        return cls(name, version, sha256, runtime, GeneratorSession(generator, [], []))
 
     def __post_init__(self) -> None:
+        if self.generator is None and isinstance(self.session, GeneratorSession):
+            self.generator = self.session.generator
         if not self.inputs:
             self.inputs = [_served(self.runtime, s) for s in self.session.inputs]
         if not self.outputs:
@@ -99,6 +112,6 @@ class SessionHolder:
 
 def _close(loaded: Loaded) -> None:
     try:
-        loaded.session.close()
+        loaded.session.close()  # a GeneratorSession closes its generator
     except Exception:  # a runtime's own error must not take a request thread down
         log.exception("closing %s %s", loaded.name, loaded.version)

@@ -1,5 +1,8 @@
 """The local inference endpoint: Open Inference Protocol v2 REST (KServe / Triton) on stdlib http.server.
 
+Text-generation models are served on the same connections, slots and budgets by the routes in
+agent/serve/genroutes.py (v2 generate extension, OpenAI chat completions).
+
 One thread per connection (keep-alive), at most ``max_connections`` at once; every socket has
 a timeout and a request a deadline, so a slow or silent client only holds its own thread for a
 bounded time. Responses are written in one send (no Nagle/delayed-ACK stall).
@@ -42,6 +45,8 @@ from urllib.parse import urlsplit
 from agent import __version__
 from agent.config import ServeConfig
 from agent.errors import ConfigError
+from agent.serve.generate import GenGate
+from agent.serve.genroutes import GenerateRoutes, error_doc, not_tensors
 from agent.serve.holder import Loaded, SessionHolder
 from agent.serve.tensors import (
     RequestError,
@@ -51,6 +56,7 @@ from agent.serve.tensors import (
     spec_json,
 )
 from agent.service import trim_memory
+from agent.telemetry.generation import GenRecorder
 from agent.telemetry.latency import LatencyRecorder
 
 if TYPE_CHECKING:
@@ -69,7 +75,10 @@ REASONS = {
     413: "Payload Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
+    504: "Gateway Timeout",
 }
+# Requests that carry a body: POST; the rest are GET.
+_POSTS = (["infer"], ["feedback"], ["generate"], ["generate_stream"])
 # Bodies up to this size are not counted against max_body_bytes_in_flight.
 SMALL_BODY = 64 * 1024
 # After a request with a body at least this large, the heap is trimmed (malloc_trim).
@@ -118,7 +127,7 @@ class _DeadlineReader(io.RawIOBase):
         super().close()
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(GenerateRoutes, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "edgefleet-agent"
     endpoint: Endpoint  # set on the subclass made per server
@@ -179,7 +188,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, body, retry_after=retry_after)
 
     def _error(self, status: int, message: str, retry_after: int | None = None) -> None:
-        self._json(status, {"error": message}, retry_after)
+        self._json(status, error_doc(self.path, status, message), retry_after)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, headers too long) as protocol error JSON."""
@@ -228,14 +237,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str, parts: list[str]) -> None:
         ep = self.endpoint
+        if parts[:1] == ["v1"]:
+            self._v1(method, parts)
+            return
         if parts[:1] != ["v2"]:
             raise RequestError(404, f"no such endpoint: {self.path[:200]}")
         rest = parts[1:]
-        want = "POST" if rest[-1:] in (["infer"], ["feedback"]) else "GET"
+        want = "POST" if rest[-1:] in _POSTS else "GET"
         if method != want:
             self.close_connection = True
             raise RequestError(405, f"{method} is not allowed here (use {want})")
-        if rest[-1:] not in (["infer"], ["feedback"]):
+        if rest[-1:] not in _POSTS:
             self._start_work()
         if not rest:
             self._json(
@@ -266,6 +278,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._infer(name, version)
         elif tail == ["feedback"]:
             self._feedback(name, version)
+        elif tail in (["generate"], ["generate_stream"]):
+            self._v2_generate(name, version, tail == ["generate_stream"])
         elif tail == []:
             m = ep.find(name, version)
             self._json(
@@ -399,6 +413,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(503, "no model is active on this device")
         try:
             ep.check(loaded, name, version)
+            if loaded.generator is not None:
+                raise not_tensors(loaded)
             req = parse_infer(body, header_len, loaded.inputs, loaded.outputs)
             del body  # the parsed tensors are what is needed from here
             t0 = time.perf_counter()
@@ -455,8 +471,11 @@ class Endpoint:
         holder: SessionHolder,
         recorder: LatencyRecorder,
         capture: Capture | None = None,
+        gen_recorder: GenRecorder | None = None,
     ) -> None:
         self.cfg, self.holder, self.recorder, self.capture = cfg, holder, recorder, capture
+        self.gen_recorder = gen_recorder if gen_recorder is not None else GenRecorder()
+        self.gate = GenGate(cfg.max_generations, cfg.max_queued_generations, self.gen_recorder)
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, _Conn] = {}  # those holding a slot
         self._inflight = 0  # body bytes reserved (max_body_bytes_in_flight)

@@ -20,9 +20,10 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.monitor.monitor import Monitor
 from agent.protocol import topics
-from agent.protocol.messages import ActiveModel, LatencyWindow, Telemetry
+from agent.protocol.messages import ActiveModel, GenerationWindow, LatencyWindow, Telemetry
 from agent.store.space import is_disk_full
 from agent.telemetry.buffer import TelemetryBuffer
+from agent.telemetry.generation import GenWindow
 from agent.telemetry.latency import LatencyRecorder
 from agent.telemetry.power import PowerReader, WindowPower, energy_fields
 from agent.telemetry.sender import BufferedSender
@@ -53,6 +54,10 @@ def encode_telemetry(msg: Telemetry) -> bytes:
 
 def _round(v: float | None, nd: int = 4) -> float | None:
     return None if v is None else round(v, nd)
+
+
+def _generation(w: GenWindow | None) -> GenerationWindow | None:
+    return None if w is None else GenerationWindow.model_validate(w.as_dict())
 
 
 class ProcessStats:
@@ -93,6 +98,7 @@ class TelemetryReporter(BufferedSender):
         drift_event: Callable[[dict[str, Any]], None] = lambda ev: None,
         power: PowerReader | None = None,
         capture: Callable[[], dict[str, int] | None] = lambda: None,
+        generation: Callable[[], GenWindow | None] = lambda: None,
     ) -> None:
         tc = cfg.telemetry
         self.device, self.t, self.recorder, self.active = cfg.device_id, transport, recorder, active
@@ -106,6 +112,7 @@ class TelemetryReporter(BufferedSender):
         # The active model's drift monitor, and where its episode events go (the agent's worker
         # publishes them: events are numbered on the worker's sequence).
         self.monitor, self.drift_event, self.capture = monitor, drift_event, capture
+        self.generation = generation
         self.started = time.monotonic()
         self.window = WindowThermal()
         self.power = power or PowerReader(tc.sysfs_root)
@@ -182,6 +189,7 @@ class TelemetryReporter(BufferedSender):
             },
             monitor=block,
             capture=self.capture(),
+            generation=_generation(self.generation()),
             **stats,
         )
         try:

@@ -45,6 +45,22 @@ from fleet.commands.options import broker_from_options, broker_options, operator
     help="Absolute slack added to the p95 check (sub-millisecond models jitter).",
 )
 @click.option(
+    "--max-tok-s-drop-pct",
+    default=20.0,
+    show_default=True,
+    type=float,
+    help="Text-generation models: a canary whose decode tokens/s (telemetry) is this much "
+    "lower than the model it replaced fails.",
+)
+@click.option(
+    "--max-ttft-regression-pct",
+    default=20.0,
+    show_default=True,
+    type=float,
+    help="Text-generation models: a canary whose time-to-first-token p95 is this much worse "
+    "(+ 5 ms) than the model it replaced fails.",
+)
+@click.option(
     "--observe",
     default=None,
     type=float,
@@ -92,6 +108,8 @@ def deploy_cmd(
     wait: bool,
     max_p95_regression_pct: float,
     p95_slack_ms: float,
+    max_tok_s_drop_pct: float,
+    max_ttft_regression_pct: float,
     observe: float | None,
     max_output_drift: float | None,
     capture: tuple[str, ...],
@@ -128,7 +146,14 @@ def deploy_cmd(
             raise UsageError("--capture goes with a plain deploy (no --canary/--wait)")
         if max_output_drift is not None and canary is None:
             raise UsageError("--max-output-drift judges canaries: give --canary N too")
-        gate = Gate(max_p95_regression_pct, p95_slack_ms, observe, max_output_drift)
+        gate = Gate(
+            max_p95_regression_pct,
+            p95_slack_ms,
+            observe,
+            max_output_drift,
+            max_tok_s_drop_pct=max_tok_s_drop_pct,
+            max_ttft_regression_pct=max_ttft_regression_pct,
+        )
         with RolloutDisplay(f"deploy --group {group}") as show:
             ro = staged_rollout(
                 broker_from_options(kw),

@@ -44,6 +44,9 @@ class Gate:
     ``max_output_drift`` (opt-in): the most a canary's predicted-class distribution may diverge
     from the old model's on the not-yet-updated members (fleet/rollout/output_drift.py), judged
     once each side reported ``min_output_samples`` predictions.
+    Text-generation models (telemetry ``generation`` blocks): the canary's decode tokens/s may
+    be at most ``max_tok_s_drop_pct`` lower, and its TTFT p95 at most ``max_ttft_regression_pct``
+    (+ ``ttft_slack_ms``) higher, than the replaced model's on the same device.
     """
 
     max_p95_regression_pct: float = 20.0
@@ -51,6 +54,9 @@ class Gate:
     observe_s: float | None = None
     max_output_drift: float | None = None
     min_output_samples: int = 100
+    max_tok_s_drop_pct: float = 20.0
+    max_ttft_regression_pct: float = 20.0
+    ttft_slack_ms: float = 5.0
 
     def p95_problem(self, new: float | None, old: float | None, source: str) -> str | None:
         if (
@@ -63,6 +69,26 @@ class Gate:
         return (
             f"{source} p95 {new:.3f} ms vs {old:.3f} ms before (+{pct:.0f}%; allowed "
             f"{self.max_p95_regression_pct:g}% + {self.p95_slack_ms:g} ms)"
+        )
+
+    def tok_s_problem(self, new: float | None, old: float | None) -> str | None:
+        if new is None or old is None or new >= old * (1 - self.max_tok_s_drop_pct / 100.0):
+            return None
+        return (
+            f"telemetry decode {new:.1f} tokens/s vs {old:.1f} before "
+            f"({(new / old - 1) * 100:.0f}%; allowed -{self.max_tok_s_drop_pct:g}%)"
+        )
+
+    def ttft_problem(self, new: float | None, old: float | None) -> str | None:
+        if (
+            new is None
+            or old is None
+            or not p95_regressed(new, old, self.max_ttft_regression_pct, self.ttft_slack_ms)
+        ):
+            return None
+        return (
+            f"telemetry TTFT p95 {new:.1f} ms vs {old:.1f} ms before (allowed "
+            f"+{self.max_ttft_regression_pct:g}% + {self.ttft_slack_ms:g} ms)"
         )
 
 
@@ -83,6 +109,11 @@ class DeviceView:
     tele_before_p95: float | None = None
     tele_after_p95: float | None = None
     tele_errors: int = 0
+    # text generation (telemetry generation blocks): decode tokens/s and TTFT p95
+    tok_s_before: float | None = None
+    tok_s_after: float | None = None
+    ttft_before: float | None = None
+    ttft_after: float | None = None
     active_at: float | None = None
     rolled_back: bool = False
     classes_new: dict[str, float] = field(default_factory=dict)  # class counts on the new model
@@ -206,13 +237,28 @@ class Rollout:
         if classes:
             new = tm.active.sha256 == self.sha
             output_drift.add_counts(v.classes_new if new else v.classes_old, classes)
+        gen = self._generation(v, tm)
         if lat.count == 0:
-            return bool(classes)
+            return bool(classes) or gen
         if tm.active.sha256 == self.sha:
             v.tele_after_p95 = lat.p95_ms if lat.p95_ms is not None else v.tele_after_p95
             v.tele_errors += lat.errors
         elif v.state == PENDING or v.state in IN_PROGRESS:
             v.tele_before_p95 = lat.p95_ms if lat.p95_ms is not None else v.tele_before_p95
+        return True
+
+    def _generation(self, v: DeviceView, tm: Telemetry) -> bool:
+        """Fold a generation block into the device's before/after figures (latest window wins)."""
+        g, a = tm.generation, tm.active
+        if g is None or a is None:
+            return False
+        if a.sha256 == self.sha:
+            v.tok_s_after = g.tok_s if g.tok_s is not None else v.tok_s_after
+            v.ttft_after = g.ttft_p95_ms if g.ttft_p95_ms is not None else v.ttft_after
+            v.tele_errors += g.errors
+        elif v.state == PENDING or v.state in IN_PROGRESS:
+            v.tok_s_before = g.tok_s if g.tok_s is not None else v.tok_s_before
+            v.ttft_before = g.ttft_p95_ms if g.ttft_p95_ms is not None else v.ttft_before
         return True
 
     # -- decisions ----------------------------------------------------------------------------------
@@ -227,6 +273,8 @@ class Rollout:
         for problem in (
             self.gate.p95_problem(v.p95_ms, v.current_p95_ms, "on-device"),
             self.gate.p95_problem(v.tele_after_p95, v.tele_before_p95, "telemetry"),
+            self.gate.tok_s_problem(v.tok_s_after, v.tok_s_before),
+            self.gate.ttft_problem(v.ttft_after, v.ttft_before),
         ):
             if problem:
                 return "fail", f"{dev}: {problem}"

@@ -14,6 +14,7 @@ import pytest
 from agent.config import AgentConfig
 from agent.protocol.messages import ActiveModel, Telemetry, decode
 from agent.telemetry.buffer import TelemetryBuffer
+from agent.telemetry.generation import GenRecorder
 from agent.telemetry.latency import LatencyRecorder
 from agent.telemetry.reporter import TelemetryReporter
 from agent.telemetry.thermal import ThermalReader, parse_vcgencmd
@@ -191,7 +192,32 @@ def test_no_sensor_fields_absent(tmp_path: Path) -> None:
     (doc,) = _sent(fake)
     for key in ("temperatures_c", "throttled", "throttle_detail", "cpu_freq_mhz", "active"):
         assert key not in doc
+    assert "generation" not in doc  # no text generated: no block
     assert doc["latency"]["thermal"] == {"samples": 1}
+    rep.buffer.close()
+
+
+def test_generation_window_goes_into_the_message(tmp_path: Path) -> None:
+    fake = FakeTransport()
+    gen = GenRecorder(seed=0)
+    rep = TelemetryReporter(
+        _cfg(tmp_path, tmp_path / "empty"),
+        fake,
+        LatencyRecorder(),
+        lambda: None,
+        ThermalReader(tmp_path / "empty", vcgencmd=None),
+        generation=gen.window,
+    )
+    gen.finished(33, 0.12, 0.8)
+    gen.rejected()
+    rep.report()
+    rep.report()  # an idle window after it: no block
+    rep.pump()
+    first, second = _sent(fake)
+    g = first["generation"]
+    assert (g["requests"], g["tokens"], g["tok_s"], g["rejected"]) == (1, 33, 40.0, 1)
+    assert g["ttft_p50_ms"] == g["ttft_p95_ms"] == 120.0 and "generation" not in second
+    assert decode(Telemetry, json.dumps(first).encode()).generation is not None
     rep.buffer.close()
 
 

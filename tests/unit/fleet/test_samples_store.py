@@ -113,14 +113,14 @@ def test_a_schema_2_database_gains_the_samples_table_and_keeps_its_rows(tmp_path
     assert not ro.has_table("samples") and ro.schema_version() == 2
     ro.close()
     db = FleetDB(str(path))  # the collector's start upgrades
-    assert db.has_table("samples") and db.schema_version() == SCHEMA_VERSION == 3
+    assert db.has_table("samples") and db.schema_version() == SCHEMA_VERSION == 4
     assert db.query("SELECT p95_ms FROM telemetry")[0]["p95_ms"] == 3.0
     b = Batch.empty()
     add_message(b, T.format("d0", "samples"), dumps(sample("d0", 2, {"x": X})), 6.0)
     add_message(b, T.format("d0", "telemetry"), dumps(telemetry("d0", 2)), 6.0)
     assert db.store(b) == 2
     db.close()
-    assert FleetDB(str(path)).schema_version() == 3  # idempotent
+    assert FleetDB(str(path)).schema_version() == SCHEMA_VERSION  # idempotent
 
 
 @settings(max_examples=300, deadline=None)
