@@ -49,6 +49,27 @@ def _build(tmp: Path) -> tuple[Path, Path]:
     return result.artifact, pub
 
 
+def _golden_text(artifact: Path, dest: Path) -> tuple[dict[str, Any], str, str]:
+    """The artifact's first golden prompt, the text of its first ``prefix_tokens`` expected
+    tokens, and the prompt with the chat template applied (decoded with the model's own
+    tokenizer, unpacked from the artifact)."""
+    import tarfile
+
+    from agent.protocol.manifest import MANIFEST_NAME, parse_manifest
+    from agent.runtime.textgen import load_generator
+
+    with tarfile.open(artifact) as tar:
+        tar.extractall(dest, filter="data")
+    m = parse_manifest(json.loads((dest / MANIFEST_NAME).read_text()))
+    golden = json.loads((dest / m.golden.file).read_text())["prompts"][0]
+    k = m.golden.prefix_tokens or 8
+    gen = load_generator(dest / m.model.file)
+    try:
+        return golden, gen.decode(golden["tokens"][:k]), gen.chat_prompt(golden["messages"])
+    finally:
+        gen.close()
+
+
 def test_llm_deployed_served_and_reported(
     broker: Broker, listener: Listener, agents: Any, tmp_path: Path
 ) -> None:
@@ -93,6 +114,31 @@ def test_llm_deployed_served_and_reported(
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=30)
     assert err.value.code == 400 and "generates text" in err.value.read().decode()
+
+    # The artifact's golden prompt through the v2 generate extension (plain and as server-sent
+    # events) and the chat route: the answer starts with the golden greedy tokens.
+    golden, expected, prompt = _golden_text(artifact, tmp_path / "unpacked")
+    n = golden["max_new_tokens"]
+    assert len(expected.strip()) >= 8, expected  # eight tokens of real text to match
+    for route in ("generate", "generate_stream"):
+        body = {"text_input": prompt, "parameters": {"max_tokens": n, "temperature": 0}}
+        req = urllib.request.Request(
+            f"{base}/v2/models/smollm2/{route}",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            raw = resp.read().decode()
+        if route == "generate":
+            text = json.loads(raw)["text_output"]
+        else:  # data: {...} lines, one per piece of text
+            docs = [json.loads(x[5:]) for x in raw.splitlines() if x.startswith("data:")]
+            text = "".join(d.get("text_output", "") for d in docs)
+        assert text.strip().startswith(expected.strip()), (route, text, expected)
+    r = client.chat.completions.create(
+        model="smollm2", messages=golden["messages"], max_tokens=n, temperature=0
+    )
+    assert (r.choices[0].message.content or "").strip().startswith(expected.strip())
 
     tm = listener.wait_message(
         "edgefleet/v1/devices/llm1/telemetry",
