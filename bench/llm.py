@@ -4,8 +4,10 @@ Builds (or reuses from the cache) examples/smollm2 for one profile through the r
 then measures the chosen candidate with raw onnxruntime-genai in a fresh process (no agent
 code: og.Model + og.Generator), over the build config's prompts: time to first token, decode
 tokens/s, peak RSS, plus its size and its next-token agreement with the float model (from the
-build). With --agent-url, the same prompts go to a running agent's OpenAI-compatible endpoint
-(streamed) and the ratios to raw are reported (llm_agent_*).
+build). Then a real agent process (mosquitto + `edgefleet-agent run`, the artifact installed)
+serves it, and its OpenAI-compatible endpoint (streamed) is measured in turn with the same model
+in process: llm_agent_tok_s_ratio, llm_agent_ttft_overhead_ms, llm_agent_peak_rss_mb
+(bench/llm_agent.py). --agent-url measures an agent already running instead.
 
     python3 bench/llm.py                          # x86-ipc; ~4 min cold, ~1 min cached
     python3 bench/llm.py --agent-url http://127.0.0.1:8080 --agent-pid 1234
@@ -146,7 +148,7 @@ def vm_hwm_mb(pid: int) -> float | None:
 
 def build(
     profile: str, cache: Path, out: Path
-) -> tuple[Path, dict[str, Any], list[list[dict[str, str]]], int]:
+) -> tuple[Path, dict[str, Any], list[list[dict[str, str]]], int, Path]:
     from agent.protocol.profile import get_profile
     from agent.protocol.signing import generate_keypair, load_private_key
     from builder.llm.build import LlmBuilder
@@ -173,7 +175,9 @@ def build(
             log(f"  {c.recipe:12} {c.error}")
     if result.chosen is None:
         raise SystemExit(f"no candidate fits {profile}: {result.error or ''}")
-    return b.folder(result.chosen.recipe), result.chosen.metrics, b.chats, prof.llm_threads
+    assert result.artifact is not None
+    folder = b.folder(result.chosen.recipe)
+    return folder, result.chosen.metrics, b.chats, prof.llm_threads, result.artifact
 
 
 def main() -> None:
@@ -183,6 +187,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / ".edgefleet-cache" / "bench-llm")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--agent-rounds",
+        type=int,
+        default=6,
+        help="rounds against a real agent process serving the artifact, interleaved with the "
+        "model in process (0: skip)",
+    )
     ap.add_argument("--agent-url", default=None, help="a running agent serving the same model")
     ap.add_argument("--agent-pid", type=int, default=None, help="its process id (peak RSS)")
     ap.add_argument("--raw-child", type=Path, default=None, help=argparse.SUPPRESS)
@@ -197,7 +208,7 @@ def main() -> None:
         )
         return
     load0 = os.getloadavg()[0]
-    folder, metrics, chats, threads = build(a.profile, a.cache_dir, a.out)
+    folder, metrics, chats, threads, artifact = build(a.profile, a.cache_dir, a.out)
     log(
         f"raw onnxruntime-genai, fresh process, {threads} threads, {len(chats)} prompts x {a.rounds} rounds"
     )
@@ -234,6 +245,33 @@ def main() -> None:
         "raw_peak_rss_mb": raw["peak_rss_mb"],
         "threads": threads,
     }
+    if a.agent_rounds > 0 and not a.agent_url:
+        from llm_agent import side_by_side
+
+        prompt = chats[0][-1]["content"]
+        log(f"a real agent serving {artifact.name}, side by side with the model in process:")
+        sbs = side_by_side(
+            artifact,
+            a.out / "keys" / "edgefleet.pub",
+            folder,
+            threads,
+            prompt,
+            64,
+            a.agent_rounds,
+            log,
+        )
+        log(
+            f"  decode tok/s: endpoint {sbs['endpoint_tok_s']} vs in process {sbs['raw_tok_s']} "
+            f"(ratio {sbs['llm_agent_tok_s_ratio']}, per round {sbs['paired_tok_s_ratio']}); "
+            f"TTFT {sbs['endpoint_ttft_ms']} vs {sbs['raw_ttft_ms']} ms "
+            f"(+{sbs['llm_agent_ttft_overhead_ms']} ms, per round {sbs['paired_ttft_overhead_ms']}); "
+            f"agent peak RSS {sbs['llm_agent_peak_rss_mb']} MB; same text: {sbs['same_text']}"
+        )
+        for k in ("llm_agent_tok_s_ratio", "llm_agent_ttft_overhead_ms", "llm_agent_peak_rss_mb"):
+            result[k] = sbs[k]
+        result["llm_agent_paired_tok_s_ratio"] = sbs["paired_tok_s_ratio"]
+        result["llm_agent_paired_ttft_overhead_ms"] = sbs["paired_ttft_overhead_ms"]
+        result["llm_agent_same_text"] = sbs["same_text"]
     if a.agent_url:
         agent = agent_endpoint(a.agent_url, chats, a.tokens, a.rounds)
         result["llm_agent_tok_s_ratio"] = round(agent["tok_s"] / raw["tok_s"], 3)
