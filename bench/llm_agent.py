@@ -21,7 +21,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+# after the repository: bench/fleet.py must not hide the fleet package
+sys.path.append(str(REPO / "bench"))
 
 from llm_endpoint import compare, measure_endpoint, measure_inprocess  # noqa: E402
 
