@@ -10,6 +10,7 @@ from typing import Any
 
 from agent.protocol.messages import Telemetry
 from fleet.db import FleetDB
+from fleet.monitor_store import window_key
 
 
 def generation_row(dev: str, msg: Telemetry, received: float) -> tuple[Any, ...] | None:
@@ -17,15 +18,8 @@ def generation_row(dev: str, msg: Telemetry, received: float) -> tuple[Any, ...]
     g = msg.generation
     if g is None:
         return None
-    a = msg.active
     return (
-        dev,
-        msg.seq,
-        msg.ts,
-        received,
-        a.name if a else None,
-        a.version if a else None,
-        a.sha256 if a else None,
+        *window_key(dev, msg, received),
         g.requests,
         g.tokens,
         g.tok_s,

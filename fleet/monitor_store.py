@@ -74,11 +74,9 @@ class MonitorWindow:
         )
 
 
-def monitor_row(dev: str, msg: Telemetry, received: float) -> tuple[Any, ...] | None:
-    """The ``monitor`` table row of a telemetry message, or None when it has no monitor block."""
-    if not msg.monitor:
-        return None
-    w = MonitorWindow.parse(msg.monitor)
+def window_key(dev: str, msg: Telemetry, received: float) -> tuple[Any, ...]:
+    """The leading columns of a per-window table (monitor, generation): the message's device,
+    seq, times and the model it describes (fleet.db's _MSG and _MODEL columns)."""
     a = msg.active
     return (
         dev,
@@ -88,6 +86,16 @@ def monitor_row(dev: str, msg: Telemetry, received: float) -> tuple[Any, ...] | 
         a.name if a else None,
         a.version if a else None,
         a.sha256 if a else None,
+    )
+
+
+def monitor_row(dev: str, msg: Telemetry, received: float) -> tuple[Any, ...] | None:
+    """The ``monitor`` table row of a telemetry message, or None when it has no monitor block."""
+    if not msg.monitor:
+        return None
+    w = MonitorWindow.parse(msg.monitor)
+    return (
+        *window_key(dev, msg, received),
         w.count,
         w.metric,
         w.drift_max,
