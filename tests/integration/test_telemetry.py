@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sysfs"
 BOUND = 20
+INFLIGHT = 16  # agent.telemetry.sender.INFLIGHT
 # The agent reconnects with a 1 s then 2 s backoff (tests' config): a broker back within 1 s means
 # about 1 s (5 messages) offline; one down for 4.5 s means 5-7 s (25-35 messages, over 20).
 
@@ -116,23 +117,31 @@ def test_telemetry_through_broker_outages(tmp_path: Path, broker: Broker, agents
         def gaps(seqs: list[int]) -> list[int]:
             return sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))
 
-        while True:
-            seqs = col.seqs()
-            after = [s for s in seqs if s > before]
-            # on a slow machine the message in flight at the reconnect may land after newer ones:
-            # wait until the gap is one block (or the deadline), then judge
-            missing = gaps(seqs)
-            one_block = bool(missing) and missing == list(range(missing[0], missing[-1] + 1))
-            if (len(after) >= BOUND + 3 and one_block) or time.monotonic() > deadline:
-                break
+        def drained() -> bool:
+            with col.lock:
+                last = col.msgs[-1] if col.msgs else None
+            return (
+                last is not None and last["seq"] > before + BOUND and last["buffer"]["pending"] <= 1
+            )
+
+        # wait until the agent's buffer is empty again (every message it kept was acknowledged),
+        # plus a moment for the broker to hand the last ones on
+        while not (drained() or time.monotonic() > deadline):
             time.sleep(0.05)
+        time.sleep(1.0 * TIME_SCALE)
+        seqs = col.seqs()
         assert len(seqs) == len(set(seqs)), f"duplicated: {seqs}"
         seqs = sorted(seqs)
         missing = gaps(seqs)
         assert missing, "a 5 s outage at 0.2 s intervals must overflow a buffer of 20"
-        assert missing == list(range(missing[0], missing[-1] + 1)), (
-            "not one block: not oldest-first"
-        )
+        # The oldest messages go first, except those in flight (handed to the client before it
+        # saw the outage, kept to be resent): at most one run of up to INFLIGHT kept messages
+        # splits the dropped ones in two (seen under qemu: 16..20 and 37 dropped, 21..36 kept).
+        between = [s for s in seqs if missing[0] < s < missing[-1]]
+        blocks = sorted(set(missing) | set(between)) == list(range(missing[0], missing[-1] + 1))
+        assert blocks and len(between) <= INFLIGHT, f"not oldest-first: missing {missing}"
+        if between:
+            assert between == list(range(between[0], between[-1] + 1)), missing
         assert (
             before < missing[0] <= before + 2
         )  # the outage's first messages went (one may be in flight)
@@ -140,9 +149,14 @@ def test_telemetry_through_broker_outages(tmp_path: Path, broker: Broker, agents
         assert kept == list(range(missing[-1] + 1, seqs[-1] + 1))
         with col.lock:
             docs = {m["seq"]: m for m in col.msgs}
-        # each drop is reported by the next message made after it; the total never decreases
-        assert sum(docs[s]["buffer"].get("dropped", 0) for s in kept) == len(missing)
-        assert docs[seqs[-1]]["buffer"]["dropped_total"] == len(missing)
+        # each drop is reported by the next message made after it (which may itself be dropped:
+        # the count then travels in dropped_total only); the total never decreases
+        reported = sum(docs[s]["buffer"].get("dropped", 0) for s in seqs if s > before)
+        assert reported <= len(missing) and docs[seqs[-1]]["buffer"]["dropped_total"] == len(
+            missing
+        )
+        if not between:
+            assert sum(docs[s]["buffer"].get("dropped", 0) for s in kept) == len(missing)
         # the backlog drained: the newest messages report an empty buffer again
         col.wait_for(len(seqs) + 3)
         with col.lock:
