@@ -17,7 +17,7 @@ from agent.protocol.artifact import verify_artifact
 from agent.protocol.signing import load_public_key
 from agent.runtime.base import InferenceSession, IOSpec
 from agent.store.versions import VersionStore
-from tests.agent_helpers import make_artifact, make_keys, write_config
+from tests.agent_helpers import TIME_SCALE, make_artifact, make_keys, write_config
 
 PROFILE = """
 name = "generic-cpu"
@@ -176,15 +176,17 @@ def test_a_burst_during_one_measurement_does_not_reject_and_runs_alternate(
     golden = selftest.golden_of(inst)
     log: list[str] = []
     # slow for the golden self-test's calls and the first measurement's, then fast again
-    burst = Burst(selftest.load(inst, 1), 0.01, selftest.WARMUP_RUNS + 10, log)
+    burst = Burst(selftest.load(inst, 1), 0.01 * TIME_SCALE, selftest.WARMUP_RUNS + 20, log)
     current = Logged(selftest.load(inst, 1), log)
-    res = selftest.check_candidate(burst, inst, 10, 1000.0, 20.0, 0.5, (current, golden))
+    # slack 5 ms: the 10 ms burst fails the first measurement; a loaded CI machine's own
+    # millisecond hiccups (seen: p95 1.6 ms vs 0.14 ms) must not fail the second
+    res = selftest.check_candidate(burst, inst, 20, 1e4, 20.0, 5.0 * TIME_SCALE, (current, golden))
     assert res.ok, res.reason
     assert res.detail["latency_attempts"] == 2
     timed = log[log.index("current") + selftest.WARMUP_RUNS :]
     assert timed[selftest.WARMUP_RUNS : selftest.WARMUP_RUNS + 6] == ["candidate", "current"] * 3
     # a candidate slow in both measurements is still rejected
     log.clear()
-    steady = Burst(selftest.load(inst, 1), 0.01, 10_000, log)
-    bad = selftest.check_candidate(steady, inst, 10, 1000.0, 20.0, 0.5, (current, golden))
+    steady = Burst(selftest.load(inst, 1), 0.01 * TIME_SCALE, 10_000, log)
+    bad = selftest.check_candidate(steady, inst, 20, 1e4, 20.0, 5.0 * TIME_SCALE, (current, golden))
     assert not bad.ok and bad.detail["latency_attempts"] == 2, bad.reason
