@@ -108,8 +108,12 @@ def resolve_policy(cfg: AgentConfig, source: str = "config") -> Policy:
     runtimes: tuple[str, ...] = tuple(cfg.runtimes)
     if not runtimes:
         runtimes = (profile.runtime.name,) if profile is not None else tuple(available_runtimes())
-        if profile is not None and profile.llm is not None:
-            runtimes += ("onnxruntime-genai",)  # text generation beside the profile's runtime
+        if (
+            profile is not None
+            and profile.llm is not None
+            and "onnxruntime-genai" in available_runtimes()
+        ):  # text generation beside the profile's runtime, where edgefleet[llm] is installed
+            runtimes += ("onnxruntime-genai",)
     trust = DeviceTrust(cfg.state_dir, [read_trusted_key(cfg.root_key)], cfg.trust_file)
     providers = (
         profile.runtime.execution_providers if profile is not None else ("CPUExecutionProvider",)
