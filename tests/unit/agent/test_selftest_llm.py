@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
+
 from agent.deploy import selftest, selftest_llm
 from agent.protocol.golden_llm import GoldenPrompts
 from agent.protocol.manifest import FileEntry, Golden, Manifest, ModelInfo, Recipe, TensorSpec
@@ -135,7 +137,11 @@ def test_cancel_is_honoured_by_the_fake_during_a_benchmark() -> None:
     assert list(gen.generate([1], selftest_llm.GenParams(), cancel)) == []
 
 
-def test_a_profile_with_llm_accepts_genai_artifacts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("genai_installed", [True, False])
+def test_a_profile_with_llm_accepts_genai_artifacts_where_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, genai_installed: bool
+) -> None:
+    import agent.runtime
     from agent.config import load_config
     from agent.deploy.policy import resolve_policy
     from tests.agent_helpers import make_keys, write_config
@@ -154,8 +160,11 @@ def test_a_profile_with_llm_accepts_genai_artifacts(tmp_path: Path) -> None:
         'runtimes = ["onnxruntime"]', f'runtimes = []\nprofiles_dir = "{profiles}"'
     )
     path.write_text(text)
+    present = ["onnxruntime", "onnxruntime-genai"] if genai_installed else ["onnxruntime"]
+    monkeypatch.setattr(agent.runtime, "available_runtimes", lambda: present)
     policy = resolve_policy(load_config(path))
-    assert policy.runtimes == ("onnxruntime", "onnxruntime-genai")
+    expected = ("onnxruntime", "onnxruntime-genai") if genai_installed else ("onnxruntime",)
+    assert policy.runtimes == expected
 
 
 def test_a_zero_regression_budget_is_strict(tmp_path: Path) -> None:
