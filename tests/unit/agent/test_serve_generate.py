@@ -168,6 +168,27 @@ def test_queue_full_gets_503_with_retry_after(serve: Any) -> None:
     assert w.tokens == 2 * len(REPLY) and w.tok_s is not None and w.ttft_p95_ms is not None
 
 
+def test_two_slots_run_two_generations_at_once_and_queue_the_third(serve: Any) -> None:
+    gen = FakeGenerator(REPLY, delay_s=0.01)
+    ep, _ = serve(gen, max_generations=2, max_queued_generations=2)
+    results: list[tuple[int, bytes]] = []
+
+    def one() -> None:
+        st, _, body = post(ep, "/v2/models/chat/generate", {"text_input": "x"})
+        results.append((st, body))
+
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: gen.active == 2 and ep.gate.depth == 1)
+    for t in threads:
+        t.join()
+    assert [st for st, _ in results] == [200, 200, 200] and gen.max_active == 2
+    assert all(json.loads(b)["text_output"] == REPLY for _, b in results)
+    w = ep.gen_recorder.window()
+    assert w is not None and w.requests == 3 and w.rejected == 0 and w.queue_max == 1
+
+
 def _open_stream(ep: Endpoint, path: str, doc: dict[str, Any]) -> tuple[socket.socket, bytes]:
     """A raw connection with a streaming request sent and its first event read."""
     host, port = ep.address.removeprefix("http://").rsplit(":", 1)
