@@ -7,11 +7,10 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import BudgetError, EdgefleetError, ModelError
+from agent.errors import EdgefleetError, ModelError
 from agent.protocol.profile import DeviceProfile
 from agent.runtime.base import IOSpec
 from builder.candidate import Candidate, Reference, evaluate_and_pack
@@ -22,6 +21,7 @@ from builder.evaluate.accuracy import run_batched
 from builder.package import ensure_writable_dir
 from builder.passes import ModelHandle, ModelKind, PassContext
 from builder.pipeline import Pipeline, plan
+from builder.profile_result import ProfileResult
 from builder.recipes import EXPORT, NEEDS_STUDENT, SIMPLIFY, TORCH_ONLY, recipe_steps
 
 log = logging.getLogger(__name__)
@@ -40,33 +40,6 @@ SELECT_KEYS: dict[str, Callable[[Candidate], Any]] = {
         -c.metrics.get("cosine_min", 0.0),
     ),
 }
-
-
-@dataclass
-class ProfileResult:
-    profile: DeviceProfile
-    candidates: list[Candidate]
-    chosen: Candidate | None
-    artifact: Path | None
-    report: Path | None = None  # the HTML compression report beside the artifact
-    error: str | None = None  # the profile could not be built at all (not a candidate's failure)
-    # The budgets it was gated on when not the profile's tensor budgets (a text-generation build)
-    budgets: dict[str, Any] | None = None
-
-    def summary(self) -> dict[str, Any]:
-        c = self.chosen
-        return {
-            "profile": self.profile.name,
-            "runtime": self.profile.runtime.name,
-            "chosen": c.recipe if c else None,
-            "precision": c.precision if c else None,
-            "artifact": str(self.artifact) if self.artifact else None,
-            "report": str(self.report) if self.report else None,
-            "metrics": c.metrics if c else None,
-            "error": self.error,
-            "budgets": self.budgets or self.profile.budgets.model_dump(),
-            "candidates": [x.summary() for x in self.candidates],
-        }
 
 
 def _first_line(exc: BaseException) -> str:
@@ -390,19 +363,3 @@ class Builder:
             cand.error = f"{type(exc).__name__}: {_first_line(exc)}"
         if cand.error:
             cand.violations = []
-
-
-def no_fit_error(result: ProfileResult) -> BudgetError:
-    """The error for a profile where nothing fits, saying how far each candidate was."""
-    if result.error:
-        return BudgetError(f"profile '{result.profile.name}': not built: {result.error}")
-    built = [c for c in result.candidates if not c.skipped]
-    what = (
-        "no candidate meets the budgets"
-        if any(not c.error for c in built)
-        else "no candidate could be built"
-    )
-    return BudgetError(
-        f"profile '{result.profile.name}': {what}: "
-        + "; ".join(f"{c.recipe}: {c.error or ', '.join(c.violations)}" for c in result.candidates)
-    )

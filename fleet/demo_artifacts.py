@@ -74,7 +74,7 @@ def build_artifacts(
         t0 = time.monotonic()
         res = builder.build_profile(prof, out)
         if res.artifact is None:
-            from builder.search import no_fit_error
+            from builder.profile_result import no_fit_error
 
             raise no_fit_error(res)
         say(

@@ -100,7 +100,8 @@ def build_cmd(
     from agent.protocol.profile import get_profile, load_profiles
     from agent.protocol.signing import load_private_key
     from builder.config import load_build_config
-    from builder.search import Builder, no_fit_error
+    from builder.profile_result import no_fit_error
+    from builder.search import Builder
 
     _quiet_libraries()
 

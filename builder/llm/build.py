@@ -37,7 +37,7 @@ from builder.llm.config import CANDIDATES, REFERENCE, LlmBuildConfig, effective_
 from builder.llm.golden import golden_prompts, write_json
 from builder.llm.probe import probe
 from builder.package import ensure_writable_dir, file_entry, write_artifact
-from builder.search import ProfileResult
+from builder.profile_result import ProfileResult
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from builder.config import load_build_config
 from builder.data import DataBundle, Split
 from builder.evaluate.accuracy import run_batched
 from builder.passes import ModelHandle, ModelKind, PassContext, get_pass
-from builder.search import Builder, ProfileResult, no_fit_error
+from builder.profile_result import ProfileResult, no_fit_error
+from builder.search import Builder
 from tests.conftest import ROOT, DigitsProject
 
 pytestmark = pytest.mark.slow
