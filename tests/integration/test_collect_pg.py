@@ -153,7 +153,8 @@ def test_pg_schema_1_database_gains_monitor_rows(
     import psycopg
 
     from fleet.collect import add_message
-    from fleet.db import SCHEMA_VERSION, Batch, ddl
+    from fleet.db import Batch
+    from fleet.schema import SCHEMA_VERSION, ddl
     from tests.fleet_helpers import drift_event, dumps, monitor, state, telemetry
 
     url = pg.create_db("upgrade")

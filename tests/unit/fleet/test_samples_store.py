@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 
 from agent.protocol import topics
 from fleet.collect import add_message, subscriptions
-from fleet.db import SCHEMA_VERSION, Batch, FleetDB, ddl
+from fleet.db import Batch, FleetDB
 from fleet.feedback import _tensor
 from fleet.samples_store import DTYPES, SampleLimit
+from fleet.schema import SCHEMA_VERSION, ddl
 from tests.fleet_helpers import dumps, sample, telemetry
 
 T = "edgefleet/v1/devices/{}/{}"
