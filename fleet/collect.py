@@ -2,7 +2,7 @@
 stores them in the fleet database.
 
 Delivery: QoS 1, a persistent session (a stable client id) and manual acks through paho's
-public API: paho's network thread only enqueues; a worker decodes a batch, commits it in one
+public API: paho's network thread only enqueues; a worker decodes a batch (fleet/ingest.py), commits it in one
 transaction and only then acknowledges each message. A crash before the commit leaves the
 messages unacknowledged, so the broker sends them again; inserts are idempotent (unique
 (device, seq)), so a redelivered message is not stored twice. Collectors scale out with an
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import queue
 import socket
@@ -30,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from pydantic import BaseModel, ValidationError
 
 from agent.broker import (
     BrokerConfig,
@@ -43,32 +41,15 @@ from agent.broker import (
 )
 from agent.errors import BrokerError, DatabaseError, UsageError
 from agent.protocol import topics
-from agent.protocol.messages import (
-    CommandResult,
-    Event,
-    MessageError,
-    StateMessage,
-    Telemetry,
-    decode,
-)
 from fleet.db import Batch, FleetDB
-from fleet.gen_store import generation_row
-from fleet.monitor_store import monitor_row
-from fleet.samples_store import MAX_SAMPLE_BYTES, SampleLimit, sample_row
+from fleet.ingest import add_message
+from fleet.samples_store import MAX_SAMPLE_BYTES, SampleLimit
 
 log = logging.getLogger("edgefleet.collect")
 
-MAX_PAYLOAD = 64 * 1024  # larger messages on these topics are rejected, not parsed
-PREFIX_CHARS = 200  # how much of a rejected payload is kept
 MAX_QUEUED = 50_000  # received but not yet committed; beyond it messages wait on the broker
 SHARE_SILENCE_S = 60.0  # six default telemetry intervals with devices online and nothing shared
 LEAVES = ("state", "events", "telemetry", "cmd/result", "samples")
-_MODELS: dict[str, type[BaseModel]] = {
-    "state": StateMessage,
-    "events": Event,
-    "telemetry": Telemetry,
-    "cmd_result": CommandResult,
-}
 
 
 def subscriptions(share_group: str | None) -> list[str]:
@@ -85,151 +66,6 @@ def default_client_id(db_label: str, share_group: str | None) -> str:
     """Stable across restarts of the same collector, so the broker keeps its session."""
     h = hashlib.sha256(f"{db_label}|{share_group or ''}".encode()).hexdigest()[:8]
     return f"edgefleet-collector-{socket.gethostname()[:24]}-{h}"
-
-
-def _dumps(v: Any) -> str:
-    return json.dumps(v, separators=(",", ":"), sort_keys=True)
-
-
-def add_message(
-    batch: Batch, topic: str, payload: bytes, received: float, limit: SampleLimit | None = None
-) -> bool:
-    """Decode one message into ``batch``; a bad one becomes a ``rejected`` row. True if accepted.
-    ``limit`` bounds captured samples (devices/+/samples; fleet/samples_store.py)."""
-    t = topics.parse(topic)
-    if t is not None and t.kind == "samples" and t.device is not None:
-        limit = limit or SampleLimit()
-        row = limit.check(topic, len(payload)) or sample_row(
-            t.device, payload, received, limit.max_bytes
-        )
-        if isinstance(row, str):
-            return _reject(batch, topic, row, payload, received)
-        batch.rows["samples"].append(row)
-        batch.seen[t.device] = max(received, batch.seen.get(t.device, 0.0))
-        return True
-    if t is None or t.kind not in _MODELS or t.device is None:
-        return _reject(
-            batch,
-            topic,
-            "not an edgefleet device state/events/telemetry/cmd/result topic",
-            payload,
-            received,
-        )
-    model = _MODELS[t.kind]
-    msg: Any
-    try:
-        if len(payload) > MAX_PAYLOAD:
-            raise MessageError(f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD} allowed")
-        try:
-            msg = model.model_validate_json(payload)  # fast path; decode() words the reason
-        except ValidationError:
-            msg = decode(model, payload, MAX_PAYLOAD)
-    except MessageError as exc:
-        return _reject(batch, topic, str(exc), payload, received)
-    dev = t.device
-    if t.kind != "cmd_result" and msg.device != dev:
-        return _reject(
-            batch,
-            topic,
-            f"device '{msg.device}' in the payload does not match the topic",
-            payload,
-            received,
-        )
-    r = batch.rows
-    if isinstance(msg, Telemetry):
-        a, lat = msg.active, msg.latency
-        temps = msg.temperatures_c
-        r["telemetry"].append(
-            (
-                dev,
-                msg.seq,
-                msg.ts,
-                received,
-                msg.interval_s,
-                msg.uptime_s,
-                a.name if a else None,
-                a.version if a else None,
-                a.sha256 if a else None,
-                lat.count,
-                lat.errors,
-                lat.throughput_per_s,
-                lat.p50_ms,
-                lat.p95_ms,
-                lat.p99_ms,
-                lat.max_ms,
-                msg.rss_mb,
-                msg.cpu_percent,
-                msg.mem_available_mb,
-                max(temps.values()) if temps else None,
-                _dumps(temps) if temps else None,
-                msg.throttled,
-                msg.cpu_freq_mhz,
-                msg.buffer.get("pending"),
-                msg.buffer.get("dropped"),
-            )
-        )
-        if (mon := monitor_row(dev, msg, received)) is not None:
-            r["monitor"].append(mon)
-        if (gen := generation_row(dev, msg, received)) is not None:
-            r["generation"].append(gen)
-    elif isinstance(msg, StateMessage):
-        a = msg.active
-        model_cols = (a.name, a.version, a.sha256) if a else (None, None, None)
-        groups = _dumps(msg.groups)
-        r["states"].append(
-            (
-                dev,
-                msg.seq,
-                msg.ts,
-                received,
-                msg.online,
-                msg.profile,
-                msg.agent_version,
-                groups,
-                *model_cols,
-            )
-        )
-        # arrival order decides the current state: a Last Will carries an older seq than later births
-        batch.device_states.append(
-            (
-                dev,
-                msg.online,
-                msg.profile,
-                msg.agent_version,
-                groups,
-                *model_cols,
-                msg.seq,
-                msg.ts,
-                received,
-            )
-        )
-    elif isinstance(msg, Event):
-        r["events"].append(
-            (
-                dev,
-                msg.seq,
-                msg.ts,
-                received,
-                msg.kind,
-                msg.state,
-                msg.name,
-                msg.version,
-                msg.sha256,
-                msg.reason,
-                _dumps(msg.detail),
-            )
-        )
-    else:
-        r["cmd_results"].append((dev, msg.id, received, msg.ok, msg.reason, _dumps(msg.detail)))
-    if received > batch.seen.get(dev, 0.0):
-        batch.seen[dev] = received
-    return True
-
-
-def _reject(batch: Batch, topic: str, reason: str, payload: bytes, received: float) -> bool:
-    prefix = payload[: PREFIX_CHARS * 4].decode("utf-8", errors="replace")[:PREFIX_CHARS]
-    batch.rows["rejected"].append((received, topic[:512], reason[:1000], len(payload), prefix))
-    return False
 
 
 class ShareWatch:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,9 @@ from agent.errors import UsageError
 from agent.htmlkit import esc
 from agent.protocol.states import FAILED, SERVING, TERMINAL
 from fleet.db import FleetDB
+from fleet.report_charts import Series, downsample, fmt_time, line_chart
+from fleet.report_drift import drift_charts, drift_episodes, episodes_table
+from fleet.report_generation import generation_charts
 from fleet.view import (
     COLUMNS,
     DRIFT_COLUMN,
@@ -28,134 +29,7 @@ from fleet.view import (
     shown,
 )
 
-MAX_POINTS = 400  # per series; longer series are averaged into buckets
 _OUTCOME_CLASS = {**{s: "ok" for s in SERVING}, **{s: "bad" for s in FAILED}}
-
-
-def _fmt_time(ts: float | None, with_date: bool = True) -> str:
-    if ts is None:
-        return "-"
-    d = datetime.fromtimestamp(ts, timezone.utc)
-    return d.strftime("%Y-%m-%d %H:%M:%S UTC" if with_date else "%H:%M:%S")
-
-
-# ---------------------------------------------------------------- charts
-
-
-@dataclass
-class Series:
-    label: str
-    color: str
-    points: list[tuple[float, float]]
-
-
-def downsample(points: list[tuple[float, float]], n: int = MAX_POINTS) -> list[tuple[float, float]]:
-    """At most ``n`` points: consecutive points averaged in equal-count buckets (keeps the shape)."""
-    if len(points) <= n:
-        return points
-    size = len(points) / n
-    out = []
-    for i in range(n):
-        chunk = points[int(i * size) : int((i + 1) * size)] or [points[int(i * size)]]
-        out.append((sum(p[0] for p in chunk) / len(chunk), sum(p[1] for p in chunk) / len(chunk)))
-    return out
-
-
-def _nice_ticks(lo: float, hi: float, n: int = 4) -> list[float]:
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / n
-    mag = 10 ** int(f"{raw:e}".split("e")[1])
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    start = int(lo // step) * step
-    ticks, v = [], start
-    while v <= hi + step * 0.01:
-        if v >= lo - step * 0.01:
-            ticks.append(round(v, 10))
-        v += step
-    return ticks
-
-
-def line_chart(
-    title: str,
-    unit: str,
-    series: list[Series],
-    x_range: tuple[float, float],
-    marks: tuple[tuple[float, str, str], ...] | list[tuple[float, str, str]] = (),
-    width: int = 360,
-    height: int = 190,
-) -> str:
-    """An inline SVG line chart; ``marks`` are (x, css class, label) vertical lines (deployments)."""
-    left, right, top, bottom = 46, 10, 26, 26
-    pw, ph = width - left - right, height - top - bottom
-    pts = [p for s in series for p in s.points]
-    parts = [
-        f'<svg class="chart" viewBox="0 0 {width} {height}" preserveAspectRatio="xMidYMid meet" '
-        f'role="img" aria-label="{esc(title)}">',
-        f'<text x="{left}" y="15" class="ct">{esc(title)}</text>',
-    ]
-    if not pts:
-        parts.append(
-            f'<text x="{width / 2}" y="{height / 2}" class="empty" text-anchor="middle">no data</text></svg>'
-        )
-        return "".join(parts)
-    x0, x1 = x_range
-    if x1 <= x0:
-        x1 = x0 + 1.0
-    ys = [p[1] for p in pts]
-    y_lo, y_hi = min(0.0, min(ys)), max(ys) * 1.1 or 1.0
-    ticks = _nice_ticks(y_lo, y_hi)
-    y_lo, y_hi = min(y_lo, ticks[0]), max(y_hi, ticks[-1])
-
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * pw
-
-    def sy(y: float) -> float:
-        return top + ph - (y - y_lo) / (y_hi - y_lo) * ph
-
-    for tv in ticks:
-        y = sy(tv)
-        parts.append(
-            f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" class="grid"/>'
-            f'<text x="{left - 5}" y="{y + 3.5:.1f}" class="tick" text-anchor="end">{tv:g}</text>'
-        )
-    for frac, anchor in ((0.0, "start"), (0.5, "middle"), (1.0, "end")):
-        xv = x0 + frac * (x1 - x0)
-        parts.append(
-            f'<text x="{sx(xv):.1f}" y="{height - 8}" class="tick" text-anchor="{anchor}">'
-            f"{_fmt_time(xv, with_date=False)}</text>"
-        )
-    parts.append(
-        f'<text x="{left - 5}" y="{top - 6}" class="tick" text-anchor="end">{esc(unit)}</text>'
-    )
-    for x, cls, label in marks:
-        if x0 <= x <= x1:
-            parts.append(
-                f'<line x1="{sx(x):.1f}" y1="{top}" x2="{sx(x):.1f}" y2="{top + ph}" class="mark {cls}">'
-                f"<title>{esc(label)}</title></line>"
-            )
-    for s in series:
-        if not s.points:
-            continue
-        d = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s.points)
-        if len(s.points) == 1:
-            x, y = s.points[0]
-            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{s.color}"/>')
-        else:
-            parts.append(
-                f'<polyline points="{d}" fill="none" stroke="{s.color}" stroke-width="1.6" '
-                'stroke-linejoin="round"/>'
-            )
-    lx = left + pw
-    for s in reversed(series):
-        w = 7 * len(s.label) + 16
-        lx -= w
-        parts.append(
-            f'<rect x="{lx}" y="8" width="10" height="3" fill="{s.color}"/>'
-            f'<text x="{lx + 13}" y="13" class="tick">{esc(s.label)}</text>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
 
 
 # ---------------------------------------------------------------- data
@@ -279,7 +153,7 @@ def _history_table(history: list[dict[str, Any]]) -> str:
     for a in reversed(history):
         cls = _OUTCOME_CLASS.get(a["state"], "run")
         out.append(
-            f'<tr><td class="t">{_fmt_time(a["started"])}</td><td class="t">{esc(a["device"])}</td>'
+            f'<tr><td class="t">{fmt_time(a["started"])}</td><td class="t">{esc(a["device"])}</td>'
             f'<td class="t">{esc(a["name"])} {esc(a["version"])}</td>'
             f'<td><span class="badge {cls}">{esc(a["state"])}</span></td>'
             f'<td class="muted">{esc(" → ".join(a["states"]))}</td>'
@@ -297,7 +171,7 @@ def _rejected_table(db: FleetDB, limit: int = 20) -> str:
     if not rows:
         return '<p class="muted">None.</p>'
     body = "".join(
-        f'<tr><td class="t">{_fmt_time(r["received"])}</td><td>{esc(r["topic"])}</td>'
+        f'<tr><td class="t">{fmt_time(r["received"])}</td><td>{esc(r["topic"])}</td>'
         f'<td class="reason">{esc(r["reason"])}</td><td class="num">{r["size"]}</td>'
         f"<td><code>{esc(r['payload_prefix'][:80])}</code></td></tr>"
         for r in rows
@@ -315,9 +189,6 @@ def _device_section(
     history: list[dict[str, Any]],
     episodes: list[dict[str, Any]],
 ) -> str:
-    from fleet.report_drift import drift_charts  # these build on this module's charts
-    from fleet.report_generation import generation_charts
-
     tel = db.query(
         "SELECT ts, p50_ms, p95_ms, temp_max_c, rss_mb FROM telemetry WHERE device = ? ORDER BY ts",
         (r.device,),
@@ -378,8 +249,6 @@ def render(db: FleetDB, now: float | None = None, title: str = "edgefleet fleet 
 
 def _render(db: FleetDB, now: float | None, title: str) -> tuple[str, dict[str, Any]]:
     """The page and the fleet summary it shows."""
-    from fleet.report_drift import drift_episodes, episodes_table
-
     now = time.time() if now is None else now
     rows = rows_from_db(db)
     history = deployment_history(db)
@@ -412,13 +281,13 @@ def _render(db: FleetDB, now: float | None, title: str) -> tuple[str, dict[str, 
         ]
     )
     models = ", ".join(f"{esc(m)} ({n})" for m, n in sorted(s["models"].items())) or "none"
-    span = f"{_fmt_time(s['from'])} – {_fmt_time(s['to'])}" if s["from"] else "no telemetry yet"
+    span = f"{fmt_time(s['from'])} – {fmt_time(s['to'])}" if s["from"] else "no telemetry yet"
     sections = "".join(_device_section(db, r, now, history, episodes) for r in rows)
     data = esc(json.dumps({"summary": s, "failed_deployments": failed}))
     page = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
         f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
-        f"<body><header><h1>{esc(title)}</h1><p>generated {_fmt_time(now)} from {esc(db.label)} · "
+        f"<body><header><h1>{esc(title)}</h1><p>generated {fmt_time(now)} from {esc(db.label)} · "
         f"telemetry {span}</p></header><main>"
         f'<h2>Fleet summary</h2><div class="cards" id="summary" data-summary="{data}">{cards}</div>'
         f'<p class="muted">Models running: {models}</p>'

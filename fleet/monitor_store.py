@@ -76,7 +76,7 @@ class MonitorWindow:
 
 def window_key(dev: str, msg: Telemetry, received: float) -> tuple[Any, ...]:
     """The leading columns of a per-window table (monitor, generation): the message's device,
-    seq, times and the model it describes (fleet.db's _MSG and _MODEL columns)."""
+    seq, times and the model it describes (fleet.schema's _MSG and _MODEL columns)."""
     a = msg.active
     return (
         dev,

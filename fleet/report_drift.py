@@ -9,8 +9,8 @@ from typing import Any
 
 from agent.htmlkit import esc
 from fleet.db import FleetDB
-from fleet.fleet_report import Series, _fmt_time, downsample, line_chart
 from fleet.monitor_store import windows
+from fleet.report_charts import Series, downsample, fmt_time, line_chart
 
 ENDED = "drift ended"  # how the agent's closing event's reason begins
 
@@ -118,7 +118,7 @@ def episodes_table(episodes: list[dict[str, Any]]) -> str:
         ended = (
             '<span class="badge bad">ongoing</span>'
             if ep["ended"] is None
-            else esc(_fmt_time(ep["ended"]))
+            else esc(fmt_time(ep["ended"]))
             + (
                 f'<br><span class="muted">{esc(ep["end_reason"])}</span>'
                 if ep["end_reason"]
@@ -126,7 +126,7 @@ def episodes_table(episodes: list[dict[str, Any]]) -> str:
             )
         )
         out.append(
-            f'<tr><td class="t">{_fmt_time(ep["started"])}</td><td class="t">{ended}</td>'
+            f'<tr><td class="t">{fmt_time(ep["started"])}</td><td class="t">{ended}</td>'
             f'<td class="t">{esc(ep["device"])}</td><td class="t">{esc(ep["model"])}</td>'
             f'<td class="reason">{esc(ep["reason"])}</td></tr>'
         )

@@ -4,8 +4,8 @@ first token (p50, p95) for a device that serves a text-generation model; none ot
 from __future__ import annotations
 
 from fleet.db import FleetDB
-from fleet.fleet_report import Series, downsample, line_chart
 from fleet.gen_store import windows
+from fleet.report_charts import Series, downsample, line_chart
 
 
 def generation_charts(

@@ -152,8 +152,9 @@ def test_pg_schema_1_database_gains_monitor_rows(
     """An existing PostgreSQL database (schema 1) gains the monitor table without losing rows."""
     import psycopg
 
-    from fleet.collect import add_message
-    from fleet.db import SCHEMA_VERSION, Batch, ddl
+    from fleet.db import Batch
+    from fleet.ingest import add_message
+    from fleet.schema import SCHEMA_VERSION, ddl
     from tests.fleet_helpers import drift_event, dumps, monitor, state, telemetry
 
     url = pg.create_db("upgrade")

@@ -18,8 +18,9 @@ import pytest
 
 from agent.clikit import main
 from fleet.collect import Collector
-from fleet.db import SCHEMA_VERSION, FleetDB, ddl
+from fleet.db import FleetDB
 from fleet.mqtt import SyncClient, broker_config
+from fleet.schema import SCHEMA_VERSION, ddl
 from tests.agent_helpers import REPO, Broker, stop_process
 from tests.fleet_helpers import Postgres, dumps, pg_bin_dir, sample, wait_for
 

@@ -11,8 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import DatabaseError, UsageError
-from fleet.collect import MAX_PAYLOAD, add_message, subscriptions
-from fleet.db import Batch, FleetDB, columns, ddl
+from fleet.collect import subscriptions
+from fleet.db import Batch, FleetDB
+from fleet.ingest import MAX_PAYLOAD, add_message
+from fleet.schema import columns, ddl
 from tests.fleet_helpers import dumps, event, state, telemetry
 
 T = "edgefleet/v1/devices/{}/{}"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from agent.clikit import main
-from fleet.collect import add_message
 from fleet.db import Batch, FleetDB
+from fleet.ingest import add_message
 from tests.fleet_helpers import dumps, sample
 
 T = "edgefleet/v1/devices/{}/samples"

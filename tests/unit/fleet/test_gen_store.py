@@ -8,10 +8,10 @@ from typing import Any
 
 from agent.protocol.messages import GenerationWindow, Telemetry
 from agent.telemetry.generation import GenRecorder
-from fleet.collect import add_message
 from fleet.db import Batch, FleetDB
 from fleet.fleet_report import render
 from fleet.gen_store import latest_tok_s, windows
+from fleet.ingest import add_message
 from fleet.view import COLUMNS, cells, rows_from_db, shown
 from tests.fleet_helpers import dumps, state, telemetry
 

@@ -8,9 +8,10 @@ import json
 import sqlite3
 from pathlib import Path
 
-from fleet.collect import add_message
-from fleet.db import SCHEMA_VERSION, Batch, FleetDB, ddl
+from fleet.db import Batch, FleetDB
+from fleet.ingest import add_message
 from fleet.monitor_store import MonitorWindow, latest_windows
+from fleet.schema import SCHEMA_VERSION, ddl
 from fleet.view import rows_from_db
 from tests.fleet_helpers import drift_event, dumps, monitor, state, telemetry
 

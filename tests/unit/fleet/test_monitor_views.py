@@ -13,9 +13,9 @@ import pytest
 from rich.console import Console
 
 from agent.clikit import main
-from fleet.collect import add_message
 from fleet.db import Batch, FleetDB
 from fleet.fleet_report import render
+from fleet.ingest import add_message
 from fleet.mqtt import broker_config
 from fleet.report_drift import drift_episodes
 from fleet.view import LiveFleet, cells, render_table, rows_from_db

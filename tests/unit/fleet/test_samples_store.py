@@ -16,10 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.protocol import topics
-from fleet.collect import add_message, subscriptions
-from fleet.db import SCHEMA_VERSION, Batch, FleetDB, ddl
+from fleet.collect import subscriptions
+from fleet.db import Batch, FleetDB
 from fleet.feedback import _tensor
+from fleet.ingest import add_message
 from fleet.samples_store import DTYPES, SampleLimit
+from fleet.schema import SCHEMA_VERSION, ddl
 from tests.fleet_helpers import dumps, sample, telemetry
 
 T = "edgefleet/v1/devices/{}/{}"

@@ -15,10 +15,11 @@ import pytest
 from rich.console import Console
 
 from agent.clikit import main
-from fleet.collect import add_message
 from fleet.db import Batch, FleetDB
-from fleet.fleet_report import deployment_history, downsample, render
+from fleet.fleet_report import deployment_history, render
+from fleet.ingest import add_message
 from fleet.mqtt import broker_config
+from fleet.report_charts import downsample
 from fleet.view import LiveFleet, render_table, rows_from_db
 from tests.fleet_helpers import dumps, event, state, telemetry
 
