@@ -7,22 +7,10 @@ One thread per connection (keep-alive), at most ``max_connections`` at once; eve
 a timeout and a request a deadline, so a slow or silent client only holds its own thread for a
 bounded time. Responses are written in one send (no Nagle/delayed-ACK stall).
 
-Abuse (docs/protocol.md, "Local inference endpoint"):
-
-* Slow clients. A deadline alone does not stop clients that connect and send nothing (or a byte
-  every few seconds) from holding every slot: they reconnect as fast as they are timed out. So
-  when every slot is taken, a new connection evicts the oldest one that is not running an
-  inference (idle keep-alive, or a request whose head or body has not fully arrived). A real
-  client's request arrives within milliseconds of connecting, so it is never the oldest unfinished
-  one for long; a slow client always is. No minimum body rate is enforced: eviction already bounds
-  what a slow body costs, and a rate would only fail a real client on a slow link. When every
-  slot is running an inference, a new connection gets 503 as before.
-* Large bodies. Bodies being read and parsed hold ``max_body_bytes_in_flight`` bytes at most
-  together (bodies up to 64 KiB are not counted, so small requests never wait on large ones);
-  beyond it a request gets 503 with Retry-After. Parsing a JSON body costs several times its size
-  (a Python float per number), so after a large request the heap is trimmed back to the OS.
-* Non-finite outputs. JSON has no NaN or Infinity; an output holding one is refused with 500 and
-  a reason that says to ask for it as binary data (which carries IEEE floats as they are).
+Abuse (docs/protocol.md, "Local inference endpoint"): slow clients are evicted from connection
+slots and large bodies share a budget (agent/serve/limits.py). JSON has no NaN or Infinity, so
+an output holding one is refused with 500 and a reason that says to ask for it as binary data
+(which carries IEEE floats as they are).
 """
 
 from __future__ import annotations
@@ -48,6 +36,7 @@ from agent.errors import ConfigError
 from agent.serve.generate import GenGate
 from agent.serve.genroutes import GenerateRoutes, error_doc, not_tensors
 from agent.serve.holder import Loaded, SessionHolder
+from agent.serve.limits import BUSY, SMALL_BODY, BodyBudget, Conn, ConnSlots
 from agent.serve.tensors import (
     RequestError,
     check_label,
@@ -55,7 +44,6 @@ from agent.serve.tensors import (
     parse_infer,
     spec_json,
 )
-from agent.service import trim_memory
 from agent.telemetry.generation import GenRecorder
 from agent.telemetry.latency import LatencyRecorder
 
@@ -79,23 +67,6 @@ REASONS = {
 }
 # Requests that carry a body: POST; the rest are GET.
 _POSTS = (["infer"], ["feedback"], ["generate"], ["generate_stream"])
-# Bodies up to this size are not counted against max_body_bytes_in_flight.
-SMALL_BODY = 64 * 1024
-# After a request with a body at least this large, the heap is trimmed (malloc_trim).
-TRIM_AFTER_BYTES = 1024 * 1024
-
-
-class _Conn:
-    """One open connection, as the endpoint's eviction sees it."""
-
-    __slots__ = ("busy", "evicted", "since", "sock", "started")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.since = time.monotonic()  # when it began waiting for its current request
-        self.busy = False  # running a request whose body has arrived: never evicted
-        self.evicted = False
-        self.started = False  # bytes of the current request have arrived
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -106,7 +77,7 @@ class _DeadlineReader(io.RawIOBase):
         self._sock = sock
         self._raw = sock.makefile("rb", buffering=0)
         self.deadline: float | None = None
-        self.conn: _Conn | None = None
+        self.conn: Conn | None = None
 
     def readable(self) -> bool:
         return True
@@ -138,13 +109,13 @@ class _Handler(GenerateRoutes, BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile.close()
         self._reader = _DeadlineReader(self.connection)
-        self._reader.conn = self._conn = self.endpoint.conn_of(self.connection)
+        self._reader.conn = self._conn = self.endpoint.slots.conn_of(self.connection)
         self.rfile = io.BufferedReader(self._reader)
 
     def handle_one_request(self) -> None:
         """Each request (waiting for it, its head and its body) gets request_timeout_s in all."""
         self._reader.deadline = time.monotonic() + self.endpoint.cfg.request_timeout_s
-        self.endpoint.idle(self._conn)
+        self.endpoint.slots.idle(self._conn)
         super().handle_one_request()
         if self._conn.evicted:
             self.close_connection = True
@@ -231,7 +202,7 @@ class _Handler(GenerateRoutes, BaseHTTPRequestHandler):
 
     def _start_work(self) -> None:
         """The request has fully arrived: from here on its connection is not evicted."""
-        if not self.endpoint.start_work(self._conn):
+        if not self.endpoint.slots.start_work(self._conn):
             self.close_connection = True
             raise RequestError(503, "connection evicted")  # not sent: its socket is shut
 
@@ -385,7 +356,7 @@ class _Handler(GenerateRoutes, BaseHTTPRequestHandler):
     def _infer(self, name: str, version: str | None) -> None:
         ep = self.endpoint
         n = self._content_length()
-        if not ep.reserve(n):
+        if not ep.bodies.reserve(n):
             self._discard_body(n)  # so the client, still sending, can read the answer
             raise RequestError(
                 503,
@@ -396,7 +367,7 @@ class _Handler(GenerateRoutes, BaseHTTPRequestHandler):
         try:
             self._infer_reserved(name, version)
         finally:
-            ep.release(n)
+            ep.bodies.release(n)
 
     def _infer_reserved(self, name: str, version: str | None) -> None:
         ep = self.endpoint
@@ -439,18 +410,6 @@ class _Handler(GenerateRoutes, BaseHTTPRequestHandler):
         )
 
 
-_BUSY_BODY = b'{"error":"too many connections open"}'
-_BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
-)
-_EVICTED_BODY = b'{"error":"request too slow: every connection slot is taken"}'
-_EVICTED = (
-    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    b"Content-Length: %d\r\n\r\n%s" % (len(_EVICTED_BODY), _EVICTED_BODY)
-)
-
-
 class _TcpServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -476,81 +435,11 @@ class Endpoint:
         self.cfg, self.holder, self.recorder, self.capture = cfg, holder, recorder, capture
         self.gen_recorder = gen_recorder if gen_recorder is not None else GenRecorder()
         self.gate = GenGate(cfg.max_generations, cfg.max_queued_generations, self.gen_recorder)
-        self._lock = threading.Lock()
-        self._conns: dict[socket.socket, _Conn] = {}  # those holding a slot
-        self._inflight = 0  # body bytes reserved (max_body_bytes_in_flight)
-        self.evicted = 0
-        self.refused_bodies = 0
+        self.slots = ConnSlots(cfg)
+        self.bodies = BodyBudget(cfg)
         self._server: socketserver.BaseServer | None = None
         self._thread: threading.Thread | None = None
         self.address = ""
-
-    # -- connection slots and eviction (see the module docstring) --------------------------------
-    def conn_of(self, sock: socket.socket) -> _Conn:
-        with self._lock:
-            c = self._conns.get(sock)
-        return c if c is not None else _Conn(sock)
-
-    def idle(self, c: _Conn) -> None:
-        """The connection waits for its next request: evictable, the newest of them."""
-        with self._lock:
-            c.busy, c.started, c.since = False, False, time.monotonic()
-
-    def start_work(self, c: _Conn) -> bool:
-        """The request has arrived: not evictable until it is answered; False if evicted first."""
-        with self._lock:
-            if c.evicted:
-                return False
-            c.busy = True
-            return True
-
-    def _admit(self, sock: socket.socket) -> bool:
-        """A slot for a new connection: free, or taken from the oldest one not running a request."""
-        victim = None
-        with self._lock:
-            if len(self._conns) >= self.cfg.max_connections:
-                idle = [c for c in self._conns.values() if not c.busy]
-                if not idle:
-                    return False
-                victim = min(idle, key=lambda c: c.since)
-                victim.evicted = True
-                del self._conns[victim.sock]
-                self.evicted += 1
-            self._conns[sock] = _Conn(sock)
-        if victim is not None:
-            # A request partly received is told why; an idle keep-alive connection is just closed
-            # (an unasked-for response could be read as the answer to its next request).
-            with contextlib.suppress(OSError):
-                if victim.started:
-                    victim.sock.send(_EVICTED, socket.MSG_DONTWAIT)
-                victim.sock.shutdown(socket.SHUT_RDWR)  # its thread's read returns; it ends
-        return True
-
-    def _leave(self, sock: socket.socket) -> None:
-        with self._lock:
-            c = self._conns.get(sock)
-            if c is not None and not c.evicted:
-                del self._conns[sock]
-
-    # -- body bytes in flight ------------------------------------------------------------------
-    def reserve(self, n: int) -> bool:
-        if n <= SMALL_BODY:
-            return True
-        with self._lock:
-            if self._inflight + n > self.cfg.body_budget:
-                self.refused_bodies += 1
-                return False
-            self._inflight += n
-            return True
-
-    def release(self, n: int) -> None:
-        if n <= SMALL_BODY:
-            return
-        with self._lock:
-            self._inflight -= n
-            last = self._inflight == 0
-        if last and n >= TRIM_AFTER_BYTES:
-            trim_memory()  # parsing left a peak of freed heap: give it back to the OS
 
     def find(self, name: str, version: str | None) -> Loaded:
         m = self.holder.current
@@ -590,9 +479,9 @@ class Endpoint:
             raise ConfigError(f"serve: cannot listen on {where}: {exc.strerror or exc}") from None
 
         def process_request(request: Any, client_address: Any) -> None:
-            if not self._admit(request):  # every slot is running a request: answer and hang up
+            if not self.slots.admit(request):  # every slot is running a request: answer and hang up
                 with contextlib.suppress(OSError):
-                    request.sendall(_BUSY)
+                    request.sendall(BUSY)
                 server.shutdown_request(request)
                 return
             socketserver.ThreadingMixIn.process_request(server, request, client_address)  # type: ignore[arg-type]
@@ -601,7 +490,7 @@ class Endpoint:
             try:
                 socketserver.ThreadingMixIn.process_request_thread(server, request, client_address)  # type: ignore[arg-type]
             finally:
-                self._leave(request)
+                self.slots.leave(request)
 
         def handle_error(request: Any, client_address: Any) -> None:
             exc = sys.exc_info()[1]
