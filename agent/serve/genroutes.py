@@ -1,4 +1,4 @@
-"""The endpoint's text-generation routes, mixed into its request handler (agent.serve.http).
+"""The endpoint's text-generation routes, mixed into its request handler (agent.serve.routes).
 
 ``POST /v2/models/{name}[/versions/{v}]/generate`` and ``.../generate_stream`` (Triton's generate
 extension, the stream as server-sent events), ``POST /v1/chat/completions`` (OpenAI, streamed
