@@ -1,4 +1,4 @@
-"""The endpoint's text-generation routes, mixed into its request handler (agent.serve.http).
+"""The endpoint's text-generation routes, mixed into its request handler (agent.serve.routes).
 
 ``POST /v2/models/{name}[/versions/{v}]/generate`` and ``.../generate_stream`` (Triton's generate
 extension, the stream as server-sent events), ``POST /v1/chat/completions`` (OpenAI, streamed
@@ -69,13 +69,13 @@ class GenerateRoutes:
     def _gen_body(self) -> Any:
         """The request's JSON, read within the endpoint's body budget."""
         ep, n = self.endpoint, self._content_length()
-        if not ep.reserve(n):
+        if not ep.bodies.reserve(n):
             self._discard_body(n)
             raise RequestError(503, "too many large request bodies at once", retry_after=1)
         try:
             body = self._read_body()
         finally:
-            ep.release(n)
+            ep.bodies.release(n)
         self._start_work()
         try:
             return json.loads(body)

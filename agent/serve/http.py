@@ -1,61 +1,29 @@
 """The local inference endpoint: Open Inference Protocol v2 REST (KServe / Triton) on stdlib http.server.
 
-Text-generation models are served on the same connections, slots and budgets by the routes in
-agent/serve/genroutes.py (v2 generate extension, OpenAI chat completions).
-
-One thread per connection (keep-alive), at most ``max_connections`` at once; every socket has
-a timeout and a request a deadline, so a slow or silent client only holds its own thread for a
-bounded time. Responses are written in one send (no Nagle/delayed-ACK stall).
-
-Abuse (docs/protocol.md, "Local inference endpoint"):
-
-* Slow clients. A deadline alone does not stop clients that connect and send nothing (or a byte
-  every few seconds) from holding every slot: they reconnect as fast as they are timed out. So
-  when every slot is taken, a new connection evicts the oldest one that is not running an
-  inference (idle keep-alive, or a request whose head or body has not fully arrived). A real
-  client's request arrives within milliseconds of connecting, so it is never the oldest unfinished
-  one for long; a slow client always is. No minimum body rate is enforced: eviction already bounds
-  what a slow body costs, and a rate would only fail a real client on a slow link. When every
-  slot is running an inference, a new connection gets 503 as before.
-* Large bodies. Bodies being read and parsed hold ``max_body_bytes_in_flight`` bytes at most
-  together (bodies up to 64 KiB are not counted, so small requests never wait on large ones);
-  beyond it a request gets 503 with Retry-After. Parsing a JSON body costs several times its size
-  (a Python float per number), so after a large request the heap is trimmed back to the OS.
-* Non-finite outputs. JSON has no NaN or Infinity; an output holding one is refused with 500 and
-  a reason that says to ask for it as binary data (which carries IEEE floats as they are).
+``Endpoint`` listens (TCP or a Unix socket) and runs one thread per connection (keep-alive), at
+most ``max_connections`` at once: slots and the body budget are in agent/serve/limits.py, the
+routes in routes.py (tensors) and genroutes.py (text generation), built on handler.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import logging
 import os
-import socket
 import socketserver
 import sys
 import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
-from agent import __version__
 from agent.config import ServeConfig
 from agent.errors import ConfigError
 from agent.serve.generate import GenGate
-from agent.serve.genroutes import GenerateRoutes, error_doc, not_tensors
 from agent.serve.holder import Loaded, SessionHolder
-from agent.serve.tensors import (
-    RequestError,
-    check_label,
-    encode_response,
-    parse_infer,
-    spec_json,
-)
-from agent.service import trim_memory
+from agent.serve.limits import BUSY, BodyBudget, ConnSlots
+from agent.serve.routes import Handler
+from agent.serve.tensors import RequestError
 from agent.telemetry.generation import GenRecorder
 from agent.telemetry.latency import LatencyRecorder
 
@@ -63,392 +31,6 @@ if TYPE_CHECKING:
     from agent.monitor.capture import Capture
 
 log = logging.getLogger(__name__)
-
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "litert": "tensorflow_lite"}
-REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    411: "Length Required",
-    413: "Payload Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
-# Requests that carry a body: POST; the rest are GET.
-_POSTS = (["infer"], ["feedback"], ["generate"], ["generate_stream"])
-# Bodies up to this size are not counted against max_body_bytes_in_flight.
-SMALL_BODY = 64 * 1024
-# After a request with a body at least this large, the heap is trimmed (malloc_trim).
-TRIM_AFTER_BYTES = 1024 * 1024
-
-
-class _Conn:
-    """One open connection, as the endpoint's eviction sees it."""
-
-    __slots__ = ("busy", "evicted", "since", "sock", "started")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.since = time.monotonic()  # when it began waiting for its current request
-        self.busy = False  # running a request whose body has arrived: never evicted
-        self.evicted = False
-        self.started = False  # bytes of the current request have arrived
-
-
-class _DeadlineReader(io.RawIOBase):
-    """Socket reads that fail once a request's deadline has passed, however slowly bytes trickle
-    in: a per-read timeout alone lets a client that sends one byte at a time hold a thread."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._raw = sock.makefile("rb", buffering=0)
-        self.deadline: float | None = None
-        self.conn: _Conn | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int | None:
-        if self.deadline is not None:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("request took too long")
-            self._sock.settimeout(left)
-        n = self._raw.readinto(b)
-        if n and self.conn is not None:
-            self.conn.started = True
-        return n
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
-class _Handler(GenerateRoutes, BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "edgefleet-agent"
-    endpoint: Endpoint  # set on the subclass made per server
-
-    def setup(self) -> None:
-        super().setup()
-        if self.connection.family in (socket.AF_INET, socket.AF_INET6):
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.rfile.close()
-        self._reader = _DeadlineReader(self.connection)
-        self._reader.conn = self._conn = self.endpoint.conn_of(self.connection)
-        self.rfile = io.BufferedReader(self._reader)
-
-    def handle_one_request(self) -> None:
-        """Each request (waiting for it, its head and its body) gets request_timeout_s in all."""
-        self._reader.deadline = time.monotonic() + self.endpoint.cfg.request_timeout_s
-        self.endpoint.idle(self._conn)
-        super().handle_one_request()
-        if self._conn.evicted:
-            self.close_connection = True
-
-    def address_string(self) -> str:
-        return str(self.client_address[0]) if isinstance(self.client_address, tuple) else "unix"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
-
-    # -- responses --------------------------------------------------------------------------
-    def _send(
-        self,
-        status: int,
-        body: bytes,
-        ctype: str = "application/json",
-        header_len: int | None = None,
-        retry_after: int | None = None,
-    ) -> None:
-        if self._conn.evicted:  # its socket is shut: nothing can be sent
-            self.close_connection = True
-            return
-        head = [
-            f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}",
-            f"Content-Type: {ctype}",
-            f"Content-Length: {len(body)}",
-        ]
-        if header_len is not None:
-            head.append(f"Inference-Header-Content-Length: {header_len}")
-        if retry_after is not None:
-            head.append(f"Retry-After: {retry_after}")
-        if self.close_connection:
-            head.append("Connection: close")
-        self.connection.settimeout(
-            self.endpoint.cfg.request_timeout_s
-        )  # reads may have shortened it
-        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-
-    def _json(self, status: int, doc: dict[str, Any], retry_after: int | None = None) -> None:
-        body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-        self._send(status, body, retry_after=retry_after)
-
-    def _error(self, status: int, message: str, retry_after: int | None = None) -> None:
-        self._json(status, error_doc(self.path, status, message), retry_after)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, headers too long) as protocol error JSON."""
-        self.close_connection = True
-        with contextlib.suppress(OSError):
-            self._error(
-                code if code in REASONS else 400, message or REASONS.get(code, "bad request")
-            )
-
-    # -- methods ------------------------------------------------------------------------------
-    def do_GET(self) -> None:
-        self._route("GET")
-
-    def do_POST(self) -> None:
-        self._route("POST")
-
-    def do_PUT(self) -> None:
-        self._route("PUT")
-
-    def do_DELETE(self) -> None:
-        self._route("DELETE")
-
-    def _route(self, method: str) -> None:
-        self._infer_route = self._body_read = False
-        parts = [p for p in urlsplit(self.path).path.split("/") if p]
-        if method != "POST" and self.headers.get("Content-Length", "0") not in ("", "0"):
-            self.close_connection = True  # a GET with a body: it is not read, so no reuse
-        try:
-            self._dispatch(method, parts)
-        except RequestError as exc:
-            if not self._body_read and self.headers.get("Content-Length", "0") not in ("", "0"):
-                self.close_connection = True  # a body left unread: the connection cannot be reused
-            # Telemetry's errors count inferences the runtime failed (500), not a client's bad
-            # request or "no model yet" (503): a rollout's canary gate reads them as model faults.
-            if self._infer_route and exc.status == 500:
-                self.endpoint.recorder.error()
-            self._error(exc.status, exc.message, exc.retry_after)
-
-    _infer_route = _body_read = False
-
-    def _start_work(self) -> None:
-        """The request has fully arrived: from here on its connection is not evicted."""
-        if not self.endpoint.start_work(self._conn):
-            self.close_connection = True
-            raise RequestError(503, "connection evicted")  # not sent: its socket is shut
-
-    def _dispatch(self, method: str, parts: list[str]) -> None:
-        ep = self.endpoint
-        if parts[:1] == ["v1"]:
-            self._v1(method, parts)
-            return
-        if parts[:1] != ["v2"]:
-            raise RequestError(404, f"no such endpoint: {self.path[:200]}")
-        rest = parts[1:]
-        want = "POST" if rest[-1:] in _POSTS else "GET"
-        if method != want:
-            self.close_connection = True
-            raise RequestError(405, f"{method} is not allowed here (use {want})")
-        if rest[-1:] not in _POSTS:
-            self._start_work()
-        if not rest:
-            self._json(
-                200,
-                {
-                    "name": "edgefleet-agent",
-                    "version": __version__,
-                    "extensions": ["binary_tensor_data"],
-                },
-            )
-            return
-        if rest == ["health", "live"]:
-            self._json(200, {"live": True})
-            return
-        if rest == ["health", "ready"]:
-            ready = ep.holder.current is not None
-            self._json(200 if ready else 503, {"ready": ready})
-            return
-        if rest[0] != "models" or len(rest) < 2:
-            raise RequestError(404, f"no such endpoint: {self.path[:200]}")
-        name, version, tail = rest[1], None, rest[2:]
-        if tail[:1] == ["versions"]:
-            if len(tail) < 2:
-                raise RequestError(404, f"no such endpoint: {self.path[:200]}")
-            version, tail = tail[1], tail[2:]
-        if tail == ["infer"]:
-            self._infer_route = True
-            self._infer(name, version)
-        elif tail == ["feedback"]:
-            self._feedback(name, version)
-        elif tail in (["generate"], ["generate_stream"]):
-            self._v2_generate(name, version, tail == ["generate_stream"])
-        elif tail == []:
-            m = ep.find(name, version)
-            self._json(
-                200,
-                {
-                    "name": m.name,
-                    "versions": [m.version],
-                    "platform": PLATFORMS.get(m.runtime, m.runtime),
-                    "inputs": [spec_json(s) for s in m.inputs],
-                    "outputs": [spec_json(s) for s in m.outputs],
-                },
-            )
-        elif tail == ["ready"]:
-            m = ep.find(name, version)
-            self._json(200, {"name": m.name, "ready": True})
-        else:
-            raise RequestError(404, f"no such endpoint: {self.path[:200]}")
-
-    def _read_body(self) -> bytearray:
-        """The body, read into one buffer of Content-Length bytes (no growing copies); the caller
-        holds a reservation of ``len`` bytes of max_body_bytes_in_flight for it."""
-        n = self._content_length()
-        buf = bytearray(n)
-        view, got = memoryview(buf), 0
-        while got < n:
-            try:  # the reader enforces the request's deadline (set in handle_one_request)
-                k = self.rfile.readinto1(view[got : min(n, got + (1 << 20))])
-            except TimeoutError:
-                self.close_connection = True
-                raise RequestError(408, "request body took too long") from None
-            except OSError:
-                self.close_connection = True
-                raise RequestError(400, "connection lost while reading the body") from None
-            if not k:
-                self.close_connection = True
-                raise RequestError(400, "body shorter than Content-Length")
-            got += k
-        view.release()
-        self._body_read = True
-        return buf
-
-    def _discard_body(self, n: int) -> None:
-        """Read and drop ``n`` body bytes in small pieces (constant memory, within the request's
-        deadline); the connection stays usable. Closing with the body unread would reset it, and
-        a client still sending would never see the answer."""
-        left, scratch = n, bytearray(64 * 1024)
-        while left > 0:
-            try:
-                k = self.rfile.readinto1(memoryview(scratch)[: min(left, len(scratch))])
-            except OSError:  # TimeoutError included: give up on the connection
-                k = 0
-            if not k:
-                self.close_connection = True
-                return
-            left -= k
-        self._body_read = True
-
-    def _content_length(self) -> int:
-        cl = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            raise RequestError(411, "chunked bodies are not supported: send Content-Length")
-        if cl is None:
-            self.close_connection = True
-            raise RequestError(411, "Content-Length is required")
-        try:
-            n = int(cl)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise RequestError(400, "Content-Length is not a number") from None
-        limit = self.endpoint.cfg.max_body_bytes
-        if n > limit:
-            self.close_connection = True  # the body is not read: the connection cannot be reused
-            raise RequestError(
-                413, f"body of {n} bytes exceeds the {limit} allowed (serve.max_body_bytes)"
-            )
-        return n
-
-    def _feedback(self, name: str, version: str | None) -> None:
-        """{"id": an earlier request's id, "label": ...}: the label is captured with that
-        request's sample while it is among the last ones kept (agent.monitor.capture)."""
-        n = self._content_length()
-        if n > SMALL_BODY:
-            self.close_connection = True
-            raise RequestError(413, f"a feedback body is at most {SMALL_BODY} bytes")
-        body = self._read_body()
-        self._start_work()
-        self.endpoint.find(name, version)
-        try:
-            doc = json.loads(body)
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise RequestError(400, "request body is not valid JSON") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("id"), str) or "label" not in doc:
-            raise RequestError(400, 'feedback is {"id": "<request id>", "label": ...}')
-        label = check_label(doc["label"])
-        cap = self.endpoint.capture
-        if label is None or cap is None or not cap.feedback(doc["id"], label):
-            raise RequestError(404, f"no recent request with id '{doc['id'][:100]}' is kept")
-        self._json(200, {"id": doc["id"], "accepted": True})
-
-    def _infer(self, name: str, version: str | None) -> None:
-        ep = self.endpoint
-        n = self._content_length()
-        if not ep.reserve(n):
-            self._discard_body(n)  # so the client, still sending, can read the answer
-            raise RequestError(
-                503,
-                f"too many large request bodies at once (serve.max_body_bytes_in_flight = "
-                f"{ep.cfg.body_budget}): try again shortly",
-                retry_after=1,
-            )
-        try:
-            self._infer_reserved(name, version)
-        finally:
-            ep.release(n)
-
-    def _infer_reserved(self, name: str, version: str | None) -> None:
-        ep = self.endpoint
-        body = self._read_body()
-        self._start_work()
-        hl = self.headers.get("Inference-Header-Content-Length")
-        try:
-            header_len = None if hl is None else int(hl)
-        except ValueError:
-            raise RequestError(400, "Inference-Header-Content-Length is not a number") from None
-        holder = ep.holder
-        loaded = holder.acquire()
-        if loaded is None:
-            raise RequestError(503, "no model is active on this device")
-        try:
-            ep.check(loaded, name, version)
-            if loaded.generator is not None:
-                raise not_tensors(loaded)
-            req = parse_infer(body, header_len, loaded.inputs, loaded.outputs)
-            del body  # the parsed tensors are what is needed from here
-            t0 = time.perf_counter()
-            try:
-                result = loaded.session.infer(req.feeds)
-            except Exception as exc:  # a runtime's own error types
-                raise RequestError(500, f"inference failed: {type(exc).__name__}: {exc}") from None
-            ms = (time.perf_counter() - t0) * 1000.0
-            if loaded.monitor is not None:
-                loaded.monitor.offer(req.feeds, result, ms / 1000.0)
-            if ep.capture is not None:
-                ep.capture.offer(loaded, req.feeds, result, req.id, req.label)
-            out, header_len = encode_response(loaded.name, loaded.version, req, result)
-        finally:
-            holder.release(loaded)
-        ep.recorder.record(ms)
-        self._send(
-            200,
-            out,
-            "application/json" if header_len is None else "application/octet-stream",
-            header_len,
-        )
-
-
-_BUSY_BODY = b'{"error":"too many connections open"}'
-_BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
-)
-_EVICTED_BODY = b'{"error":"request too slow: every connection slot is taken"}'
-_EVICTED = (
-    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    b"Content-Length: %d\r\n\r\n%s" % (len(_EVICTED_BODY), _EVICTED_BODY)
-)
 
 
 class _TcpServer(ThreadingHTTPServer):
@@ -476,81 +58,11 @@ class Endpoint:
         self.cfg, self.holder, self.recorder, self.capture = cfg, holder, recorder, capture
         self.gen_recorder = gen_recorder if gen_recorder is not None else GenRecorder()
         self.gate = GenGate(cfg.max_generations, cfg.max_queued_generations, self.gen_recorder)
-        self._lock = threading.Lock()
-        self._conns: dict[socket.socket, _Conn] = {}  # those holding a slot
-        self._inflight = 0  # body bytes reserved (max_body_bytes_in_flight)
-        self.evicted = 0
-        self.refused_bodies = 0
+        self.slots = ConnSlots(cfg)
+        self.bodies = BodyBudget(cfg)
         self._server: socketserver.BaseServer | None = None
         self._thread: threading.Thread | None = None
         self.address = ""
-
-    # -- connection slots and eviction (see the module docstring) --------------------------------
-    def conn_of(self, sock: socket.socket) -> _Conn:
-        with self._lock:
-            c = self._conns.get(sock)
-        return c if c is not None else _Conn(sock)
-
-    def idle(self, c: _Conn) -> None:
-        """The connection waits for its next request: evictable, the newest of them."""
-        with self._lock:
-            c.busy, c.started, c.since = False, False, time.monotonic()
-
-    def start_work(self, c: _Conn) -> bool:
-        """The request has arrived: not evictable until it is answered; False if evicted first."""
-        with self._lock:
-            if c.evicted:
-                return False
-            c.busy = True
-            return True
-
-    def _admit(self, sock: socket.socket) -> bool:
-        """A slot for a new connection: free, or taken from the oldest one not running a request."""
-        victim = None
-        with self._lock:
-            if len(self._conns) >= self.cfg.max_connections:
-                idle = [c for c in self._conns.values() if not c.busy]
-                if not idle:
-                    return False
-                victim = min(idle, key=lambda c: c.since)
-                victim.evicted = True
-                del self._conns[victim.sock]
-                self.evicted += 1
-            self._conns[sock] = _Conn(sock)
-        if victim is not None:
-            # A request partly received is told why; an idle keep-alive connection is just closed
-            # (an unasked-for response could be read as the answer to its next request).
-            with contextlib.suppress(OSError):
-                if victim.started:
-                    victim.sock.send(_EVICTED, socket.MSG_DONTWAIT)
-                victim.sock.shutdown(socket.SHUT_RDWR)  # its thread's read returns; it ends
-        return True
-
-    def _leave(self, sock: socket.socket) -> None:
-        with self._lock:
-            c = self._conns.get(sock)
-            if c is not None and not c.evicted:
-                del self._conns[sock]
-
-    # -- body bytes in flight ------------------------------------------------------------------
-    def reserve(self, n: int) -> bool:
-        if n <= SMALL_BODY:
-            return True
-        with self._lock:
-            if self._inflight + n > self.cfg.body_budget:
-                self.refused_bodies += 1
-                return False
-            self._inflight += n
-            return True
-
-    def release(self, n: int) -> None:
-        if n <= SMALL_BODY:
-            return
-        with self._lock:
-            self._inflight -= n
-            last = self._inflight == 0
-        if last and n >= TRIM_AFTER_BYTES:
-            trim_memory()  # parsing left a peak of freed heap: give it back to the OS
 
     def find(self, name: str, version: str | None) -> Loaded:
         m = self.holder.current
@@ -570,7 +82,7 @@ class Endpoint:
 
     def start(self) -> None:
         handler = type(
-            "Handler", (_Handler,), {"endpoint": self, "timeout": self.cfg.request_timeout_s}
+            "Handler", (Handler,), {"endpoint": self, "timeout": self.cfg.request_timeout_s}
         )
         cfg = self.cfg
         try:
@@ -590,9 +102,9 @@ class Endpoint:
             raise ConfigError(f"serve: cannot listen on {where}: {exc.strerror or exc}") from None
 
         def process_request(request: Any, client_address: Any) -> None:
-            if not self._admit(request):  # every slot is running a request: answer and hang up
+            if not self.slots.admit(request):  # every slot is running a request: answer and hang up
                 with contextlib.suppress(OSError):
-                    request.sendall(_BUSY)
+                    request.sendall(BUSY)
                 server.shutdown_request(request)
                 return
             socketserver.ThreadingMixIn.process_request(server, request, client_address)  # type: ignore[arg-type]
@@ -601,7 +113,7 @@ class Endpoint:
             try:
                 socketserver.ThreadingMixIn.process_request_thread(server, request, client_address)  # type: ignore[arg-type]
             finally:
-                self._leave(request)
+                self.slots.leave(request)
 
         def handle_error(request: Any, client_address: Any) -> None:
             exc = sys.exc_info()[1]
