@@ -1,8 +1,8 @@
 """The agent: reconciles the active model with the retained desired deployment.
 
-Transport callbacks only enqueue; one worker thread (``step``/``run``) does everything else, so
-the parts below are touched by one thread. Nothing received can raise out of ``step``: a bad
-message becomes a ``bad_message`` event and the active model keeps serving.
+Transport callbacks only enqueue (``Inbox``, inbox.py); one worker thread (``step``/``run``)
+does everything else, so the parts below are touched by one thread. Nothing received can raise
+out of ``step``: a bad message becomes a ``bad_message`` event and the active model keeps serving.
 
 The agent is the worker and owns its parts: ``Machine`` (machine.py: the deploy phases, their
 transitions and install.json), ``Outbox`` (outbox.py: state, events, seq), ``Fetcher``
@@ -13,7 +13,6 @@ decides what to fetch.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections import deque
@@ -22,6 +21,7 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.deploy import commands, selftest
 from agent.deploy.fetch import Fetcher, FetchJob
+from agent.deploy.inbox import Inbox
 from agent.deploy.install import Installer, Probation
 from agent.deploy.machine import AgentFile, Machine, Phase
 from agent.deploy.outbox import Outbox, log
@@ -45,12 +45,6 @@ from agent.telemetry.reporter import TelemetryReporter
 from agent.telemetry.thermal import ThermalReader
 from agent.transport.base import Transport, Will
 
-QUEUE_MAX = 10_000
-# Bytes waiting in the queue: a flood of large messages is dropped (and counted), not buffered.
-QUEUE_MAX_BYTES = 64 * 1024 * 1024
-# Ids of commands refused as busy that wait for their answer; beyond it they are counted only.
-BUSY_ANSWERS_MAX = 1024
-
 
 class Agent:
     """The device agent: ``run`` is its worker loop; tests drive it with ``step``/``drain``."""
@@ -58,16 +52,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig, policy: Policy, transport: Transport) -> None:
         self.cfg, self.policy, self.t = cfg, policy, transport
         self.dev = cfg.device_id
-        self.q: queue.Queue[tuple[str, str, bytes]] = queue.Queue(QUEUE_MAX)
-        self._queued_bytes = 0
-        self._qlock = threading.Lock()
-        self.dropped = 0
-        # Commands queued and not yet handled ([commands] max_pending bounds them); those refused
-        # meanwhile wait here, as (id, pending), for the worker to answer "busy".
-        self._cmd_topic = topics.device_topic(self.dev, "cmd")
-        self.pending_commands = 0
-        self.refused_busy = 0
-        self._busy: deque[tuple[str, int]] = deque()
+        self.inbox = Inbox(self.dev, cfg.commands, transport)
         self.bench_budget = commands.BenchBudget(cfg.commands)
         self.bench_stats = commands.BenchStats()
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +122,18 @@ class Agent:
         return self.fetcher.job
 
     @property
+    def dropped(self) -> int:
+        return self.inbox.dropped
+
+    @property
+    def pending_commands(self) -> int:
+        return self.inbox.pending_commands
+
+    @property
+    def refused_busy(self) -> int:
+        return self.inbox.refused_busy
+
+    @property
     def notifier(self) -> Notifier:
         return self.out.notifier
 
@@ -158,7 +155,7 @@ class Agent:
         ]
         base += [topics.group_deployment(g) for g in self.cfg.groups]
         self.t.subscribe(base)
-        self.t.start(self._enqueue_message, self._enqueue_connect)
+        self.t.start(self.inbox.put_message, self.inbox.put_connect)
 
     def run(self, stop: threading.Event) -> None:
         self.start()
@@ -206,21 +203,11 @@ class Agent:
 
     def step(self, timeout: float = 0.0) -> bool:
         """Handle one queued item (waiting up to ``timeout``), then timers. True if one was handled."""
-        handled = False
-        self.answer_busy()
+        self.inbox.answer_busy()
         self.publish_drift_events()
-        try:
-            kind, topic, payload = (
-                self.q.get(timeout=timeout) if timeout > 0 else self.q.get_nowait()
-            )
-        except queue.Empty:
-            pass
-        else:
-            handled = True
-            with self._qlock:
-                self._queued_bytes -= len(payload)
-                if kind == "cmd":
-                    self.pending_commands -= 1
+        item = self.inbox.get(timeout)
+        if item is not None:
+            kind, topic, payload = item
             try:
                 if kind == "connect":
                     self.out.publish_state(online=True)
@@ -239,65 +226,17 @@ class Agent:
         except Exception as exc:
             log.exception("timer error")
             self.out.event("info", reason=f"internal error in timers: {type(exc).__name__}: {exc}")
-        return handled
+        return item is not None
 
     def drain(self, limit: int = 100_000) -> None:
         """Process everything queued (unit tests with the fake transport)."""
         while limit > 0 and self.step(0):
             limit -= 1
 
-    # -- transport callbacks: enqueue only ------------------------------------------------------
-    def _enqueue_message(self, topic: str, payload: bytes, retain: bool) -> None:
-        is_cmd = topic == self._cmd_topic
-        with self._qlock:
-            if is_cmd and self.pending_commands >= self.cfg.commands.max_pending:
-                self._refuse_busy(payload)
-                return
-            full = self._queued_bytes + len(payload) > QUEUE_MAX_BYTES
-            if not full:
-                try:
-                    self.q.put_nowait(("cmd" if is_cmd else "msg", topic, payload))
-                except queue.Full:
-                    full = True
-            if full:  # a flood: dropped and counted; a command still gets its answer
-                if is_cmd:
-                    self._refuse_busy(payload)
-                else:
-                    self.dropped += 1
-                return
-            self._queued_bytes += len(payload)
-            if is_cmd:
-                self.pending_commands += 1
-
-    def _refuse_busy(self, payload: bytes) -> None:
-        """A command beyond the queue (transport thread, under ``_qlock``): its id waits for the
-        worker to answer "busy". The transport contract is that callbacks only enqueue, so the
-        answer is not published from here; the worker sends it at its next step or benchmark run.
-        A command whose id cannot be read, or beyond BUSY_ANSWERS_MAX, is counted as dropped."""
-        cid = commands.command_id(payload) if len(payload) <= commands.BUSY_ID_MAX_BYTES else None
-        if cid is None or len(self._busy) >= BUSY_ANSWERS_MAX:
-            self.dropped += 1
-            return
-        self._busy.append((cid, self.pending_commands))
-
-    def answer_busy(self) -> None:
-        """Answer the commands refused as busy since the last call (worker thread)."""
-        if not self._busy:
-            return
-        with self._qlock:
-            refused, self._busy = self._busy, deque()
-        self.refused_busy += len(refused)
-        result_topic = topics.device_topic(self.dev, "cmd/result")
-        for cid, pending in refused:
-            self.t.publish(result_topic, commands.busy_result(cid, pending))
-
     def bench_tick(self, ms: float) -> None:
         """Called after every run of a benchmark command: commands refused meanwhile get their
         answer without waiting for the benchmark to end."""
-        self.answer_busy()
-
-    def _enqueue_connect(self) -> None:
-        self.q.put(("connect", "", b""))
+        self.inbox.answer_busy()
 
     def infer(self, feeds: Arrays) -> Arrays:
         """In-process inference on the active model (timed into ``self.latency``)."""
