@@ -7,8 +7,8 @@ out of ``step``: a bad message becomes a ``bad_message`` event and the active mo
 The agent is the worker and owns its parts: ``Machine`` (machine.py: the deploy phases, their
 transitions and install.json), ``Outbox`` (outbox.py: state, events, seq), ``Fetcher``
 (fetch.py: FETCHING), ``Installer`` (install.py: VERIFIED to HEALTHY, probation, rollback,
-restart) and the operator commands (commands.py). This module routes messages to them and
-decides what to fetch.
+restart), ``Desired`` (desired.py: the signed deployments held, the one that wins) and the
+operator commands (commands.py). This module routes messages to them and decides what to fetch.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.deploy import commands, selftest
+from agent.deploy.desired import Desired
 from agent.deploy.fetch import Fetcher, FetchJob
 from agent.deploy.inbox import Inbox
 from agent.deploy.install import Installer, Probation
@@ -29,8 +30,8 @@ from agent.deploy.policy import Policy
 from agent.monitor.capture import Capture, SamplePublisher
 from agent.monitor.monitor import Monitor
 from agent.protocol import topics
-from agent.protocol.messages import MAX_CONTROL_BYTES, Deployment, MessageError, validate
-from agent.protocol.trust import Target, TrustError
+from agent.protocol.messages import Deployment
+from agent.protocol.trust import TrustError
 from agent.runtime import InferenceSession
 from agent.serve.holder import SessionHolder
 from agent.serve.local import Arrays, LocalModel
@@ -63,8 +64,6 @@ class Agent:
         # Artifacts given up because their chunks stopped coming (sha -> deployed_at): in memory
         # only, not refusals. A new deployment, a reconnect or a restart tries them again.
         self.missing: dict[str, str] = {}
-        self.desired_device: Deployment | None = None
-        self.desired_groups: dict[str, Deployment | None] = {}
         # Every served inference (endpoint, LocalModel) records here; the telemetry reporter reads
         # windows. A benchmark command's runs do not: they are not traffic.
         self.latency = LatencyRecorder()
@@ -82,6 +81,7 @@ class Agent:
         self.power = PowerReader(cfg.telemetry.sysfs_root)
         self.out = Outbox(cfg, policy, transport, self.file, lambda: self.installer.active)
         self.machine = Machine(cfg.state_dir, self.out.deployment)
+        self.desired = Desired(cfg, policy, self.out, self.file)
         self.installer = Installer(cfg, policy, self.machine, self.out, self.holder, self)
         self.fetcher = Fetcher(
             cfg,
@@ -251,15 +251,11 @@ class Agent:
         elif t.kind == "trust":
             self._on_trust(topic, payload)
         elif t.kind == "device_deployment" and t.device == self.dev:
-            self.desired_device = self._deployment(
-                topic, payload, self.desired_device, Target(device=self.dev)
-            )
+            self.desired.on_device(topic, payload)
             self.reconcile()
         elif t.kind == "group_deployment" and t.group in self.cfg.groups:
             assert t.group is not None
-            self.desired_groups[t.group] = self._deployment(
-                topic, payload, self.desired_groups.get(t.group), Target(group=t.group)
-            )
+            self.desired.on_group(t.group, topic, payload)
             self.reconcile()
         elif t.kind == "manifest":
             if job is None or t.sha256 != job.sha or job.ann is not None:
@@ -277,38 +273,6 @@ class Agent:
             commands.on_command(self, topic, payload)
         else:
             self.out.bad(topic, "a topic this agent does not handle")
-
-    def _deployment(
-        self, topic: str, payload: bytes, old: Deployment | None, target: Target
-    ) -> Deployment | None:
-        """The desired deployment a signed envelope sets, or ``old`` when it is refused."""
-        if not payload:
-            return None  # retained deployment cleared: nothing new is installed
-        channel = topic  # one counter per deployment topic (this device's, each group's)
-        try:
-            env, new = self.policy.trust.open(
-                payload, "deployment", target, channel, MAX_CONTROL_BYTES
-            )
-            dep = validate(Deployment, env.signed.body)
-        except (TrustError, MessageError) as exc:
-            self.out.bad(topic, str(exc))
-            return old
-        if new:
-            self.policy.trust.commit(channel, env)
-        if dep.profile is not None and dep.profile != self.cfg.profile:
-            # A refused message, not a step of the machine: whatever is in flight goes on.
-            self.out.event(
-                "deployment",
-                "REJECTED",
-                f"deployment is for profile '{dep.profile}', this device is '{self.cfg.profile}'",
-                dep,
-            )
-            return old
-        rej = self.rejected.get(dep.sha256)
-        if rej is not None and dep.deployed_at and rej.get("deployed_at") != dep.deployed_at:
-            del self.rejected[dep.sha256]  # a new deployment of a rejected artifact tries again
-            self.file.save()
-        return dep
 
     # -- trust -------------------------------------------------------------------------------------
     def _on_trust(self, topic: str, payload: bytes) -> None:
@@ -353,17 +317,9 @@ class Agent:
         self.installer.rollback(reason, target=target, fallback=False)
 
     # -- desired deployment, rejections -----------------------------------------------------------
-    def desired(self) -> Deployment | None:
-        if self.desired_device is not None:
-            return self.desired_device
-        for g in self.cfg.groups:
-            if self.desired_groups.get(g) is not None:
-                return self.desired_groups[g]
-        return None
-
     def reconcile(self) -> None:
         """Start, keep or give up the download the desired deployment needs."""
-        desired = self.desired()
+        desired = self.desired.current()
         self.capture.deployment(desired)
         if self.installer.probation is not None:
             return  # picked up again when probation ends
@@ -413,17 +369,12 @@ class Agent:
 
     def mark_rejected(self, sha: str, reason: str) -> None:
         """A rolled-back artifact is not fetched again for the deployment that named it."""
-        deployed_at = ""
-        for d in (self.desired_device, *self.desired_groups.values()):
-            if d is not None and d.sha256 == sha:
-                deployed_at = d.deployed_at
-                break
-        self.rejected[sha] = {"reason": reason, "deployed_at": deployed_at}
+        self.rejected[sha] = {"reason": reason, "deployed_at": self.desired.deployed_at(sha)}
         self.file.save()
 
     def settled(self) -> None:
         """Probation ended HEALTHY: drop downloads no longer wanted, then reconcile again."""
-        desired = self.desired()
+        desired = self.desired.current()
         keep = {d.sha256 for d in (desired,) if d is not None}
         if self.fetcher.job is not None:
             keep.add(self.fetcher.job.sha)
@@ -439,7 +390,7 @@ class Agent:
     def deploy_command(self, dep: Deployment) -> None:
         self.rejected.pop(dep.sha256, None)
         self.missing.pop(dep.sha256, None)
-        self.desired_device = dep
+        self.desired.device = dep
         self.reconcile()
 
     def publish_state(self) -> None:
