@@ -144,7 +144,7 @@ class Agent:
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self.installer.recover()
-        self.enforce_trust()
+        self.installer.enforce_trust()
         self.t.set_will(
             Will(topics.device_topic(self.dev, "state"), self.out.state_payload(online=False))
         )
@@ -295,7 +295,7 @@ class Agent:
                     "revoked": list(doc.revoked),
                 },
             )
-            self.enforce_trust()
+            self.installer.enforce_trust()
             self.reconcile()
 
     def allowed(self, inst: Installed) -> str | None:
@@ -303,18 +303,6 @@ class Agent:
         return self.policy.trust.revoked(inst.key_id) or self.policy.lines.run_problem(
             inst.manifest
         )
-
-    def enforce_trust(self) -> None:
-        """The active model is signed by a revoked key or below its floor: fall back to a kept
-        version that may serve, or stop serving; never keep serving it."""
-        a = self.installer.active
-        problem = None if a is None else self.allowed(a)
-        if a is None or problem is None:
-            return
-        target = self.installer.previous()
-        reason = f"{a.label} may no longer serve: {problem}"
-        log.warning("%s; %s", reason, f"back to {target.label}" if target else "not serving")
-        self.installer.rollback(reason, target=target, fallback=False)
 
     # -- desired deployment, rejections -----------------------------------------------------------
     def reconcile(self) -> None:
