@@ -1,19 +1,18 @@
 """The agent: reconciles the active model with the retained desired deployment.
 
-Transport callbacks only enqueue; one worker thread (``step``/``run``) does everything else, so
-the parts below are touched by one thread. Nothing received can raise out of ``step``: a bad
-message becomes a ``bad_message`` event and the active model keeps serving.
+Transport callbacks only enqueue (``Inbox``, inbox.py); one worker thread (``step``/``run``)
+does everything else, so the parts below are touched by one thread. Nothing received can raise
+out of ``step``: a bad message becomes a ``bad_message`` event and the active model keeps serving.
 
 The agent is the worker and owns its parts: ``Machine`` (machine.py: the deploy phases, their
 transitions and install.json), ``Outbox`` (outbox.py: state, events, seq), ``Fetcher``
 (fetch.py: FETCHING), ``Installer`` (install.py: VERIFIED to HEALTHY, probation, rollback,
-restart) and the operator commands (commands.py). This module routes messages to them and
-decides what to fetch.
+restart), ``Desired`` (desired.py: the signed deployments held, the one that wins) and the
+operator commands (commands.py). This module routes messages to them and decides what to fetch.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections import deque
@@ -21,7 +20,9 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.deploy import commands, selftest
+from agent.deploy.desired import Desired
 from agent.deploy.fetch import Fetcher, FetchJob
+from agent.deploy.inbox import Inbox
 from agent.deploy.install import Installer, Probation
 from agent.deploy.machine import AgentFile, Machine, Phase
 from agent.deploy.outbox import Outbox, log
@@ -29,8 +30,8 @@ from agent.deploy.policy import Policy
 from agent.monitor.capture import Capture, SamplePublisher
 from agent.monitor.monitor import Monitor
 from agent.protocol import topics
-from agent.protocol.messages import MAX_CONTROL_BYTES, Deployment, MessageError, validate
-from agent.protocol.trust import Target, TrustError
+from agent.protocol.messages import Deployment
+from agent.protocol.trust import TrustError
 from agent.runtime import InferenceSession
 from agent.serve.holder import SessionHolder
 from agent.serve.local import Arrays, LocalModel
@@ -45,12 +46,6 @@ from agent.telemetry.reporter import TelemetryReporter
 from agent.telemetry.thermal import ThermalReader
 from agent.transport.base import Transport, Will
 
-QUEUE_MAX = 10_000
-# Bytes waiting in the queue: a flood of large messages is dropped (and counted), not buffered.
-QUEUE_MAX_BYTES = 64 * 1024 * 1024
-# Ids of commands refused as busy that wait for their answer; beyond it they are counted only.
-BUSY_ANSWERS_MAX = 1024
-
 
 class Agent:
     """The device agent: ``run`` is its worker loop; tests drive it with ``step``/``drain``."""
@@ -58,16 +53,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig, policy: Policy, transport: Transport) -> None:
         self.cfg, self.policy, self.t = cfg, policy, transport
         self.dev = cfg.device_id
-        self.q: queue.Queue[tuple[str, str, bytes]] = queue.Queue(QUEUE_MAX)
-        self._queued_bytes = 0
-        self._qlock = threading.Lock()
-        self.dropped = 0
-        # Commands queued and not yet handled ([commands] max_pending bounds them); those refused
-        # meanwhile wait here, as (id, pending), for the worker to answer "busy".
-        self._cmd_topic = topics.device_topic(self.dev, "cmd")
-        self.pending_commands = 0
-        self.refused_busy = 0
-        self._busy: deque[tuple[str, int]] = deque()
+        self.inbox = Inbox(self.dev, cfg.commands, transport)
         self.bench_budget = commands.BenchBudget(cfg.commands)
         self.bench_stats = commands.BenchStats()
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -78,8 +64,6 @@ class Agent:
         # Artifacts given up because their chunks stopped coming (sha -> deployed_at): in memory
         # only, not refusals. A new deployment, a reconnect or a restart tries them again.
         self.missing: dict[str, str] = {}
-        self.desired_device: Deployment | None = None
-        self.desired_groups: dict[str, Deployment | None] = {}
         # Every served inference (endpoint, LocalModel) records here; the telemetry reporter reads
         # windows. A benchmark command's runs do not: they are not traffic.
         self.latency = LatencyRecorder()
@@ -97,6 +81,7 @@ class Agent:
         self.power = PowerReader(cfg.telemetry.sysfs_root)
         self.out = Outbox(cfg, policy, transport, self.file, lambda: self.installer.active)
         self.machine = Machine(cfg.state_dir, self.out.deployment)
+        self.desired = Desired(cfg, policy, self.out, self.file)
         self.installer = Installer(cfg, policy, self.machine, self.out, self.holder, self)
         self.fetcher = Fetcher(
             cfg,
@@ -137,6 +122,18 @@ class Agent:
         return self.fetcher.job
 
     @property
+    def dropped(self) -> int:
+        return self.inbox.dropped
+
+    @property
+    def pending_commands(self) -> int:
+        return self.inbox.pending_commands
+
+    @property
+    def refused_busy(self) -> int:
+        return self.inbox.refused_busy
+
+    @property
     def notifier(self) -> Notifier:
         return self.out.notifier
 
@@ -147,7 +144,7 @@ class Agent:
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self.installer.recover()
-        self.enforce_trust()
+        self.installer.enforce_trust()
         self.t.set_will(
             Will(topics.device_topic(self.dev, "state"), self.out.state_payload(online=False))
         )
@@ -158,7 +155,7 @@ class Agent:
         ]
         base += [topics.group_deployment(g) for g in self.cfg.groups]
         self.t.subscribe(base)
-        self.t.start(self._enqueue_message, self._enqueue_connect)
+        self.t.start(self.inbox.put_message, self.inbox.put_connect)
 
     def run(self, stop: threading.Event) -> None:
         self.start()
@@ -206,21 +203,11 @@ class Agent:
 
     def step(self, timeout: float = 0.0) -> bool:
         """Handle one queued item (waiting up to ``timeout``), then timers. True if one was handled."""
-        handled = False
-        self.answer_busy()
+        self.inbox.answer_busy()
         self.publish_drift_events()
-        try:
-            kind, topic, payload = (
-                self.q.get(timeout=timeout) if timeout > 0 else self.q.get_nowait()
-            )
-        except queue.Empty:
-            pass
-        else:
-            handled = True
-            with self._qlock:
-                self._queued_bytes -= len(payload)
-                if kind == "cmd":
-                    self.pending_commands -= 1
+        item = self.inbox.get(timeout)
+        if item is not None:
+            kind, topic, payload = item
             try:
                 if kind == "connect":
                     self.out.publish_state(online=True)
@@ -239,65 +226,17 @@ class Agent:
         except Exception as exc:
             log.exception("timer error")
             self.out.event("info", reason=f"internal error in timers: {type(exc).__name__}: {exc}")
-        return handled
+        return item is not None
 
     def drain(self, limit: int = 100_000) -> None:
         """Process everything queued (unit tests with the fake transport)."""
         while limit > 0 and self.step(0):
             limit -= 1
 
-    # -- transport callbacks: enqueue only ------------------------------------------------------
-    def _enqueue_message(self, topic: str, payload: bytes, retain: bool) -> None:
-        is_cmd = topic == self._cmd_topic
-        with self._qlock:
-            if is_cmd and self.pending_commands >= self.cfg.commands.max_pending:
-                self._refuse_busy(payload)
-                return
-            full = self._queued_bytes + len(payload) > QUEUE_MAX_BYTES
-            if not full:
-                try:
-                    self.q.put_nowait(("cmd" if is_cmd else "msg", topic, payload))
-                except queue.Full:
-                    full = True
-            if full:  # a flood: dropped and counted; a command still gets its answer
-                if is_cmd:
-                    self._refuse_busy(payload)
-                else:
-                    self.dropped += 1
-                return
-            self._queued_bytes += len(payload)
-            if is_cmd:
-                self.pending_commands += 1
-
-    def _refuse_busy(self, payload: bytes) -> None:
-        """A command beyond the queue (transport thread, under ``_qlock``): its id waits for the
-        worker to answer "busy". The transport contract is that callbacks only enqueue, so the
-        answer is not published from here; the worker sends it at its next step or benchmark run.
-        A command whose id cannot be read, or beyond BUSY_ANSWERS_MAX, is counted as dropped."""
-        cid = commands.command_id(payload) if len(payload) <= commands.BUSY_ID_MAX_BYTES else None
-        if cid is None or len(self._busy) >= BUSY_ANSWERS_MAX:
-            self.dropped += 1
-            return
-        self._busy.append((cid, self.pending_commands))
-
-    def answer_busy(self) -> None:
-        """Answer the commands refused as busy since the last call (worker thread)."""
-        if not self._busy:
-            return
-        with self._qlock:
-            refused, self._busy = self._busy, deque()
-        self.refused_busy += len(refused)
-        result_topic = topics.device_topic(self.dev, "cmd/result")
-        for cid, pending in refused:
-            self.t.publish(result_topic, commands.busy_result(cid, pending))
-
     def bench_tick(self, ms: float) -> None:
         """Called after every run of a benchmark command: commands refused meanwhile get their
         answer without waiting for the benchmark to end."""
-        self.answer_busy()
-
-    def _enqueue_connect(self) -> None:
-        self.q.put(("connect", "", b""))
+        self.inbox.answer_busy()
 
     def infer(self, feeds: Arrays) -> Arrays:
         """In-process inference on the active model (timed into ``self.latency``)."""
@@ -312,15 +251,11 @@ class Agent:
         elif t.kind == "trust":
             self._on_trust(topic, payload)
         elif t.kind == "device_deployment" and t.device == self.dev:
-            self.desired_device = self._deployment(
-                topic, payload, self.desired_device, Target(device=self.dev)
-            )
+            self.desired.on_device(topic, payload)
             self.reconcile()
         elif t.kind == "group_deployment" and t.group in self.cfg.groups:
             assert t.group is not None
-            self.desired_groups[t.group] = self._deployment(
-                topic, payload, self.desired_groups.get(t.group), Target(group=t.group)
-            )
+            self.desired.on_group(t.group, topic, payload)
             self.reconcile()
         elif t.kind == "manifest":
             if job is None or t.sha256 != job.sha or job.ann is not None:
@@ -338,38 +273,6 @@ class Agent:
             commands.on_command(self, topic, payload)
         else:
             self.out.bad(topic, "a topic this agent does not handle")
-
-    def _deployment(
-        self, topic: str, payload: bytes, old: Deployment | None, target: Target
-    ) -> Deployment | None:
-        """The desired deployment a signed envelope sets, or ``old`` when it is refused."""
-        if not payload:
-            return None  # retained deployment cleared: nothing new is installed
-        channel = topic  # one counter per deployment topic (this device's, each group's)
-        try:
-            env, new = self.policy.trust.open(
-                payload, "deployment", target, channel, MAX_CONTROL_BYTES
-            )
-            dep = validate(Deployment, env.signed.body)
-        except (TrustError, MessageError) as exc:
-            self.out.bad(topic, str(exc))
-            return old
-        if new:
-            self.policy.trust.commit(channel, env)
-        if dep.profile is not None and dep.profile != self.cfg.profile:
-            # A refused message, not a step of the machine: whatever is in flight goes on.
-            self.out.event(
-                "deployment",
-                "REJECTED",
-                f"deployment is for profile '{dep.profile}', this device is '{self.cfg.profile}'",
-                dep,
-            )
-            return old
-        rej = self.rejected.get(dep.sha256)
-        if rej is not None and dep.deployed_at and rej.get("deployed_at") != dep.deployed_at:
-            del self.rejected[dep.sha256]  # a new deployment of a rejected artifact tries again
-            self.file.save()
-        return dep
 
     # -- trust -------------------------------------------------------------------------------------
     def _on_trust(self, topic: str, payload: bytes) -> None:
@@ -392,7 +295,7 @@ class Agent:
                     "revoked": list(doc.revoked),
                 },
             )
-            self.enforce_trust()
+            self.installer.enforce_trust()
             self.reconcile()
 
     def allowed(self, inst: Installed) -> str | None:
@@ -401,30 +304,10 @@ class Agent:
             inst.manifest
         )
 
-    def enforce_trust(self) -> None:
-        """The active model is signed by a revoked key or below its floor: fall back to a kept
-        version that may serve, or stop serving; never keep serving it."""
-        a = self.installer.active
-        problem = None if a is None else self.allowed(a)
-        if a is None or problem is None:
-            return
-        target = self.installer.previous()
-        reason = f"{a.label} may no longer serve: {problem}"
-        log.warning("%s; %s", reason, f"back to {target.label}" if target else "not serving")
-        self.installer.rollback(reason, target=target, fallback=False)
-
     # -- desired deployment, rejections -----------------------------------------------------------
-    def desired(self) -> Deployment | None:
-        if self.desired_device is not None:
-            return self.desired_device
-        for g in self.cfg.groups:
-            if self.desired_groups.get(g) is not None:
-                return self.desired_groups[g]
-        return None
-
     def reconcile(self) -> None:
         """Start, keep or give up the download the desired deployment needs."""
-        desired = self.desired()
+        desired = self.desired.current()
         self.capture.deployment(desired)
         if self.installer.probation is not None:
             return  # picked up again when probation ends
@@ -474,17 +357,12 @@ class Agent:
 
     def mark_rejected(self, sha: str, reason: str) -> None:
         """A rolled-back artifact is not fetched again for the deployment that named it."""
-        deployed_at = ""
-        for d in (self.desired_device, *self.desired_groups.values()):
-            if d is not None and d.sha256 == sha:
-                deployed_at = d.deployed_at
-                break
-        self.rejected[sha] = {"reason": reason, "deployed_at": deployed_at}
+        self.rejected[sha] = {"reason": reason, "deployed_at": self.desired.deployed_at(sha)}
         self.file.save()
 
     def settled(self) -> None:
         """Probation ended HEALTHY: drop downloads no longer wanted, then reconcile again."""
-        desired = self.desired()
+        desired = self.desired.current()
         keep = {d.sha256 for d in (desired,) if d is not None}
         if self.fetcher.job is not None:
             keep.add(self.fetcher.job.sha)
@@ -500,7 +378,7 @@ class Agent:
     def deploy_command(self, dep: Deployment) -> None:
         self.rejected.pop(dep.sha256, None)
         self.missing.pop(dep.sha256, None)
-        self.desired_device = dep
+        self.desired.device = dep
         self.reconcile()
 
     def publish_state(self) -> None:

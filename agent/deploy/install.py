@@ -4,6 +4,7 @@
 active version, its session and golden set, the version store) and moves the deploy machine
 from VERIFIED to HEALTHY. A failure before activation keeps the previous model serving
 (ROLLED_BACK, or REJECTED for an artifact this device refuses); one during probation switches back.
+An active model the trust document no longer allows (revoked key, raised floor) is taken off too.
 """
 
 from __future__ import annotations
@@ -313,6 +314,18 @@ class Installer:
     def previous(self) -> Installed | None:
         """The newest kept version that may serve (trusted key, at or above its floor)."""
         return next((k for k in self.versions.kept() if self.owner.allowed(k) is None), None)
+
+    def enforce_trust(self) -> None:
+        """The active model is signed by a revoked key or below its floor: fall back to a kept
+        version that may serve, or stop serving; never keep serving it."""
+        a = self.active
+        problem = None if a is None else self.owner.allowed(a)
+        if a is None or problem is None:
+            return
+        target = self.previous()
+        reason = f"{a.label} may no longer serve: {problem}"
+        log.warning("%s; %s", reason, f"back to {target.label}" if target else "not serving")
+        self.rollback(reason, target=target, fallback=False)
 
     def rollback(
         self,
