@@ -10,7 +10,7 @@
 # job's venv is left as it is. Last line: one JSON object (bench/llm_agent.py's figures).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-CACHE=/var/cache/edgefleet-arm64; ROOTFS=$CACHE/rootfs; cpuinfo=$CACHE/cpuinfo-rpi4
+CACHE=${EDGEFLEET_ARM64_CACHE:-/var/cache/edgefleet-arm64}; ROOTFS=$CACHE/rootfs
 [ -x "$ROOTFS/opt/venv/bin/python" ] || { echo "no agent venv in $ROOTFS: run bash .ci/arm64 first" >&2; exit 1; }
 ls "$REPO"/.edgefleet-cache/bench-llm/*.efa >/dev/null 2>&1 || { echo "no artifact: run python3 bench/llm.py first" >&2; exit 1; }
 if [ ! -x "$ROOTFS/opt/venv-llm/bin/python" ]; then cp -a "$ROOTFS/opt/venv" "$ROOTFS/opt/venv-llm"; fi
@@ -31,21 +31,13 @@ out = side_by_side(Path("/llm/a.efa"), Path("/llm/edgefleet.pub"), Path("/llm/ge
                    "What is the capital of France?", tokens, rounds, lambda m: print(m, flush=True))
 print(json.dumps(out), flush=True)
 EOF
-export ROOTFS cpuinfo
 ROUNDS=${1:-2} TOKENS=${2:-16}
-export ROUNDS TOKENS
-unshare --mount --propagation private bash -euo pipefail -c '
-  mount -t proc proc "$ROOTFS/proc"
-  mount --bind "$cpuinfo" "$ROOTFS/proc/cpuinfo"
-  mount --rbind /dev "$ROOTFS/dev"
-  mount -t sysfs sysfs "$ROOTFS/sys"
-  mount -t tmpfs -o size=4g tmpfs "$ROOTFS/tmp"
-  exec chroot "$ROOTFS" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/root \
-    LANG=C.UTF-8 QEMU_CPU=cortex-a72 PIP_CERT=/etc/ssl/host-ca-bundle.crt PIP_DEFAULT_TIMEOUT=180 \
-    ROUNDS=$ROUNDS TOKENS=$TOKENS /bin/bash -euo pipefail -c "
-    /opt/venv-llm/bin/python -c \"import onnxruntime_genai\" 2>/dev/null || \
-      /opt/venv-llm/bin/python -m pip install -q --disable-pip-version-check --only-binary=:all: onnxruntime-genai==0.18.0
-    /opt/venv-llm/bin/python -c \"import onnxruntime_genai as og; print(\\\"onnxruntime-genai\\\", og.__version__)\"
-    cd /src-llm && PYTHONPATH=/src-llm /opt/venv-llm/bin/python /llm/drive.py \$ROUNDS \$TOKENS
-  "
-'
+inside=$(cat <<'SCRIPT'
+/opt/venv-llm/bin/python -c "import onnxruntime_genai" 2>/dev/null \
+  || /opt/venv-llm/bin/python -m pip install -q --disable-pip-version-check --only-binary=:all: onnxruntime-genai==0.18.0
+/opt/venv-llm/bin/python -c "import onnxruntime_genai as og; print('onnxruntime-genai', og.__version__)"
+cd /src-llm && PYTHONPATH=/src-llm /opt/venv-llm/bin/python /llm/drive.py "$ROUNDS" "$TOKENS"
+SCRIPT
+)
+EDGEFLEET_ARM64_CACHE=$CACHE bash "$REPO/.ci/arm64-chroot" ROUNDS="$ROUNDS" TOKENS="$TOKENS" -- \
+  /bin/bash -euo pipefail -c "$inside"
